@@ -1,0 +1,529 @@
+"""Automatic discovery of coupled structures by *dependency probing*.
+
+No module names are listed per architecture. For every decoder layer we re-run the layer with
+each ``nn.Linear`` replaced by a random leaf tensor (no matmul, so probing costs almost nothing)
+and ask autograd which output channels of which linears each linear's *input* channels depend on
+through channel-preserving (linear-free) paths:
+
+* a linear whose input depends on the layer's input reads the residual stream (q/k/v, gate/up);
+* a linear whose input depends on other linears' outputs is a *consumer* (o_proj, down_proj),
+  and the channel-level dependency matrix between its input columns and its producers' output
+  rows gives the coupled groups: connected components of that bipartite graph;
+* a consumer whose every input channel has its own producer rows is MLP-like (one group per
+  channel, also for a fused ``gate_up_proj``);
+* otherwise it is attention: probing with a single token (softmax over one key is constant)
+  leaves only the value path, probing with several tokens adds the query/key paths. Consumer
+  channels with the same query/key dependencies form a query head; a connected component is a
+  key/value group (GQA) and query heads inside it share its key/value rows.
+
+Every discovered group is validated by the tests' masking check: zeroing its slices in the
+original model gives the same logits as removing it.
+
+Example:
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    ...                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    >>> structure = discover(LlamaForCausalLM(cfg))
+    >>> a = structure.layers[0].attention
+    >>> (a.num_heads, a.num_kv_heads, a.head_dim, structure.layers[0].mlp.num_channels)
+    (4, 2, 16, 96)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedArchitectureError
+
+GroupKind = str  # "attention_head" | "kv_group" | "mlp_channel" | "hidden_channel" | "layer"
+
+
+@dataclass
+class Member:
+    """One parameter's share of a family of groups: group ``g`` owns ``indices[g]`` along ``dim``."""
+
+    param: str
+    dim: int
+    indices: torch.Tensor  # (n_groups, k) long
+
+
+@dataclass
+class Family:
+    """Groups of one kind in one place (e.g. the 9 query heads of layer 3), removed group-wise."""
+
+    kind: GroupKind
+    layer: int | None
+    members: list[Member]
+
+    @property
+    def num_groups(self) -> int:
+        return self.members[0].indices.shape[0]
+
+    def params_per_group(self, shapes: dict[str, torch.Size]) -> int:
+        """Parameters one group holds (every group of a family has the same size)."""
+        total = 0
+        for m in self.members:
+            shape = shapes[m.param]
+            other = 1
+            for d, s in enumerate(shape):
+                if d != m.dim:
+                    other *= s
+            total += m.indices.shape[1] * other
+        return total
+
+
+@dataclass
+class AttentionInfo:
+    module: str  # the attention module (lowest common ancestor of its linears)
+    consumer: str  # the linear that reads all heads (o_proj)
+    producers: list[str]  # q/k/v (or fused qkv) linears
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    heads: Family  # slices exclusive to each query head (with MHA: the whole head)
+    kv_groups: Family  # slices of each key/value group and all its query heads
+
+
+@dataclass
+class MLPInfo:
+    module: str
+    consumer: str
+    producers: list[str]
+    num_channels: int
+    channels: Family
+
+
+@dataclass
+class LayerInfo:
+    index: int
+    path: str
+    attention: AttentionInfo | None
+    mlp: MLPInfo | None
+    readers: list[str]  # linears reading the residual stream
+    writers: list[str]  # linears writing into the residual stream
+    norms: list[str]  # per-channel norms on the residual stream
+
+
+@dataclass
+class ModelStructure:
+    layers_path: str
+    layers: list[LayerInfo]
+    hidden_size: int
+    embedding: str  # module path of the input embedding
+    lm_head: str | None
+    final_norms: list[str]
+    tied_embeddings: bool
+    hidden_channel_problem: str | None = None  # why channel-wise pruning is impossible, if it is
+    shapes: dict[str, torch.Size] = field(default_factory=dict)
+
+    def hidden_family(self) -> Family:
+        if self.hidden_channel_problem:
+            raise UnsupportedArchitectureError(self.hidden_channel_problem)
+        idx = torch.arange(self.hidden_size).unsqueeze(1)  # (hidden, 1)
+        members = [Member(f"{self.embedding}.weight", 1, idx)]
+        params = set()
+        for layer in self.layers:
+            for name in layer.readers:
+                params.add((f"{name}.weight", 1))
+            for name in layer.writers:
+                params.add((f"{name}.weight", 0))
+                if f"{name}.bias" in self.shapes:
+                    params.add((f"{name}.bias", 0))
+            for name in layer.norms:
+                params.update((f"{name}.{p}", 0) for p in ("weight", "bias") if f"{name}.{p}" in self.shapes)
+        for name in self.final_norms:
+            params.update((f"{name}.{p}", 0) for p in ("weight", "bias") if f"{name}.{p}" in self.shapes)
+        if self.lm_head and not self.tied_embeddings:
+            params.add((f"{self.lm_head}.weight", 1))
+        members += [Member(p, d, idx) for p, d in sorted(params)]
+        return Family("hidden_channel", None, members)
+
+    def layer_family(self, layer: LayerInfo) -> Family:
+        """The whole layer as one group. Members are its writers' weights and biases: zeroing
+        them turns the layer into the identity, which is what removing it does."""
+        members = []
+        for name, shape in self.shapes.items():
+            if name.startswith(layer.path + "."):
+                members.append(Member(name, 0, torch.arange(shape[0]).unsqueeze(0)))
+        return Family("layer", layer.index, members)
+
+
+# --------------------------------------------------------------------------------------------
+# probing
+
+
+def _find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layers: the ModuleList of same-class blocks holding the most parameters."""
+    best, best_size = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) != 1:
+                continue
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = (name, module), size
+    if best is None:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no list of repeated decoder layers (nn.ModuleList); "
+            "only decoder-only transformer causal LMs are supported"
+        )
+    return best
+
+
+def _capture_layer_inputs(model, layers: nn.ModuleList, seq_len: int) -> list[tuple[tuple, dict]]:
+    captured: list = [None] * len(layers)
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(_record_only(captured, i), with_kwargs=True))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.arange(seq_len).unsqueeze(0) % vocab + 1  # (1, T)
+    ids = ids.to(model.get_input_embeddings().weight.device)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _record_only(store, i):
+    def hook(module, args, kwargs):
+        store[i] = (args, dict(kwargs))
+
+    return hook
+
+
+def _batched(value, batch: int):
+    """Expands batch-1 tensors of a layer's inputs to ``batch`` rows (others broadcast)."""
+    if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == 1 and value.is_floating_point():
+        return value.expand(batch, *value.shape[1:])
+    return value
+
+
+class _Probe:
+    """Runs one decoder layer with every linear replaced by a random leaf (no matmul)."""
+
+    def __init__(self, layer: nn.Module, linears: dict[str, nn.Linear], seed: int):
+        self.layer, self.linears = layer, linears
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def run(self, inputs: tuple[tuple, dict], batch: int):
+        args, kwargs = inputs
+        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = (hidden.detach().expand(batch, *hidden.shape[1:]).clone()
+                  + 0.1 * torch.randn(batch, *hidden.shape[1:], generator=self.generator).to(hidden))
+        hidden.requires_grad_(True)
+        leaves: dict[str, torch.Tensor] = {}
+        inputs_of: dict[str, torch.Tensor] = {}
+
+        def fake(name, lin):
+            def forward(x):
+                inputs_of[name] = x
+                out = torch.randn(*x.shape[:-1], lin.out_features, generator=self.generator)
+                leaves[name] = out.to(x).requires_grad_(True)
+                return leaves[name]
+
+            return forward
+
+        for name, lin in self.linears.items():
+            lin.forward = fake(name, lin)
+        try:
+            rest_args = tuple(_batched(a, batch) for a in args[1:])
+            rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            out = self.layer(hidden, *rest_args, **rest_kwargs)
+        finally:
+            for lin in self.linears.values():
+                del lin.forward
+        out = out[0] if isinstance(out, tuple) else out
+        return hidden, leaves, inputs_of, out
+
+
+def _grads(output: torch.Tensor, wrt: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    return list(torch.autograd.grad(output, wrt, allow_unused=True, retain_graph=True))
+
+
+def _nonzero(g: torch.Tensor | None) -> bool:
+    return g is not None and bool(g.abs().sum() > 0)
+
+
+def _channel_dependencies(probe: _Probe, inputs, consumer: str, producers: list[str], n_in: int,
+                          chunk: int = 256) -> torch.Tensor:
+    """Boolean (n_in, sum of producer widths): consumer input column c depends on producer row p."""
+    rows = []
+    for start in range(0, n_in, chunk):
+        channels = torch.arange(start, min(start + chunk, n_in))
+        hidden, leaves, inputs_of, _ = probe.run(inputs, len(channels))
+        x = inputs_of[consumer]  # (B, T, n_in)
+        picked = x.gather(-1, channels.view(-1, 1, 1).expand(-1, x.shape[1], 1).to(x.device))
+        grads = _grads(picked.sum(), [leaves[p] for p in producers])
+        per_producer = [
+            (g.abs().sum(1) > 0) if g is not None else torch.zeros(len(channels), probe.linears[p].out_features,
+                                                                   dtype=torch.bool)
+            for g, p in zip(grads, producers)
+        ]  # each (B, out_p)
+        rows.append(torch.cat([d.cpu() for d in per_producer], dim=1))
+    return torch.cat(rows, dim=0)
+
+
+def _components(dep: torch.Tensor) -> torch.Tensor:
+    """Connected components of the bipartite graph ``dep`` (consumer x producer); returns a
+    component label per consumer channel (label = smallest consumer channel in it)."""
+    c_idx, p_idx = dep.nonzero(as_tuple=True)
+    n_c, n_p = dep.shape
+    label_c = torch.arange(n_c)
+    big = torch.full((n_p,), n_c, dtype=torch.long)
+    while True:
+        label_p = big.scatter_reduce(0, p_idx, label_c[c_idx], "amin")
+        new_c = label_c.scatter_reduce(0, c_idx, label_p[p_idx], "amin")
+        if torch.equal(new_c, label_c):
+            return label_c
+        label_c = new_c
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    prefix = []
+    for tokens in zip(*parts):
+        if len(set(tokens)) != 1:
+            break
+        prefix.append(tokens[0])
+    return ".".join(prefix)
+
+
+def _rows_member(param_module: str, lin: nn.Linear, rows: torch.Tensor) -> list[Member]:
+    members = [Member(f"{param_module}.weight", 0, rows)]
+    if lin.bias is not None:
+        members.append(Member(f"{param_module}.bias", 0, rows))
+    return members
+
+
+def _split_rows(dep_rows: list[torch.Tensor], offsets: list[int], producers: list[str]):
+    """Maps concatenated producer-channel index sets (one per group) to per-producer row matrices;
+    every group must own the same number of rows of each producer."""
+    result = {}
+    for p, (lo, hi) in zip(producers, zip(offsets[:-1], offsets[1:])):
+        per_group = [r[(r >= lo) & (r < hi)] - lo for r in dep_rows]
+        counts = {len(r) for r in per_group}
+        if len(counts) != 1:
+            raise UnsupportedArchitectureError(
+                f"{p}: its rows are coupled unevenly to the groups of its consumer (counts {sorted(counts)}); "
+                "this layout cannot be pruned by whole groups"
+            )
+        if counts != {0}:
+            result[p] = torch.stack([r.sort().values for r in per_group])
+    return result
+
+
+def _analyse_consumer(layer_idx, prefix, probe, inputs_multi, inputs_single, consumer, producers, linears):
+    lin_c = linears[consumer]
+    n_in = lin_c.in_features
+    widths = [linears[p].out_features for p in producers]
+    offsets = [0]
+    for w in widths:
+        offsets.append(offsets[-1] + w)
+    dep = _channel_dependencies(probe, inputs_multi, consumer, producers, n_in)  # (n_in, P)
+    if (dep.sum(1) == 0).any():
+        bad = int((dep.sum(1) == 0).nonzero()[0])
+        raise UnsupportedArchitectureError(f"{prefix}{consumer}: input channel {bad} depends on none of {producers}")
+    labels = _components(dep)
+    module = _common_prefix([consumer, *producers])
+    full = lambda n: f"{prefix}{n}"  # noqa: E731
+    comp_ids = labels.unique()
+
+    if len(comp_ids) == n_in:  # every consumer channel its own group: MLP channels
+        dep_rows = [row.nonzero().squeeze(1) for row in dep]
+        rows = _split_rows(dep_rows, offsets, producers)
+        members = [Member(f"{full(consumer)}.weight", 1, torch.arange(n_in).unsqueeze(1))]
+        for p in producers:
+            if p in rows:
+                members = _rows_member(full(p), linears[p], rows[p]) + members
+        channels = Family("mlp_channel", layer_idx, members)
+        return "mlp", MLPInfo(full(module), full(consumer), [full(p) for p in producers], n_in, channels)
+
+    # attention: single-token probe keeps only the value path
+    dep_value = _channel_dependencies(probe, inputs_single, consumer, producers, n_in)
+    query_key = dep & ~dep_value  # (n_in, P) dependencies through attention scores only
+    # query heads: consumer channels with identical query/key dependency sets
+    _, head_of = torch.unique(query_key, dim=0, return_inverse=True)
+    head_first = torch.full((int(head_of.max()) + 1,), n_in, dtype=torch.long).scatter_reduce(
+        0, head_of, torch.arange(n_in), "amin")
+    order = head_first.argsort()
+    heads = [torch.nonzero(head_of == h).squeeze(1) for h in order.tolist()]
+    head_dim = len(heads[0])
+    if any(len(h) != head_dim for h in heads) or any(
+        not torch.equal(h, torch.arange(i * head_dim, (i + 1) * head_dim)) for i, h in enumerate(heads)
+    ):
+        raise UnsupportedArchitectureError(
+            f"{full(consumer)}: attention heads are not contiguous blocks of equal size in its input; "
+            "this attention layout is not supported"
+        )
+    groups = [torch.nonzero(labels == c).squeeze(1) for c in comp_ids.sort().values.tolist()]
+    n_heads, n_kv = len(heads), len(groups)
+    n_rep = n_heads // n_kv
+    if n_heads % n_kv or any(
+        not torch.equal(g, torch.arange(i * n_rep * head_dim, (i + 1) * n_rep * head_dim)) for i, g in enumerate(groups)
+    ):
+        raise UnsupportedArchitectureError(
+            f"{full(consumer)}: key/value groups do not hold consecutive query heads evenly "
+            f"({n_heads} heads, {n_kv} groups); this attention layout is not supported"
+        )
+    # rows exclusive to a head: every consumer channel that depends on them lies in the head
+    head_rows = []
+    for h in heads:
+        outside = torch.ones(n_in, dtype=torch.bool)
+        outside[h] = False
+        touches_head = dep[h].any(0)
+        touches_outside = dep[outside].any(0)
+        head_rows.append((touches_head & ~touches_outside).nonzero().squeeze(1))
+    group_rows = [dep[g].any(0).nonzero().squeeze(1) for g in groups]
+    head_members = [Member(f"{full(consumer)}.weight", 1, torch.stack(heads))]
+    group_members = [Member(f"{full(consumer)}.weight", 1, torch.stack(groups))]
+    for p, rows in _split_rows(head_rows, offsets, producers).items():
+        head_members = _rows_member(full(p), linears[p], rows) + head_members
+    for p, rows in _split_rows(group_rows, offsets, producers).items():
+        group_members = _rows_member(full(p), linears[p], rows) + group_members
+    info = AttentionInfo(
+        module=full(module), consumer=full(consumer), producers=[full(p) for p in producers],
+        num_heads=n_heads, num_kv_heads=n_kv, head_dim=head_dim,
+        heads=Family("attention_head", layer_idx, head_members),
+        kv_groups=Family("kv_group", layer_idx, group_members),
+    )
+    return "attention", info
+
+
+def _analyse_layer(index: int, path: str, layer: nn.Module, inputs_multi, inputs_single, hidden_size: int,
+                   seed: int) -> LayerInfo:
+    prefix = f"{path}."
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    unknown = [n for n, m in layer.named_modules() if type(m).__name__ in ("Conv1D",)]
+    if unknown:
+        raise UnsupportedArchitectureError(f"{prefix}{unknown[0]}: Conv1D projections are not supported")
+    if not linears:
+        raise UnsupportedArchitectureError(f"{path} has no nn.Linear modules: nothing to prune")
+    probe = _Probe(layer, linears, seed)
+    hidden, leaves, inputs_of, out = probe.run(inputs_multi, 1)
+    names = list(linears)
+    wrt = [hidden] + [leaves[n] for n in names]
+    # writers: linears whose output reaches the layer output (the residual stream)
+    g_out = _grads(out.sum(), wrt)
+    writers = [n for n, gm in zip(names, g_out[1:]) if _nonzero(gm)]
+    readers, producers_of = [], {}
+    for n in names:
+        g = _grads(inputs_of[n].sum(), wrt)
+        # the residual stream is the layer input plus what writers added to it
+        reads_residual = _nonzero(g[0]) or any(_nonzero(gm) for m, gm in zip(names, g[1:]) if m in writers)
+        sources = [m for m, gm in zip(names, g[1:]) if _nonzero(gm) and m not in writers]
+        if reads_residual and sources:
+            raise UnsupportedArchitectureError(
+                f"{prefix}{n}: reads both the residual stream and {sources} without a linear in between; "
+                "this layer structure is not supported"
+            )
+        if reads_residual:
+            readers.append(n)
+        elif sources:
+            producers_of[n] = sources
+        else:
+            raise UnsupportedArchitectureError(f"{prefix}{n}: its input depends on nothing the probe can see")
+    consumed = [p for ps in producers_of.values() for p in ps]
+    for n in names:
+        if n not in writers and n not in consumed:
+            raise UnsupportedArchitectureError(
+                f"{prefix}{n}: its output neither feeds another projection nor the residual stream "
+                "(e.g. a router or gate of a mixture of experts); this layer is not supported"
+            )
+        if consumed.count(n) > 1:
+            raise UnsupportedArchitectureError(f"{prefix}{n}: its output feeds several projections; not supported")
+    attention = mlp = None
+    for consumer, producers in producers_of.items():
+        kind, info = _analyse_consumer(index, prefix, probe, inputs_multi, inputs_single, consumer, producers, linears)
+        if kind == "attention":
+            if attention is not None:
+                raise UnsupportedArchitectureError(f"{path}: more than one attention block per layer is not supported")
+            attention = info
+        else:
+            if mlp is not None:
+                raise UnsupportedArchitectureError(f"{path}: more than one MLP per layer is not supported")
+            mlp = info
+    for n in readers:
+        if linears[n].in_features != hidden_size:
+            raise UnsupportedArchitectureError(f"{prefix}{n} reads the residual stream but has "
+                                               f"{linears[n].in_features} inputs, not hidden size {hidden_size}")
+    norms = [n for n, m in layer.named_modules()
+             if not isinstance(m, nn.Linear) and getattr(m, "weight", None) is not None
+             and m.weight.dim() == 1 and m.weight.shape[0] == hidden_size]
+    return LayerInfo(index, path, attention, mlp, [prefix + r for r in readers], [prefix + w for w in writers],
+                     [prefix + n for n in norms])
+
+
+def discover(model: nn.Module, seed: int = 0) -> ModelStructure:
+    """Finds every coupled structure of a Hugging Face decoder-only causal LM by probing.
+
+    Raises :class:`UnsupportedArchitectureError` naming the module and the reason when a layer
+    has a structure that cannot be pruned safely; nothing in the model is changed.
+    """
+    if not hasattr(model, "get_input_embeddings") or model.get_input_embeddings() is None:
+        raise UnsupportedArchitectureError(f"{type(model).__name__} has no input embedding: not a causal LM")
+    if model.get_output_embeddings() is None:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} has no output (lm_head) layer: load it with AutoModelForCausalLM, "
+            "not AutoModel")
+    layers_path, layers = _find_layer_stack(model)
+    embedding = model.get_input_embeddings()
+    hidden_size = embedding.weight.shape[1]
+    was_training = model.training
+    model.eval()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        inputs_multi = _capture_layer_inputs(model, layers, seq_len=4)
+        inputs_single = _capture_layer_inputs(model, layers, seq_len=1)
+        infos = []
+        for i, layer in enumerate(layers):
+            if inputs_multi[i] is None:
+                raise UnsupportedArchitectureError(f"{layers_path}.{i} was not called in a forward pass")
+            with torch.enable_grad():
+                infos.append(_analyse_layer(i, f"{layers_path}.{i}", layer, inputs_multi[i], inputs_single[i],
+                                            hidden_size, seed + i))
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+
+    names = {id(m): n for n, m in model.named_modules()}
+    embedding_name = names[id(embedding)]
+    head = model.get_output_embeddings()
+    head_name = names[id(head)]
+    tied = head.weight is embedding.weight
+    final_norms = [
+        n for n, m in model.named_modules()
+        if not n.startswith(layers_path + ".") and n != layers_path and not isinstance(m, (nn.Linear, nn.Embedding))
+        and getattr(m, "weight", None) is not None and isinstance(m.weight, torch.Tensor)
+        and m.weight.dim() == 1 and m.weight.shape[0] == hidden_size
+    ]
+    shapes = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
+    problem = _hidden_channel_problem(model, infos, final_norms, hidden_size)
+    return ModelStructure(layers_path, infos, hidden_size, embedding_name, head_name, final_norms, tied,
+                          problem, shapes)
+
+
+def _hidden_channel_problem(model, infos: list[LayerInfo], final_norms: list[str], hidden: int) -> str | None:
+    modules = dict(model.named_modules())
+    for info in infos:
+        for name in info.norms:
+            if "RMSNorm" not in type(modules[name]).__name__:
+                return (f"{name} is a {type(modules[name]).__name__}: channel-wise (hidden) pruning is exact only "
+                        "for RMSNorm models; use mode='block' or mode='layer'")
+        if len(info.norms) == 0:
+            return f"{info.path} has no per-channel norm on the residual stream; channel-wise pruning unsupported"
+    if not final_norms:
+        return "no final norm found before the lm_head; channel-wise pruning unsupported"
+    for info in infos:
+        for w in info.writers:
+            if modules[w].out_features != hidden:
+                return f"{w} writes {modules[w].out_features} channels into a residual stream of {hidden}"
+    return None

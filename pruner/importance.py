@@ -1,0 +1,275 @@
+"""Importance criteria (a registry) and the estimator that accumulates them from calibration data.
+
+Per-parameter saliences are reduced as early as possible to *per-index vectors*: for a weight
+``W`` (out, in) and a group dimension ``dim``, the salience of every row (dim 0) or column
+(dim 1) summed over the other dimension. A group's score then sums these vectors over its
+indices (see :func:`family_scores`). Gradients arrive through post-accumulate-grad hooks:
+
+* first-order criteria keep one fp32 running sum of gradients per parameter (the size of the
+  usual ``.grad`` buffer) and free ``.grad`` at once, so nothing else of model size is held;
+* second-order (Fisher) terms are reduced to per-index vectors inside the hook, sample by
+  sample, so they cost no model-sized memory at all;
+* ``activation`` needs no gradients: forward pre-hooks accumulate input-channel norms.
+
+Example:
+    >>> CRITERIA["element1"].needs_gradients, CRITERIA["element2"].needs_per_sample
+    (True, True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .aggregation import aggregate
+from .discovery import Family
+from .errors import PrunerError
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    help: str
+    needs_gradients: bool = False
+    needs_per_sample: bool = False  # second-order Fisher terms need one backward per sample
+    needs_activations: bool = False
+
+
+CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(criterion: Criterion) -> Criterion:
+    CRITERIA[criterion.name] = criterion
+    return criterion
+
+
+for _c in (
+    Criterion("element1", "first-order Taylor, sum over elements of |w * dL/dw| (paper default)", True),
+    Criterion("element2", "second-order Taylor with the Fisher (squared-gradient) Hessian: 1/2 w^2 E[g^2]", True, True),
+    Criterion("mix", "first + second order: |w g| + 1/2 w^2 E[g^2] per element", True, True),
+    Criterion("vector", "whole-structure first-order Taylor |sum(w * dL/dw)|", True),
+    Criterion("l1", "magnitude: sum |w|"),
+    Criterion("l2", "magnitude: sqrt(sum w^2)"),
+    Criterion("random", "random scores (seeded): a baseline"),
+    Criterion("activation", "gradient-free, Wanda/FLAP style: |w| * ||x|| of the input channel", needs_activations=True),
+):
+    register_criterion(_c)
+
+
+def check_criterion(name: str) -> Criterion:
+    if name not in CRITERIA:
+        raise PrunerError(f"unknown criterion {name!r}; choose one of {sorted(CRITERIA)}")
+    return CRITERIA[name]
+
+
+def _reduce(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums a parameter-shaped tensor over every dimension except ``dim``."""
+    if t.dim() == 1:
+        return t
+    other = [d for d in range(t.dim()) if d != dim]
+    return t.sum(dim=other)
+
+
+class ImportanceEstimator:
+    """Accumulates importance for the given group families from calibration batches.
+
+    Drive it around your own forward/backward (the core's :func:`pruner.prune` and the Lightning
+    callback both do)::
+
+        est = ImportanceEstimator(model, families, "element1")
+        est.attach()
+        for batch in batches:
+            est.begin_batch(num_samples=batch.shape[0])
+            model(input_ids=batch, labels=batch).loss.backward()
+        est.detach()
+        vectors = est.vectors()
+
+    Weights never change. Parameters outside the families stop requiring gradients while
+    attached (less memory and compute) and are restored afterwards.
+    """
+
+    def __init__(self, model: nn.Module, families: list[Family], criterion: str, seed: int = 0):
+        self.model, self.families, self.criterion = model, families, check_criterion(criterion)
+        self.seed = seed
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.dims: dict[str, set[int]] = {}
+        for fam in families:
+            for m in fam.members:
+                self.dims.setdefault(m.param, set()).add(m.dim)
+        missing = [p for p in self.dims if p not in self.params]
+        if missing:
+            raise PrunerError(f"groups refer to parameters the model does not have: {missing[:3]}")
+        # tied weights appear under several names: accumulate once per tensor
+        self._canonical: dict[int, str] = {}
+        for name in self.dims:
+            self._canonical.setdefault(id(self.params[name]), name)
+        self.num_samples = 0
+        self._weight = 1.0
+        self._grad_sum: dict[str, torch.Tensor] = {}
+        self._fisher: dict[tuple[str, int], torch.Tensor] = {}
+        self._act_sq: dict[str, torch.Tensor] = {}  # input-channel sum of squares per linear
+        self._act_tokens: dict[str, int] = {}
+        self._handles: list = []
+        self._requires_grad: dict[str, bool] = {}
+
+    # -- driving -------------------------------------------------------------------------------
+    def attach(self) -> None:
+        c = self.criterion
+        if c.needs_gradients:
+            self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
+            wanted = {id(self.params[n]) for n in self.dims}
+            for p in self.model.parameters():
+                p.requires_grad_(id(p) in wanted)
+            for tensor_id, name in self._canonical.items():
+                self._handles.append(self.params[name].register_post_accumulate_grad_hook(self._grad_hook(name)))
+        if c.needs_activations:
+            linear_of = {f"{n}.weight": (n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+            for name in self.dims:
+                if name in linear_of:  # row and column scores both weigh |w| by input-channel norms
+                    self._handles.append(linear_of[name][1].register_forward_pre_hook(self._act_hook(name)))
+
+    def begin_batch(self, num_samples: int) -> None:
+        """Call before each backward with the number of samples the loss averages over."""
+        if num_samples <= 0:
+            raise PrunerError(f"a calibration batch must hold at least one sample, got {num_samples}")
+        if self.criterion.needs_per_sample and num_samples != 1:
+            raise PrunerError(
+                f"criterion {self.criterion.name!r} needs per-sample gradients (second-order Fisher term): "
+                f"use calibration batches of one sample, got {num_samples}"
+            )
+        self.num_samples += num_samples
+        self._weight = float(num_samples)
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for n, p in self.model.named_parameters():
+            if n in self._requires_grad:
+                p.requires_grad_(self._requires_grad[n])
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _grad_hook(self, name: str):
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            if grad is None:
+                return
+            if not torch.isfinite(grad).all():
+                raise PrunerError(
+                    f"non-finite gradient (NaN/inf) in {name} during calibration: lower the precision "
+                    "risk (use float32 or bfloat16, not float16) or check the calibration data"
+                )
+            g = grad.detach().float()
+            if self.criterion.name in ("element1", "vector", "mix"):
+                acc = self._grad_sum.get(name)
+                self._grad_sum[name] = g * self._weight if acc is None else acc.add_(g, alpha=self._weight)
+            if self.criterion.needs_per_sample:
+                w2 = param.detach().float().square()
+                for dim in self._all_dims(param):
+                    key = (name, dim)
+                    v = _reduce(w2 * g.square(), dim)
+                    self._fisher[key] = v if key not in self._fisher else self._fisher[key].add_(v)
+            param.grad = None  # the running sum above is all we keep
+
+        return hook
+
+    def _all_dims(self, param) -> set[int]:
+        return {d for n, ds in self.dims.items() if self.params[n] is param for d in ds}
+
+    def _act_hook(self, name: str):
+        def hook(module, args):
+            x = args[0].detach().float()
+            x = x.reshape(-1, x.shape[-1])  # (tokens, in)
+            sq = x.square().sum(0)
+            self._act_sq[name] = sq if name not in self._act_sq else self._act_sq[name].add_(sq)
+            self._act_tokens[name] = self._act_tokens.get(name, 0) + x.shape[0]
+
+        return hook
+
+    # -- results -------------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every accumulator as a flat dict of tensors (summed across ranks for DDP)."""
+        out = {f"grad::{k}": v for k, v in self._grad_sum.items()}
+        out.update({f"fisher::{k}::{d}": v for (k, d), v in self._fisher.items()})
+        out.update({f"act::{k}": v for k, v in self._act_sq.items()})
+        out.update({f"acttok::{k}": torch.tensor(float(n)) for k, n in self._act_tokens.items()})
+        out["num_samples"] = torch.tensor(float(self.num_samples))
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self._grad_sum, self._fisher, self._act_sq, self._act_tokens = {}, {}, {}, {}
+        for key, v in state.items():
+            kind, _, rest = key.partition("::")
+            if kind == "grad":
+                self._grad_sum[rest] = v
+            elif kind == "fisher":
+                name, _, dim = rest.rpartition("::")
+                self._fisher[(name, int(dim))] = v
+            elif kind == "act":
+                self._act_sq[rest] = v
+            elif kind == "acttok":
+                self._act_tokens[rest] = int(v.item())
+        self.num_samples = int(state["num_samples"].item())
+
+    @torch.no_grad()
+    def vectors(self) -> dict[tuple[str, int], torch.Tensor]:
+        """Per-index salience vectors ``{(param, dim): (size of dim,)}`` in fp32."""
+        c = self.criterion.name
+        if self.criterion.needs_gradients and self.num_samples == 0:
+            raise PrunerError("no calibration samples were seen: pass at least one batch before scoring")
+        n = max(self.num_samples, 1)
+        out = {}
+        for name, dims in self.dims.items():
+            param = self.params[name]
+            canon = self._canonical[id(param)]
+            w = param.detach().float()
+            for dim in dims:
+                if c in ("element1", "vector", "mix"):
+                    g = self._grad_sum.get(canon)
+                    if g is None:
+                        raise PrunerError(f"{name} received no gradient during calibration; is it used by the model?")
+                    wg = w * (g / n)
+                    v = _reduce(wg.abs() if c != "vector" else wg, dim)
+                    if c == "mix":
+                        v = v + 0.5 * self._fisher[(canon, dim)] / n
+                elif c == "element2":
+                    v = 0.5 * self._fisher[(canon, dim)] / n
+                elif c == "l1":
+                    v = _reduce(w.abs(), dim)
+                elif c == "l2":
+                    v = _reduce(w.square(), dim)
+                elif c == "random":
+                    v = torch.zeros(w.shape[dim])  # random scores are drawn per group
+                elif c == "activation":
+                    v = self._activation_vector(canon, w, dim)
+                else:  # a registered third-party criterion must override vectors()
+                    raise PrunerError(f"criterion {c!r} has no per-index rule in ImportanceEstimator")
+                out[(name, dim)] = v
+        return out
+
+    def _activation_vector(self, name: str, w: torch.Tensor, dim: int) -> torch.Tensor:
+        if name in self._act_sq and w.dim() == 2:
+            norm = (self._act_sq[name] / max(self._act_tokens[name], 1)).sqrt()  # (in,)
+            return _reduce(w.abs() * norm.unsqueeze(0), dim)
+        # parameters without a recorded input (norms, embeddings, biases): magnitude
+        return _reduce(w.abs(), dim)
+
+
+def family_scores(family: Family, vectors: dict[tuple[str, int], torch.Tensor], criterion: str,
+                  aggregation: str = "sum", seed: int = 0) -> torch.Tensor:
+    """One score per group of ``family`` (higher = more important), fp64."""
+    if criterion == "random":
+        g = torch.Generator().manual_seed(hash((seed, family.kind, family.layer)) % (2**31))
+        return torch.rand(family.num_groups, generator=g, dtype=torch.float64)
+    per_member = []
+    for m in family.members:
+        v = vectors[(m.param, m.dim)].double().to(m.indices.device)
+        s = v[m.indices].sum(-1)  # (n_groups,)
+        if criterion == "vector":
+            s = s.abs()
+        elif criterion == "l2":
+            s = s.sqrt()
+        per_member.append(s)
+    return aggregate(torch.stack(per_member), aggregation)  # (n_members, n_groups) -> (n_groups,)
