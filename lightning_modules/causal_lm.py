@@ -1,0 +1,214 @@
+"""``CausalLMModule``: any Hugging Face causal LM as a LightningModule, with optional LoRA.
+
+Contract with ``pruner.callbacks.StructuralPruneCallback`` (keep it small):
+  * ``module.hf_model`` is the ``transformers`` model (``PreTrainedModel``); the callback prunes
+    it in place (or swaps it with ``module.replace_hf_model(m)``) and then rebuilds the optimizer
+    with ``trainer.strategy.setup_optimizers(trainer)``: ``configure_optimizers`` collects the
+    trainable parameters *at that moment*, so replaced/resized parameters are picked up.
+  * ``module.attach_lora()`` after pruning, ``module.merge_lora()`` before saving.
+  * Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (-100 = no loss).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torchmetrics.text import Perplexity
+
+from pruner.errors import PrunerError
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+class CausalLMModule(LightningModule):
+    """A causal LM trained with its own next-token loss; validation logs ``val_ppl``.
+
+    Args:
+        model: hub name, local folder (also a pruned export), ``.gguf`` file, or ``"smollm2"``.
+            The tokenizer loads at construction (the data module needs it in ``setup``, which
+            Lightning runs before ``configure_model``); the weights load in ``configure_model``,
+            inside the strategy's init context, which is where FSDP/ModelParallel expect it.
+        dtype: weight dtype. ``"auto"``: bfloat16 on a CUDA device that supports it, else
+            float32 (CPU). fp16 is deliberately not offered: it overflows in LLaMA training.
+        attach_lora_at_start: wrap the model with LoRA as soon as it is loaded (a plain LoRA
+            fine-tune). Leave False with the pruning callback: it calls ``attach_lora()`` after
+            pruning. False without the callback means full fine-tuning.
+        lora_r, lora_alpha, lora_dropout, lora_target_modules: LoRA settings (LLM-Pruner's).
+        learning_rate, weight_decay: AdamW settings over the trainable parameters.
+
+    Example:
+        >>> module = CausalLMModule("smollm2", attach_lora_at_start=True)  # doctest: +SKIP
+        >>> module.configure_model()  # doctest: +SKIP
+        >>> sum(p.numel() for p in module.parameters() if p.requires_grad)  # doctest: +SKIP
+        2442240
+    """
+
+    def __init__(
+        self,
+        model: str = "smollm2",
+        dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+        attach_lora_at_start: bool = False,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_target_modules: list[str] | None = None,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dtype not in ("auto", "float32", "bfloat16"):
+            raise PrunerError(
+                f"`CausalLMModule(dtype={dtype!r})` is not supported: use 'auto', 'float32' or 'bfloat16'"
+            )
+        if lora_r < 1:
+            raise PrunerError(f"`CausalLMModule(lora_r={lora_r})` must be >= 1 (the paper uses 8)")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise PrunerError(f"`CausalLMModule(lora_dropout={lora_dropout})` must be in [0, 1)")
+        if learning_rate <= 0:
+            raise PrunerError(
+                f"`CausalLMModule(learning_rate={learning_rate})` must be > 0 (the paper uses 1e-4)"
+            )
+        if lora_target_modules is not None and not lora_target_modules:
+            raise PrunerError(
+                "`CausalLMModule(lora_target_modules=[])` is empty: name the linear layers to "
+                "adapt, or leave it unset for all q/k/v/o/gate/up/down projections"
+            )
+        self.save_hyperparameters()
+        from pruner.data import load_tokenizer  # raises FileNotFoundError for a bad path, early
+
+        self.tokenizer = load_tokenizer(model)
+        self.lm: torch.nn.Module | None = None  # HF model or its peft wrapper; see `hf_model`
+        self.val_ppl = Perplexity(ignore_index=-100)
+        self.test_ppl = Perplexity(ignore_index=-100)
+
+    # ------------------------------------------------------------------ model and LoRA
+
+    def _resolve_dtype(self) -> torch.dtype:
+        name = self.hparams.dtype
+        if name != "auto":
+            return getattr(torch, name)
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
+    def configure_model(self) -> None:
+        """Loads the weights once (Lightning calls this hook for every fit/validate/test)."""
+        if self.lm is not None:
+            return
+        from pruner.models import load_model
+
+        model, _ = load_model(self.hparams.model, dtype=self._resolve_dtype())
+        model.train()  # load_model returns eval mode; Lightning toggles modes from here on
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.lm = model
+        if self.hparams.attach_lora_at_start:
+            self.attach_lora()
+
+    @property
+    def hf_model(self):
+        """The ``transformers`` model itself (not the peft wrapper; LoRA layers, when attached,
+        sit inside it in place). Loads the weights on first access; see ``replace_hf_model``."""
+        if self.lm is None:
+            self.configure_model()
+        return self.lm.get_base_model() if self.has_lora else self.lm
+
+    def replace_hf_model(self, model: torch.nn.Module) -> None:
+        """Swaps in another HF model (for example a rebuilt pruned one). A method, not a property
+        setter: ``nn.Module.__setattr__`` would register a module under the property's name.
+
+        Example:
+            >>> module.replace_hf_model(pruned_model)  # doctest: +SKIP
+        """
+        if self.has_lora:
+            raise PrunerError("cannot replace hf_model while LoRA is attached: call merge_lora() first")
+        self.lm = model
+
+    @property
+    def has_lora(self) -> bool:
+        """Whether the model is currently wrapped by peft."""
+        from peft import PeftModel
+
+        return isinstance(self.lm, PeftModel)
+
+    def attach_lora(self) -> None:
+        """Freezes the model and adds LoRA adapters to ``lora_target_modules``. The optimizer must
+        be rebuilt afterwards when training is under way (``trainer.strategy.setup_optimizers``).
+
+        Example:
+            >>> module.attach_lora()  # doctest: +SKIP
+            >>> module.has_lora  # doctest: +SKIP
+            True
+        """
+        from peft import LoraConfig, get_peft_model
+
+        if self.has_lora:
+            raise PrunerError("LoRA is already attached: call merge_lora() before attaching again")
+        hp = self.hparams
+        config = LoraConfig(
+            r=hp.lora_r,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            target_modules=list(hp.lora_target_modules or DEFAULT_LORA_TARGETS),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        # peft keeps adapter weights in fp32 when the base is bf16 (autocast_adapter_dtype).
+        self.lm = get_peft_model(self.hf_model, config)
+
+    def merge_lora(self) -> None:
+        """Folds the LoRA deltas into the base weights and unwraps the peft model; all
+        parameters stay frozen (call ``requires_grad_(True)`` to fine-tune further).
+
+        Example:
+            >>> module.merge_lora()  # doctest: +SKIP
+            >>> module.has_lora  # doctest: +SKIP
+            False
+        """
+        if not self.has_lora:
+            raise PrunerError("no LoRA to merge: call attach_lora() first")
+        self.lm = self.lm.merge_and_unload()
+
+    # ------------------------------------------------------------------ steps
+
+    def forward(self, **batch: torch.Tensor):
+        # Only model inputs: data modules may add bookkeeping keys to a batch.
+        return self.lm(**{k: v for k, v in batch.items() if k in _MODEL_KEYS})
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(**batch).loss
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(**batch)
+        # Perplexity over next-token predictions: logits at t score the label at t+1.
+        self.val_ppl.update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
+        n = batch["input_ids"].shape[0]
+        self.log("val_loss", out.loss, sync_dist=True, batch_size=n)
+        self.log("val_ppl", self.val_ppl, prog_bar=True, batch_size=n)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(**batch)
+        self.test_ppl.update(out.logits[:, :-1].float(), batch["labels"][:, 1:])
+        n = batch["input_ids"].shape[0]
+        self.log("test_loss", out.loss, sync_dist=True, batch_size=n)
+        self.log("test_ppl", self.test_ppl, batch_size=n)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise PrunerError(
+                "no trainable parameters: attach LoRA, or call requires_grad_(True) after merge_lora()"
+            )
+        return torch.optim.AdamW(params, lr=self.hparams.learning_rate,
+                                 weight_decay=self.hparams.weight_decay)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Record the structure the weights belong to; a pruned or LoRA-wrapped state dict
+        # does not load into the dense model without it.
+        checkpoint["pruner_has_lora"] = self.has_lora

@@ -1,0 +1,230 @@
+"""``PruneDataModule``: calibration, recovery (Alpaca) and validation data for pruning runs.
+
+Train loader order (one pass = one Lightning epoch; keep ``trainer.max_epochs: 1`` and use
+``recovery_epochs`` for passes over the recovery data, because a second Lightning epoch would
+start with the calibration batches again):
+
+  1. ``calibration_batches`` batches of ONE calibration window each (per rank). The pruning
+     callback consumes exactly these for importance, without optimizer steps. Batch size 1
+     matches LLM-Pruner, which back-propagates its calibration samples one by one (per-sample
+     gradients matter for the second-order importance terms).
+  2. then the recovery batches: ``recovery_epochs`` seeded shuffles of the tokenized Alpaca
+     records in micro-batches of ``micro_batch_size`` (right-padded, prompt tokens masked).
+     Without ``recovery_source`` the loader yields the calibration batches only.
+
+Every batch is a dict of ``input_ids``, ``attention_mask``, ``labels`` (-100 = no loss).
+
+Multi-GPU: the loader is an ``IterableDataset`` that shards by rank itself (Lightning does not
+inject a ``DistributedSampler`` into it), so that every rank sees its calibration batches first
+and all ranks get the same number of batches (no DDP hang): ``calibration_batches`` is the
+per-rank count, ``calibration_samples // world_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from pruner import data as D
+from pruner.errors import PrunerError
+
+
+def pad_collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads tokenized examples into a batch; padding is masked from attention and loss.
+
+    Example:
+        >>> b = pad_collate([{"input_ids": [5, 6], "attention_mask": [1, 1], "labels": [-100, 6]},
+        ...                  {"input_ids": [7], "attention_mask": [1], "labels": [7]}], pad_id=0)
+        >>> b["labels"].tolist()
+        [[-100, 6], [7, -100]]
+    """
+    width = max(len(e["input_ids"]) for e in examples)
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    for e in examples:
+        pad = width - len(e["input_ids"])
+        out["input_ids"].append(e["input_ids"] + [pad_id] * pad)
+        out["attention_mask"].append(e["attention_mask"] + [0] * pad)
+        out["labels"].append(e["labels"] + [D.IGNORE_INDEX] * pad)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def window_batch(windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A language-modelling batch of full windows: every token is attended and learned."""
+    return {"input_ids": windows, "attention_mask": torch.ones_like(windows), "labels": windows.clone()}
+
+
+class _TrainStream(IterableDataset):
+    """Calibration batches, then recovery micro-batches (already sharded for this rank)."""
+
+    def __init__(self, calibration: torch.Tensor, recovery: list[dict], micro_batch_size: int,
+                 epochs: int, seed: int, pad_id: int, rank: int, world: int) -> None:
+        self.calibration, self.recovery = calibration, recovery
+        self.mbs, self.epochs, self.seed, self.pad_id = micro_batch_size, epochs, seed, pad_id
+        self.rank, self.world = rank, world
+        self.batches_per_epoch = (len(recovery) // micro_batch_size) // world if recovery else 0
+
+    def __len__(self) -> int:
+        return len(self.calibration) + self.epochs * self.batches_per_epoch
+
+    def __iter__(self):
+        for window in self.calibration:
+            yield window_batch(window.unsqueeze(0))
+        for epoch in range(self.epochs if self.recovery else 0):
+            gen = torch.Generator().manual_seed(self.seed + epoch)  # same order on every rank
+            order = torch.randperm(len(self.recovery), generator=gen).tolist()
+            for b in range(self.batches_per_epoch):
+                start = (b * self.world + self.rank) * self.mbs
+                yield pad_collate([self.recovery[i] for i in order[start : start + self.mbs]], self.pad_id)
+
+
+class PruneDataModule(LightningDataModule):
+    """Calibration + recovery + validation data (see the module docstring for the order).
+
+    Args:
+        calibration_source: ``"builtin"`` (Python's own prose; no network), a text file or
+            folder of ``.txt`` files, or a hub dataset such as ``"bookcorpus"``.
+        calibration_samples, calibration_seq_len: number and length of the random windows
+            (the paper: 10 x 64).
+        seed: seeds the calibration windows and the recovery shuffles.
+        recovery_source: Alpaca-format JSON file or hub name (``"yahma/alpaca-cleaned"``);
+            None = no recovery data.
+        recovery_max_records: use only the first N records (quick CPU runs).
+        recovery_epochs: passes over the recovery data inside the single train pass (paper: 2).
+        micro_batch_size: recovery and validation batch size (the paper: 4).
+        cutoff_len: longest tokenized instruction example; longer ones are truncated.
+        val_source: WikiText-2 ``wiki.test.raw`` file or ``"wikitext-2-raw-v1"``; None = no
+            validation (and no test) loader.
+        val_seq_len: perplexity window (the paper: 128). val_max_windows: first N windows only.
+        tokenizer: model name/folder to take the tokenizer from; None = the LightningModule's
+            ``tokenizer`` (the usual case with ``CausalLMModule``).
+
+    Example:
+        >>> dm = PruneDataModule(tokenizer="smollm2", calibration_samples=4)  # doctest: +SKIP
+        >>> dm.setup("fit"); dm.calibration_batches  # doctest: +SKIP
+        4
+    """
+
+    def __init__(
+        self,
+        calibration_source: str = D.BUILTIN,
+        calibration_samples: int = 10,
+        calibration_seq_len: int = 64,
+        seed: int = 0,
+        recovery_source: str | None = None,
+        recovery_max_records: int | None = None,
+        recovery_epochs: int = 2,
+        micro_batch_size: int = 4,
+        cutoff_len: int = 256,
+        val_source: str | None = None,
+        val_seq_len: int = 128,
+        val_max_windows: int | None = None,
+        tokenizer: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in [("calibration_samples", calibration_samples),
+                            ("calibration_seq_len", calibration_seq_len),
+                            ("recovery_epochs", recovery_epochs), ("micro_batch_size", micro_batch_size),
+                            ("cutoff_len", cutoff_len), ("val_seq_len", val_seq_len)]:
+            if value < 1:
+                raise PrunerError(f"`PruneDataModule({name}={value})` must be >= 1")
+        for name, value in [("recovery_max_records", recovery_max_records),
+                            ("val_max_windows", val_max_windows)]:
+            if value is not None and value < 1:
+                raise PrunerError(f"`PruneDataModule({name}={value})` must be >= 1, or None for all")
+        self.save_hyperparameters()
+        self.tokenizer = None
+        self.calibration: torch.Tensor | None = None
+        self.recovery: list[dict] | None = None
+        self.val_windows: torch.Tensor | None = None
+        self._rank, self._world = 0, 1
+
+    # ------------------------------------------------------------------ setup
+
+    def _get_tokenizer(self):
+        if self.tokenizer is None:
+            if self.hparams.tokenizer is not None:
+                self.tokenizer = D.load_tokenizer(self.hparams.tokenizer)
+            elif self._trainer_module() is not None and getattr(self._trainer_module(), "tokenizer", None):
+                self.tokenizer = self._trainer_module().tokenizer
+            else:
+                raise PrunerError(
+                    "PruneDataModule has no tokenizer: pass `tokenizer=<model name or folder>` or "
+                    "use it in a Trainer together with a module that has a `tokenizer` attribute"
+                )
+        return self.tokenizer
+
+    def _trainer_module(self):
+        return self.trainer.lightning_module if self.trainer is not None else None
+
+    @property
+    def pad_id(self) -> int:
+        tok = self._get_tokenizer()
+        return next((i for i in (tok.pad_token_id, tok.eos_token_id) if i is not None), 0)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self._rank, self._world = self.trainer.global_rank, self.trainer.world_size
+        hp, tok = self.hparams, self._get_tokenizer()
+        if stage in (None, "fit") and self.calibration is None:
+            if hp.calibration_samples < self._world:
+                raise PrunerError(
+                    f"calibration_samples={hp.calibration_samples} is fewer than the "
+                    f"{self._world} ranks: use at least one calibration sample per rank"
+                )
+            windows = D.calibration_samples(hp.calibration_source, tok, hp.calibration_samples,
+                                            hp.calibration_seq_len, hp.seed)
+            per_rank = hp.calibration_samples // self._world  # equal counts: no rank waits
+            self.calibration = windows[self._rank :: self._world][:per_rank]
+            self.recovery = self._load_recovery(tok) if hp.recovery_source else []
+        if stage in (None, "fit", "validate", "test") and hp.val_source and self.val_windows is None:
+            windows = D.eval_windows(D.eval_text_rows(hp.val_source), tok, hp.val_seq_len)
+            self.val_windows = windows[: hp.val_max_windows]
+
+    def _load_recovery(self, tok) -> list[dict]:
+        hp = self.hparams
+        records = D.alpaca_records(hp.recovery_source, hp.recovery_max_records)
+        examples = [D.tokenize_instruction(r, tok, hp.cutoff_len) for r in records]
+        # A prompt that fills cutoff_len leaves no response token to learn: its loss is NaN.
+        examples = [e for e in examples if any(t != D.IGNORE_INDEX for t in e["labels"])]
+        if len(examples) < hp.micro_batch_size * self._world:
+            raise PrunerError(
+                f"{hp.recovery_source} yields {len(examples)} usable examples, fewer than one "
+                f"micro-batch of {hp.micro_batch_size} per rank: add records, lower "
+                "micro_batch_size or raise cutoff_len"
+            )
+        return examples
+
+    @property
+    def calibration_batches(self) -> int:
+        """Number of leading train batches (on this rank) that are calibration windows."""
+        if self.calibration is not None:
+            return len(self.calibration)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return self.hparams.calibration_samples // world
+
+    # ------------------------------------------------------------------ loaders
+
+    def train_dataloader(self) -> DataLoader:
+        if self.calibration is None:
+            self.setup("fit")
+        stream = _TrainStream(self.calibration, self.recovery or [], self.hparams.micro_batch_size,
+                              self.hparams.recovery_epochs, self.hparams.seed, self.pad_id,
+                              self._rank, self._world)
+        # batch_size=None: the stream yields whole batches; no workers: data is in memory and
+        # an IterableDataset would be duplicated in each worker.
+        return DataLoader(stream, batch_size=None)
+
+    def _windows_loader(self) -> DataLoader | list:
+        if not self.hparams.val_source:
+            return []  # Lightning skips validation when the loader list is empty
+        if self.val_windows is None:
+            self.setup("validate")
+        return DataLoader(TensorDataset(self.val_windows), batch_size=self.hparams.micro_batch_size,
+                          collate_fn=lambda rows: window_batch(torch.stack([r[0] for r in rows])))
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._windows_loader()
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._windows_loader()

@@ -1,0 +1,400 @@
+"""Text and instruction data for pruning: calibration windows, Alpaca records, WikiText-2 rows.
+
+Framework-agnostic (no Lightning): the Lightning data module in ``pruner.lightning_modules.data``
+is a thin layer over these functions.
+
+A *source* is one of
+  * ``"builtin"``: English prose that ships with Python (stdlib docstrings and Python's
+    LICENSE), so the default recipe needs neither network nor ``../shared``;
+  * a local file or a folder of ``.txt`` files (for example ``../shared/data/gutenberg``);
+  * a Hugging Face hub dataset name (``"bookcorpus"``, ``"yahma/alpaca-cleaned"``,
+    ``"wikitext-2-raw-v1"``), read with ``datasets`` (needs internet).
+
+Example:
+    >>> from pruner.data import builtin_text
+    >>> len(builtin_text()) > 100_000
+    True
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import sysconfig
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pruner.errors import PrunerError
+
+BUILTIN = "builtin"
+IGNORE_INDEX = -100  # the label value that torch's cross entropy (and HF losses) skip
+
+# Prose-heavy stdlib modules, in a fixed order so that builtin calibration is reproducible for a
+# given Python version. Missing files (modules move between versions) are skipped.
+_BUILTIN_MODULES = (
+    "argparse.py", "textwrap.py", "functools.py", "pathlib.py", "dataclasses.py", "typing.py",
+    "inspect.py", "difflib.py", "heapq.py", "random.py", "statistics.py", "fractions.py",
+    "_pydecimal.py", "calendar.py", "logging/__init__.py", "unittest/case.py", "json/__init__.py",
+    "collections/__init__.py", "email/message.py", "http/client.py", "threading.py",
+    "subprocess.py", "shutil.py", "tarfile.py", "zipfile.py", "zipfile/__init__.py", "pickle.py",
+    "csv.py", "string.py", "enum.py", "contextlib.py", "doctest.py", "asyncio/tasks.py",
+)
+
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+_HUB_ALIASES = {  # short names users type -> (hub path, config name)
+    "bookcorpus": ("bookcorpus/bookcorpus", None),
+    "alpaca-cleaned": ("yahma/alpaca-cleaned", None),
+    "wikitext-2-raw-v1": ("wikitext", "wikitext-2-raw-v1"),
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1"),
+}
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub names are ``name`` or ``org/name``; anything else that does not exist is a typo'd
+    path, which must fail as a missing file rather than as an obscure hub lookup."""
+    return (
+        source.startswith((".", "/", "~"))
+        or source.count("/") > 1
+        or Path(source).suffix in {".txt", ".json", ".jsonl", ".raw", ".md"}
+    )
+
+
+def _local_path(source: str, what: str) -> Path | None:
+    """The existing local path for ``source``, None for a hub name; raises for a missing path."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if _looks_like_path(source):
+        raise FileNotFoundError(
+            f"{what} not found: {source} (relative paths are resolved from the current "
+            f"directory {os.getcwd()}; pass an existing file/folder, 'builtin', or a hub name)"
+        )
+    return None
+
+
+def _load_hub(name: str, split: str, streaming: bool = False):
+    """Loads a hub dataset split; the import is lazy because ``datasets`` is slow to import."""
+    import datasets
+
+    path, config = _HUB_ALIASES.get(name, (name, None))
+    try:
+        return datasets.load_dataset(path, config, split=split, streaming=streaming)
+    except Exception as err:  # network, auth, unknown name: all need the same advice
+        raise PrunerError(
+            f"could not load hub dataset {name!r} ({type(err).__name__}: {err}); check the name "
+            "and your internet connection, or pass a local file/folder or 'builtin'"
+        ) from err
+
+
+@lru_cache(maxsize=1)
+def builtin_text() -> str:
+    """English prose shipped with Python: docstrings of a fixed list of stdlib modules (read with
+    ``ast``, nothing is imported) followed by Python's LICENSE text.
+
+    Example:
+        >>> "Python Software Foundation" in builtin_text()
+        True
+    """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts: list[str] = []
+    for rel in _BUILTIN_MODULES:
+        file = stdlib / rel
+        if not file.is_file():
+            continue
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        nodes = [tree] + [
+            n for n in ast.walk(tree)
+            if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
+        parts.extend(doc for n in nodes if (doc := ast.get_docstring(n)) and len(doc) > 80)
+    license_file = stdlib / "LICENSE.txt"
+    if license_file.is_file():
+        parts.append(license_file.read_text(encoding="utf-8", errors="replace"))
+    if not parts:
+        raise PrunerError(
+            f"no builtin text found under {stdlib} (a stripped Python install?); pass a local "
+            "text file or folder as the calibration source instead"
+        )
+    return "\n\n".join(parts)
+
+
+def read_texts(source: str) -> list[str]:
+    """Documents of a calibration source: ``"builtin"``, a ``.txt``/text file, a folder of
+    ``.txt`` files (sorted by name) or a hub dataset with a ``text`` column (first 20,000 rows
+    of a seeded shuffle of its train split, streamed).
+
+    Example:
+        >>> docs = read_texts("builtin")
+        >>> len(docs)
+        1
+    """
+    if source == BUILTIN:
+        return [builtin_text()]
+    path = _local_path(source, "calibration text")
+    if path is None:
+        stream = _load_hub(source, "train", streaming=True).shuffle(seed=0, buffer_size=10_000)
+        # Hub corpora such as BookCorpus are one sentence per row: join rows into documents.
+        rows = [r["text"] for r, _ in zip(stream, range(20_000)) if r.get("text")]
+        return ["\n".join(rows[i : i + 200]) for i in range(0, len(rows), 200)]
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise PrunerError(f"folder {path} has no .txt files: pass a folder of .txt files or one file")
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    return [t for t in texts if t.strip()]
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _tokenize_long(text: str, tokenizer, chunk_chars: int = 4000) -> list[int]:
+    """Token ids of a long text without special tokens. Tokenized in paragraph-aligned chunks so
+    that no single call exceeds the tokenizer's ``model_max_length`` (which only warns, noisily)
+    and a fast tokenizer can batch them."""
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for i, para in enumerate(text.split("\n\n")):
+        piece = para if i == 0 else "\n\n" + para  # "".join(chunks) == text: nothing lost
+        if current and size + len(piece) > chunk_chars:
+            chunks.append("".join(current))
+            current, size = [], 0
+        current.append(piece)
+        size += len(piece)
+    if current:
+        chunks.append("".join(current))
+    ids: list[int] = []
+    for start in range(0, len(chunks), 256):
+        batch = tokenizer(chunks[start : start + 256], add_special_tokens=False)["input_ids"]
+        for piece in batch:
+            ids.extend(piece)
+    return ids
+
+
+def calibration_samples(
+    source: str | Sequence[str],
+    tokenizer,
+    num_samples: int = 10,
+    seq_len: int = 64,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``num_samples`` random windows of ``seq_len`` tokens from ``source`` (LLM-Pruner: 10
+    windows of 64 tokens from BookCorpus), as a ``LongTensor (num_samples, seq_len)``.
+
+    Each sample picks a document with probability proportional to its token count, then a
+    uniformly random start inside it, from ``random.Random(seed)``: the same source, tokenizer
+    and seed give the same tensor. ``source`` may also be a list of strings (the documents).
+
+    Example:
+        >>> from transformers import AutoTokenizer  # doctest: +SKIP
+        >>> tok = AutoTokenizer.from_pretrained("gpt2")  # doctest: +SKIP
+        >>> calibration_samples("builtin", tok).shape  # doctest: +SKIP
+        torch.Size([10, 64])
+    """
+    if num_samples < 1:
+        raise PrunerError(f"num_samples={num_samples}: pruning needs at least 1 calibration sample")
+    if seq_len < 2:
+        raise PrunerError(f"seq_len={seq_len}: a calibration window needs at least 2 tokens")
+    docs = read_texts(source) if isinstance(source, str) else list(source)
+    token_docs = [ids for d in docs if len(ids := _tokenize_long(d, tokenizer)) >= seq_len]
+    if not token_docs:
+        longest = max((len(_tokenize_long(d, tokenizer)) for d in docs), default=0)
+        raise PrunerError(
+            f"calibration source {source if isinstance(source, str) else '<texts>'!r} has no "
+            f"document of at least seq_len={seq_len} tokens (longest: {longest}); use a longer "
+            "text or a smaller seq_len"
+        )
+    rng = random.Random(seed)
+    weights = [len(ids) - seq_len + 1 for ids in token_docs]  # number of windows per document
+    samples = []
+    for _ in range(num_samples):
+        ids = rng.choices(token_docs, weights=weights)[0]
+        start = rng.randrange(len(ids) - seq_len + 1)
+        samples.append(ids[start : start + seq_len])
+    return torch.tensor(samples, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- Alpaca
+
+
+def alpaca_records(source: str, max_records: int | None = None) -> list[dict[str, str]]:
+    """Alpaca-format records (``instruction``, optional ``input``, ``output``) from a local JSON
+    list / JSON-lines file or a hub dataset (``"yahma/alpaca-cleaned"``, train split).
+
+    Example:
+        >>> recs = alpaca_records("../shared/data/alpaca/alpaca_5000.json")  # doctest: +SKIP
+        >>> sorted(recs[0])  # doctest: +SKIP
+        ['input', 'instruction', 'output']
+    """
+    path = _local_path(source, "Alpaca data file")
+    if path is None:
+        records: Iterable[Any] = _load_hub(source, "train")
+    elif path.is_dir():
+        raise PrunerError(f"{path} is a folder: pass the Alpaca JSON file itself")
+    else:
+        text = path.read_text(encoding="utf-8")
+        try:
+            records = (
+                [json.loads(line) for line in text.splitlines() if line.strip()]
+                if path.suffix == ".jsonl"
+                else json.loads(text)
+            )
+        except json.JSONDecodeError as err:
+            raise PrunerError(f"{path} is not valid JSON ({err}): expected a list of records") from err
+        if not isinstance(records, list):
+            raise PrunerError(f"{path} holds a JSON {type(records).__name__}: expected a list of records")
+    out: list[dict[str, str]] = []
+    for i, rec in enumerate(records):
+        if max_records is not None and i >= max_records:
+            break
+        if not isinstance(rec, Mapping):
+            raise PrunerError(f"Alpaca record {i} of {source} is a {type(rec).__name__}, not an object")
+        for field in ("instruction", "output"):
+            if not isinstance(rec.get(field), str):
+                raise PrunerError(
+                    f"Alpaca record {i} of {source} has no string field {field!r}: every record "
+                    "needs 'instruction' and 'output' (and optionally 'input')"
+                )
+        out.append({"instruction": rec["instruction"], "input": rec.get("input") or "",
+                    "output": rec["output"]})
+    if not out:
+        raise PrunerError(f"{source} has no Alpaca records: pass a non-empty list of records")
+    return out
+
+
+def format_alpaca(record: Mapping[str, str], include_response: bool = True) -> str:
+    """The Alpaca prompt (the variant with ``### Input:`` when the record has a non-empty
+    ``input``), followed by the ``output`` unless ``include_response=False``.
+
+    Example:
+        >>> print(format_alpaca({"instruction": "Say hi.", "output": "Hi!"}))  # doctest: +NORMALIZE_WHITESPACE
+        Below is an instruction that describes a task. Write a response that appropriately
+        completes the request.
+        <BLANKLINE>
+        ### Instruction:
+        Say hi.
+        <BLANKLINE>
+        ### Response:
+        Hi!
+    """
+    template = ALPACA_PROMPT_INPUT if record.get("input") else ALPACA_PROMPT_NO_INPUT
+    prompt = template.format(instruction=record["instruction"], input=record.get("input", ""))
+    return prompt + record["output"] if include_response else prompt
+
+
+def tokenize_instruction(
+    record: Mapping[str, str], tokenizer, cutoff_len: int = 256, add_eos: bool = True
+) -> dict[str, list[int]]:
+    """``input_ids``, ``attention_mask`` and ``labels`` of one Alpaca record, truncated to
+    ``cutoff_len`` tokens, with an EOS appended when it fits, and the prompt tokens' labels set
+    to -100 so that only the response is learned (alpaca-lora / LLM-Pruner with
+    ``train_on_inputs=False``).
+
+    Example:
+        >>> out = tokenize_instruction({"instruction": "Say hi.", "output": "Hi!"}, tok)  # doctest: +SKIP
+        >>> out["labels"][:3]  # doctest: +SKIP
+        [-100, -100, -100]
+    """
+    if cutoff_len < 2:
+        raise PrunerError(f"cutoff_len={cutoff_len}: needs at least 2 tokens")
+    full = tokenizer(format_alpaca(record), truncation=True, max_length=cutoff_len)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is not None and len(full) < cutoff_len and (not full or full[-1] != eos):
+        full = full + [eos]
+    prompt = tokenizer(format_alpaca(record, include_response=False), truncation=True,
+                       max_length=cutoff_len)["input_ids"]
+    n_prompt = min(len(prompt), len(full))
+    labels = [IGNORE_INDEX] * n_prompt + full[n_prompt:]
+    return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}
+
+
+# ----------------------------------------------------------------------------- WikiText-2
+
+
+def eval_text_rows(source: str) -> list[str]:
+    """WikiText-2 raw test rows in the Hugging Face layout, from a local ``wiki.test.raw`` (each
+    line becomes ``line + "\\n"`` if it is not blank, else ``""``) or the hub
+    (``"wikitext-2-raw-v1"``). LLM-Pruner evaluates on ``"\\n\\n".join(rows)``. The reading is
+    ``pruner.eval.perplexity.load_wikitext2_rows``: validation and evaluation see the same rows.
+
+    Example:
+        >>> rows = eval_text_rows("../shared/data/wikitext2_raw/wiki.test.raw")  # doctest: +SKIP
+        >>> len(rows)  # doctest: +SKIP
+        4358
+    """
+    from pruner.eval.perplexity import load_wikitext2_rows
+
+    if source in _HUB_ALIASES and _HUB_ALIASES[source][0] == "wikitext":
+        try:
+            return load_wikitext2_rows(None)
+        except Exception as err:
+            raise PrunerError(
+                f"could not load {source!r} from the hub ({type(err).__name__}: {err}); pass a "
+                "local wiki.test.raw (e.g. ../shared/data/wikitext2_raw/wiki.test.raw) instead"
+            ) from err
+    path = _local_path(source, "evaluation text")
+    if path is None or path.is_dir():
+        raise PrunerError(
+            f"evaluation source {source!r} is neither a text file nor 'wikitext-2-raw-v1': pass "
+            "a raw text file such as wiki.test.raw, or 'wikitext-2-raw-v1' (hub)"
+        )
+    return load_wikitext2_rows(path)
+
+
+def eval_windows(rows: Sequence[str], tokenizer, seq_len: int = 128) -> torch.Tensor:
+    """Non-overlapping ``seq_len``-token windows of ``"\\n\\n".join(rows)`` tokenized as
+    ``pruner.eval.perplexity`` does (LLM-Pruner's protocol; the incomplete tail is dropped),
+    ``LongTensor (W, seq_len)``.
+
+    Example:
+        >>> eval_windows(["a b c " * 100], tok, seq_len=16).shape[1]  # doctest: +SKIP
+        16
+    """
+    from pruner.eval.perplexity import tokenize_rows
+
+    ids = tokenize_rows(tokenizer, list(rows))
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise PrunerError(
+            f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}: use "
+            "a longer text or a smaller window"
+        )
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model name/folder/GGUF (same resolution as ``pruner.models``), without
+    loading the weights; sets ``pad_token`` to EOS where the model has none.
+
+    Example:
+        >>> tok = load_tokenizer("smollm2")  # doctest: +SKIP
+    """
+    from transformers import AutoTokenizer
+
+    from pruner.models import resolve_model_source
+
+    source, gguf_file = resolve_model_source(name_or_path)
+    tok = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    if tok.pad_token_id is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token  # padded positions are masked from loss and attention
+    return tok

@@ -1,0 +1,104 @@
+"""PruneDataModule: calibration-first train order, padding/masking, rank sharding, validation."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pruner.errors import PrunerError
+from pruner.lightning_modules.data import PruneDataModule, _TrainStream, pad_collate
+
+RECORDS = [
+    {"instruction": f"Say the number {i}.", "input": "" if i % 2 else f"n={i}", "output": f"The number is {i}."}
+    for i in range(10)
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from pruner.lightning_modules.testing import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def alpaca(tmp_path) -> str:
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(RECORDS))
+    return str(path)
+
+
+def test_train_loader_order(tiny_dir, alpaca):
+    dm = PruneDataModule(tokenizer=str(tiny_dir), calibration_samples=3, calibration_seq_len=16,
+                         recovery_source=alpaca, micro_batch_size=4, recovery_epochs=2)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert dm.calibration_batches == 3
+    assert len(batches) == len(dm.train_dataloader()) == 3 + 2 * (10 // 4)
+    for b in batches[:3]:  # calibration: one full window, every token learned
+        assert b["input_ids"].shape == (1, 16)
+        assert torch.equal(b["labels"], b["input_ids"]) and bool(b["attention_mask"].all())
+    pad = dm.tokenizer.pad_token_id
+    for b in batches[3:]:  # recovery: micro-batches, prompt and padding masked
+        assert b["input_ids"].shape[0] == 4
+        assert bool((b["labels"][:, 0] == -100).all())
+        padded = b["attention_mask"] == 0
+        assert bool((b["labels"][padded] == -100).all()) and bool((b["input_ids"][padded] == pad).all())
+    # The two recovery epochs are different shuffles of the same records.
+    def responses(epoch_batches):
+        return [tuple(t for t in row if t != -100) for b in epoch_batches for row in b["labels"].tolist()]
+
+    first, second = responses(batches[3:5]), responses(batches[5:7])
+    assert len(set(first)) == 8 and first != second
+
+
+def test_no_recovery_yields_calibration_only(tiny_dir):
+    dm = PruneDataModule(tokenizer=str(tiny_dir), calibration_samples=5, calibration_seq_len=12)
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 5 and all(b["input_ids"].shape == (1, 12) for b in batches)
+    assert dm.val_dataloader() == []
+
+
+def test_rank_sharding_is_disjoint_and_equal():
+    recovery = [{"input_ids": [i], "attention_mask": [1], "labels": [i]} for i in range(11)]
+    calib = torch.arange(6).view(3, 2)
+    streams = [_TrainStream(calib[r::2][:1], recovery, 2, 1, 0, 0, rank=r, world=2) for r in (0, 1)]
+    seen = [[b["input_ids"].flatten().tolist() for b in s] for s in streams]
+    assert len(seen[0]) == len(seen[1]) == len(streams[0]) == 1 + 2  # 11 // 2 // 2 = 2 batches
+    recovered = [i for s in seen for b in s[1:] for i in b]
+    assert len(recovered) == len(set(recovered)) == 8  # no example on both ranks
+
+
+def test_pad_collate_right_pads():
+    batch = pad_collate([{"input_ids": [4, 5, 6], "attention_mask": [1, 1, 1], "labels": [-100, 5, 6]},
+                         {"input_ids": [7], "attention_mask": [1], "labels": [7]}], pad_id=9)
+    assert batch["input_ids"].tolist() == [[4, 5, 6], [7, 9, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 5, 6], [7, -100, -100]]
+
+
+def test_validation_windows(tiny_dir, tmp_path):
+    raw = tmp_path / "wiki.test.raw"
+    raw.write_text(" \n = Title = \n \n" + " Some text of an article , with words .\n" * 80)
+    dm = PruneDataModule(tokenizer=str(tiny_dir), val_source=str(raw), val_seq_len=32,
+                         val_max_windows=5, micro_batch_size=2)
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    assert [b["input_ids"].shape for b in batches] == [(2, 32), (2, 32), (1, 32)]
+    assert all(torch.equal(b["labels"], b["input_ids"]) for b in batches)
+
+
+def test_argument_validation_and_errors(tiny_dir, tmp_path):
+    with pytest.raises(PrunerError, match=r"`PruneDataModule\(micro_batch_size=0\)` must be >= 1"):
+        PruneDataModule(micro_batch_size=0)
+    with pytest.raises(PrunerError, match=r"val_max_windows=0\)` must be >= 1, or None"):
+        PruneDataModule(val_max_windows=0)
+    with pytest.raises(PrunerError, match="has no tokenizer: pass `tokenizer="):
+        PruneDataModule().setup("fit")
+    few = tmp_path / "few.json"
+    few.write_text(json.dumps(RECORDS[:2]))
+    dm = PruneDataModule(tokenizer=str(tiny_dir), recovery_source=str(few), micro_batch_size=4)
+    with pytest.raises(PrunerError, match="fewer than one micro-batch of 4"):
+        dm.setup("fit")

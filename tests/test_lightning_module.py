@@ -1,0 +1,145 @@
+"""CausalLMModule on a tiny random LLaMA: LoRA training, the callback contract, validation."""
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pruner.errors import PrunerError
+from pruner.lightning_modules.causal_lm import CausalLMModule
+from pruner.lightning_modules.data import window_batch
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from pruner.lightning_modules.testing import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+def _trainer(tmp_path, **kw) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                    default_root_dir=tmp_path)
+    return L.Trainer(**{**defaults, **kw})
+
+
+def _repeated(batch: dict, n: int) -> DataLoader:
+    return DataLoader([batch] * n, batch_size=None)
+
+
+def _batch(seed: int = 0, vocab: int = 300) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return window_batch(torch.randint(3, vocab, (2, 24), generator=gen))
+
+
+def _loss(module: CausalLMModule, batch: dict) -> float:
+    with torch.no_grad():
+        return module(**batch).loss.item()
+
+
+def test_lora_training_changes_only_lora_and_lowers_loss(tiny_dir, tmp_path):
+    torch.manual_seed(0)
+    module = CausalLMModule(str(tiny_dir), attach_lora_at_start=True, lora_dropout=0.0, learning_rate=1e-2)
+    module.configure_model()
+    batch = _batch()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    loss_before = _loss(module, batch)
+    _trainer(tmp_path, max_steps=3).fit(module, _repeated(batch, 3))
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "training changed nothing"
+    assert all("lora_" in n for n in changed), sorted(changed)[:5]
+    # lora_B starts at zero, so step 1 only moves B; after 3 steps both A and B moved.
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    assert _loss(module, batch) < loss_before - 0.01
+
+
+def test_merge_lora_keeps_the_function(tiny_dir, tmp_path):
+    module = CausalLMModule(str(tiny_dir), attach_lora_at_start=True, lora_dropout=0.0, learning_rate=1e-2)
+    _trainer(tmp_path, max_steps=2).fit(module, _repeated(_batch(), 2))
+    batch = _batch(1)
+    module.eval()
+    with torch.no_grad():
+        logits = module(**batch).logits
+    module.merge_lora()
+    assert not module.has_lora
+    assert type(module.hf_model).__name__ == "LlamaForCausalLM"
+    assert not any("lora_" in n for n, _ in module.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(module(**batch).logits, logits, atol=1e-5)
+    with pytest.raises(PrunerError, match="no LoRA to merge"):
+        module.merge_lora()
+
+
+class ShrinkMLPThenLoRA(L.Callback):
+    """What the pruning callback does: after the first batch, resize the model, attach LoRA and
+    rebuild the optimizer through the strategy."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx != 0:
+            return
+        mlp = module.hf_model.model.layers[0].mlp
+        keep = torch.arange(0, mlp.up_proj.out_features, 2)
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            new = torch.nn.Linear(old.in_features, len(keep), bias=False)
+            new.weight.data = old.weight.data[keep].clone()
+            setattr(mlp, name, new)
+        old = mlp.down_proj
+        mlp.down_proj = torch.nn.Linear(len(keep), old.out_features, bias=False)
+        mlp.down_proj.weight.data = old.weight.data[:, keep].clone()
+        module.attach_lora()
+        trainer.strategy.setup_optimizers(trainer)
+        self.snapshot = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_resized_model_and_late_lora_are_trained(tiny_dir, tmp_path):
+    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0, learning_rate=1e-2)  # dense at start
+    callback = ShrinkMLPThenLoRA()
+    _trainer(tmp_path, max_steps=3, callbacks=[callback]).fit(module, _repeated(_batch(), 3))
+    assert module.has_lora
+    assert module.hf_model.model.layers[0].mlp.down_proj.in_features == 32
+    optimizer = module.trainer.optimizers[0]
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert trainable and {id(p) for p in trainable} == in_optimizer
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, callback.snapshot[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("layers.0.mlp.down_proj.lora_" in n for n in changed)
+
+
+def test_validation_perplexity(tiny_dir, tmp_path):
+    module = CausalLMModule(str(tiny_dir))
+    loader = DataLoader([_batch(i) for i in range(3)], batch_size=None)
+    (metrics,) = _trainer(tmp_path).validate(module, loader)
+    # Equal-length windows and batches: token-level perplexity == exp(mean batch loss).
+    assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-4)
+    assert 10 < metrics["val_ppl"] < 10 * len(module.tokenizer)
+
+
+def test_dtype_auto_is_float32_on_cpu_and_contract(tiny_dir):
+    module = CausalLMModule(str(tiny_dir))
+    assert module.lm is None  # weights wait for configure_model
+    model = module.hf_model  # ... or the first access
+    assert model.dtype == torch.float32
+    assert all(p.requires_grad for p in module.parameters())  # no LoRA: full fine-tuning
+    module.attach_lora()
+    assert module.hf_model is model  # LoRA is injected in place
+    with pytest.raises(PrunerError, match="already attached"):
+        module.attach_lora()
+    with pytest.raises(PrunerError, match="call merge_lora\\(\\) first"):
+        module.replace_hf_model(model)
+
+
+def test_argument_validation(tiny_dir):
+    with pytest.raises(PrunerError, match=r"dtype='float16'\)` is not supported: use 'auto'"):
+        CausalLMModule(str(tiny_dir), dtype="float16")
+    with pytest.raises(PrunerError, match=r"lora_r=0\)` must be >= 1"):
+        CausalLMModule(str(tiny_dir), lora_r=0)
+    with pytest.raises(PrunerError, match="lora_target_modules=\\[\\]\\)` is empty"):
+        CausalLMModule(str(tiny_dir), lora_target_modules=[])
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        CausalLMModule("./no/such/model")
