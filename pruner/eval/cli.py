@@ -1,0 +1,139 @@
+"""``python -m pruner evaluate``: evaluate a dense model, optionally beside pruned ones, and write
+a report (``results.json``, ``report.md``, plan plots).
+
+Example:
+    python -m pruner evaluate --model smollm2 --compare runs/pruned \\
+        --wikitext ../shared/data/wikitext2_raw/wiki.test.raw \\
+        --zeroshot-dir ../shared/data/zeroshot --limit 200 --output report/
+
+``--wikitext hub`` / ``--zeroshot-dir hub`` use the Hugging Face datasets / lm-eval's hub tasks
+instead of local files (internet needed). Without ``--wikitext`` or ``--zeroshot-dir`` that part
+is skipped. Bad paths end with a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pruner.eval.zeroshot import HUB_TASKS, LOCAL_TASKS
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pruner evaluate",
+        description="Perplexity, zero-shot accuracy, efficiency and generations of dense and pruned models.",
+    )
+    p.add_argument("--model", required=True, help="dense model: 'smollm2', a folder, a .gguf file or a hub name")
+    p.add_argument("--compare", action="append", default=[], metavar="MODEL",
+                   help="a pruned model to compare (repeatable)")
+    p.add_argument("--plan", help="pruning plan JSON for the plots (default: plan.json in the --compare folder)")
+    p.add_argument("--wikitext", help="wiki.test.raw path, or 'hub' (default: skip perplexity)")
+    p.add_argument("--zeroshot-dir", help="folder of <task>.jsonl files, or 'hub' (default: skip zero-shot)")
+    p.add_argument("--tasks", default=",".join(LOCAL_TASKS), help="comma-separated task names (default: %(default)s)")
+    p.add_argument("--limit", type=int, help="first N items of each zero-shot task")
+    p.add_argument("--max-tokens", type=int, default=32768, help="perplexity on the first N tokens (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="perplexity window (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--backend", choices=["auto", "lm-eval", "builtin"], default="auto",
+                   help="zero-shot scorer (default: lm-eval when installed)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency / memory measurement")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (0: no generations)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--output", default="eval_report", help="report folder (default: %(default)s)")
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    return p
+
+
+def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> Path | None:
+    """Fails fast, before any model is loaded, on paths that do not exist."""
+    if args.wikitext and args.wikitext != "hub" and not Path(args.wikitext).is_file():
+        raise FileNotFoundError(f"WikiText-2 file not found: {args.wikitext}")
+    if args.zeroshot_dir == "hub":
+        unknown = [t for t in tasks if t not in HUB_TASKS]
+        if unknown:
+            raise ValueError(f"unknown hub task(s) {unknown}; known: {', '.join(HUB_TASKS)}")
+    elif args.zeroshot_dir:
+        for t in tasks:
+            if not (Path(args.zeroshot_dir) / f"{t}.jsonl").is_file():
+                raise FileNotFoundError(f"zero-shot task file not found: {Path(args.zeroshot_dir) / f'{t}.jsonl'}")
+    if args.plan:
+        if not Path(args.plan).is_file():
+            raise FileNotFoundError(f"plan file not found: {args.plan}")
+        return Path(args.plan)
+    for folder in args.compare:
+        if (Path(folder) / "plan.json").is_file():
+            return Path(folder) / "plan.json"
+    return None
+
+
+def _label(name: str, taken: set[str]) -> str:
+    label = Path(name).name or name
+    while label in taken:
+        label += "'"
+    taken.add(label)
+    return label
+
+
+def run(args: argparse.Namespace) -> int:
+    from pruner.eval.perplexity import load_wikitext2_rows
+    from pruner.eval.report import compare, format_generations, format_tables, write_report
+    from pruner.models import load_model
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    plan_path = _check_inputs(args, tasks)
+    rows = None
+    if args.wikitext:
+        rows = load_wikitext2_rows(None if args.wikitext == "hub" else args.wikitext)
+    taken: set[str] = set()
+    models = {}
+    for name in [args.model, *args.compare]:
+        models[_label(name, taken)] = load_model(name, dtype=args.dtype)
+    results = compare(
+        models,
+        wikitext=rows,
+        zeroshot_dir=args.zeroshot_dir,
+        tasks=tasks,
+        limit=args.limit,
+        max_tokens=args.max_tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        prompts=None if args.new_tokens > 0 else [],
+        new_tokens=args.new_tokens,
+        latency={"skip": True} if args.no_latency else None,
+        backend=args.backend,
+        progress=args.progress,
+    )
+    plan = json.loads(plan_path.read_text()) if plan_path else None
+    written = write_report(results, args.output, plan=plan)
+    print(format_tables(results))
+    gens = format_generations(results)
+    if gens:
+        print("\n" + gens)
+    print(f"\nreport: {written['report.md']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m pruner evaluate``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["evaluate"]:
+        argv = argv[1:]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and bad usage (2): return instead
+        return int(exc.code or 0)
+    try:
+        return run(args)
+    except (OSError, ValueError, ImportError) as exc:  # JSONDecodeError is a ValueError
+        # User errors (bad path, bad task name, missing optional package): one line, no traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

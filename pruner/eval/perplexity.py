@@ -1,0 +1,121 @@
+"""Perplexity with the LLM-Pruner paper protocol, and the WikiText-2 / PTB test rows.
+
+Protocol: rows joined with ``"\\n\\n"``, tokenized once without BOS or other special tokens,
+truncated to the first ``max_tokens`` tokens, cut into non-overlapping windows of ``seq_len``
+tokens (the incomplete last window is dropped); the perplexity is ``exp`` of the mean negative
+log-likelihood over the ``seq_len - 1`` predicted tokens of every window.
+
+Example:
+    >>> from pruner.eval.perplexity import load_wikitext2_rows, perplexity  # doctest: +SKIP
+    >>> rows = load_wikitext2_rows("../shared/data/wikitext2_raw/wiki.test.raw")  # doctest: +SKIP
+    >>> perplexity(model, tokenizer, rows, seq_len=128, max_tokens=32768)  # doctest: +SKIP
+    56.35...
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+
+def _raw_lines_to_rows(path: str | Path) -> list[str]:
+    """Rows of a raw WikiText file laid out like the Hugging Face ``wikitext`` test split."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        # The hub rows keep each line's newline and turn blank lines into "" (see
+        # shared/data/README.md); getting this wrong changes the tokens and the perplexity.
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the file does not start another row
+    return [line + "\n" if line.strip() else "" for line in lines]
+
+
+def load_wikitext2_rows(path: str | Path | None = None) -> list[str]:
+    """WikiText-2 raw test rows: from a local ``wiki.test.raw`` or, when ``path`` is None, from
+    the hub (``wikitext`` / ``wikitext-2-raw-v1``, test split; needs internet once)."""
+    if path is not None:
+        return _raw_lines_to_rows(path)
+    from datasets import load_dataset
+
+    return list(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+
+
+def load_ptb_rows(path: str | Path | None = None) -> list[str]:
+    """Penn Treebank test sentences: one per line of a local file (e.g. ``ptb.test.txt``) or,
+    when ``path`` is None, the hub ``ptb_text_only`` test split's ``sentence`` field."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"text file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    from datasets import load_dataset
+
+    return list(load_dataset("ptb_text_only", "penn_treebank", split="test")["sentence"])
+
+
+def tokenize_rows(tokenizer, rows: list[str], max_tokens: int | None = None) -> torch.Tensor:
+    """The token ids of ``"\\n\\n".join(rows)`` without special tokens, shape ``(n_tokens,)``."""
+    text = "\n\n".join(rows)
+    # verbose=False: the whole test set is far longer than model_max_length, on purpose.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def window_nll(model, windows: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood (float64) of tokens 1.. of each window given its prefix.
+
+    ``windows``: ``(batch, seq_len)`` token ids; returns ``(batch,)``.
+    """
+    device = next(model.parameters()).device
+    windows = windows.to(device)
+    logits = model(input_ids=windows, use_cache=False).logits  # (batch, seq_len, vocab)
+    # Position t predicts token t+1; the last position predicts nothing inside the window.
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (batch, seq_len-1, vocab)
+    token_lp = logprobs.gather(-1, windows[:, 1:].unsqueeze(-1)).squeeze(-1)  # (batch, seq_len-1)
+    return -token_lp.double().sum(dim=-1).cpu()
+
+
+def perplexity(
+    model,
+    tokenizer,
+    rows: list[str],
+    seq_len: int = 128,
+    max_tokens: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> float:
+    """Perplexity of ``model`` on ``rows`` with the paper protocol (see the module docstring).
+
+    The NLL is accumulated in float64 so that the result does not depend on ``batch_size``.
+    Raises ``ValueError`` when the text has fewer than ``seq_len`` tokens.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    ids = tokenize_rows(tokenizer, rows, max_tokens)
+    n_windows = ids.numel() // seq_len
+    if n_windows == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)  # (n_windows, seq_len)
+
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    starts = range(0, n_windows, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"perplexity ({n_windows} windows)", unit="batch")
+    try:
+        for start in starts:
+            total += window_nll(model, windows[start : start + batch_size]).sum().item()
+    finally:
+        model.train(was_training)
+    return math.exp(total / (n_windows * (seq_len - 1)))

@@ -1,0 +1,78 @@
+"""Parameter count, analytic MACs and latency on tiny LLaMA models, uniform and non-uniform."""
+
+import time
+
+import pytest
+import torch
+
+from pruner.eval.efficiency import (
+    attention_heads,
+    count_parameters,
+    macs_per_token,
+    measure_latency,
+    peak_memory,
+)
+from pruner.eval.testing import shrink_layer, tiny_llama
+
+
+def hand_macs(layers, vocab, hidden, seq_len, head_dim=16):
+    """layers: [(query_heads, kv_heads, mlp_channels)]; the formula written out by hand."""
+    total = vocab * hidden  # LM head
+    for q, kv, mlp in layers:
+        total += hidden * q * head_dim + 2 * hidden * kv * head_dim + q * head_dim * hidden
+        total += 3 * hidden * mlp
+        total += 2 * q * head_dim * seq_len
+    return total
+
+
+def test_count_parameters_is_sum_of_unique_numel():
+    model = tiny_llama(vocab_size=50)
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    tied = tiny_llama(vocab_size=50, tie_word_embeddings=True)
+    # Tied LM head and embeddings share one tensor: counted once.
+    assert count_parameters(model) - count_parameters(tied) == 50 * 64
+    model.model.embed_tokens.weight.requires_grad_(False)
+    assert count_parameters(model, trainable_only=True) == count_parameters(model) - 50 * 64
+
+
+def test_macs_uniform_model():
+    model = tiny_llama(vocab_size=50, num_layers=3)
+    assert macs_per_token(model, 32) == hand_macs([(4, 2, 96)] * 3, 50, 64, 32)
+    # Only the attention term grows with the sequence.
+    assert macs_per_token(model, 64) - macs_per_token(model, 32) == 3 * 2 * 4 * 16 * 32
+
+
+def test_non_uniform_layers_read_from_modules():
+    model = tiny_llama(vocab_size=50, num_layers=3)
+    shrink_layer(model, 1, keep_heads=2, keep_kv_heads=1, keep_mlp=40)
+    shrink_layer(model, 2, keep_heads=4, keep_kv_heads=2, keep_mlp=10)
+    assert attention_heads(model) == [(4, 2, 16), (2, 1, 16), (4, 2, 16)]
+    assert model.config.num_attention_heads == 4  # the config is stale on purpose
+    layers = [(4, 2, 96), (2, 1, 40), (4, 2, 10)]
+    assert macs_per_token(model, 16) == hand_macs(layers, 50, 64, 16)
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    # The pruned model still runs: forward and cached generation.
+    stats = measure_latency(model, 50, batch_size=2, seq_len=8, new_tokens=4, repeats=1)
+    assert stats["prefill_tokens_per_s"] > 0 and stats["decode_tokens_per_s"] > 0
+
+
+def test_measure_latency_fields_are_consistent():
+    model = tiny_llama(vocab_size=50)
+    s = measure_latency(model, 50, batch_size=2, seq_len=16, new_tokens=5, repeats=2)
+    assert s["prefill_tokens_per_s"] == pytest.approx(2 * 16 / s["prefill_seconds"])
+    assert s["generate_tokens_per_s"] == pytest.approx(2 * 5 / s["generate_seconds"])
+    assert s["decode_tokens_per_s"] >= s["generate_tokens_per_s"]
+    assert s["peak_memory_mb"] >= 0
+
+
+def test_peak_memory_sees_a_large_allocation():
+    pytest.importorskip("psutil")
+
+    def allocate():
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        time.sleep(0.05)  # let the 2 ms sampler see it even on a loaded machine
+        return float(x.sum())
+
+    result, peak = peak_memory(allocate)
+    assert result == 64 * 2**20 // 4
+    assert peak > 32 * 2**20
