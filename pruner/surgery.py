@@ -186,6 +186,7 @@ def _own_config(module: nn.Module):
     if not getattr(cfg, "_pruner_private", False):
         cfg = copy.copy(cfg)
         cfg._pruner_private = True
+        cfg._pruner_keys = set()  # which sizes this module overrides (see io._uniform_config)
         module.config = cfg
     return cfg
 
@@ -196,6 +197,7 @@ def _set_config_value(module: nn.Module, key: str, value: int) -> None:
     cfg = _own_config(module)
     if cfg is not None and hasattr(cfg, key):
         setattr(cfg, key, value)
+        cfg._pruner_keys.add(key)
 
 
 def _set_attention_sizes(module: nn.Module, n_heads: int, n_kv: int, info) -> None:
@@ -206,6 +208,7 @@ def _set_attention_sizes(module: nn.Module, n_heads: int, n_kv: int, info) -> No
     cfg = _own_config(module)
     if cfg is not None:
         cfg.num_attention_heads, cfg.num_key_value_heads = n_heads, n_kv
+        cfg._pruner_keys.update({"num_attention_heads", "num_key_value_heads"})
         cfg.head_dim = info.head_dim  # keep it explicit: hidden_size // heads no longer holds
 
 

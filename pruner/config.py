@@ -1,0 +1,93 @@
+"""``PruneConfig``: every pruning option, validated before any work starts.
+
+Example:
+    >>> cfg = PruneConfig(target_sparsity=0.2, attention_layers=(4, 28), mlp_layers=(4, 28))
+    >>> cfg.mode, cfg.criterion
+    ('block', 'element1')
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from .aggregation import check_aggregation
+from .errors import PrunerError
+from .importance import check_criterion
+
+MODES = ("block", "channel", "layer")
+
+
+@dataclass
+class PruneConfig:
+    criterion: str = field(default="element1", metadata={"help": "importance criterion (see pruner.importance.CRITERIA)"})
+    aggregation: str = field(default="sum", metadata={"help": "sum | mean | max | prod | last"})
+    mode: Literal["block", "channel", "layer"] = field(
+        default="block", metadata={"help": "block: heads + MLP channels; channel: hidden size; layer: whole layers"})
+    target_sparsity: float | None = field(
+        default=None, metadata={"help": "fraction of TOTAL parameters to remove (e.g. 0.2)"})
+    pruning_ratio: float | None = field(
+        default=None, metadata={"help": "the paper's per-structure ratio (fraction of heads/channels/layers in range)"})
+    attention_layers: tuple[int, int] | None = field(
+        default=None, metadata={"help": "half-open [start, end) of layers whose attention is pruned; None = all"})
+    mlp_layers: tuple[int, int] | None = field(
+        default=None, metadata={"help": "half-open [start, end) of layers whose MLP is pruned; None = all"})
+    layers: tuple[int, int] | None = field(
+        default=None, metadata={"help": "layer mode: half-open range of removable layers; None = all"})
+    head_granularity: Literal["query", "kv"] = field(
+        default="query", metadata={"help": "query: remove query heads evenly inside every KV group; kv: whole KV groups"})
+    prune_attention: bool = field(default=True, metadata={"help": "block mode: prune attention heads"})
+    prune_mlp: bool = field(default=True, metadata={"help": "block mode: prune MLP channels"})
+    global_ranking: bool = field(
+        default=False, metadata={"help": "rank groups across layers by score per parameter instead of a fixed ratio per layer"})
+    max_layer_ratio: float = field(
+        default=0.9, metadata={"help": "global ranking: at most this fraction of a layer's heads/channels goes"})
+    round_to: int = field(default=1, metadata={"help": "kept MLP/hidden widths become multiples of this (e.g. 8 or 64)"})
+    iterative_steps: int = field(default=1, metadata={"help": "prune in this many steps, re-estimating importance"})
+    seed: int = field(default=0, metadata={"help": "seed of the random criterion and probing"})
+
+    def __post_init__(self) -> None:
+        check_criterion(self.criterion)
+        check_aggregation(self.aggregation)
+        if self.mode not in MODES:
+            raise PrunerError(f"unknown mode {self.mode!r}; choose one of {list(MODES)}")
+        if (self.target_sparsity is None) == (self.pruning_ratio is None):
+            raise PrunerError(
+                "give exactly one of target_sparsity (fraction of total parameters to remove) or "
+                f"pruning_ratio (the paper's per-structure ratio); got target_sparsity={self.target_sparsity}, "
+                f"pruning_ratio={self.pruning_ratio}"
+            )
+        for name in ("target_sparsity", "pruning_ratio"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 < v < 1.0:
+                raise PrunerError(f"{name} must be strictly between 0 and 1, got {v}")
+        if self.head_granularity not in ("query", "kv"):
+            raise PrunerError(f"head_granularity must be 'query' or 'kv', got {self.head_granularity!r}")
+        if not 0.0 < self.max_layer_ratio <= 1.0:
+            raise PrunerError(f"max_layer_ratio must be in (0, 1], got {self.max_layer_ratio}")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise PrunerError(f"round_to must be a positive integer, got {self.round_to!r}")
+        if not isinstance(self.iterative_steps, int) or self.iterative_steps < 1:
+            raise PrunerError(f"iterative_steps must be a positive integer, got {self.iterative_steps!r}")
+        if self.mode == "block" and not (self.prune_attention or self.prune_mlp):
+            raise PrunerError("block mode with prune_attention=False and prune_mlp=False removes nothing")
+        for name in ("attention_layers", "mlp_layers", "layers"):
+            r = getattr(self, name)
+            if r is not None:
+                r = tuple(r)
+                if len(r) != 2 or not all(isinstance(x, int) for x in r):
+                    raise PrunerError(f"{name} must be a (start, end) pair of integers, got {r!r}")
+                if r[0] >= r[1] or r[0] < 0:
+                    raise PrunerError(f"{name}={r} is empty or negative: use (start, end) with 0 <= start < end")
+                setattr(self, name, r)
+
+    def check_model(self, num_layers: int) -> None:
+        """Checks the layer ranges against a model with ``num_layers`` layers."""
+        for name in ("attention_layers", "mlp_layers", "layers"):
+            r = getattr(self, name)
+            if r is not None and r[1] > num_layers:
+                raise PrunerError(
+                    f"{name}={r} reaches past the model's {num_layers} layers: use an end <= {num_layers}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
