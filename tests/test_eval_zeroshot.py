@@ -1,7 +1,6 @@
 """Zero-shot accuracy against a hand computation on a tiny random model and a local JSONL file."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -108,7 +107,6 @@ def test_limit_takes_first_items(setup):
 @pytest.mark.skipif(lm_eval_version() is None, reason="lm-eval is not installed (pip install lm-eval)")
 def test_lm_eval_matches_hand(setup):
     model, tok, folder, items = setup
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     res = evaluate_zeroshot(model, tok, ["toy"], data_dir=folder, batch_size=4, backend="lm-eval")
     acc, acc_norm = hand_scores(model, tok, items)
     assert res["toy"]["n"] == 20

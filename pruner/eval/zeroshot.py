@@ -200,7 +200,8 @@ def _quiet(progress: bool):
         logger.setLevel(level)
 
 
-def _lm_eval_run(model, tokenizer, tasks: list, hub: bool, limit, batch_size, progress) -> dict:
+def _lm_eval_run(model, tokenizer, tasks: list, hub: bool, limit, batch_size, progress) -> tuple[dict, dict]:
+    """``simple_evaluate`` on an in-memory model: (results per task, sample counts per task)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
