@@ -6,6 +6,13 @@ Contract with ``pruner.callbacks.StructuralPruneCallback`` (keep it small):
     with ``trainer.strategy.setup_optimizers(trainer)``: ``configure_optimizers`` collects the
     trainable parameters *at that moment*, so replaced/resized parameters are picked up.
   * ``module.attach_lora()`` after pruning, ``module.merge_lora()`` before saving.
+  * ``module.pruning_plan = plan.to_dict()`` after pruning: checkpoints then record the plan,
+    and loading one re-applies it to the freshly loaded dense model (and re-attaches LoRA)
+    *before* the weights are restored, so that ``--ckpt_path`` resumes a pruned run.
+  * ``module.calibrating = True`` makes every training batch a forward + backward with NO
+    optimizer step: gradients stay in ``p.grad`` for the callback's ``on_after_backward`` /
+    ``on_train_batch_end``; the next batch zeroes them. Lightning still counts these batches
+    in ``global_step`` (so ``trainer.max_steps`` = calibration batches + recovery steps).
   * Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (-100 = no loss).
 """
 
@@ -81,6 +88,8 @@ class CausalLMModule(LightningModule):
 
         self.tokenizer = load_tokenizer(model)
         self.lm: torch.nn.Module | None = None  # HF model or its peft wrapper; see `hf_model`
+        self.pruning_plan: dict | None = None  # set by the pruning callback (Plan.to_dict())
+        self.calibrating = False  # True: backward without optimizer steps (importance batches)
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
 
@@ -107,7 +116,31 @@ class CausalLMModule(LightningModule):
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.lm = model
         if self.hparams.attach_lora_at_start:
-            self.attach_lora()
+            self.attach_lora()  # before sharding, so that the adapters are sharded too
+        if self.device_mesh is not None:  # set by ModelParallelStrategy only
+            self.shard_model()
+
+    def shard_model(self) -> None:
+        """FSDP2 (``fully_shard``) over the ``data_parallel`` dimension of ``self.device_mesh``:
+        each decoder layer, then the whole model (embeddings, norm, head). Called by
+        ``configure_model`` under ``ModelParallelStrategy`` (which requires the hook to do the
+        parallelization); override it for tensor parallelism. After structural surgery the
+        pruning callback rebuilds the sharding (see docs/design)."""
+        from torch.distributed.fsdp import fully_shard
+
+        mesh, names = self.device_mesh, self.device_mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            # Lightning's default splits devices into tensor-parallel ranks, which this module
+            # does not implement: unsynchronised ranks would silently train different models.
+            raise PrunerError(
+                f"tensor parallelism (tensor_parallel_size={mesh['tensor_parallel'].size()}) is not "
+                "supported: use ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)"
+            )
+        mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
+        layers = getattr(getattr(self.hf_model, "model", self.hf_model), "layers", None)
+        for layer in layers if isinstance(layers, torch.nn.ModuleList) else []:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.lm, mesh=mesh)
 
     @property
     def hf_model(self):
@@ -199,6 +232,14 @@ class CausalLMModule(LightningModule):
         self.log("test_loss", out.loss, sync_dist=True, batch_size=n)
         self.log("test_ppl", self.test_ppl, batch_size=n)
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        if self.calibrating:
+            # The closure zeroes the gradients, runs training_step and backward; skipping
+            # optimizer.step() leaves the weights untouched (Lightning still counts a step).
+            optimizer_closure()
+            return
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
@@ -209,6 +250,21 @@ class CausalLMModule(LightningModule):
                                  weight_decay=self.hparams.weight_decay)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Record the structure the weights belong to; a pruned or LoRA-wrapped state dict
-        # does not load into the dense model without it.
-        checkpoint["pruner_has_lora"] = self.has_lora
+        # A pruned or LoRA-wrapped state dict does not load into the dense model: record how to
+        # rebuild the structure it belongs to.
+        checkpoint["pruner"] = {"plan": self.pruning_plan, "has_lora": self.has_lora}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this after configure_model (Trainer and load_from_checkpoint alike)
+        # and before load_state_dict: rebuild the structure the saved weights belong to.
+        info = checkpoint.get("pruner") or {}
+        if info.get("plan") is not None and self.pruning_plan is None:
+            from pruner.plan import Plan
+            from pruner.surgery import apply_plan
+
+            if self.has_lora:  # fresh adapters from attach_lora_at_start: drop, prune, re-add
+                self.lm = self.lm.unload()
+            apply_plan(Plan.from_dict(info["plan"]), self.hf_model)
+            self.pruning_plan = info["plan"]
+        if info.get("has_lora") and not self.has_lora:
+            self.attach_lora()

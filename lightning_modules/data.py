@@ -12,6 +12,9 @@ start with the calibration batches again):
      records in micro-batches of ``micro_batch_size`` (right-padded, prompt tokens masked).
      Without ``recovery_source`` the loader yields the calibration batches only.
 
+Lightning counts the calibration batches in ``global_step`` too: ``trainer.max_steps`` =
+``calibration_batches`` + recovery steps.
+
 Every batch is a dict of ``input_ids``, ``attention_mask``, ``labels`` (-100 = no loss).
 
 Multi-GPU: the loader is an ``IterableDataset`` that shards by rank itself (Lightning does not

@@ -50,7 +50,7 @@ def build_cli(argv: Sequence[str] | None, run: bool = True):
         args=None if argv is None else list(argv),  # None: sys.argv
         run=run,
         # The main parser and each subcommand parser are separate: all must raise, not exit.
-        parser_kwargs={**no_exit, **{cmd: dict(no_exit) for cmd in SUBCOMMANDS}},
+        parser_kwargs={"prog": "pruner", **no_exit, **{cmd: dict(no_exit) for cmd in SUBCOMMANDS}},
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
     )

@@ -77,7 +77,7 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _local_path(source: str, what: str) -> Path | None:
+def _local_path(source: str, what: str, instead: str = "an existing file or a hub dataset name") -> Path | None:
     """The existing local path for ``source``, None for a hub name; raises for a missing path."""
     path = Path(source).expanduser()
     if path.exists():
@@ -85,7 +85,7 @@ def _local_path(source: str, what: str) -> Path | None:
     if _looks_like_path(source):
         raise FileNotFoundError(
             f"{what} not found: {source} (relative paths are resolved from the current "
-            f"directory {os.getcwd()}; pass an existing file/folder, 'builtin', or a hub name)"
+            f"directory {os.getcwd()}); pass {instead}"
         )
     return None
 
@@ -151,7 +151,8 @@ def read_texts(source: str) -> list[str]:
     """
     if source == BUILTIN:
         return [builtin_text()]
-    path = _local_path(source, "calibration text")
+    path = _local_path(source, "calibration text",
+                       "an existing .txt file or folder, 'builtin', or a hub dataset name")
     if path is None:
         stream = _load_hub(source, "train", streaming=True).shuffle(seed=0, buffer_size=10_000)
         # Hub corpora such as BookCorpus are one sentence per row: join rows into documents.
@@ -246,7 +247,8 @@ def alpaca_records(source: str, max_records: int | None = None) -> list[dict[str
         >>> sorted(recs[0])  # doctest: +SKIP
         ['input', 'instruction', 'output']
     """
-    path = _local_path(source, "Alpaca data file")
+    path = _local_path(source, "Alpaca data file",
+                       "an existing JSON list of records or 'yahma/alpaca-cleaned' (hub)")
     if path is None:
         records: Iterable[Any] = _load_hub(source, "train")
     elif path.is_dir():
@@ -352,7 +354,8 @@ def eval_text_rows(source: str) -> list[str]:
                 f"could not load {source!r} from the hub ({type(err).__name__}: {err}); pass a "
                 "local wiki.test.raw (e.g. ../shared/data/wikitext2_raw/wiki.test.raw) instead"
             ) from err
-    path = _local_path(source, "evaluation text")
+    path = _local_path(source, "evaluation text",
+                       "an existing wiki.test.raw or 'wikitext-2-raw-v1' (hub)")
     if path is None or path.is_dir():
         raise PrunerError(
             f"evaluation source {source!r} is neither a text file nor 'wikitext-2-raw-v1': pass "

@@ -143,3 +143,106 @@ def test_argument_validation(tiny_dir):
         CausalLMModule(str(tiny_dir), lora_target_modules=[])
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         CausalLMModule("./no/such/model")
+
+
+def test_checkpoint_of_pruned_lora_model_restores(tiny_dir, tmp_path):
+    from pruner.plan import LayerPlan, Plan
+    from pruner.surgery import apply_plan
+
+    plan = Plan(layers=[LayerPlan(0, mlp_channels_kept=list(range(0, 64, 2))), LayerPlan(1)])
+    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0, learning_rate=1e-2)
+    apply_plan(plan, module.hf_model)  # what the callback does at the prune step
+    module.pruning_plan = plan.to_dict()
+    module.attach_lora()
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(module, _repeated(_batch(), 2))
+    ckpt = tmp_path / "pruned.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    fresh = CausalLMModule(str(tiny_dir))  # dense, no LoRA
+    batch = _batch(1)
+    (metrics,) = _trainer(tmp_path).validate(fresh, DataLoader([batch], batch_size=None), ckpt_path=str(ckpt))
+    assert fresh.has_lora and fresh.pruning_plan == plan.to_dict()
+    assert fresh.hf_model.model.layers[0].mlp.down_proj.in_features == 32
+    trained = dict(module.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
+    assert metrics["val_loss"] == pytest.approx(_loss(module.eval(), batch), rel=1e-5)
+    # Also without a Trainer, and when the saved hparams would attach LoRA at start.
+    loaded = CausalLMModule.load_from_checkpoint(ckpt, attach_lora_at_start=True)
+    assert loaded.has_lora and loaded.hf_model.model.layers[0].mlp.up_proj.out_features == 32
+    assert _loss(loaded.eval(), batch) == pytest.approx(metrics["val_loss"], rel=1e-5)
+
+
+FSDP2_SCRIPT = """
+import sys, torch, lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
+from pruner.lightning_modules.causal_lm import CausalLMModule
+from pruner.lightning_modules.data import PruneDataModule
+model_dir, out = sys.argv[1], sys.argv[2]
+module = CausalLMModule(model_dir, attach_lora_at_start=True, lora_dropout=0.0, learning_rate=1e-2)
+data = PruneDataModule(calibration_samples=8, calibration_seq_len=32)
+trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+                    strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+trainer.fit(module, data)
+name, p = next((n, p) for n, p in module.named_parameters() if "lora_A" in n)
+torch.save({"local": tuple(p.to_local().shape), "full": p.full_tensor(), "calib": data.calibration_batches},
+           f"{out}/rank{trainer.global_rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_and_keeps_ranks_in_sync(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(tiny_dir), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["local"] == (4, 32) == r1["local"]  # lora_A (8, 32) sharded over 2 ranks
+    assert r0["calib"] == r1["calib"] == 4  # 8 calibration samples split over 2 ranks
+    assert torch.equal(r0["full"], r1["full"])  # gradients were reduced: one model
+
+
+def test_bfloat16_base_keeps_fp32_adapters(tiny_dir, tmp_path):
+    module = CausalLMModule(str(tiny_dir), dtype="bfloat16", attach_lora_at_start=True, learning_rate=1e-2)
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(module, _repeated(_batch(), 2))
+    dtypes = {n: p.dtype for n, p in module.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)  # AdamW state in fp32
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "lora_" not in n)
+    assert math.isfinite(trainer.callback_metrics["train_loss"].item())
+
+
+class CalibrateThenTrain(L.Callback):
+    """Calibration as the pruning callback sees it: gradients but no weight updates."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.grad_norms, self.steps_seen = n, [], []
+
+    def on_train_start(self, trainer, module):
+        module.calibrating = True
+        self.start = {k: p.detach().clone() for k, p in module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx < self.n:
+            self.grad_norms.append(sum(p.grad.norm().item() for p in module.parameters() if p.grad is not None))
+            self.steps_seen.append(trainer.global_step)
+            assert all(torch.equal(p, self.start[k]) for k, p in module.named_parameters())
+        if batch_idx == self.n - 1:
+            module.calibrating = False
+
+
+def test_calibrating_batches_take_no_optimizer_step(tiny_dir, tmp_path):
+    module = CausalLMModule(str(tiny_dir), attach_lora_at_start=True, lora_dropout=0.0, learning_rate=1e-2)
+    callback = CalibrateThenTrain(n=2)
+    trainer = _trainer(tmp_path, max_steps=4, callbacks=[callback])
+    trainer.fit(module, DataLoader([_batch(i) for i in range(4)], batch_size=None))
+    # Lightning counts the calibration batches as steps although no weight moved (checked in
+    # the callback after each of them), so max_steps = calibration batches + recovery steps.
+    assert callback.steps_seen == [1, 2]
+    assert len(callback.grad_norms) == 2 and all(g > 0 for g in callback.grad_norms)
+    assert any(not torch.equal(p, callback.start[k]) for k, p in module.named_parameters())
