@@ -18,6 +18,7 @@ Contract with ``pruner.callbacks.StructuralPruneCallback`` (keep it small):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -26,7 +27,8 @@ from torchmetrics.text import Perplexity
 
 from pruner.errors import PrunerError
 
-DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# A tuple: an immutable default that jsonargparse still prints and parses as a YAML list.
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -61,7 +63,7 @@ class CausalLMModule(LightningModule):
         lora_r: int = 8,
         lora_alpha: int = 16,
         lora_dropout: float = 0.05,
-        lora_target_modules: list[str] | None = None,
+        lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
     ) -> None:
@@ -78,10 +80,10 @@ class CausalLMModule(LightningModule):
             raise PrunerError(
                 f"`CausalLMModule(learning_rate={learning_rate})` must be > 0 (the paper uses 1e-4)"
             )
-        if lora_target_modules is not None and not lora_target_modules:
+        if isinstance(lora_target_modules, str) or not lora_target_modules:
             raise PrunerError(
-                "`CausalLMModule(lora_target_modules=[])` is empty: name the linear layers to "
-                "adapt, or leave it unset for all q/k/v/o/gate/up/down projections"
+                f"`CausalLMModule(lora_target_modules={lora_target_modules!r})` must be a non-empty "
+                "list of linear-layer names, e.g. [q_proj, v_proj]; leave it unset for all seven"
             )
         self.save_hyperparameters()
         from pruner.data import load_tokenizer  # raises FileNotFoundError for a bad path, early
@@ -186,7 +188,7 @@ class CausalLMModule(LightningModule):
             r=hp.lora_r,
             lora_alpha=hp.lora_alpha,
             lora_dropout=hp.lora_dropout,
-            target_modules=list(hp.lora_target_modules or DEFAULT_LORA_TARGETS),
+            target_modules=list(hp.lora_target_modules),
             bias="none",
             task_type="CAUSAL_LM",
         )
