@@ -102,3 +102,21 @@ def test_argument_validation_and_errors(tiny_dir, tmp_path):
     dm = PruneDataModule(tokenizer=str(tiny_dir), recovery_source=str(few), micro_batch_size=4)
     with pytest.raises(PrunerError, match="fewer than one micro-batch of 4"):
         dm.setup("fit")
+
+
+def test_validation_perplexity_matches_the_eval_package(tiny_dir, tmp_path):
+    import lightning as L
+
+    from pruner.eval.perplexity import perplexity
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+
+    raw = tmp_path / "wiki.test.raw"
+    raw.write_text(" \n = Title = \n \n" + "".join(f" Sentence {i} of the article , with words .\n" for i in range(60)))
+    module = CausalLMModule(str(tiny_dir))
+    dm = PruneDataModule(val_source=str(raw), val_seq_len=32, val_max_windows=6, micro_batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    (metrics,) = trainer.validate(module, dm)
+    rows = [line + "\n" if line.strip() else "" for line in raw.read_text().split("\n")[:-1]]
+    expected = perplexity(module.hf_model, module.tokenizer, rows, seq_len=32, max_tokens=6 * 32)
+    assert metrics["val_ppl"] == pytest.approx(expected, rel=1e-4)
