@@ -25,7 +25,7 @@ from .discovery import ModelStructure, discover
 from .errors import PrunerError
 from .importance import ImportanceEstimator
 from .plan import LayerPlan, Plan, model_fingerprint
-from .selection import candidate_units, select_units, units_to_plan
+from .selection import _in, candidate_units, select_units, units_to_plan
 from .surgery import apply_plan
 
 
@@ -64,7 +64,7 @@ def _as_batch(batch, device) -> dict[str, torch.Tensor]:
 def estimate_importance(model: nn.Module, batches: list, structure: ModelStructure, cfg: PruneConfig,
                         progress: bool = False):
     """Runs the calibration batches and returns the per-index salience vectors."""
-    families = _families(structure, cfg)
+    families = families_for(structure, cfg)
     est = ImportanceEstimator(model, families, cfg.criterion, cfg.seed)
     if cfg.criterion in ("l1", "l2", "random"):
         return est.vectors()
@@ -95,9 +95,8 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
     return est.vectors()
 
 
-def _families(structure: ModelStructure, cfg: PruneConfig):
-    from .selection import _in
-
+def families_for(structure: ModelStructure, cfg: PruneConfig):
+    """The group families whose importance ``cfg`` needs."""
     fams = []
     if cfg.mode == "block":
         for info in structure.layers:
@@ -155,23 +154,42 @@ def prune(
         if step > 1:
             structure = discover(model, seed=cfg.seed)
         vectors = estimate_importance(model, batches, structure, step_cfg, progress)
-        pools, records = candidate_units(structure, vectors, step_cfg)
-        units = select_units(pools, step_cfg, count_parameters(model))
-        step_plan = units_to_plan(units, structure)
-        _mark_removed(records, units)
+        step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
+        records = step_plan.groups
         apply_plan(step_plan, model, structure)
         plan = step_plan if plan is None else compose(plan, step_plan, dense_structure)
     assert plan is not None
-    total_after = count_parameters(model)
-    plan.model = _model_summary(model, dense_structure, fingerprint)
+    plan.groups = records
+    calibration = {"batches": len(batches),
+                   "samples": sum(_as_batch(b, "cpu")["input_ids"].shape[0] for b in batches),
+                   "tokens_per_sample": int(_as_batch(batches[0], "cpu")["input_ids"].shape[1]) if batches else 0}
+    return finish_plan(plan, model, dense_structure, fingerprint, total_before, cfg, calibration)
+
+
+def finish_plan(plan: Plan, pruned_model: nn.Module, dense_structure: ModelStructure, fingerprint: str,
+                total_before: int, cfg: PruneConfig, calibration: dict) -> Plan:
+    """Records what a plan needs to be re-applied and reported: dense sizes and fingerprint,
+    settings, exact parameter counts before/after, calibration summary, package version."""
+    total_after = count_parameters(pruned_model)
+    plan.model = _model_summary(pruned_model, dense_structure, fingerprint)
     plan.settings = cfg.to_dict()
     plan.params = {"before": total_before, "after": total_after, "removed": total_before - total_after,
                    "removed_fraction": (total_before - total_after) / total_before}
-    plan.groups = records
-    plan.calibration = {"batches": len(batches),
-                        "samples": sum(_as_batch(b, "cpu")["input_ids"].shape[0] for b in batches),
-                        "tokens_per_sample": int(_as_batch(batches[0], "cpu")["input_ids"].shape[1]) if batches else 0}
+    plan.calibration = calibration
     plan.pruner_version = package_version()
+    return plan
+
+
+def make_plan(structure: ModelStructure, vectors, cfg: PruneConfig, total_params: int) -> Plan:
+    """Selection alone: per-index saliences -> the plan for the model ``structure`` describes
+    (indices of that model), with every group's score and whether it goes in ``plan.groups``.
+    Deterministic: equal inputs give the same plan on every rank."""
+    pools, records = candidate_units(structure, vectors, cfg)
+    units = select_units(pools, cfg, total_params)
+    plan = units_to_plan(units, structure)
+    _mark_removed(records, units)
+    plan.groups = records
+    plan.settings = cfg.to_dict()
     return plan
 
 

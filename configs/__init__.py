@@ -1,0 +1,1 @@
+"""YAML recipes for ``python -m pruner fit --config ...`` (installed as ``pruner.configs``)."""
