@@ -1,1 +1,11 @@
-# placeholder
+"""Lightning callbacks of the pruner package (installed as ``pruner.callbacks``).
+
+Example:
+    >>> from pruner.callbacks import StructuralPruneCallback
+    >>> StructuralPruneCallback(target_sparsity=0.2, attention_layers=(4, 28), mlp_layers=(4, 28)).config.mode
+    'block'
+"""
+
+from .pruning import StructuralPruneCallback
+
+__all__ = ["StructuralPruneCallback"]

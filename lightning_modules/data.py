@@ -17,6 +17,11 @@ Lightning counts the calibration batches in ``global_step`` too: ``trainer.max_s
 
 Every batch is a dict of ``input_ids``, ``attention_mask``, ``labels`` (-100 = no loss).
 
+Resuming mid-pass (``--ckpt_path``): the train loader is stateful for Lightning (it has
+``state_dict``/``load_state_dict``), so a checkpoint records how many batches of the pass the
+training loop has taken and the resumed run continues with the next one instead of starting
+over with the calibration windows.
+
 Multi-GPU: the loader is an ``IterableDataset`` that shards by rank itself (Lightning does not
 inject a ``DistributedSampler`` into it), so that every rank sees its calibration batches first
 and all ranks get the same number of batches (no DDP hang): ``calibration_batches`` is the
@@ -31,6 +36,8 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from pruner import data as D
 from pruner.errors import PrunerError
+
+STREAM_INDEX = "stream_index"  # bookkeeping key of train batches, removed before the model sees them
 
 
 def pad_collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -66,19 +73,47 @@ class _TrainStream(IterableDataset):
         self.mbs, self.epochs, self.seed, self.pad_id = micro_batch_size, epochs, seed, pad_id
         self.rank, self.world = rank, world
         self.batches_per_epoch = (len(recovery) // micro_batch_size) // world if recovery else 0
+        self.start = 0  # batches to skip in the next pass (set when resuming from a checkpoint)
 
     def __len__(self) -> int:
         return len(self.calibration) + self.epochs * self.batches_per_epoch
 
     def __iter__(self):
+        skip, self.start = self.start, 0  # only the resumed pass skips
+        index = 0
         for window in self.calibration:
-            yield window_batch(window.unsqueeze(0))
+            if index >= skip:
+                yield {**window_batch(window.unsqueeze(0)), STREAM_INDEX: index}
+            index += 1
         for epoch in range(self.epochs if self.recovery else 0):
             gen = torch.Generator().manual_seed(self.seed + epoch)  # same order on every rank
             order = torch.randperm(len(self.recovery), generator=gen).tolist()
             for b in range(self.batches_per_epoch):
-                start = (b * self.world + self.rank) * self.mbs
-                yield pad_collate([self.recovery[i] for i in order[start : start + self.mbs]], self.pad_id)
+                if index >= skip:
+                    start = (b * self.world + self.rank) * self.mbs
+                    batch = pad_collate([self.recovery[i] for i in order[start : start + self.mbs]], self.pad_id)
+                    yield {**batch, STREAM_INDEX: index}
+                index += 1
+
+
+class _ResumableLoader(DataLoader):
+    """The train loader. Lightning treats a loader with ``state_dict``/``load_state_dict`` as
+    stateful: it stores the state in checkpoints and loads it before iterating on resume.
+    ``consumed`` counts batches the training loop has *taken* (set by the data module's
+    ``on_before_batch_transfer``), not batches fetched: Lightning prefetches one ahead."""
+
+    def __init__(self, stream: _TrainStream) -> None:
+        # batch_size=None: the stream yields whole batches; no workers: data is in memory and
+        # an IterableDataset would be duplicated in each worker.
+        super().__init__(stream, batch_size=None)
+        self.consumed = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed = int(state["consumed"])
+        self.dataset.start = self.consumed
 
 
 class PruneDataModule(LightningDataModule):
@@ -141,6 +176,7 @@ class PruneDataModule(LightningDataModule):
         self.recovery: list[dict] | None = None
         self.val_windows: torch.Tensor | None = None
         self._rank, self._world = 0, 1
+        self._train_loader: _ResumableLoader | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -214,9 +250,18 @@ class PruneDataModule(LightningDataModule):
         stream = _TrainStream(self.calibration, self.recovery or [], self.hparams.micro_batch_size,
                               self.hparams.recovery_epochs, self.hparams.seed, self.pad_id,
                               self._rank, self._world)
-        # batch_size=None: the stream yields whole batches; no workers: data is in memory and
-        # an IterableDataset would be duplicated in each worker.
-        return DataLoader(stream, batch_size=None)
+        self._train_loader = _ResumableLoader(stream)
+        return self._train_loader
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Train batches carry their position in the pass: record it for resumable checkpoints
+        # and drop it, so that the model and user hooks see only model inputs.
+        if isinstance(batch, dict) and STREAM_INDEX in batch:
+            batch = dict(batch)
+            index = int(batch.pop(STREAM_INDEX))
+            if self._train_loader is not None:
+                self._train_loader.consumed = index + 1
+        return batch
 
     def _windows_loader(self) -> DataLoader | list:
         if not self.hparams.val_source:

@@ -1,0 +1,433 @@
+"""``StructuralPruneCallback``: LLM-Pruner inside ``Trainer.fit``: calibrate, prune, recover.
+
+The callback only decides *when*; the core (``pruner.*``) decides *what*:
+
+1. the first ``calibration_batches`` train batches (``PruneDataModule`` puts its calibration
+   windows there) run forward + backward with NO optimizer step (``module.calibrating``);
+   ``pruner.importance.ImportanceEstimator`` hooks consume the gradients as they arrive;
+2. after the last of them: the accumulators are summed across ranks (one all-reduce), the
+   plan is selected (deterministic, so every rank computes the same one; checked by hash),
+   applied in place with ``pruner.apply_plan`` and recorded in ``module.pruning_plan`` (so
+   checkpoints rebuild the pruned structure); LoRA is attached, the optimizer and, under DDP,
+   the ``DistributedDataParallel`` wrapper are rebuilt for the new parameters;
+3. the remaining batches are ordinary recovery steps;
+4. at the end of fit, with ``export_dir``: LoRA is merged and the model is exported with
+   ``pruner.save_pretrained`` (weights, config, tokenizer, ``plan.json``).
+
+Example (a tiny random LLaMA, a few seconds on a CPU):
+    >>> import tempfile, lightning as L
+    >>> from pruner.callbacks import StructuralPruneCallback
+    >>> from pruner.lightning_modules.causal_lm import CausalLMModule
+    >>> from pruner.lightning_modules.data import PruneDataModule
+    >>> from pruner.lightning_modules.testing import save_tiny_llama
+    >>> folder = save_tiny_llama(tempfile.mkdtemp())
+    >>> prune = StructuralPruneCallback(pruning_ratio=0.5, verbose=False)
+    >>> trainer = L.Trainer(accelerator="cpu", max_steps=6, callbacks=[prune], logger=False,
+    ...                     enable_checkpointing=False, enable_progress_bar=False,
+    ...                     enable_model_summary=False)
+    >>> trainer.fit(CausalLMModule(str(folder)), PruneDataModule(calibration_samples=4,
+    ...                                                          calibration_seq_len=16))
+    >>> prune.plan.params["after"] < prune.plan.params["before"]
+    True
+
+YAML (``python -m pruner fit --config ...``)::
+
+    trainer:
+      callbacks:
+        - class_path: pruner.callbacks.StructuralPruneCallback
+          init_args: {target_sparsity: 0.2, attention_layers: [4, 28], mlp_layers: [4, 28]}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from pruner.config import PruneConfig
+from pruner.errors import PrunerError
+
+
+class StructuralPruneCallback(pl.Callback):
+    """Prunes the model of a ``CausalLMModule`` during ``fit`` after calibration batches.
+
+    Pruning options (see ``pruner.config.PruneConfig``; give exactly one of
+    ``target_sparsity`` / ``pruning_ratio``):
+
+    Args:
+        criterion: importance criterion: element1 (paper default), element2, mix, vector,
+            l1, l2, random, activation. element2/mix need calibration batches of one sample.
+        aggregation: how a group's member scores combine: sum, mean, max, prod, last.
+        mode: block (heads + MLP channels), channel (hidden size) or layer (whole layers).
+        target_sparsity: fraction of ALL parameters to remove (e.g. 0.2).
+        pruning_ratio: the paper's per-structure ratio inside the pruned layer ranges.
+        attention_layers: half-open [start, end) of layers whose heads are pruned; None = all.
+        mlp_layers: half-open [start, end) of layers whose MLP channels are pruned; None = all.
+        layers: layer mode: half-open range of removable layers; None = all.
+        head_granularity: query (query heads evenly inside each KV group) or kv (whole groups).
+        prune_attention: block mode: prune attention heads.
+        prune_mlp: block mode: prune MLP channels.
+        global_ranking: rank groups across layers by score per parameter.
+        max_layer_ratio: global ranking: at most this fraction of a layer's groups goes.
+        round_to: kept MLP/hidden widths become multiples of this.
+        iterative_steps: only 1 is supported in-callback (importance is estimated once).
+        seed: seed of the random criterion and of structure probing.
+
+    Callback options:
+
+    Args:
+        calibration_batches: train batches (per rank) that feed importance; None = the
+            datamodule's ``calibration_batches`` (``PruneDataModule``: calibration windows).
+        prune_at_step: prune after this many train batches of the first epoch; calibration
+            covers the ``calibration_batches`` batches just before it and earlier batches are
+            ordinary (dense) training steps. None = right after the calibration batches.
+        attach_lora: attach LoRA (``module.attach_lora()``) after pruning; False = fine-tune
+            every weight of the pruned model.
+        export_dir: at the end of fit, merge LoRA and export the pruned model here (a folder
+            for ``pruner.load_pretrained``); None = no export.
+        overwrite_export: replace an existing non-empty ``export_dir``.
+        verbose: log parameter counts and the export path (rank 0).
+    """
+
+    def __init__(
+        self,
+        criterion: str = "element1",
+        aggregation: str = "sum",
+        mode: Literal["block", "channel", "layer"] = "block",
+        target_sparsity: float | None = None,
+        pruning_ratio: float | None = None,
+        attention_layers: tuple[int, int] | None = None,
+        mlp_layers: tuple[int, int] | None = None,
+        layers: tuple[int, int] | None = None,
+        head_granularity: Literal["query", "kv"] = "query",
+        prune_attention: bool = True,
+        prune_mlp: bool = True,
+        global_ranking: bool = False,
+        max_layer_ratio: float = 0.9,
+        round_to: int = 1,
+        iterative_steps: int = 1,
+        seed: int = 0,
+        calibration_batches: int | None = None,
+        prune_at_step: int | None = None,
+        attach_lora: bool = True,
+        export_dir: str | None = None,
+        overwrite_export: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        # PruneConfig checks every pruning option with its own exact messages.
+        self.config = PruneConfig(
+            criterion=criterion, aggregation=aggregation, mode=mode, target_sparsity=target_sparsity,
+            pruning_ratio=pruning_ratio, attention_layers=attention_layers, mlp_layers=mlp_layers,
+            layers=layers, head_granularity=head_granularity, prune_attention=prune_attention,
+            prune_mlp=prune_mlp, global_ranking=global_ranking, max_layer_ratio=max_layer_ratio,
+            round_to=round_to, iterative_steps=iterative_steps, seed=seed,
+        )
+        if iterative_steps != 1:
+            raise PrunerError(
+                f"`StructuralPruneCallback(iterative_steps={iterative_steps})` is not supported: the callback "
+                "estimates importance once, from the calibration batches of the running fit; use "
+                "iterative_steps=1, or prune iteratively with pruner.prune(..., iterative_steps=N) and "
+                "fine-tune the exported folder"
+            )
+        if calibration_batches is not None and (not isinstance(calibration_batches, int) or calibration_batches < 1):
+            raise PrunerError(
+                f"`StructuralPruneCallback(calibration_batches={calibration_batches!r})` must be an integer "
+                ">= 1, or None to take the datamodule's calibration_batches"
+            )
+        if prune_at_step is not None and (not isinstance(prune_at_step, int) or prune_at_step < 1):
+            raise PrunerError(
+                f"`StructuralPruneCallback(prune_at_step={prune_at_step!r})` must be an integer >= 1 "
+                "(train batches before pruning), or None to prune right after the calibration batches"
+            )
+        if calibration_batches is not None and prune_at_step is not None and prune_at_step < calibration_batches:
+            raise PrunerError(
+                f"`StructuralPruneCallback(prune_at_step={prune_at_step})` comes before the "
+                f"{calibration_batches} calibration batches end: use prune_at_step >= calibration_batches"
+            )
+        if export_dir is not None and not str(export_dir).strip():
+            raise PrunerError("`StructuralPruneCallback(export_dir='')` is empty: give a folder or None")
+        self.calibration_batches = calibration_batches
+        self.prune_at_step = prune_at_step
+        self.attach_lora = attach_lora
+        self.export_dir = export_dir
+        self.overwrite_export = overwrite_export
+        self.verbose = verbose
+        self.plan = None  # pruner.plan.Plan once pruned (also after resuming)
+        self.vectors: dict | None = None  # the importance vectors the plan was selected from
+        self.export_path: Path | None = None  # the folder written at the end of fit
+        self._pruned = False
+        self._estimator = None
+        self._structure = None
+        self._fingerprint = ""
+        self._total_before = 0
+        self._calibrated_batches = 0
+        self._tokens_per_sample = 0
+        self._pending_importance: dict[str, torch.Tensor] | None = None  # from a mid-calibration checkpoint
+
+    # ------------------------------------------------------------------ hooks (thin)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._check_setup(trainer, pl_module)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._pruned:
+            self._inspect_dense_model(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self._pruned and self._in_calibration(trainer, batch_idx):
+            self._calibration_batch(trainer, pl_module, batch)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._pruned and trainer.current_epoch == 0 and batch_idx == self._prune_at - 1:
+            self._prune(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"pruned": self._pruned, "plan": self.plan.to_dict() if self.plan else None,
+                                 "calibrated_batches": self._calibrated_batches}
+        if self._estimator is not None:  # a checkpoint in the middle of calibration
+            state["importance"] = {k: v.detach().cpu() for k, v in self._estimator.state().items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from pruner.plan import Plan
+
+        self._pruned = bool(state_dict.get("pruned", False))
+        self.plan = Plan.from_dict(state_dict["plan"]) if state_dict.get("plan") else None
+        self._calibrated_batches = int(state_dict.get("calibrated_batches", 0))
+        self._pending_importance = state_dict.get("importance")
+
+    # ------------------------------------------------------------------ steps
+
+    def _check_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+        for attr in ("hf_model", "calibrating", "attach_lora", "pruning_plan"):
+            if not hasattr(type(module), attr) and not hasattr(module, attr):
+                raise PrunerError(
+                    f"StructuralPruneCallback needs a CausalLMModule-like LightningModule (missing `{attr}`); "
+                    f"got {type(module).__name__}: use pruner.lightning_modules.causal_lm.CausalLMModule"
+                )
+        strategy = trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy):
+            raise PrunerError(
+                "StructuralPruneCallback does not support ModelParallelStrategy (FSDP2) yet: structural "
+                "surgery on DTensor shards is not implemented. Use strategy: ddp (the model must fit on one "
+                "device), or prune first with `pruner.prune` and fine-tune the exported folder with FSDP2"
+            )
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise PrunerError(
+                f"StructuralPruneCallback supports the single-device and DDP strategies, not "
+                f"{type(strategy).__name__}: use strategy: auto (one device) or ddp"
+            )
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise PrunerError(
+                f"trainer precision {trainer.precision_plugin.precision!r} scales the loss with a GradScaler, "
+                "which would corrupt the importance gradients: use precision bf16-mixed or 32-true"
+            )
+        hparams = getattr(module, "hparams", {})
+        if hparams.get("attach_lora_at_start", False):
+            raise PrunerError(
+                "`CausalLMModule(attach_lora_at_start=True)` wraps the model with LoRA before pruning: set "
+                "model.attach_lora_at_start: false; StructuralPruneCallback prunes the dense model and "
+                "attaches LoRA itself after pruning (attach_lora: true)"
+            )
+
+    @property
+    def _prune_at(self) -> int:
+        return self.prune_at_step if self.prune_at_step is not None else self._num_calibration
+
+    def _in_calibration(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        return trainer.current_epoch == 0 and self._prune_at - self._num_calibration <= batch_idx < self._prune_at
+
+    def _inspect_dense_model(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """Discovers the prunable structure of the dense model and records what the plan needs."""
+        from pruner.api import count_parameters
+        from pruner.discovery import discover
+        from pruner.plan import model_fingerprint
+
+        self._num_calibration = self._resolve_calibration_batches(trainer)
+        if self._prune_at < self._num_calibration:
+            raise PrunerError(
+                f"`StructuralPruneCallback(prune_at_step={self.prune_at_step})` comes before the "
+                f"{self._num_calibration} calibration batches end: use prune_at_step >= {self._num_calibration}"
+            )
+        total_batches = trainer.num_training_batches
+        if isinstance(total_batches, int) and total_batches < self._prune_at:
+            raise PrunerError(
+                f"the train loader has {total_batches} batches per epoch, fewer than the {self._prune_at} "
+                "batches before pruning: add recovery data or lower calibration_batches/prune_at_step"
+            )
+        if trainer.max_steps != -1 and trainer.max_steps < self._prune_at and trainer.accumulate_grad_batches == 1:
+            rank_zero_warn(
+                f"trainer.max_steps={trainer.max_steps} ends fit before the prune step ({self._prune_at} batches):"
+                " the model will not be pruned; Lightning counts calibration batches as steps"
+            )
+        model = module.hf_model
+        self._structure = discover(model, seed=self.config.seed)
+        self.config.check_model(len(self._structure.layers))
+        self._total_before = count_parameters(model)
+        self._fingerprint = model_fingerprint(model)
+
+    def _resolve_calibration_batches(self, trainer: pl.Trainer) -> int:
+        if self.calibration_batches is not None:
+            return self.calibration_batches
+        n = getattr(trainer.datamodule, "calibration_batches", None) if trainer.datamodule is not None else None
+        if not isinstance(n, int) or n < 1:
+            raise PrunerError(
+                "StructuralPruneCallback(calibration_batches=None) takes the count from the datamodule, but "
+                f"{type(trainer.datamodule).__name__ if trainer.datamodule is not None else 'no datamodule'} "
+                "has no `calibration_batches`: pass calibration_batches=N or use PruneDataModule"
+            )
+        return n
+
+    def _calibration_batch(self, trainer: pl.Trainer, module: pl.LightningModule, batch: dict) -> None:
+        if self._estimator is None:
+            self._start_calibration(trainer, module)
+        module.hf_model.eval()  # no dropout in importance (as pruner.prune); Lightning may re-enable it
+        ids = batch["input_ids"]
+        self._tokens_per_sample = int(ids.shape[-1])
+        self._estimator.begin_batch(int(ids.shape[0]) if ids.dim() == 2 else 1)
+        self._calibrated_batches += 1
+
+    def _start_calibration(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        from pruner.api import families_for
+        from pruner.importance import ImportanceEstimator
+
+        self._unwrap_ddp(trainer)
+        module.calibrating = True
+        est = ImportanceEstimator(module.hf_model, families_for(self._structure, self.config),
+                                  self.config.criterion, self.config.seed)
+        if self._pending_importance is not None:  # resumed in the middle of calibration
+            est.load_state({k: v.to(module.device) for k, v in self._pending_importance.items()})
+            self._pending_importance = None
+        est.attach()
+        self._estimator = est
+
+    @staticmethod
+    def _unwrap_ddp(trainer: pl.Trainer) -> None:
+        # Calibration runs on the bare module: DDP would average the gradients (we want each
+        # rank's own sum, all-reduced once at the end) and its reducer expects gradients for
+        # parameters the estimator freezes. The wrapper is rebuilt after pruning anyway.
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            trainer.strategy.model = trainer.lightning_module
+
+    def _reduced_importance(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+        """The estimator's accumulators summed over ranks with ONE all-reduce of a flat vector,
+        corrected for Lightning's ``1/accumulate_grad_batches`` loss scaling."""
+        state = self._estimator.state()
+        keys = sorted(state)
+        flat = torch.cat([state[k].detach().float().reshape(-1) for k in keys])
+        flat = trainer.strategy.reduce(flat, reduce_op="sum")
+        out, offset = {}, 0
+        scale = float(trainer.accumulate_grad_batches)
+        for k in keys:
+            n = state[k].numel()
+            v = flat[offset: offset + n].reshape(state[k].shape)
+            offset += n
+            if scale != 1.0 and k.startswith("grad::"):
+                v = v * scale
+            elif scale != 1.0 and k.startswith("fisher::"):
+                v = v * scale**2
+            out[k] = v
+        return out
+
+    def _prune(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        from pruner.api import count_parameters, finish_plan, make_plan
+        from pruner.surgery import apply_plan
+
+        est = self._estimator
+        if est is None:  # a resumed run whose checkpoint came after calibration ended cannot happen
+            raise PrunerError("no calibration batch was seen before the prune step")
+        est.detach()
+        module.zero_grad(set_to_none=True)
+        est.load_state(self._reduced_importance(trainer))
+        vectors = est.vectors()
+        self.vectors = vectors  # per-index saliences, summed over ranks (small: no model-sized tensor)
+        plan = make_plan(self._structure, vectors, self.config, self._total_before)
+        self._check_ranks_agree(trainer, plan)
+        model = module.hf_model
+        apply_plan(plan, model, self._structure)
+        calibration = {"batches": self._calibrated_batches * trainer.world_size, "samples": est.num_samples,
+                       "tokens_per_sample": self._tokens_per_sample, "world_size": trainer.world_size}
+        plan = finish_plan(plan, model, self._structure, self._fingerprint, self._total_before, self.config,
+                           calibration)
+        self.plan, self._pruned, self._estimator = plan, True, None
+        module.pruning_plan = plan.to_dict()
+        module.calibrating = False
+        model.train()
+        if self.attach_lora:
+            # seeded adapters: the same on every rank and world size, whatever ran before
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed)
+                module.attach_lora()
+        self._rebuild_training(trainer)
+        if self.verbose:
+            p = plan.params
+            rank_zero_info(
+                f"StructuralPruneCallback: pruned at batch {self._prune_at}: {p['before']:,} -> {p['after']:,} "
+                f"parameters ({p['removed_fraction']:.1%} removed); trainable now "
+                f"{sum(q.numel() for q in module.parameters() if q.requires_grad):,} "
+                f"of {count_parameters(module):,}"
+            )
+
+    @staticmethod
+    def _check_ranks_agree(trainer: pl.Trainer, plan) -> None:
+        digest = hashlib.sha256(plan.to_json().encode()).hexdigest()
+        reference = trainer.strategy.broadcast(digest, src=0)
+        # every rank must learn whether ANY rank disagrees, or the agreeing ones would hang later
+        disagree = trainer.strategy.reduce(torch.tensor(float(digest != reference)), reduce_op="sum")
+        if float(disagree) > 0:
+            raise PrunerError(
+                f"ranks disagree on the pruning plan ({int(float(disagree))} of {trainer.world_size} differ from "
+                "rank 0): the models or importance scores differ between ranks; check that every rank loads "
+                "the same weights and that selection is deterministic"
+            )
+
+    @staticmethod
+    def _rebuild_training(trainer: pl.Trainer) -> None:
+        """New parameters need a new optimizer and, under DDP, a new wrapper (its reducer
+        holds the old parameter list); DDP's constructor also checks shapes across ranks."""
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy):
+            strategy.configure_ddp()
+        strategy.setup_optimizers(trainer)
+
+    def _finish(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if not self._pruned:
+            rank_zero_warn(
+                f"StructuralPruneCallback: fit ended before the prune step ({self._prune_at_or_unknown()} train "
+                "batches); the model was not pruned and nothing was exported. Raise trainer.max_steps"
+            )
+            return
+        if self.export_dir is None:
+            return
+        from pruner.io import save_pretrained
+
+        if getattr(module, "has_lora", False):
+            module.merge_lora()  # on every rank: the modules stay identical
+        folder = Path(self.export_dir)
+        if trainer.is_global_zero:
+            save_pretrained(module.hf_model, folder, tokenizer=getattr(module, "tokenizer", None), plan=self.plan,
+                            overwrite=self.overwrite_export)
+        trainer.strategy.barrier("pruner-export")
+        self.export_path = folder.resolve()
+        if self.verbose:
+            rank_zero_info(f"StructuralPruneCallback: exported the pruned model to {self.export_path}")
+
+    def _prune_at_or_unknown(self) -> str:
+        return str(self._prune_at) if hasattr(self, "_num_calibration") else "?"

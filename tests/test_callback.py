@@ -1,0 +1,281 @@
+"""StructuralPruneCallback on the tiny LLaMA: agreement with pruner.prune, recovery, export,
+resuming from checkpoints in a fresh process, and 2-process DDP."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.testing import assert_close
+
+from pruner.callbacks import StructuralPruneCallback
+from pruner.errors import PrunerError
+
+# One pruning fit, run in a fresh process (resume and DDP tests): python run.py SPEC.json
+# Writes out/rank{r}.pt: per-batch losses, the plan, the importance vectors, LoRA weights.
+RUN_SCRIPT = '''
+import json
+import sys
+
+import lightning as L
+import torch
+
+from pruner.callbacks import StructuralPruneCallback
+from pruner.lightning_modules.causal_lm import CausalLMModule
+from pruner.lightning_modules.data import PruneDataModule
+
+
+class RecordLosses(L.Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses[batch_idx] = float(outputs["loss"]) * trainer.accumulate_grad_batches
+
+
+def main(spec: dict) -> None:
+    L.seed_everything(0, verbose=False)
+    records = [{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i + 2)))} for i in range(8)]
+    json.dump(records, open(spec["alpaca"], "w"))
+    module = CausalLMModule(spec["model_dir"], lora_dropout=0.0, learning_rate=1e-2)
+    data = PruneDataModule(calibration_samples=spec.get("calibration_samples", 8), calibration_seq_len=32,
+                           recovery_source=spec["alpaca"], micro_batch_size=2,
+                           recovery_epochs=spec.get("recovery_epochs", 4))
+    prune = StructuralPruneCallback(verbose=False, **spec.get("callback", {"pruning_ratio": 0.5}))
+    losses = RecordLosses()
+    callbacks = [prune, losses]
+    if spec.get("checkpoint_every"):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=spec["out"], every_n_train_steps=spec["checkpoint_every"],
+                                         save_top_k=-1, filename="{step}"))
+    trainer = L.Trainer(max_steps=spec.get("max_steps", -1), max_epochs=1, accelerator="cpu",
+                        devices=spec.get("devices", 1), strategy=spec.get("strategy", "auto"),
+                        accumulate_grad_batches=spec.get("accumulate", 1), logger=False,
+                        enable_checkpointing=bool(spec.get("checkpoint_every")), enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=spec["out"], callbacks=callbacks)
+    trainer.fit(module, data, ckpt_path=spec.get("ckpt_in"))
+    torch.save({"losses": losses.losses, "plan": prune.plan.to_dict() if prune.plan else None,
+                "vectors": prune.vectors, "step": trainer.global_step,
+                "lora": {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}},
+               f"{spec['out']}/rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(json.load(open(sys.argv[1])))
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from pruner.lightning_modules.testing import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+def run_in_subprocess(tmp_path: Path, spec: dict, name: str) -> list[dict]:
+    """Runs RUN_SCRIPT with ``spec`` in a new process; returns each rank's results."""
+    out = tmp_path / name
+    out.mkdir()
+    spec = {"out": str(out), "alpaca": str(tmp_path / "alpaca.json"), **spec}
+    (tmp_path / "run.py").write_text(RUN_SCRIPT)
+    (out / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(out / "spec.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(spec.get("devices", 1))]
+
+
+def _alpaca(path: Path, n: int = 8) -> str:
+    records = [{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i + 2)))} for i in range(n)]
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+class Record(L.Callback):
+    """Per-batch losses, and whether weights moved during the calibration batches."""
+
+    def __init__(self, calibration: int) -> None:
+        self.calibration, self.losses, self.moved_in_calibration = calibration, [], []
+
+    def on_train_start(self, trainer, module):
+        self.start = {n: p.detach().clone() for n, p in module.hf_model.named_parameters()}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+        if batch_idx < self.calibration - 1:  # the last calibration batch is followed by pruning
+            self.moved_in_calibration.append(
+                any(not torch.equal(p, self.start[n]) for n, p in module.hf_model.named_parameters()))
+
+
+def _trainer(tmp_path, callbacks, **kw) -> L.Trainer:
+    return L.Trainer(**{**dict(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                               enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                               callbacks=callbacks), **kw})
+
+
+def test_argument_validation():
+    with pytest.raises(PrunerError, match="give exactly one of target_sparsity"):
+        StructuralPruneCallback()
+    with pytest.raises(PrunerError, match="unknown criterion 'taylor'"):
+        StructuralPruneCallback(criterion="taylor", target_sparsity=0.2)
+    with pytest.raises(PrunerError, match=r"attention_layers=\(4, 2\) is empty"):
+        StructuralPruneCallback(target_sparsity=0.2, attention_layers=(4, 2))
+    with pytest.raises(PrunerError, match=r"`StructuralPruneCallback\(iterative_steps=3\)` is not supported"):
+        StructuralPruneCallback(target_sparsity=0.2, iterative_steps=3)
+    with pytest.raises(PrunerError, match=r"calibration_batches=0\)` must be an integer >= 1"):
+        StructuralPruneCallback(target_sparsity=0.2, calibration_batches=0)
+    with pytest.raises(PrunerError, match=r"prune_at_step=0\)` must be an integer >= 1"):
+        StructuralPruneCallback(target_sparsity=0.2, prune_at_step=0)
+    with pytest.raises(PrunerError, match="use prune_at_step >= calibration_batches"):
+        StructuralPruneCallback(target_sparsity=0.2, calibration_batches=10, prune_at_step=5)
+    cb = StructuralPruneCallback(pruning_ratio=0.25, attention_layers=[4, 30], mlp_layers=[4, 30])
+    assert cb.config.attention_layers == (4, 30)  # YAML lists become tuples
+
+
+def test_lora_at_start_and_layer_ranges_are_refused(tiny_dir, tmp_path):
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    data = PruneDataModule(calibration_samples=2, calibration_seq_len=16)
+    with pytest.raises(PrunerError, match="set model.attach_lora_at_start: false"):
+        _trainer(tmp_path, [StructuralPruneCallback(pruning_ratio=0.5)], max_steps=3).fit(
+            CausalLMModule(str(tiny_dir), attach_lora_at_start=True), data)
+    with pytest.raises(PrunerError, match=r"mlp_layers=\(0, 4\) reaches past the model's 2 layers"):
+        _trainer(tmp_path, [StructuralPruneCallback(pruning_ratio=0.5, mlp_layers=(0, 4))], max_steps=3).fit(
+            CausalLMModule(str(tiny_dir)), PruneDataModule(calibration_samples=2, calibration_seq_len=16))
+
+
+@pytest.mark.parametrize("criterion", ["element1", "element2", "activation"])
+def test_callback_prunes_like_pruner_prune_then_recovers_and_exports(criterion, tiny_dir, tmp_path):
+    import pruner
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    L.seed_everything(0, verbose=False)
+    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0, learning_rate=1e-2)
+    data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=6,
+                           recovery_source=_alpaca(tmp_path / "alpaca.json"))
+    prune = StructuralPruneCallback(criterion=criterion, target_sparsity=0.15, global_ranking=True,
+                                    export_dir=str(tmp_path / "export"), verbose=False)
+    record = Record(calibration=4)
+    _trainer(tmp_path, [prune, record]).fit(module, data)
+
+    # Calibration moved no weight; the plan is the one pruner.prune selects on the same windows.
+    assert record.moved_in_calibration == [False, False, False]
+    dense, _ = pruner.load_model(str(tiny_dir))
+    reference = pruner.prune(dense, [w.unsqueeze(0) for w in data.calibration], criterion=criterion,
+                             target_sparsity=0.15, global_ranking=True)
+    ours = prune.plan.to_dict()
+    assert ours["layers"] == reference.to_dict()["layers"]
+    assert not prune.plan.is_identity
+    assert_close([g["score"] for g in ours["groups"]], [g["score"] for g in reference.groups], rtol=1e-5, atol=0)
+    assert ours["params"] == reference.params and ours["calibration"]["samples"] == 4
+    assert 0.1 < ours["params"]["removed_fraction"] < 0.2
+    assert module.pruning_plan["layers"] == ours["layers"]  # checkpoints can rebuild the structure
+
+    # Recovery: 4 records x 6 epochs of the same data; the loss falls.
+    recovery = record.losses[4:]
+    assert len(recovery) == 6 * 4 and sum(recovery[-4:]) < sum(recovery[:4]) - 0.5, recovery
+
+    # Export: LoRA merged; the folder reloads as the pruned model and computes the same logits.
+    assert not module.has_lora and prune.export_path == (tmp_path / "export").resolve()
+    loaded = pruner.load_pretrained(tmp_path / "export")
+    assert pruner.count_parameters(loaded) == ours["params"]["after"]
+    ids = data.calibration[:2]
+    module.eval()
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, module.hf_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert pruner.Plan.load(tmp_path / "export" / "plan.json").layers == prune.plan.layers
+
+
+def test_optimizer_holds_exactly_the_lora_parameters_after_pruning(tiny_dir, tmp_path):
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    class Check(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 3:  # first recovery batch
+                trainable = {id(p) for p in module.parameters() if p.requires_grad}
+                in_opt = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+                self.ok = bool(trainable) and trainable == in_opt and module.has_lora
+                self.mlp = module.hf_model.model.layers[0].mlp.up_proj.base_layer.out_features
+
+    check = Check()
+    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0)
+    data = PruneDataModule(calibration_samples=3, calibration_seq_len=16, micro_batch_size=2, recovery_epochs=1,
+                           recovery_source=_alpaca(tmp_path / "alpaca.json"))
+    _trainer(tmp_path, [StructuralPruneCallback(pruning_ratio=0.5, prune_attention=False, verbose=False), check],
+             max_steps=5).fit(module, data)
+    assert check.ok and check.mlp == 32  # 64 MLP channels, half removed
+
+
+def test_fit_that_ends_before_the_prune_step_warns_and_exports_nothing(tiny_dir, tmp_path):
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    prune = StructuralPruneCallback(pruning_ratio=0.5, export_dir=str(tmp_path / "export"), verbose=False)
+    with pytest.warns(UserWarning, match="fit ended before the prune step"):
+        _trainer(tmp_path, [prune], max_steps=2).fit(
+            CausalLMModule(str(tiny_dir)), PruneDataModule(calibration_samples=4, calibration_seq_len=16))
+    assert prune.plan is None and not (tmp_path / "export").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_pruning_in_a_new_process_continues_like_an_uninterrupted_run(tiny_dir, tmp_path):
+    _alpaca(tmp_path / "alpaca.json")
+    base = {"model_dir": str(tiny_dir), "calibration_samples": 4}
+    (full,) = run_in_subprocess(tmp_path, {**base}, "full")
+    n = full["step"]
+    assert n == 4 + 4 * 4  # 4 calibration batches + 4 epochs of 4 recovery batches
+    # Stopped after 7 batches (pruned after 4) with a ModelCheckpoint, resumed in a new process.
+    (first,) = run_in_subprocess(tmp_path, {**base, "max_steps": 7, "checkpoint_every": 7}, "first")
+    (resumed,) = run_in_subprocess(tmp_path, {**base, "ckpt_in": str(tmp_path / "first" / "step=7.ckpt")},
+                                   "resumed")
+    assert first["plan"] == resumed["plan"] == full["plan"] and full["plan"] is not None
+    assert sorted(first["losses"]) == list(range(7)) and sorted(resumed["losses"]) == list(range(7, n))
+    assert_close([resumed["losses"][i] for i in range(7, n)], [full["losses"][i] for i in range(7, n)],
+                 rtol=1e-5, atol=1e-6)
+    assert_close(resumed["lora"], full["lora"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_in_the_middle_of_calibration_gives_the_same_plan(tiny_dir, tmp_path):
+    _alpaca(tmp_path / "alpaca.json")
+    base = {"model_dir": str(tiny_dir), "calibration_samples": 4, "recovery_epochs": 1}
+    (full,) = run_in_subprocess(tmp_path, base, "full")
+    # ModelCheckpoint after step 2: two of the four calibration batches are in the checkpoint.
+    run_in_subprocess(tmp_path, {**base, "max_steps": 2, "checkpoint_every": 2}, "first")
+    (resumed,) = run_in_subprocess(tmp_path, {**base, "ckpt_in": str(tmp_path / "first" / "step=2.ckpt")},
+                                   "resumed")
+    assert resumed["plan"]["layers"] == full["plan"]["layers"]
+    assert resumed["plan"]["calibration"]["samples"] == 4
+    assert_close(resumed["vectors"], full["vectors"], rtol=1e-5, atol=0)
+    assert_close(resumed["lora"], full["lora"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_sum_importance_and_match_one_process(tiny_dir, tmp_path):
+    _alpaca(tmp_path / "alpaca.json")
+    callback = {"pruning_ratio": 0.5, "export_dir": None}
+    # One process, micro-batch 2 x accumulate 2  ==  two ranks x micro-batch 2 (DDP averages):
+    # the same 8 calibration windows, the same recovery examples in each optimizer step.
+    (single,) = run_in_subprocess(tmp_path, {"model_dir": str(tiny_dir), "accumulate": 2,
+                                             "callback": callback}, "single")
+    r0, r1 = run_in_subprocess(tmp_path, {"model_dir": str(tiny_dir), "devices": 2, "strategy": "ddp",
+                                          "callback": callback}, "ddp")
+    # Importance: the all-reduced sum of the two ranks' accumulators == one process on all data.
+    assert single["plan"]["calibration"]["samples"] == r0["plan"]["calibration"]["samples"] == 8
+    assert_close(r0["vectors"], single["vectors"], rtol=1e-5, atol=1e-9)
+    assert r0["plan"] == r1["plan"]
+    assert r0["plan"]["layers"] == single["plan"]["layers"]
+    # Recovery ran on both ranks in lockstep (one model) and the loss fell.
+    assert r0["step"] == r1["step"] == single["step"] == 4 + 4 * 8 // 2 // 2
+    assert_close(r0["lora"], r1["lora"], rtol=0, atol=0)
+    losses = [r0["losses"][i] + r1["losses"][i] for i in sorted(r0["losses"])][4:]
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    # ... and trained the same adapters as the single process.
+    assert_close(r0["lora"], single["lora"], rtol=1e-4, atol=1e-5)
