@@ -459,11 +459,12 @@ def _analyse_layer(index: int, path: str, layer: nn.Module, inputs_multi, inputs
                      [prefix + n for n in norms])
 
 
-def discover(model: nn.Module, seed: int = 0) -> ModelStructure:
+def discover(model: nn.Module, seed: int = 0, probe_every_layer: bool = False) -> ModelStructure:
     """Finds every coupled structure of a Hugging Face decoder-only causal LM by probing.
 
     Raises :class:`UnsupportedArchitectureError` naming the module and the reason when a layer
-    has a structure that cannot be pruned safely; nothing in the model is changed.
+    has a structure that cannot be pruned safely; nothing in the model is changed. Layers of the
+    same class and shapes are probed once unless ``probe_every_layer``.
     """
     if not hasattr(model, "get_input_embeddings") or model.get_input_embeddings() is None:
         raise UnsupportedArchitectureError(f"{type(model).__name__} has no input embedding: not a causal LM")
@@ -483,12 +484,20 @@ def discover(model: nn.Module, seed: int = 0) -> ModelStructure:
         inputs_multi = _capture_layer_inputs(model, layers, seq_len=4)
         inputs_single = _capture_layer_inputs(model, layers, seq_len=1)
         infos = []
+        analysed: dict[tuple, LayerInfo] = {}
         for i, layer in enumerate(layers):
             if inputs_multi[i] is None:
                 raise UnsupportedArchitectureError(f"{layers_path}.{i} was not called in a forward pass")
+            # Layers of the same class and parameter shapes run the same code on the same shapes,
+            # so their coupling is the same: probe one of them (30x less work on a 30-layer model).
+            signature = (type(layer), tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()))
+            if signature in analysed and not probe_every_layer:
+                infos.append(_relocate(analysed[signature], i, f"{layers_path}.{i}"))
+                continue
             with torch.enable_grad():
                 infos.append(_analyse_layer(i, f"{layers_path}.{i}", layer, inputs_multi[i], inputs_single[i],
                                             hidden_size, seed + i))
+            analysed[signature] = infos[-1]
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
@@ -509,6 +518,26 @@ def discover(model: nn.Module, seed: int = 0) -> ModelStructure:
     problem = _hidden_channel_problem(model, infos, final_norms, hidden_size)
     return ModelStructure(layers_path, infos, hidden_size, embedding_name, head_name, final_norms, tied,
                           problem, shapes)
+
+
+def _relocate(info: LayerInfo, index: int, path: str) -> LayerInfo:
+    """``info`` of one layer, renamed for the identical layer ``index`` at ``path``."""
+    old = info.path + "."
+    rename = lambda name: path + "." + name[len(old):]  # noqa: E731
+
+    def family(f: Family) -> Family:
+        return Family(f.kind, index, [Member(rename(m.param), m.dim, m.indices) for m in f.members])
+
+    a, m = info.attention, info.mlp
+    attention = mlp = None
+    if a is not None:
+        attention = AttentionInfo(rename(a.module), rename(a.consumer), [rename(p) for p in a.producers],
+                                  a.num_heads, a.num_kv_heads, a.head_dim, family(a.heads), family(a.kv_groups))
+    if m is not None:
+        mlp = MLPInfo(rename(m.module), rename(m.consumer), [rename(p) for p in m.producers], m.num_channels,
+                      family(m.channels))
+    return LayerInfo(index, path, attention, mlp, [rename(r) for r in info.readers],
+                     [rename(w) for w in info.writers], [rename(n) for n in info.norms])
 
 
 def _hidden_channel_problem(model, infos: list[LayerInfo], final_norms: list[str], hidden: int) -> str | None:
