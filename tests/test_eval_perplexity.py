@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruner.eval.perplexity import load_wikitext2_rows, perplexity, tokenize_rows
+from pruner.eval.perplexity import load_ptb_rows, load_wikitext2_rows, perplexity, tokenize_rows
 from pruner.eval.testing import CORPUS, tiny_llama, tiny_tokenizer
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_raw" / "wiki.test.raw"
@@ -71,6 +71,14 @@ def test_raw_file_rows(tmp_path):
     assert load_wikitext2_rows(path) == ["", " = Title = \n", "", " Some text . \n"]
     with pytest.raises(FileNotFoundError, match="missing.raw"):
         load_wikitext2_rows(tmp_path / "missing.raw")
+
+
+def test_ptb_rows(tmp_path):
+    path = tmp_path / "ptb.test.txt"
+    path.write_text(" no it was n't black monday \n\n the <unk> fell \n")
+    assert load_ptb_rows(path) == ["no it was n't black monday", "the <unk> fell"]
+    with pytest.raises(FileNotFoundError, match="ptb.missing"):
+        load_ptb_rows(tmp_path / "ptb.missing")
 
 
 @pytest.mark.skipif(not WIKI.is_file(), reason="../shared/data/wikitext2_raw is absent (dev data only)")

@@ -48,9 +48,11 @@ def test_backends_agree_on_real_tokenizer(smollm2):
     # A BPE tokenizer merges across the context/continuation boundary differently from a
     # word-level one: the built-in scorer must split tokens exactly as lm-eval does.
     model, tok = smollm2
-    kw = dict(data_dir=DATA / "zeroshot", limit=8, batch_size=8)
-    ours = evaluate_zeroshot(model, tok, ["piqa", "arc_easy", "boolq"], backend="builtin", **kw)
-    ref = evaluate_zeroshot(model, tok, ["piqa", "arc_easy", "boolq"], backend="lm-eval", **kw)
+    # (BoolQ's long passages are left out to keep this test short; the tiny-model tests cover
+    # its shared-context path.)
+    kw = dict(data_dir=DATA / "zeroshot", limit=6, batch_size=8)
+    ours = evaluate_zeroshot(model, tok, ["piqa", "arc_easy"], backend="builtin", **kw)
+    ref = evaluate_zeroshot(model, tok, ["piqa", "arc_easy"], backend="lm-eval", **kw)
     for task in ours:
-        assert ours[task]["n"] == ref[task]["n"] == 8
+        assert ours[task]["n"] == ref[task]["n"] == 6
         assert (ours[task]["acc"], ours[task]["acc_norm"]) == (ref[task]["acc"], ref[task]["acc_norm"])

@@ -44,9 +44,13 @@ def load_wikitext2_rows(path: str | Path | None = None) -> list[str]:
     return list(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
 
 
-def load_ptb_rows(path: str | Path | None = None) -> list[str]:
-    """Penn Treebank test sentences: one per line of a local file (e.g. ``ptb.test.txt``) or,
-    when ``path`` is None, the hub ``ptb_text_only`` test split's ``sentence`` field."""
+def load_ptb_rows(path: str | Path | None = None, split: str = "test") -> list[str]:
+    """Penn Treebank sentences: one per non-blank line of a local file (e.g. ``ptb.test.txt``,
+    stripped) or, when ``path`` is None, the hub ``ptb_text_only`` ``split``'s ``sentence`` field.
+
+    Note: the LLM-Pruner reference code evaluates PTB on the *validation* split
+    (``split="validation"``); the test split is the default here.
+    """
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -55,7 +59,7 @@ def load_ptb_rows(path: str | Path | None = None) -> list[str]:
             return [line.strip() for line in f if line.strip()]
     from datasets import load_dataset
 
-    return list(load_dataset("ptb_text_only", "penn_treebank", split="test")["sentence"])
+    return list(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
 
 
 def tokenize_rows(tokenizer, rows: list[str], max_tokens: int | None = None) -> torch.Tensor:
