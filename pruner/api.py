@@ -25,6 +25,7 @@ from .discovery import ModelStructure, discover
 from .errors import PrunerError
 from .importance import ImportanceEstimator
 from .plan import LayerPlan, Plan, model_fingerprint
+from .reconstruction import GramCollector, compensate, consumers
 from .selection import _in, candidate_units, select_units, units_to_plan
 from .surgery import apply_plan
 
@@ -62,16 +63,19 @@ def _as_batch(batch, device) -> dict[str, torch.Tensor]:
 
 
 def estimate_importance(model: nn.Module, batches: list, structure: ModelStructure, cfg: PruneConfig,
-                        progress: bool = False):
-    """Runs the calibration batches and returns the per-index salience vectors."""
+                        progress: bool = False, collector: GramCollector | None = None):
+    """Runs the calibration batches and returns the per-index salience vectors. A ``collector``
+    (for ``reconstruct``) records the consumers' input statistics during the same passes."""
     families = families_for(structure, cfg)
     est = ImportanceEstimator(model, families, cfg.criterion, cfg.seed)
-    if cfg.criterion in ("l1", "l2", "random"):
+    if cfg.criterion in ("l1", "l2", "random") and collector is None:
         return est.vectors()
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout: importance of the deterministic model
     est.attach()
+    if collector is not None:
+        collector.attach()
     try:
         for batch in tqdm(batches, desc="calibration", disable=not progress):
             batch = _as_batch(batch, device)
@@ -90,6 +94,8 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
                         model(**{k: v for k, v in sample.items() if k != "labels"})
     finally:
         est.detach()
+        if collector is not None:
+            collector.detach()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return est.vectors()
@@ -153,9 +159,12 @@ def prune(
         step_cfg = _step_config(cfg, step, total_before, count_parameters(model))
         if step > 1:
             structure = discover(model, seed=cfg.seed)
-        vectors = estimate_importance(model, batches, structure, step_cfg, progress)
+        collector = GramCollector(model, consumers(structure)) if cfg.reconstruct else None
+        vectors = estimate_importance(model, batches, structure, step_cfg, progress, collector)
         step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
         records = step_plan.groups
+        if collector is not None:
+            compensate(step_plan, structure, model, collector, cfg.reconstruct_damping)
         apply_plan(step_plan, model, structure)
         plan = step_plan if plan is None else compose(plan, step_plan, dense_structure)
     assert plan is not None

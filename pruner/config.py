@@ -43,6 +43,10 @@ class PruneConfig:
     max_layer_ratio: float = field(
         default=0.9, metadata={"help": "global ranking: at most this fraction of a layer's heads/channels goes"})
     round_to: int = field(default=1, metadata={"help": "kept MLP/hidden widths become multiples of this (e.g. 8 or 64)"})
+    reconstruct: bool = field(
+        default=False, metadata={"help": "refit the kept columns of o_proj/down_proj by least squares on the "
+                                         "calibration inputs (no training); costs one in_features^2 matrix per layer"})
+    reconstruct_damping: float = field(default=0.01, metadata={"help": "ridge term of reconstruct, relative to the mean diagonal"})
     iterative_steps: int = field(default=1, metadata={"help": "prune in this many steps, re-estimating importance"})
     seed: int = field(default=0, metadata={"help": "seed of the random criterion and probing"})
 
@@ -65,6 +69,8 @@ class PruneConfig:
             raise PrunerError(f"head_granularity must be 'query' or 'kv', got {self.head_granularity!r}")
         if not 0.0 < self.max_layer_ratio <= 1.0:
             raise PrunerError(f"max_layer_ratio must be in (0, 1], got {self.max_layer_ratio}")
+        if self.reconstruct_damping <= 0:
+            raise PrunerError(f"reconstruct_damping must be positive, got {self.reconstruct_damping}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise PrunerError(f"round_to must be a positive integer, got {self.round_to!r}")
         if not isinstance(self.iterative_steps, int) or self.iterative_steps < 1:

@@ -225,3 +225,39 @@ def test_no_calibration_batches_is_refused():
     # magnitude criteria need no data
     plan = pruner.prune(tiny_causal_lm("llama"), [], pruning_ratio=0.5, criterion="l2")
     assert plan.params["removed"] > 0
+
+
+def test_reconstruction_refits_kept_columns_to_the_dense_output():
+    torch.manual_seed(0)
+    batches = _batches(4, 4, 32)
+    errors = {}
+    for reconstruct in (False, True):
+        dense = tiny_causal_lm("llama", num_hidden_layers=4, intermediate_size=128)
+        model = copy.deepcopy(dense)
+        plan = pruner.prune(model, batches, target_sparsity=0.3, reconstruct=reconstruct)
+        assert plan.settings["reconstruct"] is reconstruct
+        x = torch.cat(batches)
+        errors[reconstruct] = (model(x).logits - dense(x).logits).pow(2).mean().item()
+    assert errors[True] < 0.2 * errors[False]  # measured: 0.0004 vs 0.018
+
+
+def test_reconstruction_solves_the_normal_equations():
+    from pruner.reconstruction import GramCollector, compensate
+
+    model = tiny_causal_lm("llama")
+    s = discover(model)
+    down = "model.layers.1.mlp.down_proj"
+    collector = GramCollector(model, [down])
+    collector.attach()
+    with torch.no_grad():
+        model(torch.cat(_batches(2, 4, 32)))
+    collector.detach()
+    plan = Plan([pruner.LayerPlan(i, mlp_channels_kept=list(range(0, 96, 2)) if i == 1 else None) for i in range(3)])
+    w = model.get_submodule(down).weight.detach().double().clone()
+    compensate(plan, s, model, collector, damping=1e-3)
+    g = collector.grams[down] / collector.tokens[down]
+    kept = torch.arange(0, 96, 2)
+    new = model.get_submodule(down).weight.detach().double()[:, kept]
+    g_kk = g[kept][:, kept]
+    lhs = new @ (g_kk + 1e-3 * g_kk.diagonal().mean() * torch.eye(48, dtype=torch.float64))
+    torch.testing.assert_close(lhs, w @ g[:, kept], rtol=1e-4, atol=1e-6)

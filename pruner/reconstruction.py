@@ -1,0 +1,89 @@
+"""Least-squares compensation of the consumers of removed channels (optional, no training).
+
+When MLP channels or attention heads go, the layer's output loses their contribution
+``W_R x_R``. From the calibration inputs of each consumer (down_proj, o_proj) we keep the Gram
+matrix ``G = E[x xᵀ]`` and refit the kept columns so that they reproduce the dense output as
+well as possible:  ``W'_K = W G[:, K] (G[K, K] + λ·mean(diag G[K, K]) I)⁻¹``  (ridge regression;
+λ = ``damping``). Removed columns are then sliced away as usual. The cost is one Gram matrix per
+consumer (in_features², fp64) accumulated during the calibration forward passes.
+
+Example:
+    >>> import torch
+    >>> g = GramCollector.__doc__ is not None
+    >>> g
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .discovery import ModelStructure
+from .plan import Plan
+from .surgery import removed_slices
+
+
+class GramCollector:
+    """Accumulates ``Σ x xᵀ`` of the inputs of the given linear modules (forward pre-hooks)."""
+
+    def __init__(self, model: nn.Module, module_names: list[str]):
+        self.model, self.names = model, module_names
+        self.grams: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self._handles: list = []
+
+    def attach(self) -> None:
+        for name in self.names:
+            self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._hook(name)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()  # (tokens, in)
+            g = x.T @ x
+            self.grams[name] = g if name not in self.grams else self.grams[name].add_(g)
+            self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+
+        return hook
+
+
+def consumers(structure: ModelStructure) -> list[str]:
+    names = []
+    for info in structure.layers:
+        if info.attention is not None:
+            names.append(info.attention.consumer)
+        if info.mlp is not None:
+            names.append(info.mlp.consumer)
+    return names
+
+
+@torch.no_grad()
+def compensate(plan: Plan, structure: ModelStructure, model: nn.Module, collector: GramCollector,
+               damping: float = 0.01) -> int:
+    """Refits the kept input columns of every consumer that loses columns under ``plan``.
+    Returns how many consumers were refitted. Call before :func:`pruner.apply_plan`."""
+    removed = removed_slices(plan, structure)
+    done = 0
+    for name in collector.names:
+        key = (f"{name}.weight", 1)
+        gone = removed.get(key)
+        if not gone or name not in collector.grams:
+            continue
+        linear = model.get_submodule(name)
+        n_in = linear.in_features
+        kept = torch.tensor([i for i in range(n_in) if i not in gone])
+        gram = collector.grams[name] / max(collector.tokens[name], 1)  # (in, in)
+        g_kk = gram[kept][:, kept]
+        ridge = damping * g_kk.diagonal().mean().clamp_min(1e-12)
+        w = linear.weight.double()  # (out, in)
+        rhs = w @ gram[:, kept]  # (out, |K|)
+        system = g_kk + ridge * torch.eye(len(kept), dtype=g_kk.dtype)
+        new = torch.linalg.solve(system, rhs.T).T  # W'_K (out, |K|); the system is symmetric
+        linear.weight[:, kept] = new.to(linear.weight.dtype)
+        done += 1
+    return done
