@@ -37,7 +37,15 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from pruner import data as D
 from pruner.errors import PrunerError
 
+DEFAULT_TEXT_RECOVERY_WINDOWS = 1000  # plain-text recovery without recovery_max_records
 STREAM_INDEX = "stream_index"  # bookkeeping key of train batches, removed before the model sees them
+
+
+def _is_plain_text(source: str) -> bool:
+    """``builtin``, a ``.txt`` file or a folder: recovery by plain language modelling."""
+    from pathlib import Path
+
+    return source == D.BUILTIN or source.endswith(".txt") or Path(source).is_dir()
 
 
 def pad_collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -126,8 +134,10 @@ class PruneDataModule(LightningDataModule):
             (the paper: 10 x 64).
         seed: seeds the calibration windows and the recovery shuffles.
         recovery_source: Alpaca-format JSON file or hub name (``"yahma/alpaca-cleaned"``);
-            None = no recovery data.
-        recovery_max_records: use only the first N records (quick CPU runs).
+            or plain text (``"builtin"``, a ``.txt`` file or a folder of them): random windows
+            of ``cutoff_len`` tokens, every token learned; None = no recovery data.
+        recovery_max_records: use only the first N records (quick CPU runs); plain text: the
+            number of windows (default 1000).
         recovery_epochs: passes over the recovery data inside the single train pass (paper: 2).
         micro_batch_size: recovery and validation batch size (the paper: 4).
         cutoff_len: longest tokenized instruction example; longer ones are truncated.
@@ -222,6 +232,12 @@ class PruneDataModule(LightningDataModule):
 
     def _load_recovery(self, tok) -> list[dict]:
         hp = self.hparams
+        if _is_plain_text(hp.recovery_source):
+            # Plain text (e.g. "builtin" for an offline run): language-modelling windows of
+            # cutoff_len tokens, drawn with another seed than the calibration windows.
+            n = hp.recovery_max_records or DEFAULT_TEXT_RECOVERY_WINDOWS
+            windows = D.calibration_samples(hp.recovery_source, tok, n, hp.cutoff_len, hp.seed + 1)
+            return [{k: v.tolist() for k, v in window_batch(w).items()} for w in windows]
         records = D.alpaca_records(hp.recovery_source, hp.recovery_max_records)
         examples = [D.tokenize_instruction(r, tok, hp.cutoff_len) for r in records]
         # A prompt that fills cutoff_len leaves no response token to learn: its loss is NaN.
