@@ -3,8 +3,10 @@
 When MLP channels or attention heads go, the layer's output loses their contribution
 ``W_R x_R``. From the calibration inputs of each consumer (down_proj, o_proj) we keep the Gram
 matrix ``G = E[x xᵀ]`` and refit the kept columns so that they reproduce the dense output as
-well as possible:  ``W'_K = W G[:, K] (G[K, K] + λ·mean(diag G[K, K]) I)⁻¹``  (ridge regression;
-λ = ``damping``). Removed columns are then sliced away as usual. The cost is one Gram matrix per
+well as possible, pulled towards the original columns where the calibration data says nothing:
+``W'_K = (W G[:, K] + μ W_K) (G[K, K] + μ I)⁻¹`` with ``μ = damping · mean(diag G[K, K])``
+(ridge regression towards ``W_K``: with 640 calibration tokens and 1000 kept channels most
+directions are unobserved, and a ridge towards zero would erase them). Removed columns are then sliced away as usual. The cost is one Gram matrix per
 consumer (in_features², fp64) accumulated during the calibration forward passes.
 
 Example:
@@ -81,7 +83,7 @@ def compensate(plan: Plan, structure: ModelStructure, model: nn.Module, collecto
         g_kk = gram[kept][:, kept]
         ridge = damping * g_kk.diagonal().mean().clamp_min(1e-12)
         w = linear.weight.double()  # (out, in)
-        rhs = w @ gram[:, kept]  # (out, |K|)
+        rhs = w @ gram[:, kept] + ridge * w[:, kept]  # (out, |K|)
         system = g_kk + ridge * torch.eye(len(kept), dtype=g_kk.dtype)
         new = torch.linalg.solve(system, rhs.T).T  # W'_K (out, |K|); the system is symmetric
         linear.weight[:, kept] = new.to(linear.weight.dtype)

@@ -260,4 +260,4 @@ def test_reconstruction_solves_the_normal_equations():
     new = model.get_submodule(down).weight.detach().double()[:, kept]
     g_kk = g[kept][:, kept]
     lhs = new @ (g_kk + 1e-3 * g_kk.diagonal().mean() * torch.eye(48, dtype=torch.float64))
-    torch.testing.assert_close(lhs, w @ g[:, kept], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(lhs, w @ g[:, kept] + 1e-3 * g_kk.diagonal().mean() * w[:, kept], rtol=1e-4, atol=1e-6)
