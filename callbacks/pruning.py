@@ -91,6 +91,20 @@ class StructuralPruneCallback(pl.Callback):
             for ``pruner.load_pretrained``); None = no export.
         overwrite_export: replace an existing non-empty ``export_dir``.
         verbose: log parameter counts and the export path (rank 0).
+
+    Notes:
+        * Strategies: single device and DDP. Under DDP, calibration runs on the bare module
+          (each rank sums its own gradients; one all-reduce at the prune step) and the
+          ``DistributedDataParallel`` wrapper is rebuilt for the pruned + LoRA parameters.
+          ``ModelParallelStrategy`` (FSDP2) is refused with a ``PrunerError`` for now.
+        * ``trainer.accumulate_grad_batches``: Lightning divides each loss by it; the
+          accumulators are rescaled, so importance does not depend on it. The first optimizer
+          step after pruning sees only the recovery micro-batches left in its accumulation
+          window (e.g. 6 of 16 after 10 calibration batches).
+        * Resuming (``ckpt_path``): the callback state holds the plan (``CausalLMModule``
+          re-applies it before loading the weights) or, for a checkpoint written during
+          calibration, the importance accumulators, so that either resumes exactly.
+        * A checkpoint holds the LoRA-wrapped pruned model; the export holds the merged one.
     """
 
     def __init__(
@@ -188,6 +202,18 @@ class StructuralPruneCallback(pl.Callback):
                            batch_idx: int) -> None:
         if not self._pruned and trainer.current_epoch == 0 and batch_idx == self._prune_at - 1:
             self._prune(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._estimator is not None:  # validation inside calibration must not feed importance
+            self._estimator.detach()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._estimator is not None:
+            self._estimator.attach()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._estimator is not None:  # restore requires_grad flags and remove the hooks
+            self._estimator.detach()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish(trainer, pl_module)

@@ -279,3 +279,55 @@ def test_ddp_two_processes_sum_importance_and_match_one_process(tiny_dir, tmp_pa
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     # ... and trained the same adapters as the single process.
     assert_close(r0["lora"], single["lora"], rtol=1e-4, atol=1e-5)
+
+
+def test_prune_at_step_calibrates_on_the_batches_just_before_it(tiny_dir, tmp_path):
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    class Flags(L.Callback):
+        calibrating: list = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            Flags.calibrating.append(module.calibrating)
+
+    # Batches 0-2 train the dense model (full fine-tuning), 3-4 calibrate, pruning follows 4.
+    prune = StructuralPruneCallback(pruning_ratio=0.5, calibration_batches=2, prune_at_step=5, verbose=False)
+    data = PruneDataModule(calibration_samples=2, calibration_seq_len=16, micro_batch_size=2, recovery_epochs=2,
+                           recovery_source=_alpaca(tmp_path / "alpaca.json"))
+    _trainer(tmp_path, [prune, Flags()], max_steps=6).fit(CausalLMModule(str(tiny_dir), lora_dropout=0.0), data)
+    assert Flags.calibrating == [False, False, False, True, False, False]  # batch 4: pruned in its end hook
+    assert prune.plan.calibration["samples"] == 4  # two recovery micro-batches of 2
+
+
+def test_fsdp2_is_refused_with_a_clear_error(tiny_dir):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False,
+                        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    with pytest.raises(PrunerError, match="does not support ModelParallelStrategy \\(FSDP2\\) yet"):
+        StructuralPruneCallback(target_sparsity=0.2).setup(trainer, CausalLMModule(str(tiny_dir)), "fit")
+
+
+def test_validation_inside_calibration_does_not_feed_importance(tiny_dir, tmp_path):
+    """``activation`` importance counts the inputs seen by forward hooks: validation batches
+    run between calibration batches must not be counted (the plan equals one without them)."""
+    from pruner.data import builtin_text
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    raw = tmp_path / "wiki.test.raw"
+    raw.write_text("\n".join(builtin_text()[:4000].splitlines()[:60]))
+    plans = []
+    for val in (None, str(raw)):
+        prune = StructuralPruneCallback(criterion="activation", target_sparsity=0.1, global_ranking=True,
+                                        verbose=False)
+        data = PruneDataModule(calibration_samples=4, calibration_seq_len=16, val_source=val, val_seq_len=32,
+                               val_max_windows=2)
+        _trainer(tmp_path, [prune], max_steps=4, val_check_interval=1 if val else None).fit(
+            CausalLMModule(str(tiny_dir)), data)
+        plans.append(prune.plan.to_dict())
+    assert plans[0]["layers"] == plans[1]["layers"]
+    assert [g["score"] for g in plans[0]["groups"]] == [g["score"] for g in plans[1]["groups"]]
