@@ -11,6 +11,7 @@ from pruner.eval.efficiency import (
     macs_per_token,
     measure_latency,
     peak_memory,
+    weights_bytes,
 )
 from pruner.eval.testing import shrink_layer, tiny_llama
 
@@ -31,6 +32,9 @@ def test_count_parameters_is_sum_of_unique_numel():
     tied = tiny_llama(vocab_size=50, tie_word_embeddings=True)
     # Tied LM head and embeddings share one tensor: counted once.
     assert count_parameters(model) - count_parameters(tied) == 50 * 64
+    buffers = sum(b.numel() * 4 for b in model.buffers())  # rotary inv_freq
+    assert weights_bytes(model) == 4 * count_parameters(model) + buffers
+    assert weights_bytes(model) - weights_bytes(tied) == 4 * 50 * 64
     model.model.embed_tokens.weight.requires_grad_(False)
     assert count_parameters(model, trainable_only=True) == count_parameters(model) - 50 * 64
 
@@ -63,6 +67,7 @@ def test_measure_latency_fields_are_consistent():
     assert s["generate_tokens_per_s"] == pytest.approx(2 * 5 / s["generate_seconds"])
     assert s["decode_tokens_per_s"] >= s["generate_tokens_per_s"]
     assert s["peak_memory_mb"] >= 0
+    assert s["weights_mb"] == pytest.approx(weights_bytes(model) / 2**20)
 
 
 def test_peak_memory_sees_a_large_allocation():

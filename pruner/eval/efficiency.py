@@ -30,6 +30,12 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def weights_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (shared tensors counted once)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def _attention_blocks(model: nn.Module):
     """Attention modules of a LLaMA-like model: those with ``q_proj`` and ``o_proj`` children."""
     for module in model.modules():
@@ -149,8 +155,10 @@ def measure_latency(
 
     Returns ``prefill_tokens_per_s`` (batch * seq_len / one forward pass), ``generate_tokens_per_s``
     (batch * new_tokens / a whole ``generate`` call, prefill included), ``decode_tokens_per_s``
-    (the same without the prefill time), the median seconds of each, and ``peak_memory_mb``
-    (peak increase during one ``generate`` call, see :func:`peak_memory`).
+    (the same without the prefill time), the median seconds of each, ``weights_mb`` (parameter
+    and buffer bytes) and ``peak_memory_mb``: the peak increase during the *first* ``generate``
+    call (see :func:`peak_memory`); later calls reuse the allocator's freed memory and would
+    show about 0 on CPU.
     """
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -192,10 +200,11 @@ def measure_latency(
         return time.perf_counter() - start
 
     try:
-        prefill(), generate()  # warm-up: first calls allocate and pick kernels
+        # Also the warm-up: first calls allocate and pick kernels, so they are not timed.
+        out, peak = peak_memory(generate, device)
+        prefill()
         t_prefill = statistics.median(timed(prefill) for _ in range(repeats))
         t_generate = statistics.median(timed(generate) for _ in range(repeats))
-        out, peak = peak_memory(generate, device)
     finally:
         model.train(was_training)
     assert out.shape == (batch_size, seq_len + new_tokens), out.shape
@@ -209,6 +218,7 @@ def measure_latency(
         "prefill_tokens_per_s": batch_size * seq_len / t_prefill,
         "generate_tokens_per_s": batch_size * new_tokens / t_generate,
         "decode_tokens_per_s": batch_size * new_tokens / decode_time,
+        "weights_mb": weights_bytes(model) / 2**20,
         "peak_memory_mb": peak / 2**20,
     }
 

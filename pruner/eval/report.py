@@ -201,13 +201,16 @@ def format_tables(results: dict) -> str:
     if eff:
         e0 = eff[0][1]
         header = ["model", "params", "MACs/token (M)", "prefill tok/s", "generate tok/s",
-                  "decode tok/s", "peak memory (MB)"]
+                  "decode tok/s", "weights (MB)", "generate peak extra (MB)"]
         rows = [[n, _fmt(e["parameters"]), _fmt(e["macs_per_token"] / 1e6, 1),
                  _fmt(e["prefill_tokens_per_s"], 0), _fmt(e["generate_tokens_per_s"], 1),
-                 _fmt(e["decode_tokens_per_s"], 1), _fmt(e["peak_memory_mb"], 1)] for n, e in eff]
+                 _fmt(e["decode_tokens_per_s"], 1), _fmt(e.get("weights_mb"), 1),
+                 _fmt(e["peak_memory_mb"], 1)] for n, e in eff]
         parts += ["\n## Efficiency\n", _table(header, rows),
                   f"\nBatch {e0['batch_size']}, prompt {e0['seq_len']} tokens, {e0['new_tokens']} "
-                  "greedy new tokens with KV cache; medians of repeated runs."]
+                  "greedy new tokens with KV cache; medians of repeated runs (on a shared CPU, "
+                  "compare speeds only within one run). Peak extra: memory above the loaded "
+                  "model during the first `generate` call (CPU: RSS, approximate)."]
     return "\n".join(parts)
 
 
@@ -292,13 +295,23 @@ def plot_plan(plan: dict, folder: str | Path) -> dict[str, Path]:
         for ax, (kind, items) in zip(axes[0], sorted(by_kind.items())):
             kept = [s for s, r in items if not r]
             removed = [s for s, r in items if r]
-            bins = 30 if len(items) > 30 else max(5, len(items))
+            scores = [s for s, _ in items]
+            bins: int | list[float] = 30 if len(items) > 30 else max(5, len(items))
+            if min(scores) > 0 and max(scores) / min(scores) > 100:
+                # Heavy-tailed scores (MLP channels): log-spaced bins show the low end.
+                lo, hi = math.log10(min(scores)), math.log10(max(scores))
+                bins = [10 ** (lo + (hi - lo) * k / 30) for k in range(31)]
+                ax.set_xscale("log")
             ax.hist([kept, removed], bins=bins, stacked=True, label=["kept", "removed"],
                     color=["tab:blue", "tab:red"])
-            if removed:
-                # The cut: every group scoring at most this was removed (for a global ranking).
-                cut = max(removed)
+            if removed and kept and max(removed) <= min(kept):
+                # A single global threshold separates removed from kept groups.
+                cut = (max(removed) + min(kept)) / 2
                 ax.axvline(cut, color="black", ls="--", lw=1, label=f"cut {cut:.3g}")
+            elif removed:
+                # Per-layer (local) selection: no single threshold; show the highest removed.
+                ax.axvline(max(removed), color="black", ls=":", lw=1,
+                           label=f"highest removed {max(removed):.3g}")
             ax.set(title=f"{kind} ({len(removed)}/{len(items)} removed)", xlabel="importance score")
             ax.legend(fontsize=8)
         axes[0][0].set_ylabel("groups")
