@@ -128,9 +128,10 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:
+            saved = Plan.from_dict(plan.to_dict())  # the caller's plan stays as it was
             if spec:
-                plan.settings = {**plan.settings, "modeling_file_sha256": data["pruner_modeling_sha256"]}
-            plan.save(tmp / "plan.json")
+                saved.settings = {**saved.settings, "modeling_file_sha256": data["pruner_modeling_sha256"]}
+            saved.save(tmp / "plan.json")
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{tmp.name[-8:]}")
             folder.rename(old)

@@ -2,6 +2,7 @@
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,7 +75,9 @@ def test_peak_memory_sees_a_large_allocation():
     pytest.importorskip("psutil")
 
     def allocate():
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        # numpy, not torch: torch may hand back a cached block freed by an earlier test, which
+        # raises no RSS (seen in the full suite); a fresh 64 MiB malloc is mmapped and touched
+        x = np.ones(64 * 2**20 // 4, dtype=np.float32)
         time.sleep(0.05)  # let the 2 ms sampler see it even on a loaded machine
         return float(x.sum())
 
