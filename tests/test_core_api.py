@@ -83,12 +83,10 @@ def test_vector_criterion_takes_abs_of_the_whole_group_sum():
     scores = family_scores(heads, v, "vector", "sum")
     q_rows = heads.members[0].indices  # (4 heads, 16 rows)
     q_part = torch.stack([(w * g)[rows].sum().abs() for rows in q_rows]).double()
-    o = model.model.layers[0].self_attn.o_proj.weight
-    assert scores.shape == (4,) and (scores >= q_part - 1e-6).all() or True  # sum of two members
-    # the q member alone (aggregation "max" over a single-member view is the member itself)
+    # group score = |sum over its q rows| + |sum over its o columns| >= the q member alone
+    assert scores.shape == (4,) and (scores >= q_part * (1 - 1e-4)).all()
     only_q = type(heads)(heads.kind, heads.layer, [heads.members[0]])
     torch.testing.assert_close(family_scores(only_q, v, "vector", "sum"), q_part, rtol=1e-4, atol=1e-9)
-    assert o is not None
 
 
 def test_aggregators():
