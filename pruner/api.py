@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .config import PruneConfig
 from .discovery import ModelStructure, discover
 from .errors import PrunerError
+from .eval.efficiency import count_parameters  # one definition: tied weights counted once
 from .importance import ImportanceEstimator
 from .plan import LayerPlan, Plan, model_fingerprint
 from .reconstruction import GramCollector, compensate, consumers
@@ -37,11 +38,6 @@ def package_version() -> str:
         from . import __version__
 
         return __version__
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def _as_batch(batch, device) -> dict[str, torch.Tensor]:

@@ -105,6 +105,10 @@ class ImportanceEstimator:
         self._canonical: dict[int, str] = {}
         for name in self.dims:
             self._canonical.setdefault(id(self.params[name]), name)
+        # every dim any of a tensor's names is scored along, keyed by its canonical name (hook hot path)
+        self._tensor_dims: dict[str, set[int]] = {}
+        for name, dims in self.dims.items():
+            self._tensor_dims.setdefault(self._canonical[id(self.params[name])], set()).update(dims)
         self.num_samples = 0
         self._weight = 1.0
         self._grad_sum: dict[str, torch.Tensor] = {}
@@ -166,17 +170,14 @@ class ImportanceEstimator:
                 acc = self._grad_sum.get(name)
                 self._grad_sum[name] = g * self._weight if acc is None else acc.add_(g, alpha=self._weight)
             if self.criterion.needs_per_sample:
-                w2 = param.detach().float().square()
-                for dim in self._all_dims(param):
+                w2g2 = param.detach().float().square() * g.square()  # computed once for every dim
+                for dim in self._tensor_dims[name]:
                     key = (name, dim)
-                    v = _reduce(w2 * g.square(), dim)
+                    v = _reduce(w2g2, dim)
                     self._fisher[key] = v if key not in self._fisher else self._fisher[key].add_(v)
             param.grad = None  # the running sum above is all we keep
 
         return hook
-
-    def _all_dims(self, param) -> set[int]:
-        return {d for n, ds in self.dims.items() if self.params[n] is param for d in ds}
 
     def _act_hook(self, name: str):
         def hook(module, args):
