@@ -261,6 +261,12 @@ class StructuralPruneCallback(pl.Callback):
                 f"trainer precision {trainer.precision_plugin.precision!r} scales the loss with a GradScaler, "
                 "which would corrupt the importance gradients: use precision bf16-mixed or 32-true"
             )
+        if self.attach_lora and hasattr(module, "missing_lora_targets") and (gone := module.missing_lora_targets()):
+            raise PrunerError(
+                f"LoRA target(s) {gone} match no module of {type(module.hf_model).__name__}: set "
+                "model.lora_target_modules to names of its linear layers (e.g. [q_proj, k_proj, v_proj, o_proj, "
+                "gate_proj, up_proj, down_proj]), or attach_lora: false"
+            )
         hparams = getattr(module, "hparams", {})
         if hparams.get("attach_lora_at_start", False):
             raise PrunerError(
@@ -384,6 +390,7 @@ class StructuralPruneCallback(pl.Callback):
         self.vectors = vectors  # per-index saliences, summed over ranks (small: no model-sized tensor)
         plan = make_plan(self._structure, vectors, self.config, self._total_before)
         self._check_ranks_agree(trainer, plan)
+        self._check_lora_targets_survive(module, plan)
         model = module.hf_model
         apply_plan(plan, model, self._structure)
         calibration = {"batches": self._calibrated_batches * trainer.world_size, "samples": est.num_samples,
@@ -407,6 +414,19 @@ class StructuralPruneCallback(pl.Callback):
                 f"parameters ({p['removed_fraction']:.1%} removed); trainable now "
                 f"{sum(q.numel() for q in module.parameters() if q.requires_grad):,} "
                 f"of {count_parameters(module):,}"
+            )
+
+    def _check_lora_targets_survive(self, module: pl.LightningModule, plan) -> None:
+        """Refuses, before any weight changes, a plan that deletes every module a LoRA target
+        names (e.g. a target spelled with a layer index that layer-wise pruning removes)."""
+        if not self.attach_lora or not hasattr(module, "missing_lora_targets"):
+            return
+        removed = [self._structure.layers[lp.index].path for lp in plan.layers if lp.removed]
+        gone = module.missing_lora_targets(removed)
+        if gone:
+            raise PrunerError(
+                f"LoRA target(s) {gone} exist only in layers the plan removes ({removed}): target module "
+                "names without a layer index (e.g. q_proj), or keep those layers out of `layers`"
             )
 
     @staticmethod

@@ -170,6 +170,20 @@ class CausalLMModule(LightningModule):
 
         return isinstance(self.lm, PeftModel)
 
+    def missing_lora_targets(self, removed_prefixes: Sequence[str] = ()) -> list[str]:
+        """The ``lora_target_modules`` that match no module of the model (peft's rule: the full
+        name or its last dotted parts), ignoring modules under ``removed_prefixes`` (layers a
+        plan is about to delete). Empty when every target exists.
+
+        Example:
+            >>> module.missing_lora_targets()  # doctest: +SKIP
+            []
+        """
+        names = [n for n, _ in self.hf_model.named_modules()
+                 if not any(n == p or n.startswith(p + ".") for p in removed_prefixes)]
+        return [t for t in self.hparams.lora_target_modules
+                if not any(n == t or n.endswith("." + t) for n in names)]
+
     def attach_lora(self) -> None:
         """Freezes the model and adds LoRA adapters to ``lora_target_modules``. The optimizer must
         be rebuilt afterwards when training is under way (``trainer.strategy.setup_optimizers``).

@@ -143,7 +143,8 @@ def prune(
                       pruning_ratio=pruning_ratio, attention_layers=attention_layers, mlp_layers=mlp_layers, **more)
     batches = list(batches)
     if not batches and cfg.criterion not in ("l1", "l2", "random"):
-        raise PrunerError(f"no calibration batches: criterion {cfg.criterion!r} needs at least one")
+        raise PrunerError(f"no calibration batches: criterion {cfg.criterion!r} needs at least one; pass "
+                          "input_ids batches, or use a data-free criterion (l1, l2, random)")
     dense_structure = discover(model, seed=cfg.seed)
     cfg.check_model(len(dense_structure.layers))
     total_before = count_parameters(model)

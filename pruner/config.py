@@ -64,7 +64,7 @@ class PruneConfig:
         for name in ("target_sparsity", "pruning_ratio"):
             v = getattr(self, name)
             if v is not None and not 0.0 < v < 1.0:
-                raise PrunerError(f"{name} must be strictly between 0 and 1, got {v}")
+                raise PrunerError(f"{name} must be strictly between 0 and 1, got {v}: pass a fraction such as 0.2")
         if self.head_granularity not in ("query", "kv"):
             raise PrunerError(f"head_granularity must be 'query' or 'kv', got {self.head_granularity!r}")
         if not 0.0 < self.max_layer_ratio <= 1.0:

@@ -401,7 +401,8 @@ def _analyse_layer(index: int, path: str, layer: nn.Module, inputs_multi, inputs
     linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     unknown = [n for n, m in layer.named_modules() if type(m).__name__ in ("Conv1D",)]
     if unknown:
-        raise UnsupportedArchitectureError(f"{prefix}{unknown[0]}: Conv1D projections are not supported")
+        raise UnsupportedArchitectureError(f"{prefix}{unknown[0]}: Conv1D projections are not supported; pruner handles decoder-only "
+            "models whose projections are nn.Linear (Llama, Mistral, Qwen2, Glm, Phi3 and alike)")
     if not linears:
         raise UnsupportedArchitectureError(f"{path} has no nn.Linear modules: nothing to prune")
     probe = _Probe(layer, linears, seed)

@@ -8,8 +8,10 @@ Example:
 from __future__ import annotations
 
 import copy
+import ctypes
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -107,7 +109,8 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
     _uniform_config(model, cfg)
     spec = shape_spec(model, cfg)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    _remove_stale_siblings(folder)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-{os.getpid()}-"))
     try:
         original_config = model.config
         model.config = cfg
@@ -133,10 +136,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
                 saved.settings = {**saved.settings, "modeling_file_sha256": data["pruner_modeling_sha256"]}
             saved.save(tmp / "plan.json")
         if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{tmp.name[-8:]}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace_folder(tmp, folder)
         else:
             tmp.rename(folder)
     except BaseException:
@@ -145,8 +145,55 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
     return folder
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _replace_folder(new: Path, folder: Path) -> None:
+    """Puts ``new`` in place of the existing ``folder``. On Linux one atomic exchange: a kill at
+    any moment leaves the old or the new folder at ``folder``. Elsewhere two renames; a kill
+    between them leaves the old folder as ``.<name>.old-<pid>``, which loading points to."""
+    if _exchange(new, folder):
+        shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the old folder
+        return
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    folder.rename(old)
+    new.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_siblings(folder: Path) -> None:
+    """Deletes temporary folders that a killed export of ``folder`` left behind (their writer's
+    process is gone); a live concurrent export's folder is left alone."""
+    for path in folder.parent.glob(f".{folder.name}.tmp-*"):
+        pid = path.name[len(f".{folder.name}.tmp-"):].split("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _check_folder(folder: Path) -> dict:
     if not folder.is_dir():
+        left = sorted(folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
+        if left:
+            raise FileNotFoundError(f"model folder not found: {folder}; an interrupted export left the previous "
+                                    f"version at {left[0]}: rename it back to {folder.name}")
         raise FileNotFoundError(f"model folder not found: {folder}")
     config_path = folder / "config.json"
     if not config_path.is_file():

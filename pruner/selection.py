@@ -183,7 +183,26 @@ def select_units(pools: list[list[Unit]], cfg: PruneConfig, total_params: int) -
         eligible = sum(sum(u.cost for u in p) + (p[-1].cost if p and p[0].kind != "layer" else 0) for p in pools)
         budget = int(round(ratio * eligible))
         return _cheapest_first(all_units, budget)
+    _check_whole_group_ratio(pools, ratio)
     return _local(pools, ratio)
+
+
+def _check_whole_group_ratio(pools: list[list[Unit]], ratio: float) -> None:
+    """With whole key/value groups a layer's attention can only lose k/n_kv of its heads; a
+    ratio far from every such fraction would silently remove much more or nothing at all
+    (the reference crashes on SmolLM2 at 0.25: 3 groups allow 0, 1/3, 2/3)."""
+    for pool in pools:
+        if not pool or pool[0].kind != "kv":
+            continue
+        n = _full_units(pool)
+        if abs(ratio * n - round(ratio * n)) > 0.15:
+            nearest = max(1, round(ratio * n)) / n
+            choices = ", ".join(f"{k / n:.3g}" for k in range(n))
+            raise PrunerError(
+                f"pruning_ratio={ratio} cannot be met by removing whole key/value groups: layer {pool[0].layer} "
+                f"has {n} KV groups, so its attention can only lose {choices} of its heads; use "
+                f"head_granularity='query' (removes query heads evenly inside every KV group) or "
+                f"pruning_ratio={nearest:.4g}")
 
 
 def units_to_plan(units: list[Unit], structure: ModelStructure) -> Plan:

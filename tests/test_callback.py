@@ -28,6 +28,19 @@ from pruner.lightning_modules.causal_lm import CausalLMModule
 from pruner.lightning_modules.data import PruneDataModule
 
 
+class KillAt(L.Callback):
+    """SIGKILLs this process when batch ``step`` starts: no cleanup, no final checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import os, signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class RecordLosses(L.Callback):
     def __init__(self) -> None:
         self.losses: dict[int, float] = {}
@@ -46,7 +59,7 @@ def main(spec: dict) -> None:
                            recovery_epochs=spec.get("recovery_epochs", 4))
     prune = StructuralPruneCallback(verbose=False, **spec.get("callback", {"pruning_ratio": 0.5}))
     losses = RecordLosses()
-    callbacks = [prune, losses]
+    callbacks = [prune, losses] + ([KillAt(spec["kill_at_step"])] if "kill_at_step" in spec else [])
     if spec.get("checkpoint_every"):
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -77,7 +90,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def run_in_subprocess(tmp_path: Path, spec: dict, name: str) -> list[dict]:
-    """Runs RUN_SCRIPT with ``spec`` in a new process; returns each rank's results."""
+    """Runs RUN_SCRIPT with ``spec`` in a new process; returns each rank's results (none when
+    ``spec['kill_at_step']`` killed it, which is asserted)."""
     out = tmp_path / name
     out.mkdir()
     spec = {"out": str(out), "alpaca": str(tmp_path / "alpaca.json"), **spec}
@@ -85,6 +99,9 @@ def run_in_subprocess(tmp_path: Path, spec: dict, name: str) -> list[dict]:
     (out / "spec.json").write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(out / "spec.json")],
                           capture_output=True, text=True, timeout=300)
+    if "kill_at_step" in spec:
+        assert proc.returncode == -9, proc.stderr[-4000:]
+        return []
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(spec.get("devices", 1))]
 
@@ -254,6 +271,25 @@ def test_resume_in_the_middle_of_calibration_gives_the_same_plan(tiny_dir, tmp_p
     assert resumed["plan"]["layers"] == full["plan"]["layers"]
     assert resumed["plan"]["calibration"]["samples"] == 4
     assert_close(resumed["vectors"], full["vectors"], rtol=1e-5, atol=0)
+    assert_close(resumed["lora"], full["lora"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at,last_checkpoint", [(3, 2), (8, 6)], ids=["in-calibration", "in-recovery"])
+def test_sigkill_then_resume_from_the_last_checkpoint_gives_identical_results(tiny_dir, tmp_path, kill_at,
+                                                                               last_checkpoint):
+    _alpaca(tmp_path / "alpaca.json")
+    base = {"model_dir": str(tiny_dir), "calibration_samples": 4, "recovery_epochs": 2}
+    (full,) = run_in_subprocess(tmp_path, base, "full")
+    every = 2 if kill_at < 4 else 3
+    run_in_subprocess(tmp_path, {**base, "checkpoint_every": every, "kill_at_step": kill_at}, "killed")
+    ckpts = sorted((tmp_path / "killed").glob("*.ckpt"))
+    assert ckpts[-1].name == f"step={last_checkpoint}.ckpt", ckpts
+    (resumed,) = run_in_subprocess(tmp_path, {**base, "ckpt_in": str(ckpts[-1])}, "resumed")
+    assert resumed["plan"]["layers"] == full["plan"]["layers"]
+    assert resumed["step"] == full["step"]
+    assert_close([resumed["losses"][i] for i in range(max(last_checkpoint, 4), full["step"])],
+                 [full["losses"][i] for i in range(max(last_checkpoint, 4), full["step"])], rtol=1e-5, atol=1e-6)
     assert_close(resumed["lora"], full["lora"], rtol=1e-5, atol=1e-6)
 
 
