@@ -392,6 +392,8 @@ class StructuralPruneCallback(pl.Callback):
         self._check_ranks_agree(trainer, plan)
         self._check_lora_targets_survive(module, plan)
         model = module.hf_model
+        if getattr(module, "wants_teacher", False) and module.teacher is None:
+            module.keep_teacher(model)  # distillation: the dense model, frozen, before surgery
         apply_plan(plan, model, self._structure)
         calibration = {"batches": self._calibrated_batches * trainer.world_size, "samples": est.num_samples,
                        "tokens_per_sample": self._tokens_per_sample, "world_size": trainer.world_size}

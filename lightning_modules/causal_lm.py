@@ -47,6 +47,16 @@ class CausalLMModule(LightningModule):
             pruning. False without the callback means full fine-tuning.
         lora_r, lora_alpha, lora_dropout, lora_target_modules: LoRA settings (LLM-Pruner's).
         learning_rate, weight_decay: AdamW settings over the trainable parameters.
+        distillation_alpha: weight of the distillation term in recovery,
+            ``alpha · KL(teacher ‖ student) · T² + (1 − alpha) · CE`` (``pruner.distillation``);
+            0 = plain next-token loss. The teacher is the dense model, which the pruning callback
+            keeps (frozen) just before it removes groups; that costs one more copy of the dense
+            weights (in ``teacher_dtype``) and one logits tensor per step.
+        distillation_temperature: T (softens both distributions; the loss is scaled by T²).
+        distillation_top_k: KL on the teacher's k largest logits only (None = full vocabulary).
+        teacher: model to distil from when there is no pruning step in this fit (for example
+            fine-tuning an exported pruned folder); None = the dense model the callback keeps.
+        teacher_dtype: ``"bfloat16"`` halves the teacher's memory; ``"auto"`` = ``dtype``.
 
     Example:
         >>> module = CausalLMModule("smollm2", attach_lora_at_start=True)  # doctest: +SKIP
@@ -66,6 +76,11 @@ class CausalLMModule(LightningModule):
         lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
+        distillation_alpha: float = 0.0,
+        distillation_temperature: float = 2.0,
+        distillation_top_k: int | None = None,
+        teacher: str | None = None,
+        teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
     ) -> None:
         super().__init__()
         if dtype not in ("auto", "float32", "bfloat16"):
@@ -85,6 +100,17 @@ class CausalLMModule(LightningModule):
                 f"`CausalLMModule(lora_target_modules={lora_target_modules!r})` must be a non-empty "
                 "list of linear-layer names, e.g. [q_proj, v_proj]; leave it unset for all seven"
             )
+        from pruner.distillation import check_distillation_args
+
+        try:
+            check_distillation_args(distillation_alpha, distillation_temperature, distillation_top_k)
+        except ValueError as e:
+            raise PrunerError(f"`CausalLMModule`: {e}") from None
+        if teacher is not None and distillation_alpha == 0.0:
+            raise PrunerError(f"`CausalLMModule(teacher={teacher!r})` is unused with distillation_alpha=0: "
+                              "set distillation_alpha > 0 (e.g. 0.5) or drop teacher")
+        if teacher_dtype not in ("auto", "float32", "bfloat16"):
+            raise PrunerError(f"`CausalLMModule(teacher_dtype={teacher_dtype!r})`: use 'auto', 'float32' or 'bfloat16'")
         self.save_hyperparameters()
         from pruner.data import load_tokenizer  # raises FileNotFoundError for a bad path, early
 
@@ -106,6 +132,38 @@ class CausalLMModule(LightningModule):
             return torch.bfloat16
         return torch.float32
 
+    def _teacher_dtype(self) -> torch.dtype:
+        name = self.hparams.get("teacher_dtype", "auto")
+        return self._resolve_dtype() if name == "auto" else getattr(torch, name)
+
+    # The teacher is deliberately NOT a registered submodule: it must not be wrapped by DDP or
+    # sharded by FSDP, show up in parameters() (the optimizer), or be saved in checkpoints.
+    def _set_teacher(self, model: torch.nn.Module) -> None:
+        model.eval().requires_grad_(False)
+        object.__setattr__(self, "_teacher", model)
+
+    @property
+    def teacher(self) -> torch.nn.Module | None:
+        """The frozen model distilled from, or None."""
+        return self.__dict__.get("_teacher")
+
+    @property
+    def wants_teacher(self) -> bool:
+        """Whether recovery distils (the pruning callback then keeps the dense model)."""
+        return self.hparams.get("distillation_alpha", 0.0) > 0.0
+
+    def keep_teacher(self, model: torch.nn.Module) -> None:
+        """Keeps a frozen copy of ``model`` (the dense model, just before pruning) as teacher.
+
+        Example:
+            >>> module.keep_teacher(module.hf_model)  # doctest: +SKIP
+            >>> module.teacher is not module.hf_model  # doctest: +SKIP
+            True
+        """
+        import copy
+
+        self._set_teacher(copy.deepcopy(model).to(self._teacher_dtype()))
+
     def configure_model(self) -> None:
         """Loads the weights once (Lightning calls this hook for every fit/validate/test)."""
         if self.lm is not None:
@@ -117,6 +175,9 @@ class CausalLMModule(LightningModule):
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.lm = model
+        if self.hparams.teacher is not None:
+            teacher, _ = load_model(self.hparams.teacher, dtype=self._teacher_dtype())
+            self._set_teacher(teacher)
         if self.hparams.attach_lora_at_start:
             self.attach_lora()  # before sharding, so that the adapters are sharded too
         if self.device_mesh is not None:  # set by ModelParallelStrategy only
@@ -229,9 +290,25 @@ class CausalLMModule(LightningModule):
         return self.lm(**{k: v for k, v in batch.items() if k in _MODEL_KEYS})
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(**batch).loss
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        n = batch["input_ids"].shape[0]
+        out = self(**batch)
+        if self.calibrating or self.teacher is None or not self.wants_teacher:
+            self.log("train_loss", out.loss, prog_bar=True, batch_size=n)
+            return out.loss  # calibration importance always uses the plain next-token loss
+        from pruner.distillation import distillation_loss
+
+        teacher = self.teacher
+        if next(teacher.parameters()).device != out.logits.device:
+            teacher.to(out.logits.device)  # unregistered: the strategy does not move it
+        with torch.no_grad():
+            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        hp = self.hparams
+        parts = distillation_loss(out.logits, t_logits, batch["labels"], hp.distillation_alpha,
+                                  hp.distillation_temperature, hp.distillation_top_k)
+        self.log("train_loss", parts.loss, prog_bar=True, batch_size=n)
+        self.log("train_kl", parts.kl, batch_size=n)
+        self.log("train_ce", parts.ce, batch_size=n)
+        return parts.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(**batch)
@@ -280,6 +357,8 @@ class CausalLMModule(LightningModule):
 
             if self.has_lora:  # fresh adapters from attach_lora_at_start: drop, prune, re-add
                 self.lm = self.lm.unload()
+            if self.wants_teacher and self.teacher is None:  # the callback kept it before pruning
+                self.keep_teacher(self.hf_model)
             apply_plan(Plan.from_dict(info["plan"]), self.hf_model)
             self.pruning_plan = info["plan"]
         if info.get("has_lora") and not self.has_lora:

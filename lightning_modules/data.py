@@ -10,6 +10,10 @@ start with the calibration batches again):
      gradients matter for the second-order importance terms).
   2. then the recovery batches: ``recovery_epochs`` seeded shuffles of the tokenized Alpaca
      records in micro-batches of ``micro_batch_size`` (right-padded, prompt tokens masked).
+     Plain text (``builtin``, a ``.txt`` file or folder) gives language-modelling windows of
+     ``cutoff_len`` tokens; ``generated`` gives windows the dense model samples itself
+     (data-free recovery, ``pruner.generated``; cached under ``generation_cache``), made when
+     the train loader is first built, i.e. before calibration, while the model is still dense.
      Without ``recovery_source`` the loader yields the calibration batches only.
 
 Lightning counts the calibration batches in ``global_step`` too: ``trainer.max_steps`` =
@@ -38,6 +42,8 @@ from pruner import data as D
 from pruner.errors import PrunerError
 
 DEFAULT_TEXT_RECOVERY_WINDOWS = 1000  # plain-text recovery without recovery_max_records
+GENERATED = "generated"  # recovery_source: text the dense model writes itself (pruner.generated)
+DEFAULT_GENERATED_SAMPLES = 256
 STREAM_INDEX = "stream_index"  # bookkeeping key of train batches, removed before the model sees them
 
 
@@ -135,9 +141,10 @@ class PruneDataModule(LightningDataModule):
         seed: seeds the calibration windows and the recovery shuffles.
         recovery_source: Alpaca-format JSON file or hub name (``"yahma/alpaca-cleaned"``);
             or plain text (``"builtin"``, a ``.txt`` file or a folder of them): random windows
-            of ``cutoff_len`` tokens, every token learned; None = no recovery data.
+            of ``cutoff_len`` tokens, every token learned; or ``"generated"``: windows the dense
+            model samples itself (data-free recovery); None = no recovery data.
         recovery_max_records: use only the first N records (quick CPU runs); plain text: the
-            number of windows (default 1000).
+            number of windows (default 1000); generated: the number of samples (default 256).
         recovery_epochs: passes over the recovery data inside the single train pass (paper: 2).
         micro_batch_size: recovery and validation batch size (the paper: 4).
         cutoff_len: longest tokenized instruction example; longer ones are truncated.
@@ -146,6 +153,8 @@ class PruneDataModule(LightningDataModule):
         val_seq_len: perplexity window (the paper: 128). val_max_windows: first N windows only.
         tokenizer: model name/folder to take the tokenizer from; None = the LightningModule's
             ``tokenizer`` (the usual case with ``CausalLMModule``).
+        generation_cache: folder for ``recovery_source: generated`` text (one sub-folder per
+            model and settings; resumable; must be shared by all ranks).
 
     Example:
         >>> dm = PruneDataModule(tokenizer="smollm2", calibration_samples=4)  # doctest: +SKIP
@@ -168,6 +177,7 @@ class PruneDataModule(LightningDataModule):
         val_seq_len: int = 128,
         val_max_windows: int | None = None,
         tokenizer: str | None = None,
+        generation_cache: str = "pruner_cache/generated",
     ) -> None:
         super().__init__()
         for name, value in [("calibration_samples", calibration_samples),
@@ -225,7 +235,8 @@ class PruneDataModule(LightningDataModule):
                                             hp.calibration_seq_len, hp.seed)
             per_rank = hp.calibration_samples // self._world  # equal counts: no rank waits
             self.calibration = windows[self._rank :: self._world][:per_rank]
-            self.recovery = self._load_recovery(tok) if hp.recovery_source else []
+            # generated text needs the loaded model: made in train_dataloader
+            self.recovery = self._load_recovery(tok) if hp.recovery_source and hp.recovery_source != GENERATED else []
         if stage in (None, "fit", "validate", "test") and hp.val_source and self.val_windows is None:
             windows = D.eval_windows(D.eval_text_rows(hp.val_source), tok, hp.val_seq_len)
             self.val_windows = windows[: hp.val_max_windows]
@@ -260,9 +271,33 @@ class PruneDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
+    def _generated_recovery(self) -> list[dict]:
+        """Windows the dense model writes itself; every rank generates its share of the chunks
+        into the shared cache, then all read all of them (the stream shards batches)."""
+        from pruner.generated import generate_samples
+
+        hp, module = self.hparams, self._trainer_module()
+        if module is None or not hasattr(module, "hf_model"):
+            raise PrunerError("recovery_source='generated' needs a trainer whose LightningModule exposes `hf_model`")
+        plan = getattr(module, "pruning_plan", None)  # set when resuming a pruned run
+        fingerprint = plan["model"]["fingerprint"] if plan else None
+        kwargs = dict(seed=hp.seed + 2, cache_dir=hp.generation_cache, fingerprint=fingerprint,
+                      allow_generation=plan is None, progress=self._rank == 0)
+        n = hp.recovery_max_records or DEFAULT_GENERATED_SAMPLES
+        model = module.hf_model
+        generate_samples(model, self._get_tokenizer(), n, hp.cutoff_len, rank=self._rank, world_size=self._world,
+                         read_all=False, **kwargs)
+        if self.trainer is not None:
+            self.trainer.strategy.barrier("pruner-generated")
+        windows = generate_samples(model, self._get_tokenizer(), n, hp.cutoff_len, allow_generation=False,
+                                   **{k: v for k, v in kwargs.items() if k not in ("allow_generation", "progress")})
+        return [{k: v.tolist() for k, v in window_batch(w).items()} for w in windows]
+
     def train_dataloader(self) -> DataLoader:
         if self.calibration is None:
             self.setup("fit")
+        if self.hparams.recovery_source == GENERATED and not self.recovery:
+            self.recovery = self._generated_recovery()
         stream = _TrainStream(self.calibration, self.recovery or [], self.hparams.micro_batch_size,
                               self.hparams.recovery_epochs, self.hparams.seed, self.pad_id,
                               self._rank, self._world)

@@ -53,10 +53,10 @@ def main(spec: dict) -> None:
     L.seed_everything(0, verbose=False)
     records = [{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i + 2)))} for i in range(8)]
     json.dump(records, open(spec["alpaca"], "w"))
-    module = CausalLMModule(spec["model_dir"], lora_dropout=0.0, learning_rate=1e-2)
-    data = PruneDataModule(calibration_samples=spec.get("calibration_samples", 8), calibration_seq_len=32,
-                           recovery_source=spec["alpaca"], micro_batch_size=2,
-                           recovery_epochs=spec.get("recovery_epochs", 4))
+    module = CausalLMModule(spec["model_dir"], lora_dropout=0.0, learning_rate=1e-2, **spec.get("module", {}))
+    data = PruneDataModule(**{**dict(calibration_samples=spec.get("calibration_samples", 8), calibration_seq_len=32,
+                                     recovery_source=spec["alpaca"], micro_batch_size=2,
+                                     recovery_epochs=spec.get("recovery_epochs", 4)), **spec.get("data", {})})
     prune = StructuralPruneCallback(verbose=False, **spec.get("callback", {"pruning_ratio": 0.5}))
     losses = RecordLosses()
     callbacks = [prune, losses] + ([KillAt(spec["kill_at_step"])] if "kill_at_step" in spec else [])
@@ -71,7 +71,9 @@ def main(spec: dict) -> None:
                         enable_checkpointing=bool(spec.get("checkpoint_every")), enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=spec["out"], callbacks=callbacks)
     trainer.fit(module, data, ckpt_path=spec.get("ckpt_in"))
-    torch.save({"losses": losses.losses, "plan": prune.plan.to_dict() if prune.plan else None,
+    torch.save({"losses": losses.losses, "recovery": data.recovery,
+                "teacher": {n: p.detach().clone() for n, p in module.teacher.named_parameters()}
+                if getattr(module, "teacher", None) is not None else None, "plan": prune.plan.to_dict() if prune.plan else None,
                 "vectors": prune.vectors, "step": trainer.global_step,
                 "lora": {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}},
                f"{spec['out']}/rank{trainer.global_rank}.pt")

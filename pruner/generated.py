@@ -1,0 +1,134 @@
+"""Data-free recovery text: samples the dense model generates itself from short prompts.
+
+A user with no dataset (or no network) can still recover a pruned model: the dense model
+writes the text and, with distillation, also grades the pruned model on it. Samples come in
+chunks of ``chunk_size`` sequences, each chunk generated under its own seed, so a sample's
+content depends only on (model, seed, seq_len, chunk_size) — not on how many processes
+generate or in which order. Each finished chunk is written atomically to the cache folder
+(``cache_dir/<key>/chunk00012.json``): an interrupted run resumes where it stopped, and ranks
+of a multi-process run generate disjoint chunks into the same folder (which must then be on
+a shared filesystem).
+
+Example:
+    >>> from pruner.testing import tiny_causal_lm
+    >>> from transformers import AutoTokenizer  # doctest: +SKIP
+    >>> ids = generate_samples(model, tokenizer, 16, 64, cache_dir="cache")  # doctest: +SKIP
+    >>> ids.shape  # doctest: +SKIP
+    torch.Size([16, 64])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import PrunerError
+from .plan import model_fingerprint
+
+# Openers across registers (narrative, expository, instructional, dialogue), so that the
+# generated text is not one genre. Changing this list changes the cache key.
+PROMPTS = (
+    "The", "In", "Once upon a time,", "Scientists have", "The history of", "How to", "Dear", "Chapter 1",
+    "Today,", "According to", "It was", "When I", "A", "There are several", "Question:", "Recipe:",
+    "The city of", "In 1850,", "Instructions:", "The following", "My grandmother", "Researchers at",
+    "One of the most", "If you", "Why do", "The first", "Here is", "Water", "During the war,", "Music",
+    "The company", "Yesterday", "To make", "Summary:", "In mathematics,", "She", "He", "We",
+)
+
+
+def cache_key(fingerprint: str, seed: int, seq_len: int, chunk_size: int, temperature: float, top_p: float) -> str:
+    blob = json.dumps([fingerprint, seed, seq_len, chunk_size, temperature, top_p, PROMPTS])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def _generate_chunk(model, tokenizer, chunk: int, seed: int, size: int, seq_len: int, temperature: float,
+                    top_p: float) -> list[list[int]]:
+    rng = random.Random(seed * 1_000_003 + chunk)
+    prompts = [rng.choice(PROMPTS) for _ in range(size)]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed * 1_000_003 + chunk)
+        out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                             do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                             max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=pad)
+    samples = []
+    for row, mask in zip(out.tolist(), enc["attention_mask"].tolist()):
+        start = len(mask) - sum(mask)  # drop the left padding
+        samples.append(row[start : start + seq_len])
+    return samples
+
+
+def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: int = 0,
+                     cache_dir: str | Path | None = None, chunk_size: int = 8, temperature: float = 1.0,
+                     top_p: float = 0.95, rank: int = 0, world_size: int = 1, progress: bool = False,
+                     read_all: bool = True, fingerprint: str | None = None,
+                     allow_generation: bool = True) -> torch.Tensor:
+    """``num_samples`` sequences of ``seq_len`` tokens sampled from ``model``, as a LongTensor
+    ``(num_samples, seq_len)``. This process generates the chunks ``c`` with
+    ``c % world_size == rank`` that are not cached yet; with ``read_all`` (call after a barrier
+    when several processes generate) it returns every sample, else only its own chunks'.
+
+    ``fingerprint`` names the model that wrote (or must write) the cache, by default
+    ``model``'s own; a resumed run whose model is already pruned passes the dense model's
+    fingerprint with ``allow_generation=False``: the text must come from the cache."""
+    if num_samples < 1 or seq_len < 2:
+        raise PrunerError(f"generated recovery text needs num_samples >= 1 and seq_len >= 2, got "
+                          f"{num_samples} and {seq_len}")
+    folder = None
+    if cache_dir is not None:
+        key = cache_key(fingerprint or model_fingerprint(model), seed, seq_len, chunk_size, temperature, top_p)
+        folder = Path(cache_dir) / key
+        folder.mkdir(parents=True, exist_ok=True)
+    n_chunks = -(-num_samples // chunk_size)
+    mine = [c for c in range(n_chunks) if c % world_size == rank]
+    chunks: dict[int, list[list[int]]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for c in tqdm(mine, desc="generating recovery text", disable=not progress):
+            path = folder / f"chunk{c:05d}.json" if folder is not None else None
+            if path is not None and path.is_file():
+                continue
+            if not allow_generation:
+                raise PrunerError(f"generated recovery chunk {c} is not in the cache {folder}, and this model can no "
+                                  "longer write it (it is already pruned): restore the cache folder or start over")
+            chunks[c] = _generate_chunk(model, tokenizer, c, seed, chunk_size, seq_len, temperature, top_p)
+            if path is not None:
+                _write_atomic(path, {"chunk": c, "ids": chunks[c]})
+    finally:
+        model.train(was_training)
+    wanted = range(n_chunks) if read_all else mine
+    rows: list[list[int]] = []
+    for c in wanted:
+        if c not in chunks:
+            path = folder / f"chunk{c:05d}.json" if folder is not None else None
+            if path is None or not path.is_file():
+                raise PrunerError(f"generated chunk {c} is missing from {folder}: with several processes the "
+                                  "cache folder must be on a filesystem all of them share")
+            chunks[c] = json.loads(path.read_text())["ids"]
+        rows.extend(chunks[c])
+    if read_all:
+        rows = rows[:num_samples]
+    return torch.tensor(rows, dtype=torch.long)
