@@ -155,6 +155,8 @@ class PruneDataModule(LightningDataModule):
             ``tokenizer`` (the usual case with ``CausalLMModule``).
         generation_cache: folder for ``recovery_source: generated`` text (one sub-folder per
             model and settings; resumable; must be shared by all ranks).
+        generation_batch_size: sequences generated together (one cached chunk); part of the
+            cache key, since sampling in a batch draws random numbers in batch order.
 
     Example:
         >>> dm = PruneDataModule(tokenizer="smollm2", calibration_samples=4)  # doctest: +SKIP
@@ -178,12 +180,14 @@ class PruneDataModule(LightningDataModule):
         val_max_windows: int | None = None,
         tokenizer: str | None = None,
         generation_cache: str = "pruner_cache/generated",
+        generation_batch_size: int = 16,
     ) -> None:
         super().__init__()
         for name, value in [("calibration_samples", calibration_samples),
                             ("calibration_seq_len", calibration_seq_len),
                             ("recovery_epochs", recovery_epochs), ("micro_batch_size", micro_batch_size),
-                            ("cutoff_len", cutoff_len), ("val_seq_len", val_seq_len)]:
+                            ("cutoff_len", cutoff_len), ("val_seq_len", val_seq_len),
+                            ("generation_batch_size", generation_batch_size)]:
             if value < 1:
                 raise PrunerError(f"`PruneDataModule({name}={value})` must be >= 1")
         for name, value in [("recovery_max_records", recovery_max_records),
@@ -282,6 +286,7 @@ class PruneDataModule(LightningDataModule):
         plan = getattr(module, "pruning_plan", None)  # set when resuming a pruned run
         fingerprint = plan["model"]["fingerprint"] if plan else None
         kwargs = dict(seed=hp.seed + 2, cache_dir=hp.generation_cache, fingerprint=fingerprint,
+                      chunk_size=hp.get("generation_batch_size", 16),
                       allow_generation=plan is None, progress=self._rank == 0)
         n = hp.recovery_max_records or DEFAULT_GENERATED_SAMPLES
         model = module.hf_model

@@ -195,7 +195,7 @@ def test_datamodule_recovers_on_text_the_dense_model_generated(tiny_dir, tmp_pat
                            recovery_epochs=2)
     _trainer(tmp_path, [StructuralPruneCallback(pruning_ratio=0.5, verbose=False)]).fit(module, data)
     dense, tok = pruner.load_model(str(tiny_dir))
-    expected = generate_samples(dense, tok, 8, 24, seed=2, cache_dir=cache, allow_generation=False)
+    expected = generate_samples(dense, tok, 8, 24, seed=2, cache_dir=cache, chunk_size=16, allow_generation=False)
     assert [r["input_ids"] for r in data.recovery] == expected.tolist()
     assert all(r["labels"] == r["input_ids"] for r in data.recovery)  # every generated token is learned
     assert module.global_step == 2 + 2 * 2
