@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--max-tokens", type=int, default=32768, help="WikiText-2 tokens evaluated (paper: 32768)")
+    p.add_argument("--reconstruct-samples", type=int, default=0,
+                   help="refit o_proj/down_proj on N Gutenberg windows (forward only; 0 = no reconstruction)")
+    p.add_argument("--reconstruct-seq-len", type=int, default=128)
+    p.add_argument("--damping", type=float, default=0.1, help="reconstruct_damping")
+    p.add_argument("--zeroshot-limit", type=int, default=0,
+                   help="also score the first N items of PIQA / ARC-Easy / BoolQ (0 = perplexity only)")
     p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -55,9 +61,31 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     dense_ppl = perplexity(dense, tok, rows, max_tokens=args.max_tokens)
     print(f"dense: params {pruner.count_parameters(dense):,}  ppl {dense_ppl:.2f}  ({time.time() - t:.0f}s)", flush=True)
+
+    def zeroshot(model) -> dict:
+        if not args.zeroshot_limit:
+            return {}
+        from pruner.eval.zeroshot import evaluate_zeroshot
+
+        res = evaluate_zeroshot(model, tok, ("piqa", "arc_easy", "boolq"), DATA / "zeroshot",
+                                limit=args.zeroshot_limit, backend="builtin")
+        return {k: 100 * v["acc"] for k, v in res.items()}
+
+    dense_zs = zeroshot(dense)
+    if dense_zs:
+        print(f"dense zero-shot (first {args.zeroshot_limit} items): {dense_zs}", flush=True)
     start, end = (int(x) for x in args.layers.split(","))
     structure = pruner.discover(dense)
     total = pruner.count_parameters(dense)
+    collector = None
+    if args.reconstruct_samples:
+        from pruner.api import collect_inputs
+        from pruner.reconstruction import GramCollector, consumers
+
+        extra = calibration_samples(str(DATA / "gutenberg"), tok, args.reconstruct_samples, args.reconstruct_seq_len,
+                                    seed=args.seed + 1)
+        collector = GramCollector(dense, consumers(structure))
+        collect_inputs(dense, [extra[i : i + 8] for i in range(0, len(extra), 8)], collector)
     results = []
     print(f"| criterion | allocation | removed | params | PPL | x dense |\n|---|---|---|---|---|---|", flush=True)
     for criterion in args.criteria.split(","):
@@ -70,18 +98,26 @@ def main(argv: list[str] | None = None) -> int:
             cfg = PruneConfig(**{**base.to_dict(), **ALLOCATIONS[allocation]})
             plan = make_plan(structure, vectors, cfg, total)
             model = copy.deepcopy(dense)
+            if collector is not None:
+                from pruner.reconstruction import compensate
+
+                compensate(plan, structure, model, collector, args.damping)
             pruner.apply_plan(plan, model, structure)
             ppl = perplexity(model, tok, rows, max_tokens=args.max_tokens)
+            zs = zeroshot(model)
             after = pruner.count_parameters(model)
             row = {"criterion": criterion, "allocation": allocation, "removed_fraction": 1 - after / total,
                    "params": after, "ppl": ppl, "ratio": ppl / dense_ppl, "importance_seconds": importance_s,
+                   "zeroshot": zs,
                    "heads": [len(lp.heads_kept) if lp.heads_kept is not None else None for lp in plan.layers],
                    "mlp": [len(lp.mlp_channels_kept) if lp.mlp_channels_kept is not None else None for lp in plan.layers]}
             results.append(row)
+            cells = "".join(f" {zs[k]:.1f} |" for k in ("piqa", "arc_easy", "boolq") if k in zs)
             print(f"| {criterion} | {allocation} | {row['removed_fraction']:.2%} | {after:,} | {ppl:.2f} | "
-                  f"{row['ratio']:.2f} |", flush=True)
+                  f"{row['ratio']:.2f} |{cells}", flush=True)
     if args.output:
-        Path(args.output).write_text(json.dumps({"dense_ppl": dense_ppl, "args": vars(args), "results": results},
+        Path(args.output).write_text(json.dumps({"dense_ppl": dense_ppl, "dense_zeroshot": dense_zs,
+                                                 "args": vars(args), "results": results},
                                                 indent=1))
     return 0
 

@@ -97,6 +97,22 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
     return est.vectors()
 
 
+@torch.no_grad()
+def collect_inputs(model: nn.Module, batches: list, collector: GramCollector, progress: bool = False) -> None:
+    """Forward passes only: the consumers' input statistics for ``reconstruct``."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    collector.attach()
+    try:
+        for batch in tqdm(batches, desc="reconstruction inputs", disable=not progress):
+            batch = _as_batch(batch, device)
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        collector.detach()
+        model.train(was_training)
+
+
 def families_for(structure: ModelStructure, cfg: PruneConfig):
     """The group families whose importance ``cfg`` needs."""
     fams = []
@@ -125,6 +141,7 @@ def prune(
     attention_layers: tuple[int, int] | None = None,
     mlp_layers: tuple[int, int] | None = None,
     progress: bool = False,
+    reconstruction_batches: Iterable | None = None,
     **more,
 ) -> Plan:
     """Prunes ``model`` in place and returns the :class:`Plan` (indices of the dense model).
@@ -133,7 +150,10 @@ def prune(
     fraction of total parameters to remove; ``pruning_ratio``: the paper's per-structure ratio.
     ``attention_layers`` / ``mlp_layers``: half-open layer ranges. Further options are the
     fields of :class:`pruner.config.PruneConfig` (``layers``, ``head_granularity``,
-    ``global_ranking``, ``max_layer_ratio``, ``round_to``, ``iterative_steps``, ``seed``).
+    ``global_ranking``, ``max_layer_ratio``, ``round_to``, ``iterative_steps``, ``seed``,
+    ``reconstruct``, ``reconstruct_damping``). ``reconstruction_batches``: with ``reconstruct``,
+    the inputs whose statistics the refit uses (forward passes only, so many more tokens than
+    the calibration batches are affordable); None = the calibration batches.
     Every argument is checked before the model is touched.
     """
     unknown = set(more) - set(PruneConfig.__dataclass_fields__)
@@ -142,6 +162,11 @@ def prune(
     cfg = PruneConfig(criterion=criterion, aggregation=aggregation, mode=mode, target_sparsity=target_sparsity,
                       pruning_ratio=pruning_ratio, attention_layers=attention_layers, mlp_layers=mlp_layers, **more)
     batches = list(batches)
+    extra = list(reconstruction_batches) if reconstruction_batches is not None else None
+    if extra is not None and not cfg.reconstruct:
+        raise PrunerError("reconstruction_batches are only used with reconstruct=True: set it, or drop them")
+    if extra is not None and not extra:
+        raise PrunerError("reconstruction_batches is empty: pass input_ids batches, or None to reuse the calibration")
     if not batches and cfg.criterion not in ("l1", "l2", "random"):
         raise PrunerError(f"no calibration batches: criterion {cfg.criterion!r} needs at least one; pass "
                           "input_ids batches, or use a data-free criterion (l1, l2, random)")
@@ -157,7 +182,10 @@ def prune(
         if step > 1:
             structure = discover(model, seed=cfg.seed)
         collector = GramCollector(model, consumers(structure)) if cfg.reconstruct else None
-        vectors = estimate_importance(model, batches, structure, step_cfg, progress, collector)
+        vectors = estimate_importance(model, batches, structure, step_cfg, progress,
+                                      collector if extra is None else None)
+        if collector is not None and extra is not None:
+            collect_inputs(model, extra, collector, progress)
         step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
         records = step_plan.groups
         if collector is not None:
@@ -169,6 +197,8 @@ def prune(
     calibration = {"batches": len(batches),
                    "samples": sum(_as_batch(b, "cpu")["input_ids"].shape[0] for b in batches),
                    "tokens_per_sample": int(_as_batch(batches[0], "cpu")["input_ids"].shape[1]) if batches else 0}
+    if extra is not None:
+        calibration["reconstruction_tokens"] = sum(_as_batch(b, "cpu")["input_ids"].numel() for b in extra)
     return finish_plan(plan, model, dense_structure, fingerprint, total_before, cfg, calibration)
 
 

@@ -259,3 +259,16 @@ def test_reconstruction_solves_the_normal_equations():
     g_kk = g[kept][:, kept]
     lhs = new @ (g_kk + 1e-3 * g_kk.diagonal().mean() * torch.eye(48, dtype=torch.float64))
     torch.testing.assert_close(lhs, w @ g[:, kept] + 1e-3 * g_kk.diagonal().mean() * w[:, kept], rtol=1e-4, atol=1e-6)
+
+
+def test_reconstruction_batches_replace_the_calibration_inputs_of_the_refit():
+    batches = _batches(3)
+    a, b = tiny_causal_lm("llama"), tiny_causal_lm("llama")
+    pruner.prune(a, batches, pruning_ratio=0.5, criterion="l2", reconstruct=True)
+    plan = pruner.prune(b, [], pruning_ratio=0.5, criterion="l2", reconstruct=True, reconstruction_batches=batches)
+    torch.testing.assert_close(a.state_dict(), b.state_dict())
+    assert plan.calibration["reconstruction_tokens"] == sum(x.numel() for x in batches)
+    with pytest.raises(pruner.PrunerError, match="only used with reconstruct=True"):
+        pruner.prune(tiny_causal_lm("llama"), batches, pruning_ratio=0.5, reconstruction_batches=batches)
+    with pytest.raises(pruner.PrunerError, match="reconstruction_batches is empty"):
+        pruner.prune(tiny_causal_lm("llama"), batches, pruning_ratio=0.5, reconstruct=True, reconstruction_batches=[])
