@@ -90,6 +90,10 @@ class StructuralPruneCallback(pl.Callback):
         export_dir: at the end of fit, merge LoRA and export the pruned model here (a folder
             for ``pruner.load_pretrained``); None = no export.
         overwrite_export: replace an existing non-empty ``export_dir``.
+        report_perplexity: measure perplexity on the datamodule's validation data before
+            pruning, right after it and after recovery (three passes over it; set
+            ``data.val_max_windows`` to bound them); the figures go into ``report.md`` in the
+            export and ``callback.perplexity``. Skipped when there is no validation data.
         verbose: log parameter counts and the export path (rank 0).
 
     Notes:
@@ -130,6 +134,7 @@ class StructuralPruneCallback(pl.Callback):
         attach_lora: bool = True,
         export_dir: str | None = None,
         overwrite_export: bool = False,
+        report_perplexity: bool = True,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -170,7 +175,9 @@ class StructuralPruneCallback(pl.Callback):
         self.attach_lora = attach_lora
         self.export_dir = export_dir
         self.overwrite_export = overwrite_export
+        self.report_perplexity = report_perplexity
         self.verbose = verbose
+        self.perplexity: dict[str, float] = {}  # "dense", "pruned", "recovered" on the validation data
         self.plan = None  # pruner.plan.Plan once pruned (also after resuming)
         self.vectors: dict | None = None  # the importance vectors the plan was selected from
         self.export_path: Path | None = None  # the folder written at the end of fit
@@ -192,6 +199,7 @@ class StructuralPruneCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._pruned:
             self._inspect_dense_model(trainer, pl_module)
+            self._measure(trainer, pl_module, "dense")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -220,7 +228,7 @@ class StructuralPruneCallback(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"pruned": self._pruned, "plan": self.plan.to_dict() if self.plan else None,
-                                 "calibrated_batches": self._calibrated_batches}
+                                 "calibrated_batches": self._calibrated_batches, "perplexity": dict(self.perplexity)}
         if self._estimator is not None:  # a checkpoint in the middle of calibration
             state["importance"] = {k: v.detach().cpu() for k, v in self._estimator.state().items()}
         return state
@@ -232,6 +240,7 @@ class StructuralPruneCallback(pl.Callback):
         self.plan = Plan.from_dict(state_dict["plan"]) if state_dict.get("plan") else None
         self._calibrated_batches = int(state_dict.get("calibrated_batches", 0))
         self._pending_importance = state_dict.get("importance")
+        self.perplexity = dict(state_dict.get("perplexity", {}))
 
     # ------------------------------------------------------------------ steps
 
@@ -395,6 +404,7 @@ class StructuralPruneCallback(pl.Callback):
         if getattr(module, "wants_teacher", False) and module.teacher is None:
             module.keep_teacher(model)  # distillation: the dense model, frozen, before surgery
         apply_plan(plan, model, self._structure)
+        self._measure(trainer, module, "pruned")
         calibration = {"batches": self._calibrated_batches * trainer.world_size, "samples": est.num_samples,
                        "tokens_per_sample": self._tokens_per_sample, "world_size": trainer.world_size}
         plan = finish_plan(plan, model, self._structure, self._fingerprint, self._total_before, self.config,
@@ -468,14 +478,48 @@ class StructuralPruneCallback(pl.Callback):
 
         if getattr(module, "has_lora", False):
             module.merge_lora()  # on every rank: the modules stay identical
+        self._measure(trainer, module, "recovered")
         folder = Path(self.export_dir)
         if trainer.is_global_zero:
             save_pretrained(module.hf_model, folder, tokenizer=getattr(module, "tokenizer", None), plan=self.plan,
-                            overwrite=self.overwrite_export)
+                            overwrite=self.overwrite_export, extra_files={"report.md": self._report(trainer)})
         trainer.strategy.barrier("pruner-export")
         self.export_path = folder.resolve()
         if self.verbose:
             rank_zero_info(f"StructuralPruneCallback: exported the pruned model to {self.export_path}")
+
+    def _measure(self, trainer: pl.Trainer, module: pl.LightningModule, when: str) -> None:
+        """Validation perplexity of ``module.hf_model`` now (every rank computes the same)."""
+        dm = trainer.datamodule
+        if not self.report_perplexity or dm is None or not hasattr(dm, "val_dataloader"):
+            return
+        loader = dm.val_dataloader()
+        if not loader:
+            return
+        from pruner.eval.perplexity import loader_perplexity
+
+        self.perplexity[when] = loader_perplexity(module.hf_model, loader, module.device)
+        if self.verbose:
+            rank_zero_info(f"StructuralPruneCallback: validation perplexity ({when}): {self.perplexity[when]:.2f}")
+
+    def _report(self, trainer: pl.Trainer) -> str:
+        p, plan = self.plan.params, self.plan
+        lines = ["# Pruning report", "", f"Written by StructuralPruneCallback (pruner {plan.pruner_version}).", "",
+                 "| | parameters |", "|---|---|", f"| before | {p['before']:,} |", f"| after | {p['after']:,} |",
+                 f"| removed | {p['removed']:,} ({p['removed_fraction']:.2%}) |", ""]
+        if self.perplexity:
+            labels = {"dense": "dense (before pruning)", "pruned": "pruned, before recovery",
+                      "recovered": f"after recovery ({trainer.global_step - self._prune_at} steps)"}
+            lines += ["| validation perplexity | |", "|---|---|"]
+            lines += [f"| {labels[k]} | {v:.3f} |" for k, v in self.perplexity.items()] + [""]
+        else:
+            lines += ["No validation data (data.val_source): perplexity not measured.", ""]
+        s = plan.settings
+        lines += ["Settings: " + ", ".join(f"{k}={s[k]}" for k in ("criterion", "aggregation", "mode", "target_sparsity",
+                                                                   "pruning_ratio", "global_ranking", "head_granularity")
+                                           if k in s),
+                  f"Calibration: {plan.calibration}", "", "The exact plan is in plan.json."]
+        return "\n".join(lines) + "\n"
 
     def _prune_at_or_unknown(self) -> str:
         return str(self._prune_at) if hasattr(self, "_num_calibration") else "?"

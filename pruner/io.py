@@ -93,13 +93,14 @@ def _modeling_source(base: type) -> str:
 
 
 def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: Plan | None = None,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
     """Exports ``model`` to ``folder``: ``model.safetensors``, ``config.json`` (per-layer widths in
     ``pruner_shapes`` and an ``auto_map`` to ``modeling_pruned.py`` when layers differ; a plain
     config when they do not), tokenizer files and ``plan.json``.
 
     The folder appears whole or not at all: everything is written to a temporary sibling folder
     that is renamed into place. An existing non-empty folder is refused unless ``overwrite``.
+    ``extra_files``: ``{name: text}`` written into the folder too (e.g. a ``report.md``).
     """
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
@@ -135,6 +136,10 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
             if spec:
                 saved.settings = {**saved.settings, "modeling_file_sha256": data["pruner_modeling_sha256"]}
             saved.save(tmp / "plan.json")
+        for name, text in (extra_files or {}).items():
+            if Path(name).name != name:
+                raise PrunerError(f"extra file name {name!r} must be a plain file name, not a path")
+            (tmp / name).write_text(text)
         if folder.exists():
             _replace_folder(tmp, folder)
         else:

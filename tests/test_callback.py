@@ -369,3 +369,31 @@ def test_validation_inside_calibration_does_not_feed_importance(tiny_dir, tmp_pa
         plans.append(prune.plan.to_dict())
     assert plans[0]["layers"] == plans[1]["layers"]
     assert [g["score"] for g in plans[0]["groups"]] == [g["score"] for g in plans[1]["groups"]]
+
+
+def test_export_carries_a_report_with_perplexity_before_and_after_pruning_and_recovery(tiny_dir, tmp_path):
+    import pruner
+    from pruner.eval.perplexity import loader_perplexity
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    L.seed_everything(0, verbose=False)
+    val = tmp_path / "val.txt"
+    val.write_text(" = Heading = \n\n" + "The quick brown fox jumps over the lazy dog. " * 80)
+    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0, learning_rate=1e-2)
+    data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=2,
+                           recovery_source=_alpaca(tmp_path / "alpaca.json"), val_source=str(val), val_seq_len=32,
+                           val_max_windows=6)
+    prune = StructuralPruneCallback(pruning_ratio=0.5, export_dir=str(tmp_path / "export"), verbose=False)
+    _trainer(tmp_path, [prune], num_sanity_val_steps=0, limit_val_batches=0).fit(module, data)
+    loader = data.val_dataloader()
+    dense, _ = pruner.load_model(str(tiny_dir))
+    assert prune.perplexity["dense"] == pytest.approx(loader_perplexity(dense, loader), rel=1e-6)
+    pruner.apply_plan(prune.plan, dense)
+    assert prune.perplexity["pruned"] == pytest.approx(loader_perplexity(dense, loader), rel=1e-6)
+    exported = pruner.load_pretrained(tmp_path / "export")
+    assert prune.perplexity["recovered"] == pytest.approx(loader_perplexity(exported, loader), rel=1e-5)
+    report = (tmp_path / "export" / "report.md").read_text()
+    assert f"| dense (before pruning) | {prune.perplexity['dense']:.3f} |" in report
+    assert "| after recovery (8 steps) |" in report
+    assert f"| after | {prune.plan.params['after']:,} |" in report

@@ -123,3 +123,36 @@ def perplexity(
     finally:
         model.train(was_training)
     return math.exp(total / (n_windows * (seq_len - 1)))
+
+
+@torch.no_grad()
+def loader_perplexity(model, batches, device=None) -> float:
+    """Perplexity over batches of ``input_ids`` / ``attention_mask`` / ``labels`` (-100 = not
+    scored), the labels shifted as in the HF causal-LM loss; token NLL summed in float64.
+    This is how the pruning callback scores its validation data before and after pruning.
+
+    Example:
+        >>> loader_perplexity(model, datamodule.val_dataloader())  # doctest: +SKIP
+        57.1
+    """
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            ids = batch["input_ids"].to(device)
+            labels = batch.get("labels", ids).to(device)
+            mask = batch.get("attention_mask")
+            logits = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device),
+                           use_cache=False).logits
+            target = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+            keep = target != -100
+            lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)[keep]  # (N, vocab)
+            total -= lp.gather(-1, target[keep].unsqueeze(-1)).double().sum().item()
+            count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no labelled tokens in the batches: cannot compute a perplexity")
+    return math.exp(total / count)
