@@ -53,7 +53,9 @@ def run_variant(name: str, args, cache: Path) -> tuple:
     distil = name != "lora"
     module = CausalLMModule("smollm2", learning_rate=args.lr, lora_dropout=0.05,
                             distillation_alpha=args.alpha if distil else 0.0, distillation_temperature=args.temperature)
-    n_records = args.steps * args.micro_batch
+    # Alpaca examples whose prompt fills the cutoff are dropped: take a few more records so
+    # that every variant gets exactly --steps steps (max_steps stops it)
+    n_records = args.steps * args.micro_batch * (1 if name == "data-free" else 2)
     recovery = "generated" if name == "data-free" else str(DATA / "alpaca" / "alpaca_5000.json")
     data = PruneDataModule(calibration_source=str(DATA / "gutenberg"), calibration_samples=10,
                            calibration_seq_len=64, recovery_source=recovery, recovery_max_records=n_records,
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             print("pruned", results["rows"]["pruned, no recovery"], flush=True)
             no_recovery_done = True
         row = evaluate(model, tok, args)
-        row.update(steps=args.steps, sequences=args.steps * args.micro_batch, trained_tokens=counter.tokens,
+        row.update(steps=len(counter.losses), sequences=len(counter.losses) * args.micro_batch,
+                   trained_tokens=counter.tokens,
                    first_loss=sum(counter.losses[:5]) / 5, last_loss=sum(counter.losses[-5:]) / 5,
                    fit_seconds=round(seconds), removed=plan.params["removed_fraction"])
         results["rows"][name] = row

@@ -73,6 +73,9 @@ class StructuralPruneCallback(pl.Callback):
         prune_mlp: block mode: prune MLP channels.
         global_ranking: rank groups across layers by score per parameter.
         max_layer_ratio: global ranking: at most this fraction of a layer's groups goes.
+        attention_selection: which heads / KV groups a layer loses: score (the paper) or
+            measured (calibration loss with them masked, on the calibration batches this
+            callback keeps; helps local allocation, hurt global on SmolLM2: see the README).
         round_to: kept MLP/hidden widths become multiples of this.
         iterative_steps: only 1 is supported in-callback (importance is estimated once).
         seed: seed of the random criterion and of structure probing.
@@ -126,6 +129,7 @@ class StructuralPruneCallback(pl.Callback):
         prune_mlp: bool = True,
         global_ranking: bool = False,
         max_layer_ratio: float = 0.9,
+        attention_selection: Literal["score", "measured"] = "score",
         round_to: int = 1,
         iterative_steps: int = 1,
         seed: int = 0,
@@ -144,7 +148,7 @@ class StructuralPruneCallback(pl.Callback):
             pruning_ratio=pruning_ratio, attention_layers=attention_layers, mlp_layers=mlp_layers,
             layers=layers, head_granularity=head_granularity, prune_attention=prune_attention,
             prune_mlp=prune_mlp, global_ranking=global_ranking, max_layer_ratio=max_layer_ratio,
-            round_to=round_to, iterative_steps=iterative_steps, seed=seed,
+            round_to=round_to, iterative_steps=iterative_steps, seed=seed, attention_selection=attention_selection,
         )
         if iterative_steps != 1:
             raise PrunerError(
@@ -189,6 +193,7 @@ class StructuralPruneCallback(pl.Callback):
         self._calibrated_batches = 0
         self._tokens_per_sample = 0
         self._pending_importance: dict[str, torch.Tensor] | None = None  # from a mid-calibration checkpoint
+        self._calibration_inputs: list[dict[str, torch.Tensor]] = []
 
     # ------------------------------------------------------------------ hooks (thin)
 
@@ -231,6 +236,7 @@ class StructuralPruneCallback(pl.Callback):
                                  "calibrated_batches": self._calibrated_batches, "perplexity": dict(self.perplexity)}
         if self._estimator is not None:  # a checkpoint in the middle of calibration
             state["importance"] = {k: v.detach().cpu() for k, v in self._estimator.state().items()}
+            state["calibration_inputs"] = self._calibration_inputs
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -241,6 +247,7 @@ class StructuralPruneCallback(pl.Callback):
         self._calibrated_batches = int(state_dict.get("calibrated_batches", 0))
         self._pending_importance = state_dict.get("importance")
         self.perplexity = dict(state_dict.get("perplexity", {}))
+        self._calibration_inputs = list(state_dict.get("calibration_inputs", []))
 
     # ------------------------------------------------------------------ steps
 
@@ -337,6 +344,9 @@ class StructuralPruneCallback(pl.Callback):
             self._start_calibration(trainer, module)
         module.hf_model.eval()  # no dropout in importance (as pruner.prune); Lightning may re-enable it
         ids = batch["input_ids"]
+        # kept (a few KB) for the measured choice of attention removals at the prune step
+        self._calibration_inputs.append({k: batch[k].detach().cpu() for k in ("input_ids", "attention_mask", "labels")
+                                         if batch.get(k) is not None})
         self._tokens_per_sample = int(ids.shape[-1])
         self._estimator.begin_batch(int(ids.shape[0]) if ids.dim() == 2 else 1)
         self._calibrated_batches += 1
@@ -398,6 +408,15 @@ class StructuralPruneCallback(pl.Callback):
         vectors = est.vectors()
         self.vectors = vectors  # per-index saliences, summed over ranks (small: no model-sized tensor)
         plan = make_plan(self._structure, vectors, self.config, self._total_before)
+        if self.config.measures_attention and self._calibration_inputs:
+            from pruner.refine import refine_attention
+
+            device = module.device
+            batches = [{k: v.to(device) for k, v in b.items()} for b in self._calibration_inputs]
+            # every rank measures its own calibration batches; the loss sums are all-reduced
+            plan = refine_attention(module.hf_model, self._structure, plan, batches,
+                                    all_reduce=lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu())
+        self._calibration_inputs = []
         self._check_ranks_agree(trainer, plan)
         self._check_lora_targets_survive(module, plan)
         model = module.hf_model

@@ -27,6 +27,7 @@ from .eval.efficiency import count_parameters  # one definition: tied weights co
 from .importance import ImportanceEstimator
 from .plan import LayerPlan, Plan, model_fingerprint
 from .reconstruction import GramCollector, compensate, consumers
+from .refine import refine_attention
 from .selection import _in, candidate_units, select_units, units_to_plan
 from .surgery import apply_plan
 
@@ -187,6 +188,9 @@ def prune(
         if collector is not None and extra is not None:
             collect_inputs(model, extra, collector, progress)
         step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
+        if cfg.measures_attention and batches:
+            device = next(model.parameters()).device
+            step_plan = refine_attention(model, structure, step_plan, [_as_batch(b, device) for b in batches])
         records = step_plan.groups
         if collector is not None:
             compensate(step_plan, structure, model, collector, cfg.reconstruct_damping)

@@ -42,6 +42,10 @@ class PruneConfig:
         default=False, metadata={"help": "rank groups across layers by score per parameter instead of a fixed ratio per layer"})
     max_layer_ratio: float = field(
         default=0.9, metadata={"help": "global ranking: at most this fraction of a layer's heads/channels goes"})
+    attention_selection: Literal["score", "measured"] = field(
+        default="score", metadata={"help": "which heads / KV groups a layer loses (how many comes from the scores): "
+                                           "'score' = lowest importance score (the paper), 'measured' = lowest "
+                                           "calibration loss with them masked (forward passes only)"})
     round_to: int = field(default=1, metadata={"help": "kept MLP/hidden widths become multiples of this (e.g. 8 or 64)"})
     reconstruct: bool = field(
         default=False, metadata={"help": "refit the kept columns of o_proj/down_proj by least squares on the "
@@ -65,6 +69,8 @@ class PruneConfig:
             v = getattr(self, name)
             if v is not None and not 0.0 < v < 1.0:
                 raise PrunerError(f"{name} must be strictly between 0 and 1, got {v}: pass a fraction such as 0.2")
+        if self.attention_selection not in ("score", "measured"):
+            raise PrunerError(f"attention_selection must be 'score' or 'measured', got {self.attention_selection!r}")
         if self.head_granularity not in ("query", "kv"):
             raise PrunerError(f"head_granularity must be 'query' or 'kv', got {self.head_granularity!r}")
         if not 0.0 < self.max_layer_ratio <= 1.0:
@@ -94,6 +100,11 @@ class PruneConfig:
             if r is not None and r[1] > num_layers:
                 raise PrunerError(
                     f"{name}={r} reaches past the model's {num_layers} layers: use an end <= {num_layers}")
+
+    @property
+    def measures_attention(self) -> bool:
+        """Whether attention removals are re-chosen by measured calibration loss."""
+        return self.mode == "block" and self.prune_attention and self.attention_selection == "measured"
 
     def to_dict(self) -> dict:
         return asdict(self)

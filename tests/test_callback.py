@@ -397,3 +397,21 @@ def test_export_carries_a_report_with_perplexity_before_and_after_pruning_and_re
     assert f"| dense (before pruning) | {prune.perplexity['dense']:.3f} |" in report
     assert "| after recovery (8 steps) |" in report
     assert f"| after | {prune.plan.params['after']:,} |" in report
+
+
+def test_measured_attention_selection_in_the_callback_matches_pruner_prune(tiny_dir, tmp_path):
+    import pruner
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    L.seed_everything(0, verbose=False)
+    data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=1,
+                           recovery_source=_alpaca(tmp_path / "alpaca.json"))
+    prune = StructuralPruneCallback(pruning_ratio=0.5, head_granularity="kv", attention_selection="measured",
+                                    verbose=False)
+    _trainer(tmp_path, [prune]).fit(CausalLMModule(str(tiny_dir), lora_dropout=0.0), data)
+    windows = [w.unsqueeze(0) for w in data.calibration]
+    dense, _ = pruner.load_model(str(tiny_dir))
+    measured = pruner.prune(dense, windows, pruning_ratio=0.5, head_granularity="kv", attention_selection="measured")
+    assert prune.plan.to_dict()["layers"] == measured.to_dict()["layers"]
+    assert prune.plan.settings["attention_selection"] == "measured"
