@@ -73,7 +73,8 @@ def one_torch_pruning(n: int) -> dict:
         num_heads.update({layer.self_attn.v_proj: cfg.num_key_value_heads for layer in model.model.layers})
         pruner_ = tp.pruner.MetaPruner(model, example_inputs=samples[:1], importance=tp.importance.GroupTaylorImportance(),
                                        pruning_ratio=0.2, ignored_layers=[model.lm_head], num_heads=num_heads,
-                                       prune_num_heads=False, prune_head_dims=False, global_pruning=False)
+                                       prune_num_heads=False, prune_head_dims=False, global_pruning=False,
+                                       output_transform=lambda out: out.logits)
         model.zero_grad()
         for i in range(n):
             model(samples[i : i + 1], labels=samples[i : i + 1]).loss.backward()
