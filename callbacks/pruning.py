@@ -344,9 +344,9 @@ class StructuralPruneCallback(pl.Callback):
             self._start_calibration(trainer, module)
         module.hf_model.eval()  # no dropout in importance (as pruner.prune); Lightning may re-enable it
         ids = batch["input_ids"]
-        # kept (a few KB) for the measured choice of attention removals at the prune step
-        self._calibration_inputs.append({k: batch[k].detach().cpu() for k in ("input_ids", "attention_mask", "labels")
-                                         if batch.get(k) is not None})
+        if self.config.measures_attention:  # kept (a few KB) for the measured choice at the prune step
+            self._calibration_inputs.append({k: batch[k].detach().cpu() for k in ("input_ids", "attention_mask",
+                                                                                  "labels") if batch.get(k) is not None})
         self._tokens_per_sample = int(ids.shape[-1])
         self._estimator.begin_batch(int(ids.shape[0]) if ids.dim() == 2 else 1)
         self._calibrated_batches += 1
