@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _child import run_child  # benchmarks/ is on sys.path when a script here runs
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -89,15 +90,8 @@ def one_torch_pruning(n: int) -> dict:
 
 
 def _child(kind: str, n: int, timeout: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--samples", str(n)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"tool": kind, "samples": n, "error": f"did not finish in {timeout} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        return {"tool": kind, "samples": n, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
-    return json.loads(lines[-1])
+    row = run_child(__file__, ["--child", kind, "--samples", str(n)], timeout)
+    return {"tool": kind, "samples": n, **row} if "error" in row else row
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _child import run_child  # benchmarks/ is on sys.path when a script here runs
 
 WIDTHS = (256, 512, 768, 1024)  # at 8 layers
 DEPTHS = (4, 8, 16, 32)  # at width 512
@@ -65,13 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for hidden, layers in [(w, 8) for w in WIDTHS] + [(512, d) for d in DEPTHS if d != 8]:
-        proc = subprocess.run([sys.executable, __file__, "--child", f"{hidden},{layers}"], capture_output=True,
-                              text=True, timeout=1800)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not line:
-            print(f"hidden {hidden} layers {layers} failed: {proc.stderr[-500:]}", file=sys.stderr)
+        row = run_child(__file__, ["--child", f"{hidden},{layers}"], timeout=1800)
+        if "error" in row:
+            print(f"hidden {hidden} layers {layers} failed: {row['error']}", file=sys.stderr)
             return 1
-        rows.append(json.loads(line[-1]))
+        rows.append(row)
         print(rows[-1], flush=True)
     import torch
 

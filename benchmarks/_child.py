@@ -1,0 +1,21 @@
+"""Runs one measurement in a fresh Python process (no allocator caches or imports carried
+over from the previous one) and returns the JSON line it prints last."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def run_child(script: str, args: list[str], timeout: int) -> dict:
+    """``python script *args``; the dict it printed as its last ``{...}`` line, or
+    ``{"error": ...}`` (a timeout, or the last line of stderr)."""
+    try:
+        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(lines[-1])
