@@ -100,10 +100,19 @@ class StructuralPruneCallback(pl.Callback):
         verbose: log parameter counts and the export path (rank 0).
 
     Notes:
-        * Strategies: single device and DDP. Under DDP, calibration runs on the bare module
-          (each rank sums its own gradients; one all-reduce at the prune step) and the
-          ``DistributedDataParallel`` wrapper is rebuilt for the pruned + LoRA parameters.
-          ``ModelParallelStrategy`` (FSDP2) is refused with a ``PrunerError`` for now.
+        * Strategies: single device, DDP and ``ModelParallelStrategy`` (FSDP2, data parallel).
+          Under DDP, calibration runs on the bare module (each rank sums its own gradients; one
+          all-reduce at the prune step) and the ``DistributedDataParallel`` wrapper is rebuilt
+          for the pruned + LoRA parameters. Under FSDP2 each rank keeps running sums of its own
+          gradient *shards* and turns them into partial per-index score vectors; one all-reduce
+          of those vectors gives the exact scores, without gathering a gradient. At the prune
+          step the weights are gathered into an ordinary copy (on CPU, every rank: the one time
+          the whole model is held per rank), pruned, given LoRA and sharded again with
+          ``module.shard_model()``; the export gathers the trained shards on rank 0 and merges
+          LoRA there (the running model stays sharded, adapters unmerged). FSDP2 supports the
+          gradient-sum criteria (element1, vector) and the gradient-free ones, not element2/mix
+          (they need per-sample gradients, FSDP averages over ranks) or measured attention
+          selection; resuming a pruning fit from a checkpoint needs single device or DDP.
         * ``trainer.accumulate_grad_batches``: Lightning divides each loss by it; the
           accumulators are rescaled, so importance does not depend on it. The first optimizer
           step after pruning sees only the recovery micro-batches left in its accumulation
@@ -194,6 +203,8 @@ class StructuralPruneCallback(pl.Callback):
         self._tokens_per_sample = 0
         self._pending_importance: dict[str, torch.Tensor] | None = None  # from a mid-calibration checkpoint
         self._calibration_inputs: list[dict[str, torch.Tensor]] = []
+        self._sharded = False  # ModelParallelStrategy (FSDP2): see _prune_sharded
+        self._pruned_skeleton = None  # (class, config, shapes) of the pruned model, for the FSDP2 export
 
     # ------------------------------------------------------------------ hooks (thin)
 
@@ -213,6 +224,8 @@ class StructuralPruneCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._sharded and self._estimator is not None and self._in_calibration(trainer, batch_idx):
+            self._estimator.accumulate_gradients(trainer.world_size)  # FSDP2: read this backward's shards
         if not self._pruned and trainer.current_epoch == 0 and batch_idx == self._prune_at - 1:
             self._prune(trainer, pl_module)
 
@@ -261,16 +274,14 @@ class StructuralPruneCallback(pl.Callback):
                     f"got {type(module).__name__}: use pruner.lightning_modules.causal_lm.CausalLMModule"
                 )
         strategy = trainer.strategy
-        if isinstance(strategy, ModelParallelStrategy):
+        self._sharded = isinstance(strategy, ModelParallelStrategy)
+        if self._sharded:
+            self._check_sharded_setup(module)
+        elif not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise PrunerError(
-                "StructuralPruneCallback does not support ModelParallelStrategy (FSDP2) yet: structural "
-                "surgery on DTensor shards is not implemented. Use strategy: ddp (the model must fit on one "
-                "device), or prune first with `pruner.prune` and fine-tune the exported folder with FSDP2"
-            )
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise PrunerError(
-                f"StructuralPruneCallback supports the single-device and DDP strategies, not "
-                f"{type(strategy).__name__}: use strategy: auto (one device) or ddp"
+                f"StructuralPruneCallback supports the single-device, DDP and ModelParallelStrategy (FSDP2) "
+                f"strategies, not {type(strategy).__name__}: use strategy: auto (one device), ddp or "
+                "ModelParallelStrategy"
             )
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             raise PrunerError(
@@ -290,6 +301,26 @@ class StructuralPruneCallback(pl.Callback):
                 "model.attach_lora_at_start: false; StructuralPruneCallback prunes the dense model and "
                 "attaches LoRA itself after pruning (attach_lora: true)"
             )
+
+    def _check_sharded_setup(self, module: pl.LightningModule) -> None:
+        if self.config.criterion in ("element2", "mix"):
+            raise PrunerError(
+                f"criterion {self.config.criterion!r} needs per-sample gradients, but under ModelParallelStrategy "
+                "(FSDP2) gradients are averaged over ranks before any rank sees them: use criterion element1 "
+                "(the paper's default) or vector, or strategy: ddp"
+            )
+        if self.config.measures_attention:
+            raise PrunerError(
+                "attention_selection='measured' is not supported under ModelParallelStrategy (FSDP2): use "
+                "attention_selection: score, or strategy: ddp"
+            )
+        for attr in ("shard_model", "replace_hf_model"):
+            if not hasattr(module, attr):
+                raise PrunerError(
+                    f"under ModelParallelStrategy (FSDP2) StructuralPruneCallback needs `module.{attr}()` to "
+                    f"rebuild the sharded model after pruning; {type(module).__name__} has none: use "
+                    "pruner.lightning_modules.causal_lm.CausalLMModule or implement it"
+                )
 
     @property
     def _prune_at(self) -> int:
@@ -322,6 +353,10 @@ class StructuralPruneCallback(pl.Callback):
                 " the model will not be pruned; Lightning counts calibration batches as steps"
             )
         model = module.hf_model
+        if self._sharded:  # discovery probes layers with real tensors: work on a gathered copy
+            from pruner.sharding import unsharded_copy
+
+            model = unsharded_copy(model)
         self._structure = discover(model, seed=self.config.seed)
         self.config.check_model(len(self._structure.layers))
         self._total_before = count_parameters(model)
@@ -358,7 +393,10 @@ class StructuralPruneCallback(pl.Callback):
         self._unwrap_ddp(trainer)
         module.calibrating = True
         est = ImportanceEstimator(module.hf_model, families_for(self._structure, self.config),
-                                  self.config.criterion, self.config.seed)
+                                  self.config.criterion, self.config.seed, sharded=self._sharded)
+        if self._pending_importance is not None and self._sharded:
+            raise PrunerError("resuming in the middle of calibration is not supported under ModelParallelStrategy "
+                              "(FSDP2): restart the fit, or calibrate with strategy: ddp")
         if self._pending_importance is not None:  # resumed in the middle of calibration
             est.load_state({k: v.to(module.device) for k, v in self._pending_importance.items()})
             self._pending_importance = None
@@ -379,6 +417,9 @@ class StructuralPruneCallback(pl.Callback):
         """The estimator's accumulators summed over ranks with ONE all-reduce of a flat vector,
         corrected for Lightning's ``1/accumulate_grad_batches`` loss scaling."""
         state = self._estimator.state()
+        if self._sharded:  # gradient sums are rank-local shards: they stay, scaled, out of the reduce
+            local = {k: v for k, v in state.items() if k.startswith("grad::")}
+            state = {k: v for k, v in state.items() if not k.startswith("grad::")}
         keys = sorted(state)
         flat = torch.cat([state[k].detach().float().reshape(-1) for k in keys])
         flat = trainer.strategy.reduce(flat, reduce_op="sum")
@@ -393,7 +434,16 @@ class StructuralPruneCallback(pl.Callback):
             elif scale != 1.0 and k.startswith("fisher::"):
                 v = v * scale**2
             out[k] = v
+        if self._sharded:
+            out.update({k: v * scale for k, v in local.items()})
         return out
+
+    def _sum_over_ranks(self, trainer: pl.Trainer, vectors: dict) -> dict:
+        """FSDP2: every rank scored only its own shards; one all-reduce of the flat vectors sums them."""
+        keys = sorted(vectors)
+        flat = torch.cat([vectors[k].reshape(-1) for k in keys])
+        flat = trainer.strategy.reduce(flat, reduce_op="sum")
+        return dict(zip(keys, torch.split(flat, [vectors[k].numel() for k in keys])))
 
     def _prune(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         from pruner.api import count_parameters, finish_plan, make_plan
@@ -406,6 +456,8 @@ class StructuralPruneCallback(pl.Callback):
         module.zero_grad(set_to_none=True)
         est.load_state(self._reduced_importance(trainer))
         vectors = est.vectors()
+        if self._sharded:
+            vectors = self._sum_over_ranks(trainer, vectors)
         self.vectors = vectors  # per-index saliences, summed over ranks (small: no model-sized tensor)
         plan = make_plan(self._structure, vectors, self.config, self._total_before)
         if self.config.measures_attention and self._calibration_inputs:
@@ -419,10 +471,19 @@ class StructuralPruneCallback(pl.Callback):
         self._calibration_inputs = []
         self._check_ranks_agree(trainer, plan)
         self._check_lora_targets_survive(module, plan)
+        if self._sharded:  # gather the shards into an ordinary model; re-sharded below
+            from pruner.sharding import unsharded_copy
+
+            dense = unsharded_copy(module.hf_model)
+            module.replace_hf_model(dense.to(module.device))
         model = module.hf_model
         if getattr(module, "wants_teacher", False) and module.teacher is None:
             module.keep_teacher(model)  # distillation: the dense model, frozen, before surgery
         apply_plan(plan, model, self._structure)
+        if self._sharded:
+            from pruner.sharding import build_skeleton
+
+            self._pruned_skeleton = build_skeleton(model)
         self._measure(trainer, module, "pruned")
         calibration = {"batches": self._calibrated_batches * trainer.world_size, "samples": est.num_samples,
                        "tokens_per_sample": self._tokens_per_sample, "world_size": trainer.world_size}
@@ -437,6 +498,9 @@ class StructuralPruneCallback(pl.Callback):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
                 module.attach_lora()
+        if self._sharded:
+            module.shard_model()
+            trainer.strategy.model_to_device()
         self._rebuild_training(trainer)
         if self.verbose:
             p = plan.params
@@ -495,17 +559,38 @@ class StructuralPruneCallback(pl.Callback):
             return
         from pruner.io import save_pretrained
 
-        if getattr(module, "has_lora", False):
-            module.merge_lora()  # on every rank: the modules stay identical
-        self._measure(trainer, module, "recovered")
+        if self._sharded:
+            self._measure(trainer, module, "recovered")
+            model = self._gather_for_export(trainer, module)
+        else:
+            if getattr(module, "has_lora", False):
+                module.merge_lora()  # on every rank: the modules stay identical
+            self._measure(trainer, module, "recovered")
+            model = module.hf_model
         folder = Path(self.export_dir)
         if trainer.is_global_zero:
-            save_pretrained(module.hf_model, folder, tokenizer=getattr(module, "tokenizer", None), plan=self.plan,
+            save_pretrained(model, folder, tokenizer=getattr(module, "tokenizer", None), plan=self.plan,
                             overwrite=self.overwrite_export, extra_files={"report.md": self._report(trainer)})
         trainer.strategy.barrier("pruner-export")
         self.export_path = folder.resolve()
         if self.verbose:
             rank_zero_info(f"StructuralPruneCallback: exported the pruned model to {self.export_path}")
+
+    def _gather_for_export(self, trainer: pl.Trainer, module: pl.LightningModule):
+        """FSDP2: the trained shards gathered into an ordinary pruned model with LoRA merged, on
+        rank 0 only (the other ranks join the gathers and return None)."""
+        from pruner.sharding import full_state_dict, materialize, skeleton_from
+
+        state = full_state_dict(module.lm, keep=trainer.is_global_zero)
+        if not trainer.is_global_zero:
+            return None
+        skeleton = skeleton_from(*self._pruned_skeleton)
+        if getattr(module, "has_lora", False):
+            from peft import get_peft_model
+
+            skeleton = get_peft_model(skeleton, module.lora_config())
+        model = materialize(skeleton, state, module.lm)
+        return model.merge_and_unload() if getattr(module, "has_lora", False) else model
 
     def _measure(self, trainer: pl.Trainer, module: pl.LightningModule, when: str) -> None:
         """Validation perplexity of ``module.hf_model`` now (every rank computes the same)."""
@@ -517,7 +602,9 @@ class StructuralPruneCallback(pl.Callback):
             return
         from pruner.eval.perplexity import loader_perplexity
 
-        self.perplexity[when] = loader_perplexity(module.hf_model, loader, module.device)
+        # FSDP2: call the root of the sharding (the peft wrapper, if any), whose hooks gather its weights
+        model = module.lm if self._sharded else module.hf_model
+        self.perplexity[when] = loader_perplexity(model, loader, module.device)
         if self.verbose:
             rank_zero_info(f"StructuralPruneCallback: validation perplexity ({when}): {self.perplexity[when]:.2f}")
 

@@ -254,21 +254,25 @@ class CausalLMModule(LightningModule):
             >>> module.has_lora  # doctest: +SKIP
             True
         """
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         if self.has_lora:
             raise PrunerError("LoRA is already attached: call merge_lora() before attaching again")
-        hp = self.hparams
-        config = LoraConfig(
-            r=hp.lora_r,
-            lora_alpha=hp.lora_alpha,
-            lora_dropout=hp.lora_dropout,
-            target_modules=list(hp.lora_target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
         # peft keeps adapter weights in fp32 when the base is bf16 (autocast_adapter_dtype).
-        self.lm = get_peft_model(self.hf_model, config)
+        self.lm = get_peft_model(self.hf_model, self.lora_config())
+
+    def lora_config(self):
+        """The ``peft.LoraConfig`` of this module's LoRA settings.
+
+        Example:
+            >>> module.lora_config().r  # doctest: +SKIP
+            8
+        """
+        from peft import LoraConfig
+
+        hp = self.hparams
+        return LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
+                          target_modules=list(hp.lora_target_modules), bias="none", task_type="CAUSAL_LM")
 
     def merge_lora(self) -> None:
         """Folds the LoRA deltas into the base weights and unwraps the peft model; all
@@ -352,6 +356,11 @@ class CausalLMModule(LightningModule):
         # and before load_state_dict: rebuild the structure the saved weights belong to.
         info = checkpoint.get("pruner") or {}
         if info.get("plan") is not None and self.pruning_plan is None:
+            if self.device_mesh is not None:  # the weights are already sharded: no surgery on shards
+                raise PrunerError(
+                    "resuming a pruned fit under ModelParallelStrategy (FSDP2) is not supported: resume it with "
+                    "strategy: ddp (or one device), or fine-tune the exported pruned folder with FSDP2"
+                )
             from pruner.plan import Plan
             from pruner.surgery import apply_plan
 

@@ -90,9 +90,21 @@ class ImportanceEstimator:
     attached (less memory and compute) and are restored afterwards.
     """
 
-    def __init__(self, model: nn.Module, families: list[Family], criterion: str, seed: int = 0):
+    def __init__(self, model: nn.Module, families: list[Family], criterion: str, seed: int = 0,
+                 sharded: bool = False):
         self.model, self.families, self.criterion = model, families, check_criterion(criterion)
         self.seed = seed
+        # sharded (FSDP2): gradients arrive already reduce-scattered into each rank's shard, not
+        # through autograd accumulation, so hooks would never fire: the caller calls
+        # accumulate_gradients() after each backward, and vectors() are per-rank partial sums that
+        # the caller all-reduces (see StructuralPruneCallback).
+        self.sharded = sharded
+        if sharded and self.criterion.needs_per_sample:
+            raise PrunerError(
+                f"criterion {criterion!r} needs per-sample gradients, but a sharded (FSDP2) model only "
+                "exposes gradients averaged over ranks: use element1, vector, l1, l2, random or activation, "
+                "or the DDP strategy"
+            )
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.dims: dict[str, set[int]] = {}
         for fam in families:
@@ -121,7 +133,7 @@ class ImportanceEstimator:
     # -- driving -------------------------------------------------------------------------------
     def attach(self) -> None:
         c = self.criterion
-        if c.needs_gradients:
+        if c.needs_gradients and not self.sharded:
             self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
             wanted = {id(self.params[n]) for n in self.dims}
             for p in self.model.parameters():
@@ -153,6 +165,31 @@ class ImportanceEstimator:
         for n, p in self.model.named_parameters():
             if n in self._requires_grad:
                 p.requires_grad_(self._requires_grad[n])
+
+    @torch.no_grad()
+    def accumulate_gradients(self, world_size: int = 1) -> None:
+        """Sharded mode: adds each parameter's current ``.grad`` shard to the running sums, then
+        frees it. FSDP2 averages gradients over ``world_size`` ranks; the sum convention of the
+        hooks (loss-mean gradient times samples, summed over ranks) needs them times
+        ``world_size`` (every rank's batch holds the same number of samples)."""
+        if not self.sharded:
+            raise PrunerError("accumulate_gradients() is for sharded estimators; hooks accumulate otherwise")
+        from .sharding import local_tensor
+
+        if not self.criterion.needs_gradients:
+            return
+        for name in self._canonical.values():
+            param = self.params[name]
+            if param.grad is None:
+                continue
+            g = local_tensor(param.grad).detach().float()
+            if not torch.isfinite(g).all():
+                raise PrunerError(f"non-finite gradient (NaN/inf) in {name} during calibration: check the data "
+                                  "and use float32 or bfloat16")
+            acc = self._grad_sum.get(name)
+            alpha = self._weight * world_size
+            self._grad_sum[name] = g * alpha if acc is None else acc.add_(g, alpha=alpha)
+            param.grad = None
 
     # -- hooks ---------------------------------------------------------------------------------
     def _grad_hook(self, name: str):
@@ -220,12 +257,14 @@ class ImportanceEstimator:
         c = self.criterion.name
         if self.criterion.needs_gradients and self.num_samples == 0:
             raise PrunerError("no calibration samples were seen: pass at least one batch before scoring")
+        from .sharding import local_tensor, shard_offset
+
         n = max(self.num_samples, 1)
         out = {}
         for name, dims in self.dims.items():
             param = self.params[name]
             canon = self._canonical[id(param)]
-            w = param.detach().float()
+            w = local_tensor(param.detach()).float()  # sharded: this rank's rows only
             for dim in dims:
                 if c in ("element1", "vector", "mix"):
                     g = self._grad_sum.get(canon)
@@ -247,6 +286,11 @@ class ImportanceEstimator:
                     v = self._activation_vector(canon, w, dim)
                 else:  # a registered third-party criterion must override vectors()
                     raise PrunerError(f"criterion {c!r} has no per-index rule in ImportanceEstimator")
+                offset = shard_offset(param, dim) if self.sharded else None
+                if offset is not None:  # this rank's rows of the full vector; zeros elsewhere
+                    full = torch.zeros(param.shape[dim], dtype=v.dtype, device=v.device)
+                    full[offset: offset + v.shape[0]] = v
+                    v = full
                 out[(name, dim)] = v
         return out
 

@@ -65,17 +65,25 @@ def main(spec: dict) -> None:
 
         callbacks.append(ModelCheckpoint(dirpath=spec["out"], every_n_train_steps=spec["checkpoint_every"],
                                          save_top_k=-1, filename="{step}"))
+    strategy = spec.get("strategy", "auto")
+    if strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=spec["devices"], tensor_parallel_size=1)
     trainer = L.Trainer(max_steps=spec.get("max_steps", -1), max_epochs=1, accelerator="cpu",
-                        devices=spec.get("devices", 1), strategy=spec.get("strategy", "auto"),
+                        devices=spec.get("devices", 1), strategy=strategy,
                         accumulate_grad_batches=spec.get("accumulate", 1), logger=False,
                         enable_checkpointing=bool(spec.get("checkpoint_every")), enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=spec["out"], callbacks=callbacks)
+                        enable_model_summary=False, default_root_dir=spec["out"], callbacks=callbacks,
+                        **spec.get("trainer", {}))
     trainer.fit(module, data, ckpt_path=spec.get("ckpt_in"))
     torch.save({"losses": losses.losses, "recovery": data.recovery,
                 "teacher": {n: p.detach().clone() for n, p in module.teacher.named_parameters()}
                 if getattr(module, "teacher", None) is not None else None, "plan": prune.plan.to_dict() if prune.plan else None,
                 "vectors": prune.vectors, "step": trainer.global_step,
-                "lora": {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}},
+                "lora": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                         for n, p in module.named_parameters() if "lora_" in n},
+                "perplexity": dict(prune.perplexity)},
                f"{spec['out']}/rank{trainer.global_rank}.pt")
 
 
@@ -319,6 +327,41 @@ def test_ddp_two_processes_sum_importance_and_match_one_process(tiny_dir, tmp_pa
     assert_close(r0["lora"], single["lora"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("criterion", ["element1", "activation"])
+def test_fsdp2_two_processes_score_shards_and_match_one_process(criterion, tiny_dir, tmp_path):
+    from pruner.io import load_pretrained
+
+    _alpaca(tmp_path / "alpaca.json")
+    val = tmp_path / "val.txt"
+    val.write_text(" = Heading = \n\n" + "The quick brown fox jumps over the lazy dog. " * 80)
+    runs = {}
+    for name, extra in (("single", {"accumulate": 2}), ("fsdp2", {"devices": 2, "strategy": "fsdp2"})):
+        callback = {"pruning_ratio": 0.5, "criterion": criterion, "export_dir": str(tmp_path / f"export-{name}")}
+        runs[name] = run_in_subprocess(tmp_path, {"model_dir": str(tiny_dir), "callback": callback,
+                                                  "data": {"val_source": str(val), "val_seq_len": 32,
+                                                           "val_max_windows": 4},
+                                                  "trainer": {"limit_val_batches": 0, "num_sanity_val_steps": 0},
+                                                  **extra}, name)
+    (single,), (r0, r1) = runs["single"], runs["fsdp2"]
+    # Scores from gradient shards (one all-reduce of partial vectors) == one process on all data.
+    assert r0["plan"]["calibration"]["samples"] == 8
+    assert_close(r0["vectors"], single["vectors"], rtol=1e-5, atol=1e-9)
+    assert r0["plan"] == r1["plan"]
+    assert r0["plan"]["layers"] == single["plan"]["layers"]
+    # Recovery on the re-sharded pruned model: ranks in lockstep, the loss fell, same adapters.
+    assert r0["step"] == r1["step"] == single["step"]
+    assert_close(r0["lora"], r1["lora"], rtol=0, atol=0)
+    losses = [r0["losses"][i] + r1["losses"][i] for i in sorted(r0["losses"])][4:]
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    assert r0["lora"] and not single["lora"]  # FSDP2 merges into the export only, one device in place
+    assert_close(r0["perplexity"], single["perplexity"], rtol=1e-4, atol=0)
+    # The export (gathered on rank 0, LoRA merged there) is the model the single process exported.
+    a, b = load_pretrained(tmp_path / "export-fsdp2"), load_pretrained(tmp_path / "export-single")
+    ids = torch.arange(1, 17).reshape(2, 8)
+    assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_prune_at_step_calibrates_on_the_batches_just_before_it(tiny_dir, tmp_path):
     from pruner.lightning_modules.causal_lm import CausalLMModule
     from pruner.lightning_modules.data import PruneDataModule
@@ -338,15 +381,20 @@ def test_prune_at_step_calibrates_on_the_batches_just_before_it(tiny_dir, tmp_pa
     assert prune.plan.calibration["samples"] == 4  # two recovery micro-batches of 2
 
 
-def test_fsdp2_is_refused_with_a_clear_error(tiny_dir):
+@pytest.mark.parametrize("options, message", [
+    (dict(criterion="element2"), "needs per-sample gradients.*use criterion element1"),
+    (dict(criterion="mix"), "needs per-sample gradients.*or strategy: ddp"),
+    (dict(attention_selection="measured"), "'measured' is not supported under ModelParallelStrategy"),
+])
+def test_fsdp2_refuses_what_sharded_gradients_cannot_give(tiny_dir, options, message):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from pruner.lightning_modules.causal_lm import CausalLMModule
 
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False,
                         strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
-    with pytest.raises(PrunerError, match="does not support ModelParallelStrategy \\(FSDP2\\) yet"):
-        StructuralPruneCallback(target_sparsity=0.2).setup(trainer, CausalLMModule(str(tiny_dir)), "fit")
+    with pytest.raises(PrunerError, match=message):
+        StructuralPruneCallback(target_sparsity=0.2, **options).setup(trainer, CausalLMModule(str(tiny_dir)), "fit")
 
 
 def test_validation_inside_calibration_does_not_feed_importance(tiny_dir, tmp_path):
