@@ -77,7 +77,9 @@ class StructuralPruneCallback(pl.Callback):
             measured (calibration loss with them masked, on the calibration batches this
             callback keeps; helps local allocation, hurt global on SmolLM2: see the README).
         round_to: kept MLP/hidden widths become multiples of this.
-        iterative_steps: only 1 is supported in-callback (importance is estimated once).
+        iterative_steps: prune in N steps. Step 1 uses the importance of the calibration
+            batches of the fit; steps 2..N re-estimate it on the same batches (kept by the
+            callback, a few KB) on the partly pruned model, as ``pruner.prune`` does.
         seed: seed of the random criterion and of structure probing.
 
     Callback options:
@@ -159,13 +161,6 @@ class StructuralPruneCallback(pl.Callback):
             prune_mlp=prune_mlp, global_ranking=global_ranking, max_layer_ratio=max_layer_ratio,
             round_to=round_to, iterative_steps=iterative_steps, seed=seed, attention_selection=attention_selection,
         )
-        if iterative_steps != 1:
-            raise PrunerError(
-                f"`StructuralPruneCallback(iterative_steps={iterative_steps})` is not supported: the callback "
-                "estimates importance once, from the calibration batches of the running fit; use "
-                "iterative_steps=1, or prune iteratively with pruner.prune(..., iterative_steps=N) and "
-                "fine-tune the exported folder"
-            )
         if calibration_batches is not None and (not isinstance(calibration_batches, int) or calibration_batches < 1):
             raise PrunerError(
                 f"`StructuralPruneCallback(calibration_batches={calibration_batches!r})` must be an integer "
@@ -309,10 +304,13 @@ class StructuralPruneCallback(pl.Callback):
                 "(FSDP2) gradients are averaged over ranks before any rank sees them: use criterion element1 "
                 "(the paper's default) or vector, or strategy: ddp"
             )
-        if self.config.measures_attention:
+        if self.config.measures_attention or self.config.iterative_steps > 1:
+            what = ("attention_selection='measured'" if self.config.measures_attention
+                    else f"iterative_steps={self.config.iterative_steps}")
             raise PrunerError(
-                "attention_selection='measured' is not supported under ModelParallelStrategy (FSDP2): use "
-                "attention_selection: score, or strategy: ddp"
+                f"{what} is not supported under ModelParallelStrategy (FSDP2): it would run forward/backward "
+                "passes on the gathered, unsharded model; use attention_selection: score and iterative_steps: 1, "
+                "or strategy: ddp"
             )
         for attr in ("shard_model", "replace_hf_model"):
             if not hasattr(module, attr):
@@ -321,6 +319,10 @@ class StructuralPruneCallback(pl.Callback):
                     f"rebuild the sharded model after pruning; {type(module).__name__} has none: use "
                     "pruner.lightning_modules.causal_lm.CausalLMModule or implement it"
                 )
+
+    @property
+    def _keeps_inputs(self) -> bool:
+        return self.config.measures_attention or self.config.iterative_steps > 1
 
     @property
     def _prune_at(self) -> int:
@@ -379,7 +381,7 @@ class StructuralPruneCallback(pl.Callback):
             self._start_calibration(trainer, module)
         module.hf_model.eval()  # no dropout in importance (as pruner.prune); Lightning may re-enable it
         ids = batch["input_ids"]
-        if self.config.measures_attention:  # kept (a few KB) for the measured choice at the prune step
+        if self._keeps_inputs:  # kept (a few KB) for the measured choice / later iterative steps
             self._calibration_inputs.append({k: batch[k].detach().cpu() for k in ("input_ids", "attention_mask",
                                                                                   "labels") if batch.get(k) is not None})
         self._tokens_per_sample = int(ids.shape[-1])
@@ -446,8 +448,7 @@ class StructuralPruneCallback(pl.Callback):
         return dict(zip(keys, torch.split(flat, [vectors[k].numel() for k in keys])))
 
     def _prune(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        from pruner.api import count_parameters, finish_plan, make_plan
-        from pruner.surgery import apply_plan
+        from pruner.api import count_parameters, finish_plan
 
         est = self._estimator
         if est is None:  # a resumed run whose checkpoint came after calibration ended cannot happen
@@ -459,37 +460,24 @@ class StructuralPruneCallback(pl.Callback):
         if self._sharded:
             vectors = self._sum_over_ranks(trainer, vectors)
         self.vectors = vectors  # per-index saliences, summed over ranks (small: no model-sized tensor)
-        plan = make_plan(self._structure, vectors, self.config, self._total_before)
-        if self.config.measures_attention and self._calibration_inputs:
-            from pruner.refine import refine_attention
-
-            device = module.device
-            batches = [{k: v.to(device) for k, v in b.items()} for b in self._calibration_inputs]
-            # every rank measures its own calibration batches; the loss sums are all-reduced
-            plan = refine_attention(module.hf_model, self._structure, plan, batches,
-                                    all_reduce=lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu())
-        self._calibration_inputs = []
-        self._check_ranks_agree(trainer, plan)
-        self._check_lora_targets_survive(module, plan)
-        if self._sharded:  # gather the shards into an ordinary model; re-sharded below
+        if self._sharded:  # gather the shards into an ordinary CPU model; sharded again below
             from pruner.sharding import unsharded_copy
 
-            dense = unsharded_copy(module.hf_model)
-            module.replace_hf_model(dense.to(module.device))
+            module.replace_hf_model(unsharded_copy(module.hf_model))
         model = module.hf_model
-        if getattr(module, "wants_teacher", False) and module.teacher is None:
-            module.keep_teacher(model)  # distillation: the dense model, frozen, before surgery
-        apply_plan(plan, model, self._structure)
+        plan = self._select_and_remove(trainer, module, vectors)
         if self._sharded:
             from pruner.sharding import build_skeleton
 
             self._pruned_skeleton = build_skeleton(model)
-        self._measure(trainer, module, "pruned")
+        else:
+            self._measure(trainer, module, "pruned")
         calibration = {"batches": self._calibrated_batches * trainer.world_size, "samples": est.num_samples,
                        "tokens_per_sample": self._tokens_per_sample, "world_size": trainer.world_size}
         plan = finish_plan(plan, model, self._structure, self._fingerprint, self._total_before, self.config,
                            calibration)
         self.plan, self._pruned, self._estimator = plan, True, None
+        self._calibration_inputs = []
         module.pruning_plan = plan.to_dict()
         module.calibrating = False
         model.train()
@@ -499,8 +487,9 @@ class StructuralPruneCallback(pl.Callback):
                 torch.manual_seed(self.config.seed)
                 module.attach_lora()
         if self._sharded:
-            module.shard_model()
+            module.shard_model()  # fully_shard also moves the CPU copy to the mesh's device
             trainer.strategy.model_to_device()
+            self._measure(trainer, module, "pruned")
         self._rebuild_training(trainer)
         if self.verbose:
             p = plan.params
@@ -511,12 +500,67 @@ class StructuralPruneCallback(pl.Callback):
                 f"of {count_parameters(module):,}"
             )
 
-    def _check_lora_targets_survive(self, module: pl.LightningModule, plan) -> None:
+    def _select_and_remove(self, trainer: pl.Trainer, module: pl.LightningModule, vectors: dict):
+        """Selection and surgery, in ``iterative_steps`` steps (as ``pruner.prune``); returns the
+        plan in dense indices. Every step is checked on all ranks before its weights change."""
+        from pruner.api import _step_config, compose, count_parameters, make_plan
+        from pruner.discovery import discover
+        from pruner.surgery import apply_plan
+
+        model, cfg, plan, structure = module.hf_model, self.config, None, self._structure
+        device = next(model.parameters()).device
+        batches = [{k: v.to(device) for k, v in b.items()} for b in self._calibration_inputs]
+        for step in range(1, cfg.iterative_steps + 1):
+            step_cfg = _step_config(cfg, step, self._total_before, count_parameters(model))
+            if step > 1:
+                structure = discover(model, seed=cfg.seed)
+                vectors = self._estimate_on(trainer, model, structure, step_cfg, batches)
+            step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
+            if cfg.measures_attention and batches:
+                from pruner.refine import refine_attention
+
+                # every rank measures its own calibration batches; the loss sums are all-reduced
+                step_plan = refine_attention(model, structure, step_plan, batches, all_reduce=lambda t: (
+                    trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()))
+            self._check_ranks_agree(trainer, step_plan)
+            self._check_lora_targets_survive(module, step_plan, structure)
+            if step == 1 and getattr(module, "wants_teacher", False) and module.teacher is None:
+                module.keep_teacher(model)  # distillation: the dense model, frozen, before surgery
+            apply_plan(step_plan, model, structure)
+            groups = step_plan.groups
+            plan = step_plan if plan is None else compose(plan, step_plan, self._structure)
+        plan.groups = groups  # the last step's scores (as pruner.prune)
+        return plan
+
+    def _estimate_on(self, trainer: pl.Trainer, model, structure, cfg, batches: list[dict]) -> dict:
+        """Importance of the partly pruned ``model`` on this rank's kept calibration batches,
+        accumulators summed over ranks (one all-reduce), as in calibration."""
+        from pruner.api import families_for
+        from pruner.importance import ImportanceEstimator
+
+        est = ImportanceEstimator(model, families_for(structure, cfg), cfg.criterion, cfg.seed)
+        model.eval()
+        est.attach()
+        try:
+            for batch in batches:
+                est.begin_batch(int(batch["input_ids"].shape[0]))
+                model(**batch).loss.backward()
+        finally:
+            est.detach()
+            model.zero_grad(set_to_none=True)
+        state = est.state()
+        keys = sorted(state)
+        flat = trainer.strategy.reduce(torch.cat([state[k].float().reshape(-1) for k in keys]), reduce_op="sum")
+        est.load_state(dict(zip(keys, (t.reshape(state[k].shape) for k, t in
+                                       zip(keys, torch.split(flat, [state[k].numel() for k in keys]))))))
+        return est.vectors()
+
+    def _check_lora_targets_survive(self, module: pl.LightningModule, plan, structure) -> None:
         """Refuses, before any weight changes, a plan that deletes every module a LoRA target
         names (e.g. a target spelled with a layer index that layer-wise pruning removes)."""
         if not self.attach_lora or not hasattr(module, "missing_lora_targets"):
             return
-        removed = [self._structure.layers[lp.index].path for lp in plan.layers if lp.removed]
+        removed = [structure.layers[lp.index].path for lp in plan.layers if lp.removed]
         gone = module.missing_lora_targets(removed)
         if gone:
             raise PrunerError(

@@ -151,8 +151,8 @@ def test_argument_validation():
         StructuralPruneCallback(criterion="taylor", target_sparsity=0.2)
     with pytest.raises(PrunerError, match=r"attention_layers=\(4, 2\) is empty"):
         StructuralPruneCallback(target_sparsity=0.2, attention_layers=(4, 2))
-    with pytest.raises(PrunerError, match=r"`StructuralPruneCallback\(iterative_steps=3\)` is not supported"):
-        StructuralPruneCallback(target_sparsity=0.2, iterative_steps=3)
+    with pytest.raises(PrunerError, match=r"iterative_steps must be a positive integer, got 0"):
+        StructuralPruneCallback(target_sparsity=0.2, iterative_steps=0)
     with pytest.raises(PrunerError, match=r"calibration_batches=0\)` must be an integer >= 1"):
         StructuralPruneCallback(target_sparsity=0.2, calibration_batches=0)
     with pytest.raises(PrunerError, match=r"prune_at_step=0\)` must be an integer >= 1"):
@@ -217,6 +217,32 @@ def test_callback_prunes_like_pruner_prune_then_recovers_and_exports(criterion, 
     with torch.no_grad():
         assert_close(loaded(input_ids=ids).logits, module.hf_model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     assert pruner.Plan.load(tmp_path / "export" / "plan.json").layers == prune.plan.layers
+
+
+@pytest.mark.parametrize("options", [dict(target_sparsity=0.2, global_ranking=True),
+                                     dict(target_sparsity=0.2, attention_selection="measured", criterion="vector")])
+def test_iterative_steps_in_the_callback_match_pruner_prune(options, tiny_dir, tmp_path):
+    import pruner
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    L.seed_everything(0, verbose=False)
+    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0)
+    data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=1,
+                           recovery_source=_alpaca(tmp_path / "alpaca.json"))
+    prune = StructuralPruneCallback(iterative_steps=2, verbose=False, **options)
+    _trainer(tmp_path, [prune]).fit(module, data)
+    dense, _ = pruner.load_model(str(tiny_dir))
+    single_step = pruner.prune(dense, [w.unsqueeze(0) for w in data.calibration], **options)
+    dense, _ = pruner.load_model(str(tiny_dir))
+    reference = pruner.prune(dense, [w.unsqueeze(0) for w in data.calibration], iterative_steps=2, **options)
+    ours = prune.plan.to_dict()
+    # step 2 re-estimated importance on the partly pruned model, exactly as pruner.prune does
+    assert ours["layers"] == reference.to_dict()["layers"]
+    assert len(ours["groups"]) < len(single_step.groups)  # the last step scored the smaller model
+    assert_close([g["score"] for g in ours["groups"]], [g["score"] for g in reference.groups], rtol=1e-5, atol=0)
+    assert ours["params"] == reference.params
+    assert sum(p.numel() for n, p in module.hf_model.named_parameters() if "lora_" not in n) == ours["params"]["after"]
 
 
 def test_optimizer_holds_exactly_the_lora_parameters_after_pruning(tiny_dir, tmp_path):
