@@ -162,7 +162,8 @@ def prune(
         raise PrunerError(f"unknown prune() option(s) {sorted(unknown)}; valid: {sorted(PruneConfig.__dataclass_fields__)}")
     cfg = PruneConfig(criterion=criterion, aggregation=aggregation, mode=mode, target_sparsity=target_sparsity,
                       pruning_ratio=pruning_ratio, attention_layers=attention_layers, mlp_layers=mlp_layers, **more)
-    batches = list(batches)
+    device = next(model.parameters()).device
+    batches = [_as_batch(b, device) for b in batches]  # validated and normalised once, up front
     extra = list(reconstruction_batches) if reconstruction_batches is not None else None
     if extra is not None and not cfg.reconstruct:
         raise PrunerError("reconstruction_batches are only used with reconstruct=True: set it, or drop them")
@@ -189,8 +190,7 @@ def prune(
             collect_inputs(model, extra, collector, progress)
         step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
         if cfg.measures_attention and batches:
-            device = next(model.parameters()).device
-            step_plan = refine_attention(model, structure, step_plan, [_as_batch(b, device) for b in batches])
+            step_plan = refine_attention(model, structure, step_plan, batches)
         records = step_plan.groups
         if collector is not None:
             compensate(step_plan, structure, model, collector, cfg.reconstruct_damping)
@@ -198,9 +198,8 @@ def prune(
         plan = step_plan if plan is None else compose(plan, step_plan, dense_structure)
     assert plan is not None
     plan.groups = records
-    calibration = {"batches": len(batches),
-                   "samples": sum(_as_batch(b, "cpu")["input_ids"].shape[0] for b in batches),
-                   "tokens_per_sample": int(_as_batch(batches[0], "cpu")["input_ids"].shape[1]) if batches else 0}
+    calibration = {"batches": len(batches), "samples": sum(b["input_ids"].shape[0] for b in batches),
+                   "tokens_per_sample": int(batches[0]["input_ids"].shape[1]) if batches else 0}
     if extra is not None:
         calibration["reconstruction_tokens"] = sum(_as_batch(b, "cpu")["input_ids"].numel() for b in extra)
     return finish_plan(plan, model, dense_structure, fingerprint, total_before, cfg, calibration)

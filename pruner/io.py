@@ -185,11 +185,11 @@ def _remove_stale_siblings(folder: Path) -> None:
 
 def _process_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, owned by someone else
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
