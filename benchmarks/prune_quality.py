@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--damping", type=float, default=0.1, help="reconstruct_damping")
     p.add_argument("--zeroshot-limit", type=int, default=0,
                    help="also score the first N items of PIQA / ARC-Easy / BoolQ (0 = perplexity only)")
+    p.add_argument("--attention-selection", default="score", choices=["score", "measured"],
+                   help="measured: re-choose which heads / KV groups go by calibration loss (pruner.refine)")
     p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -98,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = PruneConfig(**{**base.to_dict(), **ALLOCATIONS[allocation]})
             plan = make_plan(structure, vectors, cfg, total)
             model = copy.deepcopy(dense)
+            if args.attention_selection == "measured":
+                from pruner.refine import refine_attention
+
+                plan = refine_attention(model, structure, plan, [{"input_ids": b} for b in batches])
             if collector is not None:
                 from pruner.reconstruction import compensate
 
