@@ -4,15 +4,17 @@ over from the previous one) and returns the JSON line it prints last."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 
-def run_child(script: str, args: list[str], timeout: int) -> dict:
-    """``python script *args``; the dict it printed as its last ``{...}`` line, or
-    ``{"error": ...}`` (a timeout, or the last line of stderr)."""
+def run_child(script: str, args: list[str], timeout: int, env: dict[str, str] | None = None) -> dict:
+    """``python script *args`` (with ``env`` added to the environment); the dict it printed as
+    its last ``{...}`` line, or ``{"error": ...}`` (a timeout, or the last line of stderr)."""
     try:
-        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish in {timeout} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -7,6 +7,11 @@ model's own size; optionally Torch-Pruning's Taylor importance on the same model
 Every measurement runs in a fresh process (so that one run's allocator caches do not hide the
 next one's peak): peak resident memory above the RSS after the model is loaded (sampled every
 2 ms, ``pruner.eval.efficiency.peak_memory``), divided by the bytes of the model's weights.
+pruner runs twice: with glibc's default allocator settings, and with
+``MALLOC_MMAP_THRESHOLD_=65536``. The default's threshold grows after the first large free, so
+later model-sized temporaries (gradients, sliced weights) come from the heap, which keeps them
+resident after they are freed; the fixed threshold returns them to the system at once, so its
+column is close to the memory the tensors really need (what a GPU's allocator would report).
 Pruning: element1, 20% of all parameters, global ranking over KV groups and MLP channels in
 layers 4-27. Calibration text: ``../shared/data/gutenberg`` (builtin text without it).
 """
@@ -89,9 +94,13 @@ def one_torch_pruning(n: int) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def _child(kind: str, n: int, timeout: int) -> dict:
-    row = run_child(__file__, ["--child", kind, "--samples", str(n)], timeout)
-    return {"tool": kind, "samples": n, **row} if "error" in row else row
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _child(kind: str, n: int, timeout: int, env: dict[str, str] | None = None) -> dict:
+    row = run_child(__file__, ["--child", kind, "--samples", str(n)], timeout, env)
+    row = {"tool": kind, "samples": n, **row} if "error" in row else row
+    return {**row, "allocator": "mmap threshold 64 KiB" if env else "glibc default"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,20 +117,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for n in (int(x) for x in args.samples.split(",")):
-        for kind in ["pruner"] + (["torch-pruning"] if args.torch_pruning and n == 10 else []):
-            row = _child(kind, n, args.timeout)
+        runs = [("pruner", None), ("pruner", FIXED_MMAP)]
+        runs += [("torch-pruning", None)] if args.torch_pruning and n == 10 else []
+        for kind, env in runs:
+            row = _child(kind, n, args.timeout, env)
             rows.append(row)
             print(row, flush=True)
     import torch
 
     print(f"\nSmolLM2-135M fp32, {platform.machine()} CPU, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
-    print("| tool | samples x 64 tokens | wall s | peak extra memory MB | / model bytes | removed |")
-    print("|---|---|---|---|---|---|")
+    print("| tool | allocator | samples x 64 tokens | wall s | peak extra memory MB | / model bytes | removed |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['tool']} | {r['samples']} | - | - | - | {r['error']} |")
+            print(f"| {r['tool']} | {r['allocator']} | {r['samples']} | - | - | - | {r['error']} |")
             continue
-        print(f"| {r['tool']} | {r['samples']} | {r['seconds']:.1f} | {r['peak_extra_bytes'] / 2**20:,.0f} | "
+        print(f"| {r['tool']} | {r['allocator']} | {r['samples']} | {r['seconds']:.1f} | {r['peak_extra_bytes'] / 2**20:,.0f} | "
               f"{r['peak_extra_bytes'] / r['model_bytes']:.2f} | {r['removed']:.1%} |")
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1))

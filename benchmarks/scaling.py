@@ -5,7 +5,10 @@ depth, each measured in a fresh process.
 
 Per config: parameters, weight bytes, group discovery time, importance estimation time
 (element1, 10 samples x 64 tokens, one backward per sample) and the peak resident memory
-above the loaded model during estimation, as a multiple of the weight bytes. These are the
+above the loaded model during estimation, as a multiple of the weight bytes, under glibc's
+default allocator settings and with ``MALLOC_MMAP_THRESHOLD_=65536`` (freed temporaries go back
+to the system at once: close to what the tensors need; see ``prune_cost.py``), next to the
+memory model's prediction (fp32 running gradient sums of the scored tensors). These are the
 inputs of the memory and time model in ``docs/scaling.md``.
 """
 
@@ -37,7 +40,7 @@ def one(hidden: int, layers: int) -> dict:
     import transformers as tf
 
     import pruner
-    from pruner.api import estimate_importance
+    from pruner.api import estimate_importance, families_for
     from pruner.config import PruneConfig
     from pruner.eval.efficiency import peak_memory, weights_bytes
 
@@ -48,11 +51,14 @@ def one(hidden: int, layers: int) -> dict:
     structure = pruner.discover(model)
     discover_s = time.perf_counter() - start
     cfg = PruneConfig(criterion="element1", target_sparsity=0.2, global_ranking=True)
+    params = dict(model.named_parameters())
+    scored = {id(params[m.param]): params[m.param].numel() for f in families_for(structure, cfg) for m in f.members}
     start = time.perf_counter()
     _, peak = peak_memory(lambda: estimate_importance(model, batches, structure, cfg))
     return {"hidden": hidden, "layers": layers, "params": pruner.count_parameters(model),
             "weights_bytes": weights_bytes(model), "discover_s": discover_s,
-            "importance_s": time.perf_counter() - start, "peak_extra_bytes": peak, "threads": torch.get_num_threads()}
+            "importance_s": time.perf_counter() - start, "peak_extra_bytes": peak,
+            "predicted_bytes": 4 * sum(scored.values()), "threads": torch.get_num_threads()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,21 +73,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for hidden, layers in [(w, 8) for w in WIDTHS] + [(512, d) for d in DEPTHS if d != 8]:
         row = run_child(__file__, ["--child", f"{hidden},{layers}"], timeout=1800)
-        if "error" in row:
-            print(f"hidden {hidden} layers {layers} failed: {row['error']}", file=sys.stderr)
+        fixed = run_child(__file__, ["--child", f"{hidden},{layers}"], timeout=1800,
+                          env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+        if "error" in row or "error" in fixed:
+            print(f"hidden {hidden} layers {layers} failed: {row.get('error') or fixed['error']}", file=sys.stderr)
             return 1
-        rows.append(row)
+        rows.append({**row, "peak_extra_bytes_fixed_mmap": fixed["peak_extra_bytes"]})
         print(rows[-1], flush=True)
     import torch
 
     print(f"\nrandom LLaMA configs (vocab {VOCAB}), fp32, {platform.machine()} CPU, {torch.get_num_threads()} threads, "
           f"{time.strftime('%Y-%m-%d')}")
-    print("| hidden | layers | params | weights MB | discovery s | importance s (10x64) | peak extra MB | / weights |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| hidden | layers | params | weights MB | discovery s | importance s (10x64) | "
+          "peak extra MB, glibc default (/ weights) | peak extra MB, mmap 64 KiB (/ weights) | model: 4 P_s MB (/ weights) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["layers"] != 8, r["hidden"], r["layers"])):
-        print(f"| {r['hidden']} | {r['layers']} | {r['params'] / 1e6:.1f}M | {r['weights_bytes'] / 2**20:.0f} | "
-              f"{r['discover_s']:.1f} | {r['importance_s']:.1f} | {r['peak_extra_bytes'] / 2**20:.0f} | "
-              f"{r['peak_extra_bytes'] / r['weights_bytes']:.2f} |")
+        w = r["weights_bytes"]
+        cells = [f"{b / 2**20:,.0f} ({b / w:.2f})" for b in
+                 (r["peak_extra_bytes"], r["peak_extra_bytes_fixed_mmap"], r["predicted_bytes"])]
+        print(f"| {r['hidden']} | {r['layers']} | {r['params'] / 1e6:.1f}M | {w / 2**20:.0f} | "
+              f"{r['discover_s']:.1f} | {r['importance_s']:.1f} | " + " | ".join(cells) + " |")
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1))
     return 0
