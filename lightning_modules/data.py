@@ -148,8 +148,9 @@ class PruneDataModule(LightningDataModule):
         recovery_epochs: passes over the recovery data inside the single train pass (paper: 2).
         micro_batch_size: recovery and validation batch size (the paper: 4).
         cutoff_len: longest tokenized instruction example; longer ones are truncated.
-        val_source: WikiText-2 ``wiki.test.raw`` file or ``"wikitext-2-raw-v1"``; None = no
-            validation (and no test) loader.
+        val_source: WikiText-2 ``wiki.test.raw`` file, ``"wikitext-2-raw-v1"`` (hub) or
+            ``"builtin-heldout"`` (stdlib prose that calibration and recovery never see;
+            offline); None = no validation (and no test) loader.
         val_seq_len: perplexity window (the paper: 128). val_max_windows: first N windows only.
         tokenizer: model name/folder to take the tokenizer from; None = the LightningModule's
             ``tokenizer`` (the usual case with ``CausalLMModule``).

@@ -46,6 +46,15 @@ _BUILTIN_MODULES = (
     "csv.py", "string.py", "enum.py", "contextlib.py", "doctest.py", "asyncio/tasks.py",
 )
 
+# Held-out prose for offline validation ("builtin-heldout"): other stdlib modules than above, so
+# perplexity on it is not measured on the calibration or recovery text.
+_HELDOUT_MODULES = (
+    "datetime.py", "_pydatetime.py", "optparse.py", "configparser.py", "traceback.py", "tokenize.py",
+    "pprint.py", "queue.py", "sched.py", "locale.py", "gettext.py", "smtplib.py", "ftplib.py",
+    "imaplib.py", "selectors.py", "socket.py", "tempfile.py", "glob.py", "fnmatch.py", "bisect.py",
+)
+HELDOUT = "builtin-heldout"
+
 ALPACA_PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
@@ -114,8 +123,40 @@ def builtin_text() -> str:
         True
     """
     stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts = _docstrings(stdlib, _BUILTIN_MODULES)
+    license_file = stdlib / "LICENSE.txt"
+    if license_file.is_file():
+        parts.append(license_file.read_text(encoding="utf-8", errors="replace"))
+    if not parts:
+        raise PrunerError(
+            f"no builtin text found under {stdlib} (a stripped Python install?); pass a local "
+            "text file or folder as the calibration source instead"
+        )
+    return "\n\n".join(parts)
+
+
+@lru_cache(maxsize=1)
+def builtin_heldout_rows() -> list[str]:
+    """Held-out prose for offline validation (``val_source: builtin-heldout``): docstrings of
+    stdlib modules that :func:`builtin_text` does not read, one row per docstring.
+
+    Example:
+        >>> rows = builtin_heldout_rows()
+        >>> len(rows) > 100, any(row in builtin_text() for row in rows)
+        (True, False)
+    """
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    rows = _docstrings(stdlib, _HELDOUT_MODULES)
+    if not rows:
+        raise PrunerError(f"no held-out builtin text found under {stdlib} (a stripped Python install?); "
+                          "pass a local evaluation file such as wiki.test.raw as val_source instead")
+    return rows
+
+
+def _docstrings(stdlib: Path, modules: Sequence[str]) -> list[str]:
+    """Docstrings longer than 80 characters of ``modules`` (paths under ``stdlib``), in order."""
     parts: list[str] = []
-    for rel in _BUILTIN_MODULES:
+    for rel in modules:
         file = stdlib / rel
         if not file.is_file():
             continue
@@ -128,15 +169,7 @@ def builtin_text() -> str:
             if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
         ]
         parts.extend(doc for n in nodes if (doc := ast.get_docstring(n)) and len(doc) > 80)
-    license_file = stdlib / "LICENSE.txt"
-    if license_file.is_file():
-        parts.append(license_file.read_text(encoding="utf-8", errors="replace"))
-    if not parts:
-        raise PrunerError(
-            f"no builtin text found under {stdlib} (a stripped Python install?); pass a local "
-            "text file or folder as the calibration source instead"
-        )
-    return "\n\n".join(parts)
+    return parts
 
 
 def read_texts(source: str) -> list[str]:
@@ -336,7 +369,8 @@ def tokenize_instruction(
 def eval_text_rows(source: str) -> list[str]:
     """WikiText-2 raw test rows in the Hugging Face layout, from a local ``wiki.test.raw`` (each
     line becomes ``line + "\\n"`` if it is not blank, else ``""``) or the hub
-    (``"wikitext-2-raw-v1"``). LLM-Pruner evaluates on ``"\\n\\n".join(rows)``. The reading is
+    (``"wikitext-2-raw-v1"``); or ``"builtin-heldout"`` (:func:`builtin_heldout_rows`,
+    offline). LLM-Pruner evaluates on ``"\\n\\n".join(rows)``. The reading is
     ``pruner.eval.perplexity.load_wikitext2_rows``: validation and evaluation see the same rows.
 
     Example:
@@ -346,6 +380,8 @@ def eval_text_rows(source: str) -> list[str]:
     """
     from pruner.eval.perplexity import load_wikitext2_rows
 
+    if source == HELDOUT:
+        return builtin_heldout_rows()
     if source in _HUB_ALIASES and _HUB_ALIASES[source][0] == "wikitext":
         try:
             return load_wikitext2_rows(None)
@@ -355,7 +391,7 @@ def eval_text_rows(source: str) -> list[str]:
                 "local wiki.test.raw (e.g. ../shared/data/wikitext2_raw/wiki.test.raw) instead"
             ) from err
     path = _local_path(source, "evaluation text",
-                       "an existing wiki.test.raw or 'wikitext-2-raw-v1' (hub)")
+                       "an existing wiki.test.raw, 'builtin-heldout' or 'wikitext-2-raw-v1' (hub)")
     if path is None or path.is_dir():
         raise PrunerError(
             f"evaluation source {source!r} is neither a text file nor 'wikitext-2-raw-v1': pass "

@@ -28,6 +28,7 @@ def test_recipes_configure_the_callback_like_the_paper():
     (prune,) = smol["trainer"]["callbacks"]
     assert prune["init_args"]["target_sparsity"] == 0.2 and prune["init_args"]["global_ranking"] is True
     assert smol["data"]["calibration_source"] == smol["data"]["recovery_source"] == "builtin"  # offline
+    assert smol["data"]["val_source"] == "builtin-heldout"  # evaluated offline too
 
 
 def test_recipe_callback_builds_from_yaml():
@@ -58,7 +59,7 @@ def test_smollm2_recipe_prunes_and_exports_a_loadable_model(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "pruner", "fit", "--config", str(REPO / "configs" / "smollm2_20pct.yaml"),
          "--trainer.max_steps", "3", "--data.calibration_samples", "2", "--data.recovery_max_records", "8",
-         "--data.calibration_seq_len", "32", "--data.cutoff_len", "32",
+         "--data.calibration_seq_len", "32", "--data.cutoff_len", "32", "--data.val_max_windows", "2",
          "--trainer.enable_progress_bar", "false"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,6 +68,11 @@ def test_smollm2_recipe_prunes_and_exports_a_loadable_model(tmp_path):
     plan = pruner.Plan.load(export / "plan.json")
     assert plan.params["removed_fraction"] == pytest.approx(0.2, abs=0.005)
     assert plan.calibration["samples"] == 2
+    # evaluated offline on held-out builtin prose: dense, pruned and recovered perplexities
+    report = (export / "report.md").read_text()
+    for row in ("dense (before pruning)", "pruned, before recovery", "after recovery"):
+        (line,) = [ln for ln in report.splitlines() if ln.startswith(f"| {row}")]
+        assert float(line.split("|")[2]) > 1.0
     untouched = [lp for lp in plan.layers if lp.index < 4 or lp.index >= 28]
     assert all(lp.heads_kept is None and lp.mlp_channels_kept is None for lp in untouched)
     model = pruner.load_pretrained(export)

@@ -90,6 +90,18 @@ def test_validation_windows(tiny_dir, tmp_path):
     assert all(torch.equal(b["labels"], b["input_ids"]) for b in batches)
 
 
+def test_builtin_heldout_validation_is_disjoint_from_the_builtin_training_text(tiny_dir):
+    from pruner.data import builtin_heldout_rows, builtin_text
+
+    dm = PruneDataModule(tokenizer=str(tiny_dir), val_source="builtin-heldout", val_seq_len=32,
+                         val_max_windows=4, micro_batch_size=2)
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    assert [b["input_ids"].shape for b in batches] == [(2, 32), (2, 32)]
+    train = builtin_text()  # calibration and plain-text recovery read only this
+    assert not [row for row in builtin_heldout_rows() if row in train]
+
+
 def test_argument_validation_and_errors(tiny_dir, tmp_path):
     with pytest.raises(PrunerError, match=r"`PruneDataModule\(micro_batch_size=0\)` must be >= 1"):
         PruneDataModule(micro_batch_size=0)
