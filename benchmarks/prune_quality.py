@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pruner
 from pruner.api import estimate_importance, make_plan
 from pruner.config import PruneConfig
 from pruner.data import calibration_samples
-from pruner.eval.perplexity import load_wikitext2_rows, perplexity
+from pruner.eval.perplexity import load_wikitext2_rows, perplexity, tokenize_rows
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 ALLOCATIONS = {  # name -> PruneConfig fields
@@ -53,12 +54,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="also score the first N items of PIQA / ARC-Easy / BoolQ (0 = perplexity only)")
     p.add_argument("--attention-selection", default="score", choices=["score", "measured"],
                    help="measured: re-choose which heads / KV groups go by calibration loss (pruner.refine)")
+    p.add_argument("--calibration-source", default="gutenberg", choices=["gutenberg", "wikitext-heldout"],
+                   help="text of the calibration and reconstruction windows: ../shared/data/gutenberg (the "
+                        "protocol), or WikiText-2 test text past the evaluated --max-tokens (in-domain, disjoint "
+                        "from what is scored)")
     p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     dense, tok = pruner.load_model("smollm2")
     rows = load_wikitext2_rows(DATA / "wikitext2_raw" / "wiki.test.raw")
-    samples = calibration_samples(str(DATA / "gutenberg"), tok, args.samples, args.seq_len, seed=args.seed)
+    def windows(n: int, seq_len: int, seed: int) -> torch.Tensor:
+        if args.calibration_source == "gutenberg":
+            return calibration_samples(str(DATA / "gutenberg"), tok, n, seq_len, seed=seed)
+        ids = tokenize_rows(tok, rows)[args.max_tokens:]  # never the evaluated tokens
+        rng = random.Random(seed)
+        starts = [rng.randrange(ids.numel() - seq_len) for _ in range(n)]
+        return torch.stack([ids[s : s + seq_len] for s in starts])  # (n, seq_len)
+
+    samples = windows(args.samples, args.seq_len, args.seed)
     batches = [samples[i : i + 1] for i in range(len(samples))]
     t = time.time()
     dense_ppl = perplexity(dense, tok, rows, max_tokens=args.max_tokens)
@@ -84,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         from pruner.api import collect_inputs
         from pruner.reconstruction import GramCollector, consumers
 
-        extra = calibration_samples(str(DATA / "gutenberg"), tok, args.reconstruct_samples, args.reconstruct_seq_len,
-                                    seed=args.seed + 1)
+        extra = windows(args.reconstruct_samples, args.reconstruct_seq_len, args.seed + 1)
         collector = GramCollector(dense, consumers(structure))
         collect_inputs(dense, [extra[i : i + 8] for i in range(0, len(extra), 8)], collector)
     results = []
