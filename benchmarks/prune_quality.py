@@ -54,12 +54,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="also score the first N items of PIQA / ARC-Easy / BoolQ (0 = perplexity only)")
     p.add_argument("--attention-selection", default="score", choices=["score", "measured"],
                    help="measured: re-choose which heads / KV groups go by calibration loss (pruner.refine)")
+    p.add_argument("--mlp-selection", default="score", choices=["score", "obs"],
+                   help="obs: re-choose which MLP channels go by greedy OBS on the reconstruction statistics "
+                        "(needs --reconstruct-samples)")
     p.add_argument("--calibration-source", default="gutenberg", choices=["gutenberg", "wikitext-heldout"],
                    help="text of the calibration and reconstruction windows: ../shared/data/gutenberg (the "
                         "protocol), or WikiText-2 test text past the evaluated --max-tokens (in-domain, disjoint "
                         "from what is scored)")
     p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
+    if args.mlp_selection == "obs" and not args.reconstruct_samples:
+        p.error("--mlp-selection obs needs --reconstruct-samples N (it uses the reconstruction statistics)")
     torch.manual_seed(0)
     dense, tok = pruner.load_model("smollm2")
     rows = load_wikitext2_rows(DATA / "wikitext2_raw" / "wiki.test.raw")
@@ -116,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                 from pruner.refine import refine_attention
 
                 plan = refine_attention(model, structure, plan, [{"input_ids": b} for b in batches])
+            if args.mlp_selection == "obs":
+                from pruner.reconstruction import select_mlp_obs
+
+                plan = select_mlp_obs(plan, structure, model, collector, args.damping)
             if collector is not None:
                 from pruner.reconstruction import compensate
 

@@ -46,6 +46,10 @@ class PruneConfig:
         default="score", metadata={"help": "which heads / KV groups a layer loses (how many comes from the scores): "
                                            "'score' = lowest importance score (the paper), 'measured' = lowest "
                                            "calibration loss with them masked (forward passes only)"})
+    mlp_selection: Literal["score", "obs"] = field(
+        default="score", metadata={"help": "which MLP channels a layer loses (how many comes from the scores): "
+                                           "'score' = lowest importance score (the paper), 'obs' = greedy Optimal "
+                                           "Brain Surgeon on the reconstruction statistics (needs reconstruct=True)"})
     round_to: int = field(default=1, metadata={"help": "kept MLP/hidden widths become multiples of this (e.g. 8 or 64)"})
     reconstruct: bool = field(
         default=False, metadata={"help": "refit the kept columns of o_proj/down_proj by least squares on the "
@@ -71,6 +75,14 @@ class PruneConfig:
                 raise PrunerError(f"{name} must be strictly between 0 and 1, got {v}: pass a fraction such as 0.2")
         if self.attention_selection not in ("score", "measured"):
             raise PrunerError(f"attention_selection must be 'score' or 'measured', got {self.attention_selection!r}")
+        if self.mlp_selection not in ("score", "obs"):
+            raise PrunerError(f"mlp_selection must be 'score' or 'obs', got {self.mlp_selection!r}")
+        if self.mlp_selection == "obs" and not self.reconstruct:
+            raise PrunerError("mlp_selection='obs' chooses channels from the input statistics of the least-squares "
+                              "refit: set reconstruct=True (and pass reconstruction_batches for more tokens), or use "
+                              "mlp_selection='score'")
+        if self.mlp_selection == "obs" and not (self.mode == "block" and self.prune_mlp):
+            raise PrunerError("mlp_selection='obs' chooses MLP channels: it needs mode='block' with prune_mlp=True")
         if self.head_granularity not in ("query", "kv"):
             raise PrunerError(f"head_granularity must be 'query' or 'kv', got {self.head_granularity!r}")
         if not 0.0 < self.max_layer_ratio <= 1.0:

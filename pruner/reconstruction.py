@@ -18,10 +18,13 @@ Example:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from .discovery import ModelStructure
+from .errors import PrunerError
 from .plan import Plan
 from .surgery import removed_slices
 
@@ -89,3 +92,55 @@ def compensate(plan: Plan, structure: ModelStructure, model: nn.Module, collecto
         linear.weight[:, kept] = new.to(linear.weight.dtype)
         done += 1
     return done
+
+
+@torch.no_grad()
+def select_mlp_obs(plan: Plan, structure: ModelStructure, model: nn.Module, collector: GramCollector,
+                   damping: float = 0.1) -> Plan:
+    """Re-chooses WHICH MLP channels each layer loses; how many stays as ``plan`` says.
+
+    Greedy Optimal Brain Surgeon on the consumer's (down_proj's) input statistics, as in ZipLM /
+    SlimGPT: with ``H = G + μI`` (``G`` the Gram matrix of :class:`GramCollector`, ``μ`` as in
+    :func:`compensate`), removing input column ``j`` and refitting the others optimally changes
+    the output by ``‖W[:, j]‖² / [H⁻¹]_jj`` (in the ``H`` norm). The cheapest channel goes, then
+    ``W`` and ``H⁻¹`` are downdated (rank one) and the next one is chosen, until the layer has
+    lost as many channels as the plan says. Unlike an importance score, this accounts for the
+    refit that :func:`compensate` applies afterwards. Returns a new plan (group records updated).
+    """
+    from .refine import _consumer_columns
+
+    new = copy.deepcopy(plan)
+    for lp in new.layers:
+        if lp.removed or lp.mlp_channels_kept is None:
+            continue
+        info = structure.layers[lp.index]
+        weight_name, cols = _consumer_columns(info, "mlp")  # cols: (n_channels, k)
+        name = weight_name.removesuffix(".weight")
+        if name not in collector.grams:
+            raise PrunerError(f"no input statistics for {name}: run the reconstruction batches with the "
+                              "GramCollector attached before choosing MLP channels by OBS")
+        if cols.shape[1] != 1:
+            raise PrunerError(f"{name}: OBS selection needs one consumer column per MLP channel, got "
+                              f"{cols.shape[1]}; use mlp_selection='score'")
+        cols = cols[:, 0]
+        n_remove = info.mlp.num_channels - len(lp.mlp_channels_kept)
+        gram = collector.grams[name] / max(collector.tokens[name], 1)
+        gram = gram[cols][:, cols]  # channel order
+        mu = damping * gram.diagonal().mean().clamp_min(1e-12)
+        h_inv = torch.linalg.inv(gram + mu * torch.eye(len(cols), dtype=gram.dtype))  # (n, n)
+        w = model.get_submodule(name).weight.detach()[:, cols].double().clone()  # (out, n)
+        alive = torch.ones(len(cols), dtype=torch.bool)
+        for _ in range(n_remove):
+            cost = w.square().sum(0) / h_inv.diagonal()
+            cost[~alive] = float("inf")
+            j = int(cost.argmin())
+            d = h_inv[j, j]
+            w.addr_(w[:, j], h_inv[j, :], alpha=-1 / d)  # the optimal update of the other columns
+            h_inv.addr_(h_inv[:, j].clone(), h_inv[j, :].clone(), alpha=-1 / d)
+            alive[j] = False
+        lp.mlp_channels_kept = alive.nonzero().flatten().tolist()
+        kept = set(lp.mlp_channels_kept)
+        for r in new.groups or []:
+            if r["kind"] == "mlp_channel" and r["layer"] == lp.index:
+                r["removed"] = r["index"] not in kept
+    return new
