@@ -125,6 +125,14 @@ def test_nan_gradient_is_reported():
         pruner.prune(model, _batches(1), pruning_ratio=0.5)
 
 
+def test_a_scored_tensor_that_gets_no_gradient_is_reported():
+    model = tiny_causal_lm("llama")
+    with torch.no_grad():  # nothing of layer 1's attention reaches the loss any more
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+    with pytest.raises(pruner.PrunerError, match=r"layers\.1\.self_attn\.[qkv]_proj\.weight received no gradient"):
+        pruner.prune(model, _batches(1), pruning_ratio=0.5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
 @pytest.mark.parametrize("kw", [
     dict(target_sparsity=0.2),
@@ -242,17 +250,25 @@ def test_reconstruction_refits_kept_columns_to_the_dense_output():
     assert errors[True] < 0.2 * errors[False]  # measured: 0.0004 vs 0.018
 
 
-def test_reconstruction_solves_the_normal_equations():
-    from pruner.reconstruction import GramCollector, compensate
+def _down_proj_statistics(model, down: str):
+    """A GramCollector that has seen 8 random sequences of 32 tokens at ``down``'s input."""
+    from pruner.reconstruction import GramCollector
 
-    model = tiny_causal_lm("llama")
-    s = discover(model)
-    down = "model.layers.1.mlp.down_proj"
     collector = GramCollector(model, [down])
     collector.attach()
     with torch.no_grad():
         model(torch.cat(_batches(2, 4, 32)))
     collector.detach()
+    return collector
+
+
+def test_reconstruction_solves_the_normal_equations():
+    from pruner.reconstruction import compensate
+
+    model = tiny_causal_lm("llama")
+    s = discover(model)
+    down = "model.layers.1.mlp.down_proj"
+    collector = _down_proj_statistics(model, down)
     plan = Plan([pruner.LayerPlan(i, mlp_channels_kept=list(range(0, 96, 2)) if i == 1 else None) for i in range(3)])
     w = model.get_submodule(down).weight.detach().double().clone()
     compensate(plan, s, model, collector, damping=1e-3)
@@ -286,16 +302,12 @@ def _refit_error(w: torch.Tensor, h: torch.Tensor, kept: torch.Tensor) -> float:
 
 
 def test_obs_mlp_selection_removes_the_channel_with_the_least_refit_error():
-    from pruner.reconstruction import GramCollector, select_mlp_obs
+    from pruner.reconstruction import select_mlp_obs
 
     model = tiny_causal_lm("llama", intermediate_size=48)
     s = discover(model)
     down = "model.layers.1.mlp.down_proj"
-    collector = GramCollector(model, [down])
-    collector.attach()
-    with torch.no_grad():
-        model(torch.cat(_batches(2, 4, 32)))
-    collector.detach()
+    collector = _down_proj_statistics(model, down)
     plan = Plan([pruner.LayerPlan(i, mlp_channels_kept=list(range(1, 48)) if i == 1 else None) for i in range(3)])
     chosen = select_mlp_obs(plan, s, model, collector, damping=0.1)
     assert plan.layers[1].mlp_channels_kept == list(range(1, 48))  # the input plan is not changed
