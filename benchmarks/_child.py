@@ -8,6 +8,10 @@ import os
 import subprocess
 import sys
 
+# glibc: return freed blocks above 64 KiB to the system at once, so that the resident set tracks the
+# live tensors (the default threshold grows after the first large free; see prune_cost.py)
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
 
 def run_child(script: str, args: list[str], timeout: int, env: dict[str, str] | None = None) -> dict:
     """``python script *args`` (with ``env`` added to the environment); the dict it printed as

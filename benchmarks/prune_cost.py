@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _child import run_child  # benchmarks/ is on sys.path when a script here runs
+from _child import FIXED_MMAP, run_child  # benchmarks/ is on sys.path when a script here runs
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
@@ -92,9 +92,6 @@ def one_torch_pruning(n: int) -> dict:
     return {"tool": "torch-pruning", "samples": n, "seconds": seconds, "peak_extra_bytes": peak,
             "model_bytes": model_bytes, "removed": 1 - pruner.count_parameters(model) / before,
             "threads": torch.get_num_threads()}
-
-
-FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def _child(kind: str, n: int, timeout: int, env: dict[str, str] | None = None) -> dict:

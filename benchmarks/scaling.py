@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from _child import run_child  # benchmarks/ is on sys.path when a script here runs
+from _child import FIXED_MMAP, run_child  # benchmarks/ is on sys.path when a script here runs
 
 WIDTHS = (256, 512, 768, 1024)  # at 8 layers
 DEPTHS = (4, 8, 16, 32)  # at width 512
@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for hidden, layers in [(w, 8) for w in WIDTHS] + [(512, d) for d in DEPTHS if d != 8]:
         row = run_child(__file__, ["--child", f"{hidden},{layers}"], timeout=1800)
-        fixed = run_child(__file__, ["--child", f"{hidden},{layers}"], timeout=1800,
-                          env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+        fixed = run_child(__file__, ["--child", f"{hidden},{layers}"], timeout=1800, env=FIXED_MMAP)
         if "error" in row or "error" in fixed:
             print(f"hidden {hidden} layers {layers} failed: {row.get('error') or fixed['error']}", file=sys.stderr)
             return 1

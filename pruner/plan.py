@@ -102,3 +102,15 @@ def model_fingerprint(model) -> str:
         flat = p.detach().reshape(-1)
         h.update(flat[: min(8, flat.numel())].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def sync_group_records(plan: Plan) -> None:
+    """Sets the per-group records' ``removed`` flags from the plan's kept lists (after a step
+    such as :func:`pruner.refine.refine_attention` re-chose which heads or channels go)."""
+    kept_of = {"attention_head": "heads_kept", "kv_group": "kv_heads_kept", "mlp_channel": "mlp_channels_kept"}
+    by_layer = {lp.index: lp for lp in plan.layers}
+    for r in plan.groups or []:
+        lp, field_name = by_layer.get(r["layer"]), kept_of.get(r["kind"])
+        kept = getattr(lp, field_name) if lp is not None and field_name else None
+        if kept is not None:
+            r["removed"] = r["index"] not in kept

@@ -25,7 +25,7 @@ from torch import nn
 
 from .discovery import ModelStructure
 from .errors import PrunerError
-from .plan import Plan
+from .plan import Plan, sync_group_records
 from .surgery import removed_slices
 
 
@@ -100,8 +100,8 @@ def select_mlp_obs(plan: Plan, structure: ModelStructure, model: nn.Module, coll
     """Re-chooses WHICH MLP channels each layer loses; how many stays as ``plan`` says.
 
     Greedy Optimal Brain Surgeon on the consumer's (down_proj's) input statistics, as in ZipLM /
-    SlimGPT: with ``H = G + μI`` (``G`` the Gram matrix of :class:`GramCollector`, ``μ`` as in
-    :func:`compensate`), removing input column ``j`` and refitting the others optimally changes
+    SlimGPT: with ``H = G + μI`` (``G`` the Gram matrix of :class:`GramCollector`, ``μ`` =
+    ``damping`` times the mean of G's diagonal), removing input column ``j`` and refitting the others optimally changes
     the output by ``‖W[:, j]‖² / [H⁻¹]_jj`` (in the ``H`` norm). The cheapest channel goes, then
     ``W`` and ``H⁻¹`` are downdated (rank one) and the next one is chosen, until the layer has
     lost as many channels as the plan says. Unlike an importance score, this accounts for the
@@ -135,12 +135,9 @@ def select_mlp_obs(plan: Plan, structure: ModelStructure, model: nn.Module, coll
             cost[~alive] = float("inf")
             j = int(cost.argmin())
             d = h_inv[j, j]
-            w.addr_(w[:, j], h_inv[j, :], alpha=-1 / d)  # the optimal update of the other columns
+            w.addr_(w[:, j].clone(), h_inv[j, :], alpha=-1 / d)  # the optimal update of the other columns
             h_inv.addr_(h_inv[:, j].clone(), h_inv[j, :].clone(), alpha=-1 / d)
             alive[j] = False
         lp.mlp_channels_kept = alive.nonzero().flatten().tolist()
-        kept = set(lp.mlp_channels_kept)
-        for r in new.groups or []:
-            if r["kind"] == "mlp_channel" and r["layer"] == lp.index:
-                r["removed"] = r["index"] not in kept
+    sync_group_records(new)
     return new

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .discovery import LayerInfo, ModelStructure
-from .plan import LayerPlan, Plan
+from .plan import LayerPlan, Plan, sync_group_records
 
 
 def _consumer_columns(info: LayerInfo, family_name: str) -> tuple[str, torch.Tensor]:
@@ -111,7 +111,7 @@ def refine_attention(model: nn.Module, structure: ModelStructure, plan: Plan, ba
     finally:
         masker.restore()
         model.train(was_training)
-    _mark_groups(new, structure)
+    sync_group_records(new)
     return new
 
 
@@ -148,16 +148,3 @@ def _refine_layer(info: LayerInfo, lp: LayerPlan, masker: _Masker, loss: Callabl
     lp.heads_kept = [h for h in range(a.num_heads) if h not in chosen]
     for h in range(a.num_heads):  # leave this layer masked as decided for the next layers
         masker.set(name, cols[h], h in chosen)
-
-
-def _mark_groups(plan: Plan, structure: ModelStructure) -> None:
-    """Keeps the per-group records' ``removed`` flags true to the refined plan."""
-    by_layer = {lp.index: lp for lp in plan.layers}
-    for r in plan.groups or []:
-        lp = by_layer.get(r["layer"])
-        if lp is None or lp.heads_kept is None:
-            continue
-        if r["kind"] == "attention_head":
-            r["removed"] = r["index"] not in lp.heads_kept
-        elif r["kind"] == "kv_group" and lp.kv_heads_kept is not None:
-            r["removed"] = r["index"] not in lp.kv_heads_kept

@@ -301,23 +301,29 @@ def _refit_error(w: torch.Tensor, h: torch.Tensor, kept: torch.Tensor) -> float:
     return float((d @ h * d).sum())
 
 
-def test_obs_mlp_selection_removes_the_channel_with_the_least_refit_error():
+def test_obs_mlp_selection_is_the_greedy_least_refit_error_choice():
     from pruner.reconstruction import select_mlp_obs
 
     model = tiny_causal_lm("llama", intermediate_size=48)
     s = discover(model)
     down = "model.layers.1.mlp.down_proj"
     collector = _down_proj_statistics(model, down)
-    plan = Plan([pruner.LayerPlan(i, mlp_channels_kept=list(range(1, 48)) if i == 1 else None) for i in range(3)])
+    keep = list(range(4, 48))
+    plan = Plan([pruner.LayerPlan(i, mlp_channels_kept=keep if i == 1 else None) for i in range(3)])
     chosen = select_mlp_obs(plan, s, model, collector, damping=0.1)
-    assert plan.layers[1].mlp_channels_kept == list(range(1, 48))  # the input plan is not changed
-    (gone,) = set(range(48)) - set(chosen.layers[1].mlp_channels_kept)
-    # brute force: refit without each channel in turn, under the same ridge-regularised H
+    assert plan.layers[1].mlp_channels_kept == keep  # the input plan is not changed
+    assert len(chosen.layers[1].mlp_channels_kept) == 44
+    # brute force: remove channels one at a time, each time the one whose removal leaves the least
+    # error after refitting all the others (under the same ridge-regularised H)
     g = collector.grams[down] / collector.tokens[down]
     h = g + 0.1 * g.diagonal().mean() * torch.eye(48, dtype=torch.float64)
     w = model.get_submodule(down).weight.detach().double()
-    errors = [_refit_error(w, h, torch.tensor([i for i in range(48) if i != j])) for j in range(48)]
-    assert gone == min(range(48), key=errors.__getitem__)
+    gone: list[int] = []
+    for _ in range(4):
+        errors = {j: _refit_error(w, h, torch.tensor([i for i in range(48) if i not in gone and i != j]))
+                  for j in range(48) if j not in gone}
+        gone.append(min(errors, key=errors.get))
+    assert set(range(48)) - set(chosen.layers[1].mlp_channels_kept) == set(gone)
     assert chosen.layers[0].mlp_channels_kept is None and chosen.layers[2].mlp_channels_kept is None
 
 
