@@ -80,6 +80,13 @@ class StructuralPruneCallback(pl.Callback):
         iterative_steps: prune in N steps. Step 1 uses the importance of the calibration
             batches of the fit; steps 2..N re-estimate it on the same batches (kept by the
             callback, a few KB) on the partly pruned model, as ``pruner.prune`` does.
+        reconstruct: refit the kept input columns of o_proj / down_proj by ridge least squares
+            so that each pruned layer reproduces the dense layer's output on the calibration
+            batches (no training). Their input statistics are recorded during the calibration
+            batches (one in_features² fp64 matrix per pruned layer and module, summed over ranks).
+        reconstruct_damping: the refit's ridge term, relative to the mean input energy.
+        mlp_selection: which MLP channels a layer loses: score (the paper) or obs (greedy
+            Optimal Brain Surgeon on the refit's statistics; needs reconstruct).
         seed: seed of the random criterion and of structure probing.
 
     Callback options:
@@ -143,6 +150,9 @@ class StructuralPruneCallback(pl.Callback):
         attention_selection: Literal["score", "measured"] = "score",
         round_to: int = 1,
         iterative_steps: int = 1,
+        reconstruct: bool = False,
+        reconstruct_damping: float = 0.1,
+        mlp_selection: Literal["score", "obs"] = "score",
         seed: int = 0,
         calibration_batches: int | None = None,
         prune_at_step: int | None = None,
@@ -160,6 +170,7 @@ class StructuralPruneCallback(pl.Callback):
             layers=layers, head_granularity=head_granularity, prune_attention=prune_attention,
             prune_mlp=prune_mlp, global_ranking=global_ranking, max_layer_ratio=max_layer_ratio,
             round_to=round_to, iterative_steps=iterative_steps, seed=seed, attention_selection=attention_selection,
+            reconstruct=reconstruct, reconstruct_damping=reconstruct_damping, mlp_selection=mlp_selection,
         )
         if calibration_batches is not None and (not isinstance(calibration_batches, int) or calibration_batches < 1):
             raise PrunerError(
@@ -191,6 +202,8 @@ class StructuralPruneCallback(pl.Callback):
         self.export_path: Path | None = None  # the folder written at the end of fit
         self._pruned = False
         self._estimator = None
+        self._collector = None  # pruner.reconstruction.GramCollector during calibration (reconstruct)
+        self._pending_grams: dict | None = None  # from a mid-calibration checkpoint
         self._structure = None
         self._fingerprint = ""
         self._total_before = 0
@@ -225,16 +238,19 @@ class StructuralPruneCallback(pl.Callback):
             self._prune(trainer, pl_module)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._estimator is not None:  # validation inside calibration must not feed importance
-            self._estimator.detach()
+        for recorder in (self._estimator, self._collector):  # validation must not feed calibration
+            if recorder is not None:
+                recorder.detach()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._estimator is not None:
-            self._estimator.attach()
+        for recorder in (self._estimator, self._collector):
+            if recorder is not None:
+                recorder.attach()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._estimator is not None:  # restore requires_grad flags and remove the hooks
-            self._estimator.detach()
+        for recorder in (self._estimator, self._collector):  # restore requires_grad flags, remove hooks
+            if recorder is not None:
+                recorder.detach()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish(trainer, pl_module)
@@ -245,6 +261,9 @@ class StructuralPruneCallback(pl.Callback):
         if self._estimator is not None:  # a checkpoint in the middle of calibration
             state["importance"] = {k: v.detach().cpu() for k, v in self._estimator.state().items()}
             state["calibration_inputs"] = self._calibration_inputs
+        if self._collector is not None:  # exact resume of the refit's statistics (fp64, in_features² each)
+            state["grams"] = {k: v.detach().cpu() for k, v in self._collector.grams.items()}
+            state["gram_tokens"] = dict(self._collector.tokens)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -256,6 +275,8 @@ class StructuralPruneCallback(pl.Callback):
         self._pending_importance = state_dict.get("importance")
         self.perplexity = dict(state_dict.get("perplexity", {}))
         self._calibration_inputs = list(state_dict.get("calibration_inputs", []))
+        if "grams" in state_dict:
+            self._pending_grams = {"grams": state_dict["grams"], "tokens": state_dict.get("gram_tokens", {})}
 
     # ------------------------------------------------------------------ steps
 
@@ -404,6 +425,15 @@ class StructuralPruneCallback(pl.Callback):
             self._pending_importance = None
         est.attach()
         self._estimator = est
+        if self.config.reconstruct:
+            from pruner.reconstruction import GramCollector, consumers
+
+            self._collector = GramCollector(module.hf_model, consumers(self._structure, self.config))
+            if self._pending_grams is not None:
+                self._collector.grams = {k: v.to(module.device) for k, v in self._pending_grams["grams"].items()}
+                self._collector.tokens = dict(self._pending_grams["tokens"])
+                self._pending_grams = None
+            self._collector.attach()
 
     @staticmethod
     def _unwrap_ddp(trainer: pl.Trainer) -> None:
@@ -454,6 +484,8 @@ class StructuralPruneCallback(pl.Callback):
         if est is None:  # a resumed run whose checkpoint came after calibration ended cannot happen
             raise PrunerError("no calibration batch was seen before the prune step")
         est.detach()
+        if self._collector is not None:
+            self._collector.detach()
         module.zero_grad(set_to_none=True)
         est.load_state(self._reduced_importance(trainer))
         vectors = est.vectors()
@@ -476,7 +508,7 @@ class StructuralPruneCallback(pl.Callback):
                        "tokens_per_sample": self._tokens_per_sample, "world_size": trainer.world_size}
         plan = finish_plan(plan, model, self._structure, self._fingerprint, self._total_before, self.config,
                            calibration)
-        self.plan, self._pruned, self._estimator = plan, True, None
+        self.plan, self._pruned, self._estimator, self._collector = plan, True, None, None
         self._calibration_inputs = []
         module.pruning_plan = plan.to_dict()
         module.calibrating = False
@@ -510,11 +542,12 @@ class StructuralPruneCallback(pl.Callback):
         model, cfg, plan, structure = module.hf_model, self.config, None, self._structure
         device = next(model.parameters()).device
         batches = [{k: v.to(device) for k, v in b.items()} for b in self._calibration_inputs]
+        collector = self._reduced_grams(trainer, self._collector, model) if cfg.reconstruct else None
         for step in range(1, cfg.iterative_steps + 1):
             step_cfg = _step_config(cfg, step, self._total_before, count_parameters(model))
             if step > 1:
                 structure = discover(model, seed=cfg.seed)
-                vectors = self._estimate_on(trainer, model, structure, step_cfg, batches)
+                vectors, collector = self._estimate_on(trainer, model, structure, step_cfg, batches)
             step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
             if cfg.measures_attention and batches:
                 from pruner.refine import refine_attention
@@ -522,38 +555,74 @@ class StructuralPruneCallback(pl.Callback):
                 # every rank measures its own calibration batches; the loss sums are all-reduced
                 step_plan = refine_attention(model, structure, step_plan, batches, all_reduce=lambda t: (
                     trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()))
+            if cfg.mlp_selection == "obs":  # the config guarantees reconstruct, hence the statistics
+                from pruner.reconstruction import select_mlp_obs
+
+                step_plan = select_mlp_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
             self._check_ranks_agree(trainer, step_plan)
             self._check_lora_targets_survive(module, step_plan, structure)
             if step == 1 and getattr(module, "wants_teacher", False) and module.teacher is None:
                 module.keep_teacher(model)  # distillation: the dense model, frozen, before surgery
+            if collector is not None:
+                from pruner.reconstruction import compensate
+
+                compensate(step_plan, structure, model, collector, cfg.reconstruct_damping)
             apply_plan(step_plan, model, structure)
             groups = step_plan.groups
             plan = step_plan if plan is None else compose(plan, step_plan, self._structure)
         plan.groups = groups  # the last step's scores (as pruner.prune)
         return plan
 
-    def _estimate_on(self, trainer: pl.Trainer, model, structure, cfg, batches: list[dict]) -> dict:
+    @staticmethod
+    def _reduced_grams(trainer: pl.Trainer, local, model):
+        """``local``'s input statistics summed over ranks (one all-reduce, fp64), as a collector
+        for ``model`` (the module the refit changes: under FSDP2 the gathered copy)."""
+        from pruner.reconstruction import GramCollector
+
+        device = next(model.parameters()).device
+        names = [n for n in local.names if n in local.grams]
+        flat = torch.cat([local.grams[n].reshape(-1) for n in names]
+                         + [torch.tensor([float(local.tokens[n]) for n in names], dtype=torch.float64,
+                                         device=local.grams[names[0]].device)])
+        flat = trainer.strategy.reduce(flat, reduce_op="sum").to(device)
+        sizes = [local.grams[n].numel() for n in names] + [len(names)]
+        *grams, tokens = torch.split(flat, sizes)
+        out = GramCollector(model, names)
+        out.grams = {n: g.reshape(local.grams[n].shape) for n, g in zip(names, grams)}
+        out.tokens = {n: int(t) for n, t in zip(names, tokens.tolist())}
+        return out
+
+    def _estimate_on(self, trainer: pl.Trainer, model, structure, cfg, batches: list[dict]):
         """Importance of the partly pruned ``model`` on this rank's kept calibration batches,
-        accumulators summed over ranks (one all-reduce), as in calibration."""
+        accumulators summed over ranks (one all-reduce), as in calibration; with ``reconstruct``
+        also the refit's statistics of the partly pruned model (else None)."""
         from pruner.api import families_for
         from pruner.importance import ImportanceEstimator
+        from pruner.reconstruction import GramCollector, consumers
 
         est = ImportanceEstimator(model, families_for(structure, cfg), cfg.criterion, cfg.seed)
+        collector = GramCollector(model, consumers(structure, cfg)) if cfg.reconstruct else None
         model.eval()
         est.attach()
+        if collector is not None:
+            collector.attach()
         try:
             for batch in batches:
                 est.begin_batch(int(batch["input_ids"].shape[0]))
                 model(**batch).loss.backward()
         finally:
             est.detach()
+            if collector is not None:
+                collector.detach()
             model.zero_grad(set_to_none=True)
+        if collector is not None:
+            collector = self._reduced_grams(trainer, collector, model)
         state = est.state()
         keys = sorted(state)
         flat = trainer.strategy.reduce(torch.cat([state[k].float().reshape(-1) for k in keys]), reduce_op="sum")
         est.load_state(dict(zip(keys, (t.reshape(state[k].shape) for k, t in
                                        zip(keys, torch.split(flat, [state[k].numel() for k in keys]))))))
-        return est.vectors()
+        return est.vectors(), collector
 
     def _check_lora_targets_survive(self, module: pl.LightningModule, plan, structure) -> None:
         """Refuses, before any weight changes, a plan that deletes every module a LoRA target

@@ -119,9 +119,9 @@ def families_for(structure: ModelStructure, cfg: PruneConfig):
     fams = []
     if cfg.mode == "block":
         for info in structure.layers:
-            if info.attention is not None and cfg.prune_attention and _in(cfg.attention_layers, info.index):
+            if info.attention is not None and cfg.prunes("attention", info.index):
                 fams += [info.attention.heads, info.attention.kv_groups]
-            if info.mlp is not None and cfg.prune_mlp and _in(cfg.mlp_layers, info.index):
+            if info.mlp is not None and cfg.prunes("mlp", info.index):
                 fams.append(info.mlp.channels)
     elif cfg.mode == "channel":
         fams.append(structure.hidden_family())
@@ -183,7 +183,7 @@ def prune(
         step_cfg = _step_config(cfg, step, total_before, count_parameters(model))
         if step > 1:
             structure = discover(model, seed=cfg.seed)
-        collector = GramCollector(model, consumers(structure)) if cfg.reconstruct else None
+        collector = GramCollector(model, consumers(structure, cfg)) if cfg.reconstruct else None
         vectors = estimate_importance(model, batches, structure, step_cfg, progress,
                                       collector if extra is None else None)
         if collector is not None and extra is not None:

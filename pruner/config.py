@@ -113,6 +113,12 @@ class PruneConfig:
                 raise PrunerError(
                     f"{name}={r} reaches past the model's {num_layers} layers: use an end <= {num_layers}")
 
+    def prunes(self, kind: Literal["attention", "mlp"], layer: int) -> bool:
+        """Whether block mode prunes this layer's attention heads or MLP channels."""
+        flag, r = ((self.prune_attention, self.attention_layers) if kind == "attention"
+                   else (self.prune_mlp, self.mlp_layers))
+        return self.mode == "block" and flag and (r is None or r[0] <= layer < r[1])
+
     @property
     def measures_attention(self) -> bool:
         """Whether attention removals are re-chosen by measured calibration loss."""

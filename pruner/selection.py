@@ -82,7 +82,7 @@ def candidate_units(structure: ModelStructure, vectors, cfg: PruneConfig) -> tup
     if cfg.mode == "block":
         for info in structure.layers:
             a, m = info.attention, info.mlp
-            if a is not None and cfg.prune_attention and _in(cfg.attention_layers, info.index):
+            if a is not None and cfg.prunes("attention", info.index):
                 n_rep = a.num_heads // a.num_kv_heads
                 if cfg.head_granularity == "query" and n_rep > 1:
                     s = family_scores(a.heads, vectors, cfg.criterion, cfg.aggregation, cfg.seed)
@@ -94,7 +94,7 @@ def candidate_units(structure: ModelStructure, vectors, cfg: PruneConfig) -> tup
                     record("kv_group", info.index, s)
                     pools.append(_ordered_units(s, "kv", info.index, 1, a.kv_groups.params_per_group(shapes),
                                                 cap(a.num_kv_heads - 1)))
-            if m is not None and cfg.prune_mlp and _in(cfg.mlp_layers, info.index):
+            if m is not None and cfg.prunes("mlp", info.index):
                 s = family_scores(m.channels, vectors, cfg.criterion, cfg.aggregation, cfg.seed)
                 record("mlp_channel", info.index, s)
                 n_units = (m.num_channels - 1) // cfg.round_to  # keep at least one unit

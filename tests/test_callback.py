@@ -83,7 +83,9 @@ def main(spec: dict) -> None:
                 "vectors": prune.vectors, "step": trainer.global_step,
                 "lora": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                          for n, p in module.named_parameters() if "lora_" in n},
-                "perplexity": dict(prune.perplexity)},
+                "perplexity": dict(prune.perplexity),
+                "weights": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                            for n, p in module.hf_model.named_parameters()} if spec.get("save_weights") else None},
                f"{spec['out']}/rank{trainer.global_rank}.pt")
 
 
@@ -296,9 +298,13 @@ def test_resume_after_pruning_in_a_new_process_continues_like_an_uninterrupted_r
 
 
 @pytest.mark.slow
-def test_resume_in_the_middle_of_calibration_gives_the_same_plan(tiny_dir, tmp_path):
+@pytest.mark.parametrize("callback", [{"pruning_ratio": 0.5},
+                                      {"pruning_ratio": 0.5, "reconstruct": True, "mlp_selection": "obs"}],
+                         ids=["importance", "with-reconstruction-statistics"])
+def test_resume_in_the_middle_of_calibration_gives_the_same_plan(callback, tiny_dir, tmp_path):
     _alpaca(tmp_path / "alpaca.json")
-    base = {"model_dir": str(tiny_dir), "calibration_samples": 4, "recovery_epochs": 1}
+    base = {"model_dir": str(tiny_dir), "calibration_samples": 4, "recovery_epochs": 1, "callback": callback,
+            "save_weights": True}
     (full,) = run_in_subprocess(tmp_path, base, "full")
     # ModelCheckpoint after step 2: two of the four calibration batches are in the checkpoint.
     run_in_subprocess(tmp_path, {**base, "max_steps": 2, "checkpoint_every": 2}, "first")
@@ -308,6 +314,7 @@ def test_resume_in_the_middle_of_calibration_gives_the_same_plan(tiny_dir, tmp_p
     assert resumed["plan"]["calibration"]["samples"] == 4
     assert_close(resumed["vectors"], full["vectors"], rtol=1e-5, atol=0)
     assert_close(resumed["lora"], full["lora"], rtol=1e-5, atol=1e-6)
+    assert_close(resumed["weights"], full["weights"], rtol=1e-5, atol=1e-6)  # with the refit, if any
 
 
 @pytest.mark.slow
@@ -327,6 +334,34 @@ def test_sigkill_then_resume_from_the_last_checkpoint_gives_identical_results(ti
     assert_close([resumed["losses"][i] for i in range(max(last_checkpoint, 4), full["step"])],
                  [full["losses"][i] for i in range(max(last_checkpoint, 4), full["step"])], rtol=1e-5, atol=1e-6)
     assert_close(resumed["lora"], full["lora"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [dict(mlp_selection="obs"), dict(iterative_steps=2)], ids=["obs", "iterative"])
+def test_reconstruction_in_the_callback_matches_pruner_prune(options, tiny_dir, tmp_path):
+    import pruner
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    L.seed_everything(0, verbose=False)
+    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0)
+    data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=1,
+                           recovery_source=_alpaca(tmp_path / "alpaca.json"))
+    common = dict(target_sparsity=0.2, global_ranking=True, reconstruct=True, reconstruct_damping=0.1, **options)
+    prune = StructuralPruneCallback(attach_lora=False, verbose=False, **common)
+    _trainer(tmp_path, [prune], max_steps=4).fit(module, data)  # ends right after the prune step
+    windows = [w.unsqueeze(0) for w in data.calibration]
+    dense, _ = pruner.load_model(str(tiny_dir))
+    reference = pruner.prune(dense, windows, **common)
+    assert prune.plan.to_dict()["layers"] == reference.to_dict()["layers"]
+    assert prune.plan.settings["reconstruct"] and prune.plan.settings["mlp_selection"] == common.get("mlp_selection", "score")
+    # the same statistics (recorded during the calibration batches) gave the same refit weights
+    ours = module.hf_model.state_dict()
+    assert ours.keys() == dense.state_dict().keys()
+    assert_close(ours, dense.state_dict(), rtol=1e-5, atol=1e-6)
+    unfitted, _ = pruner.load_model(str(tiny_dir))
+    pruner.apply_plan(reference, unfitted)
+    plain = unfitted.state_dict()  # the refit changed kept columns of the consumers:
+    assert any(not torch.allclose(ours[k], plain[k]) for k in ours if k.endswith(("down_proj.weight", "o_proj.weight")))
 
 
 @pytest.mark.slow
@@ -351,6 +386,22 @@ def test_ddp_two_processes_sum_importance_and_match_one_process(tiny_dir, tmp_pa
     assert sum(losses[-2:]) < sum(losses[:2]), losses
     # ... and trained the same adapters as the single process.
     assert_close(r0["lora"], single["lora"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_reconstruction_statistics_are_summed_over_ranks(strategy, tiny_dir, tmp_path):
+    _alpaca(tmp_path / "alpaca.json")
+    callback = {"pruning_ratio": 0.5, "reconstruct": True, "mlp_selection": "obs", "attach_lora": False,
+                "export_dir": None}
+    spec = {"model_dir": str(tiny_dir), "callback": callback, "max_steps": 4, "save_weights": True}
+    # 8 calibration windows: one process (4 steps of 2 accumulated batches) or 4 per rank; fit ends at the prune step
+    (single,) = run_in_subprocess(tmp_path, {**spec, "accumulate": 2}, "single")
+    r0, r1 = run_in_subprocess(tmp_path, {**spec, "devices": 2, "strategy": strategy}, strategy)
+    assert r0["plan"] == r1["plan"] and r0["plan"]["layers"] == single["plan"]["layers"]
+    # OBS choice and refit from the all-reduced Gram matrices == one process on all 8 windows
+    assert_close(r0["weights"], single["weights"], rtol=1e-5, atol=1e-6)
+    assert_close(r1["weights"], r0["weights"], rtol=0, atol=0)
 
 
 @pytest.mark.slow
