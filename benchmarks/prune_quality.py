@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--damping", type=float, default=0.1, help="reconstruct_damping")
     p.add_argument("--zeroshot-limit", type=int, default=0,
                    help="also score the first N items of PIQA / ARC-Easy / BoolQ (0 = perplexity only)")
-    p.add_argument("--attention-selection", default="score", choices=["score", "measured"],
-                   help="measured: re-choose which heads / KV groups go by calibration loss (pruner.refine)")
+    p.add_argument("--attention-selection", default="score", choices=["score", "measured", "obs"],
+                   help="measured: re-choose which heads / KV groups go by calibration loss (pruner.refine); obs: by "
+                        "greedy block OBS on the reconstruction statistics (needs --reconstruct-samples)")
     p.add_argument("--mlp-selection", default="score", choices=["score", "obs"],
                    help="obs: re-choose which MLP channels go by greedy OBS on the reconstruction statistics "
                         "(needs --reconstruct-samples)")
@@ -61,10 +62,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="text of the calibration and reconstruction windows: ../shared/data/gutenberg (the "
                         "protocol), or WikiText-2 test text past the evaluated --max-tokens (in-domain, disjoint "
                         "from what is scored)")
+    p.add_argument("--reconstruct-source", default="calibration", choices=["calibration", "generated", "both"],
+                   help="text of the reconstruction windows: that of --calibration-source, text the dense model "
+                        "generates itself (pruner.generated; cached under --cache-dir), or both (2 x N windows)")
+    p.add_argument("--cache-dir", default="outputs/generated", help="cache of generated text")
     p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
-    if args.mlp_selection == "obs" and not args.reconstruct_samples:
-        p.error("--mlp-selection obs needs --reconstruct-samples N (it uses the reconstruction statistics)")
+    if "obs" in (args.mlp_selection, args.attention_selection) and not args.reconstruct_samples:
+        p.error("--mlp-selection/--attention-selection obs need --reconstruct-samples N (they use the reconstruction "
+                "statistics)")
     torch.manual_seed(0)
     dense, tok = pruner.load_model("smollm2")
     rows = load_wikitext2_rows(DATA / "wikitext2_raw" / "wiki.test.raw")
@@ -102,8 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         from pruner.api import collect_inputs
         from pruner.reconstruction import GramCollector, consumers
 
-        extra = windows(args.reconstruct_samples, args.reconstruct_seq_len, args.seed + 1)
-        collector = GramCollector(dense, consumers(structure))
+        parts = []
+        if args.reconstruct_source in ("calibration", "both"):
+            parts.append(windows(args.reconstruct_samples, args.reconstruct_seq_len, args.seed + 1))
+        if args.reconstruct_source in ("generated", "both"):
+            from pruner.generated import generate_samples
+
+            parts.append(generate_samples(dense, tok, args.reconstruct_samples, args.reconstruct_seq_len,
+                                          seed=args.seed, cache_dir=args.cache_dir, progress=True))
+        extra = torch.cat(parts)  # (N or 2N, reconstruct_seq_len)
+        collector = GramCollector(dense, consumers(structure))  # every layer: allocations differ
         collect_inputs(dense, [extra[i : i + 8] for i in range(0, len(extra), 8)], collector)
     results = []
     print(f"| criterion | allocation | removed | params | PPL | x dense |\n|---|---|---|---|---|---|", flush=True)
@@ -121,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
                 from pruner.refine import refine_attention
 
                 plan = refine_attention(model, structure, plan, [{"input_ids": b} for b in batches])
+            if args.attention_selection == "obs" and cfg.prune_attention:
+                from pruner.reconstruction import select_heads_obs
+
+                plan = select_heads_obs(plan, structure, model, collector, args.damping)
             if args.mlp_selection == "obs":
                 from pruner.reconstruction import select_mlp_obs
 

@@ -73,9 +73,10 @@ class StructuralPruneCallback(pl.Callback):
         prune_mlp: block mode: prune MLP channels.
         global_ranking: rank groups across layers by score per parameter.
         max_layer_ratio: global ranking: at most this fraction of a layer's groups goes.
-        attention_selection: which heads / KV groups a layer loses: score (the paper) or
+        attention_selection: which heads / KV groups a layer loses: score (the paper),
             measured (calibration loss with them masked, on the calibration batches this
-            callback keeps; helps local allocation, hurt global on SmolLM2: see the README).
+            callback keeps; helps local allocation, hurt global on SmolLM2: see the README) or
+            obs (block Optimal Brain Surgeon on the refit's statistics; needs reconstruct).
         round_to: kept MLP/hidden widths become multiples of this.
         iterative_steps: prune in N steps. Step 1 uses the importance of the calibration
             batches of the fit; steps 2..N re-estimate it on the same batches (kept by the
@@ -147,7 +148,7 @@ class StructuralPruneCallback(pl.Callback):
         prune_mlp: bool = True,
         global_ranking: bool = False,
         max_layer_ratio: float = 0.9,
-        attention_selection: Literal["score", "measured"] = "score",
+        attention_selection: Literal["score", "measured", "obs"] = "score",
         round_to: int = 1,
         iterative_steps: int = 1,
         reconstruct: bool = False,
@@ -555,7 +556,11 @@ class StructuralPruneCallback(pl.Callback):
                 # every rank measures its own calibration batches; the loss sums are all-reduced
                 step_plan = refine_attention(model, structure, step_plan, batches, all_reduce=lambda t: (
                     trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()))
-            if cfg.mlp_selection == "obs":  # the config guarantees reconstruct, hence the statistics
+            if cfg.attention_selection == "obs":  # the config guarantees reconstruct, hence the statistics
+                from pruner.reconstruction import select_heads_obs
+
+                step_plan = select_heads_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
+            if cfg.mlp_selection == "obs":
                 from pruner.reconstruction import select_mlp_obs
 
                 step_plan = select_mlp_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)

@@ -26,7 +26,7 @@ from .errors import PrunerError
 from .eval.efficiency import count_parameters  # one definition: tied weights counted once
 from .importance import ImportanceEstimator
 from .plan import LayerPlan, Plan, model_fingerprint
-from .reconstruction import GramCollector, compensate, consumers, select_mlp_obs
+from .reconstruction import GramCollector, compensate, consumers, select_heads_obs, select_mlp_obs
 from .refine import refine_attention
 from .selection import _in, candidate_units, select_units, units_to_plan
 from .surgery import apply_plan
@@ -152,7 +152,7 @@ def prune(
     ``attention_layers`` / ``mlp_layers``: half-open layer ranges. Further options are the
     fields of :class:`pruner.config.PruneConfig` (``layers``, ``head_granularity``,
     ``global_ranking``, ``max_layer_ratio``, ``round_to``, ``iterative_steps``, ``seed``,
-    ``reconstruct``, ``reconstruct_damping``, ``mlp_selection``). ``reconstruction_batches``: with ``reconstruct``,
+    ``reconstruct``, ``reconstruct_damping``, ``attention_selection``, ``mlp_selection``). ``reconstruction_batches``: with ``reconstruct``,
     the inputs whose statistics the refit uses (forward passes only, so many more tokens than
     the calibration batches are affordable); None = the calibration batches.
     Every argument is checked before the model is touched.
@@ -191,7 +191,9 @@ def prune(
         step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
         if cfg.measures_attention and batches:
             step_plan = refine_attention(model, structure, step_plan, batches)
-        if cfg.mlp_selection == "obs":  # config checks guarantee the collector
+        if cfg.attention_selection == "obs":  # config checks guarantee the collector
+            step_plan = select_heads_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
+        if cfg.mlp_selection == "obs":
             step_plan = select_mlp_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
         records = step_plan.groups
         if collector is not None:

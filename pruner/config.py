@@ -42,10 +42,12 @@ class PruneConfig:
         default=False, metadata={"help": "rank groups across layers by score per parameter instead of a fixed ratio per layer"})
     max_layer_ratio: float = field(
         default=0.9, metadata={"help": "global ranking: at most this fraction of a layer's heads/channels goes"})
-    attention_selection: Literal["score", "measured"] = field(
+    attention_selection: Literal["score", "measured", "obs"] = field(
         default="score", metadata={"help": "which heads / KV groups a layer loses (how many comes from the scores): "
                                            "'score' = lowest importance score (the paper), 'measured' = lowest "
-                                           "calibration loss with them masked (forward passes only)"})
+                                           "calibration loss with them masked (forward passes only), 'obs' = greedy "
+                                           "block Optimal Brain Surgeon on the reconstruction statistics (needs "
+                                           "reconstruct=True)"})
     mlp_selection: Literal["score", "obs"] = field(
         default="score", metadata={"help": "which MLP channels a layer loses (how many comes from the scores): "
                                            "'score' = lowest importance score (the paper), 'obs' = greedy Optimal "
@@ -73,8 +75,15 @@ class PruneConfig:
             v = getattr(self, name)
             if v is not None and not 0.0 < v < 1.0:
                 raise PrunerError(f"{name} must be strictly between 0 and 1, got {v}: pass a fraction such as 0.2")
-        if self.attention_selection not in ("score", "measured"):
-            raise PrunerError(f"attention_selection must be 'score' or 'measured', got {self.attention_selection!r}")
+        if self.attention_selection not in ("score", "measured", "obs"):
+            raise PrunerError(f"attention_selection must be 'score', 'measured' or 'obs', got {self.attention_selection!r}")
+        if self.attention_selection == "obs" and not self.reconstruct:
+            raise PrunerError("attention_selection='obs' chooses heads from the input statistics of the least-squares "
+                              "refit: set reconstruct=True (and pass reconstruction_batches for more tokens), or use "
+                              "attention_selection='score'")
+        if self.attention_selection == "obs" and not (self.mode == "block" and self.prune_attention):
+            raise PrunerError("attention_selection='obs' chooses attention heads: it needs mode='block' with "
+                              "prune_attention=True")
         if self.mlp_selection not in ("score", "obs"):
             raise PrunerError(f"mlp_selection must be 'score' or 'obs', got {self.mlp_selection!r}")
         if self.mlp_selection == "obs" and not self.reconstruct:

@@ -145,3 +145,66 @@ def select_mlp_obs(plan: Plan, structure: ModelStructure, model: nn.Module, coll
         lp.mlp_channels_kept = alive.nonzero().flatten().tolist()
     sync_group_records(new)
     return new
+
+
+@torch.no_grad()
+def select_heads_obs(plan: Plan, structure: ModelStructure, model: nn.Module, collector: GramCollector,
+                     damping: float = 0.1) -> Plan:
+    """Re-chooses WHICH query heads (or KV groups) each layer loses; how many stays as ``plan`` says.
+
+    Block Optimal Brain Surgeon on the consumer's (o_proj's) input statistics: removing the
+    columns ``C`` of a head and refitting the others optimally changes the output by
+    ``tr(W_C ([H⁻¹]_CC)⁻¹ W_Cᵀ)``; the cheapest head goes, ``W`` and ``H⁻¹`` are downdated
+    (rank ``|C|``) and the next is chosen. With query-head granularity every KV group loses as
+    many heads as in ``plan`` (GQA stays uniform); when ``plan`` removes whole KV groups, a
+    unit is one group with all its query heads. Returns a new plan (group records updated).
+    """
+    from .refine import _consumer_columns
+
+    new = copy.deepcopy(plan)
+    for lp in new.layers:
+        if lp.removed or lp.heads_kept is None:
+            continue
+        info = structure.layers[lp.index]
+        a = info.attention
+        n_rep = a.num_heads // a.num_kv_heads
+        weight_name, cols = _consumer_columns(info, "heads")  # cols: (n_heads, head_dim)
+        name = weight_name.removesuffix(".weight")
+        if name not in collector.grams:
+            raise PrunerError(f"no input statistics for {name}: run the reconstruction batches with the "
+                              "GramCollector attached before choosing heads by OBS")
+        kv_kept = lp.kv_heads_kept if lp.kv_heads_kept is not None else list(range(a.num_kv_heads))
+        if len(kv_kept) < a.num_kv_heads:  # whole KV groups go: a unit is a group's query heads
+            units = [list(range(g * n_rep, (g + 1) * n_rep)) for g in range(a.num_kv_heads)]
+            group_of = [0] * len(units)
+            quota = [a.num_kv_heads - len(kv_kept)]
+        else:  # query heads, the same number from every KV group
+            units = [[h] for h in range(a.num_heads)]
+            group_of = [h // n_rep for h in range(a.num_heads)]
+            quota = [n_rep - sum(1 for h in lp.heads_kept if h // n_rep == g) for g in range(a.num_kv_heads)]
+        gram = collector.grams[name] / max(collector.tokens[name], 1)  # (in, in)
+        mu = damping * gram.diagonal().mean().clamp_min(1e-12)
+        h_inv = torch.linalg.inv(gram + mu * torch.eye(gram.shape[0], dtype=gram.dtype))
+        w = model.get_submodule(name).weight.detach().double().clone()  # (out, in)
+        alive = set(range(len(units)))
+        while any(quota):
+            best = None
+            for u in sorted(alive):
+                if quota[group_of[u]] == 0:
+                    continue
+                c = cols[units[u]].reshape(-1)  # the unit's o_proj columns
+                block = torch.linalg.inv(h_inv[c][:, c])  # (|C|, |C|)
+                cost = float(((w[:, c] @ block) * w[:, c]).sum())
+                if best is None or cost < best[0]:
+                    best = (cost, u, c, block)
+            _, u, c, block = best
+            w -= w[:, c] @ block @ h_inv[c, :]  # the optimal update of the other columns
+            h_inv -= h_inv[:, c] @ block @ h_inv[c, :]
+            alive.discard(u)
+            quota[group_of[u]] -= 1
+        gone = {h for u in range(len(units)) if u not in alive for h in units[u]}
+        lp.heads_kept = [h for h in range(a.num_heads) if h not in gone]
+        if len(kv_kept) < a.num_kv_heads:
+            lp.kv_heads_kept = sorted(alive)
+    sync_group_records(new)
+    return new

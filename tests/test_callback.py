@@ -336,7 +336,9 @@ def test_sigkill_then_resume_from_the_last_checkpoint_gives_identical_results(ti
     assert_close(resumed["lora"], full["lora"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("options", [dict(mlp_selection="obs"), dict(iterative_steps=2)], ids=["obs", "iterative"])
+@pytest.mark.parametrize("options", [dict(pruning_ratio=0.5, attention_selection="obs", mlp_selection="obs"),
+                                     dict(target_sparsity=0.2, global_ranking=True, iterative_steps=2)],
+                         ids=["obs", "iterative"])
 def test_reconstruction_in_the_callback_matches_pruner_prune(options, tiny_dir, tmp_path):
     import pruner
     from pruner.lightning_modules.causal_lm import CausalLMModule
@@ -346,7 +348,7 @@ def test_reconstruction_in_the_callback_matches_pruner_prune(options, tiny_dir, 
     module = CausalLMModule(str(tiny_dir), lora_dropout=0.0)
     data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=1,
                            recovery_source=_alpaca(tmp_path / "alpaca.json"))
-    common = dict(target_sparsity=0.2, global_ranking=True, reconstruct=True, reconstruct_damping=0.1, **options)
+    common = dict(reconstruct=True, reconstruct_damping=0.1, **options)
     prune = StructuralPruneCallback(attach_lora=False, verbose=False, **common)
     _trainer(tmp_path, [prune], max_steps=4).fit(module, data)  # ends right after the prune step
     windows = [w.unsqueeze(0) for w in data.calibration]
@@ -354,6 +356,10 @@ def test_reconstruction_in_the_callback_matches_pruner_prune(options, tiny_dir, 
     reference = pruner.prune(dense, windows, **common)
     assert prune.plan.to_dict()["layers"] == reference.to_dict()["layers"]
     assert prune.plan.settings["reconstruct"] and prune.plan.settings["mlp_selection"] == common.get("mlp_selection", "score")
+    assert prune.plan.settings["attention_selection"] == common.get("attention_selection", "score")
+    assert any(lp.mlp_channels_kept is not None for lp in prune.plan.layers)
+    if "attention_selection" in options:  # heads went too, so OBS chose them
+        assert any(lp.heads_kept is not None and len(lp.heads_kept) < 4 for lp in prune.plan.layers)
     # the same statistics (recorded during the calibration batches) gave the same refit weights
     ours = module.hf_model.state_dict()
     assert ours.keys() == dense.state_dict().keys()

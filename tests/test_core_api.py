@@ -216,6 +216,9 @@ BAD = [
     (dict(pruning_ratio=0.2, mlp_selection="obs"), "set reconstruct=True"),
     (dict(pruning_ratio=0.2, mlp_selection="obs", reconstruct=True, prune_mlp=False), "prune_mlp=True"),
     (dict(pruning_ratio=0.2, mlp_selection="best"), "mlp_selection must be"),
+    (dict(pruning_ratio=0.2, attention_selection="obs"), "set reconstruct=True"),
+    (dict(pruning_ratio=0.2, attention_selection="obs", reconstruct=True, prune_attention=False), "prune_attention=True"),
+    (dict(pruning_ratio=0.2, attention_selection="best"), "'score', 'measured' or 'obs'"),
 ]
 
 
@@ -348,3 +351,67 @@ def test_obs_mlp_selection_keeps_the_counts_and_lowers_the_refit_error():
         flags = {r["index"]: r["removed"] for r in obs.groups if r["kind"] == "mlp_channel" and r["layer"] == lp.index}
         assert {i for i, gone in flags.items() if not gone} == set(lp.mlp_channels_kept)
     assert errors["obs"] < errors["score"]  # measured: 1.8e-4 vs 2.0e-4
+
+
+@pytest.mark.parametrize("granularity", ["query", "kv"])
+def test_obs_head_selection_is_the_greedy_least_refit_error_choice(granularity):
+    from pruner.reconstruction import select_heads_obs
+
+    # 6 query heads of 16: 2 KV groups of 3 (query: 2 heads leave every group) or 3 groups of 2 (kv: 2 groups go)
+    n_kv = 2 if granularity == "query" else 3
+    model = tiny_causal_lm("llama", hidden_size=96, num_attention_heads=6, num_key_value_heads=n_kv)
+    s = discover(model)
+    o_proj = "model.layers.1.self_attn.o_proj"
+    collector = _down_proj_statistics(model, o_proj)
+    if granularity == "query":
+        layer = pruner.LayerPlan(1, heads_kept=[0, 3], kv_heads_kept=[0, 1])
+    else:
+        layer = pruner.LayerPlan(1, heads_kept=[0, 1], kv_heads_kept=[0])
+    plan = Plan([pruner.LayerPlan(0), layer, pruner.LayerPlan(2)])
+    chosen = select_heads_obs(plan, s, model, collector, damping=0.1).layers[1]
+    assert plan.layers[1].heads_kept == layer.heads_kept  # the input plan is not changed
+    # brute force, one unit at a time: the allowed unit whose removal leaves the least error after
+    # refitting all other o_proj columns (under the same ridge-regularised H)
+    g = collector.grams[o_proj] / collector.tokens[o_proj]
+    h = g + 0.1 * g.diagonal().mean() * torch.eye(96, dtype=torch.float64)
+    w = model.get_submodule(o_proj).weight.detach().double()
+    n_rep = 6 // n_kv
+    units = [[u] for u in range(6)] if granularity == "query" else [list(range(k * 2, k * 2 + 2)) for k in range(3)]
+    quota = {0: 2, 1: 2} if granularity == "query" else {"all": 2}
+    group = (lambda u: u // n_rep) if granularity == "query" else (lambda u: "all")
+    gone: list[int] = []
+    while any(quota.values()):
+        def error(u):
+            cols = {c for v in gone + [u] for head in units[v] for c in range(head * 16, head * 16 + 16)}
+            return _refit_error(w, h, torch.tensor([c for c in range(96) if c not in cols]))
+        u = min((u for u in range(len(units)) if u not in gone and quota[group(u)]), key=error)
+        gone.append(u)
+        quota[group(u)] -= 1
+    removed = {head for u in gone for head in units[u]}
+    assert set(range(6)) - set(chosen.heads_kept) == removed
+    if granularity == "query":  # GQA stays uniform: every group lost 2 of its 3 heads
+        assert [sum(1 for hd in chosen.heads_kept if hd // 3 == k) for k in range(2)] == [1, 1]
+        assert chosen.kv_heads_kept == [0, 1]
+    else:
+        assert chosen.kv_heads_kept == sorted(set(range(3)) - set(gone))
+
+
+def test_obs_head_selection_keeps_the_counts_and_lowers_the_refit_error():
+    batches = _batches(4, 4, 32)
+    x = torch.cat(batches)
+    dense = tiny_causal_lm("llama", num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+    plans, errors = {}, {}
+    for selection in ("score", "obs"):
+        model = copy.deepcopy(dense)
+        plans[selection] = pruner.prune(model, batches, pruning_ratio=0.5, prune_mlp=False, reconstruct=True,
+                                        attention_selection=selection)
+        with torch.no_grad():
+            errors[selection] = (model(x).logits - dense(x).logits).pow(2).mean().item()
+    score, obs = plans["score"], plans["obs"]
+    assert obs.params == score.params and obs.settings["attention_selection"] == "obs"
+    assert [len(lp.heads_kept) for lp in score.layers] == [len(lp.heads_kept) for lp in obs.layers]
+    assert any(a.heads_kept != b.heads_kept for a, b in zip(score.layers, obs.layers))
+    for lp in obs.layers:  # the per-group records follow the new choice
+        flags = {r["index"]: r["removed"] for r in obs.groups if r["kind"] == "attention_head" and r["layer"] == lp.index}
+        assert {i for i, gone in flags.items() if not gone} == set(lp.heads_kept)
+    assert errors["obs"] < errors["score"], errors
