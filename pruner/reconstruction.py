@@ -73,7 +73,7 @@ def consumers(structure: ModelStructure, cfg: PruneConfig | None = None) -> list
 
 @torch.no_grad()
 def compensate(plan: Plan, structure: ModelStructure, model: nn.Module, collector: GramCollector,
-               damping: float = 0.01) -> int:
+               damping: float = 0.1) -> int:
     """Refits the kept input columns of every consumer that loses columns under ``plan``.
     Returns how many consumers were refitted. Call before :func:`pruner.apply_plan`."""
     removed = removed_slices(plan, structure)
