@@ -85,5 +85,5 @@ def test_all_reduce_is_used_and_the_option_is_checked(setup):
     assert PruneConfig(criterion="l2", pruning_ratio=0.5, attention_selection="measured").measures_attention is True
     assert PruneConfig(criterion="l2", pruning_ratio=0.5, attention_selection="measured",
                        prune_attention=False).measures_attention is False
-    with pytest.raises(pruner.PrunerError, match="attention_selection must be 'score' or 'measured'"):
+    with pytest.raises(pruner.PrunerError, match="attention_selection must be 'score', 'measured' or 'obs'"):
         PruneConfig(criterion="element1", pruning_ratio=0.5, attention_selection="best")
