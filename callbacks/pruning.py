@@ -586,6 +586,8 @@ class StructuralPruneCallback(pl.Callback):
 
         device = next(model.parameters()).device
         names = [n for n in local.names if n in local.grams]
+        if not names:  # nothing the plan can prune was reached (the same on every rank)
+            return GramCollector(model, [])
         flat = torch.cat([local.grams[n].reshape(-1) for n in names]
                          + [torch.tensor([float(local.tokens[n]) for n in names], dtype=torch.float64,
                                          device=local.grams[names[0]].device)])

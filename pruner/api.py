@@ -152,9 +152,10 @@ def prune(
     ``attention_layers`` / ``mlp_layers``: half-open layer ranges. Further options are the
     fields of :class:`pruner.config.PruneConfig` (``layers``, ``head_granularity``,
     ``global_ranking``, ``max_layer_ratio``, ``round_to``, ``iterative_steps``, ``seed``,
-    ``reconstruct``, ``reconstruct_damping``, ``attention_selection``, ``mlp_selection``). ``reconstruction_batches``: with ``reconstruct``,
-    the inputs whose statistics the refit uses (forward passes only, so many more tokens than
-    the calibration batches are affordable); None = the calibration batches.
+    ``reconstruct``, ``reconstruct_damping``, ``attention_selection``, ``mlp_selection``).
+    ``reconstruction_batches``: with ``reconstruct``, the inputs whose statistics the refit uses
+    (forward passes only, so many more tokens than the calibration batches are affordable);
+    None = the calibration batches.
     Every argument is checked before the model is touched.
     """
     unknown = set(more) - set(PruneConfig.__dataclass_fields__)

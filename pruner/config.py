@@ -75,23 +75,22 @@ class PruneConfig:
             v = getattr(self, name)
             if v is not None and not 0.0 < v < 1.0:
                 raise PrunerError(f"{name} must be strictly between 0 and 1, got {v}: pass a fraction such as 0.2")
-        if self.attention_selection not in ("score", "measured", "obs"):
-            raise PrunerError(f"attention_selection must be 'score', 'measured' or 'obs', got {self.attention_selection!r}")
-        if self.attention_selection == "obs" and not self.reconstruct:
-            raise PrunerError("attention_selection='obs' chooses heads from the input statistics of the least-squares "
-                              "refit: set reconstruct=True (and pass reconstruction_batches for more tokens), or use "
-                              "attention_selection='score'")
-        if self.attention_selection == "obs" and not (self.mode == "block" and self.prune_attention):
-            raise PrunerError("attention_selection='obs' chooses attention heads: it needs mode='block' with "
-                              "prune_attention=True")
-        if self.mlp_selection not in ("score", "obs"):
-            raise PrunerError(f"mlp_selection must be 'score' or 'obs', got {self.mlp_selection!r}")
-        if self.mlp_selection == "obs" and not self.reconstruct:
-            raise PrunerError("mlp_selection='obs' chooses channels from the input statistics of the least-squares "
-                              "refit: set reconstruct=True (and pass reconstruction_batches for more tokens), or use "
-                              "mlp_selection='score'")
-        if self.mlp_selection == "obs" and not (self.mode == "block" and self.prune_mlp):
-            raise PrunerError("mlp_selection='obs' chooses MLP channels: it needs mode='block' with prune_mlp=True")
+        if self.reconstruct and self.mode != "block":
+            raise PrunerError(f"reconstruct=True refits o_proj/down_proj after heads or MLP channels go; mode="
+                              f"{self.mode!r} removes neither: use mode='block', or reconstruct=False")
+        for option, choices, needs in (("attention_selection", ("score", "measured", "obs"), "prune_attention"),
+                                       ("mlp_selection", ("score", "obs"), "prune_mlp")):
+            value = getattr(self, option)
+            if value not in choices:
+                listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+                raise PrunerError(f"{option} must be {listed}, got {value!r}")
+            if value == "obs" and not self.reconstruct:
+                raise PrunerError(f"{option}='obs' chooses from the input statistics of the least-squares refit: set "
+                                  f"reconstruct=True (and pass reconstruction_batches for more tokens), or use "
+                                  f"{option}='score'")
+            if value == "obs" and not (self.mode == "block" and getattr(self, needs)):
+                raise PrunerError(f"{option}='obs' re-chooses what block mode removes: it needs mode='block' with "
+                                  f"{needs}=True")
         if self.head_granularity not in ("query", "kv"):
             raise PrunerError(f"head_granularity must be 'query' or 'kv', got {self.head_granularity!r}")
         if not 0.0 < self.max_layer_ratio <= 1.0:

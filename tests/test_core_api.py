@@ -219,6 +219,7 @@ BAD = [
     (dict(pruning_ratio=0.2, attention_selection="obs"), "set reconstruct=True"),
     (dict(pruning_ratio=0.2, attention_selection="obs", reconstruct=True, prune_attention=False), "prune_attention=True"),
     (dict(pruning_ratio=0.2, attention_selection="best"), "'score', 'measured' or 'obs'"),
+    (dict(pruning_ratio=0.2, mode="channel", reconstruct=True), "removes neither: use mode='block'"),
 ]
 
 
