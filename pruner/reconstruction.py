@@ -98,6 +98,22 @@ def compensate(plan: Plan, structure: ModelStructure, model: nn.Module, collecto
     return done
 
 
+def _obs_start(model: nn.Module, collector: GramCollector, name: str, damping: float,
+               cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H⁻¹, W)`` of consumer ``name`` in fp64, both restricted to ``cols`` (in that order) if
+    given: ``H = G + μI``, ``G`` its mean input Gram matrix, ``μ = damping · mean(diag G)``."""
+    if name not in collector.grams:
+        raise PrunerError(f"no input statistics for {name}: run the reconstruction batches with the "
+                          "GramCollector attached before choosing by OBS")
+    gram = collector.grams[name] / max(collector.tokens[name], 1)  # (in, in)
+    w = model.get_submodule(name).weight.detach().double()  # (out, in)
+    if cols is not None:
+        gram, w = gram[cols][:, cols], w[:, cols]
+    mu = damping * gram.diagonal().mean().clamp_min(1e-12)
+    h_inv = torch.linalg.inv(gram + mu * torch.eye(gram.shape[0], dtype=gram.dtype))
+    return h_inv, w.clone()
+
+
 @torch.no_grad()
 def select_mlp_obs(plan: Plan, structure: ModelStructure, model: nn.Module, collector: GramCollector,
                    damping: float = 0.1) -> Plan:
@@ -120,19 +136,11 @@ def select_mlp_obs(plan: Plan, structure: ModelStructure, model: nn.Module, coll
         info = structure.layers[lp.index]
         weight_name, cols = _consumer_columns(info, "mlp")  # cols: (n_channels, k)
         name = weight_name.removesuffix(".weight")
-        if name not in collector.grams:
-            raise PrunerError(f"no input statistics for {name}: run the reconstruction batches with the "
-                              "GramCollector attached before choosing MLP channels by OBS")
         if cols.shape[1] != 1:
             raise PrunerError(f"{name}: OBS selection needs one consumer column per MLP channel, got "
                               f"{cols.shape[1]}; use mlp_selection='score'")
-        cols = cols[:, 0]
         n_remove = info.mlp.num_channels - len(lp.mlp_channels_kept)
-        gram = collector.grams[name] / max(collector.tokens[name], 1)
-        gram = gram[cols][:, cols]  # channel order
-        mu = damping * gram.diagonal().mean().clamp_min(1e-12)
-        h_inv = torch.linalg.inv(gram + mu * torch.eye(len(cols), dtype=gram.dtype))  # (n, n)
-        w = model.get_submodule(name).weight.detach()[:, cols].double().clone()  # (out, n)
+        h_inv, w = _obs_start(model, collector, name, damping, cols[:, 0])  # (n, n), (out, n): channel order
         alive = torch.ones(len(cols), dtype=torch.bool)
         for _ in range(n_remove):
             cost = w.square().sum(0) / h_inv.diagonal()
@@ -170,9 +178,6 @@ def select_heads_obs(plan: Plan, structure: ModelStructure, model: nn.Module, co
         n_rep = a.num_heads // a.num_kv_heads
         weight_name, cols = _consumer_columns(info, "heads")  # cols: (n_heads, head_dim)
         name = weight_name.removesuffix(".weight")
-        if name not in collector.grams:
-            raise PrunerError(f"no input statistics for {name}: run the reconstruction batches with the "
-                              "GramCollector attached before choosing heads by OBS")
         kv_kept = lp.kv_heads_kept if lp.kv_heads_kept is not None else list(range(a.num_kv_heads))
         if len(kv_kept) < a.num_kv_heads:  # whole KV groups go: a unit is a group's query heads
             units = [list(range(g * n_rep, (g + 1) * n_rep)) for g in range(a.num_kv_heads)]
@@ -182,10 +187,7 @@ def select_heads_obs(plan: Plan, structure: ModelStructure, model: nn.Module, co
             units = [[h] for h in range(a.num_heads)]
             group_of = [h // n_rep for h in range(a.num_heads)]
             quota = [n_rep - sum(1 for h in lp.heads_kept if h // n_rep == g) for g in range(a.num_kv_heads)]
-        gram = collector.grams[name] / max(collector.tokens[name], 1)  # (in, in)
-        mu = damping * gram.diagonal().mean().clamp_min(1e-12)
-        h_inv = torch.linalg.inv(gram + mu * torch.eye(gram.shape[0], dtype=gram.dtype))
-        w = model.get_submodule(name).weight.detach().double().clone()  # (out, in)
+        h_inv, w = _obs_start(model, collector, name, damping)  # (in, in), (out, in)
         alive = set(range(len(units)))
         while any(quota):
             best = None

@@ -415,4 +415,4 @@ def test_obs_head_selection_keeps_the_counts_and_lowers_the_refit_error():
     for lp in obs.layers:  # the per-group records follow the new choice
         flags = {r["index"]: r["removed"] for r in obs.groups if r["kind"] == "attention_head" and r["layer"] == lp.index}
         assert {i for i, gone in flags.items() if not gone} == set(lp.heads_kept)
-    assert errors["obs"] < errors["score"], errors
+    assert errors["obs"] < errors["score"], errors  # measured: 6.0e-6 vs 6.3e-6 (at damping 0.1 OBS lost: 1.09e-4 vs 1.06e-4)
