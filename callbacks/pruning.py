@@ -82,9 +82,12 @@ class StructuralPruneCallback(pl.Callback):
             batches of the fit; steps 2..N re-estimate it on the same batches (kept by the
             callback, a few KB) on the partly pruned model, as ``pruner.prune`` does.
         reconstruct: refit the kept input columns of o_proj / down_proj by ridge least squares
-            so that each pruned layer reproduces the dense layer's output on the calibration
-            batches (no training). Their input statistics are recorded during the calibration
-            batches (one in_features² fp64 matrix per pruned layer and module, summed over ranks).
+            so that each pruned layer reproduces the dense layer's output (no training). The
+            input statistics (one in_features² fp64 matrix per pruned layer and module, summed
+            over ranks) come from the datamodule's ``reconstruction_batches()`` when it has
+            any (``PruneDataModule(reconstruction_source=...)``: forward passes at the prune
+            step), else from the calibration batches (only ten on the paper's budget: the
+            refit then needs ``reconstruct_damping`` about 0.1; see the README).
         reconstruct_damping: the refit's ridge term, relative to the mean input energy.
         mlp_selection: which MLP channels a layer loses: score (the paper) or obs (greedy
             Optimal Brain Surgeon on the refit's statistics; needs reconstruct).
@@ -212,6 +215,7 @@ class StructuralPruneCallback(pl.Callback):
         self._tokens_per_sample = 0
         self._pending_importance: dict[str, torch.Tensor] | None = None  # from a mid-calibration checkpoint
         self._calibration_inputs: list[dict[str, torch.Tensor]] = []
+        self._reconstruction_batches: list[torch.Tensor] = []  # this rank's refit text (datamodule)
         self._sharded = False  # ModelParallelStrategy (FSDP2): see _prune_sharded
         self._pruned_skeleton = None  # (class, config, shapes) of the pruned model, for the FSDP2 export
 
@@ -310,6 +314,13 @@ class StructuralPruneCallback(pl.Callback):
                 f"LoRA target(s) {gone} match no module of {type(module.hf_model).__name__}: set "
                 "model.lora_target_modules to names of its linear layers (e.g. [q_proj, k_proj, v_proj, o_proj, "
                 "gate_proj, up_proj, down_proj]), or attach_lora: false"
+            )
+        dm_hparams = getattr(trainer.datamodule, "hparams", None) or {}
+        if dm_hparams.get("reconstruction_source") and not self.config.reconstruct:
+            raise PrunerError(
+                f"the datamodule has reconstruction_source={dm_hparams['reconstruction_source']!r}, text for the "
+                "least-squares refit, but StructuralPruneCallback(reconstruct=False) would not use it: set "
+                "reconstruct: true, or data.reconstruction_source: null"
             )
         hparams = getattr(module, "hparams", {})
         if hparams.get("attach_lora_at_start", False):
@@ -426,7 +437,8 @@ class StructuralPruneCallback(pl.Callback):
             self._pending_importance = None
         est.attach()
         self._estimator = est
-        if self.config.reconstruct:
+        self._reconstruction_batches = self._datamodule_reconstruction(trainer)
+        if self.config.reconstruct and not self._reconstruction_batches:  # the calibration batches feed the refit
             from pruner.reconstruction import GramCollector, consumers
 
             self._collector = GramCollector(module.hf_model, consumers(self._structure, self.config))
@@ -435,6 +447,22 @@ class StructuralPruneCallback(pl.Callback):
                 self._collector.tokens = dict(self._pending_grams["tokens"])
                 self._pending_grams = None
             self._collector.attach()
+
+    def _datamodule_reconstruction(self, trainer: pl.Trainer) -> list[torch.Tensor]:
+        """This rank's refit text from ``datamodule.reconstruction_batches()`` (input_ids
+        batches; the same count on every rank under FSDP2), or [] to refit on calibration."""
+        make = getattr(trainer.datamodule, "reconstruction_batches", None) if self.config.reconstruct else None
+        return list(make()) if callable(make) else []
+
+    def _collect_reconstruction(self, module: pl.LightningModule, model, structure):
+        """The refit's statistics of ``model`` from forward passes over this rank's
+        reconstruction batches (under FSDP2 through the sharded root ``module.lm``)."""
+        from pruner.api import collect_inputs
+        from pruner.reconstruction import GramCollector, consumers
+
+        collector = GramCollector(model, consumers(structure, self.config))
+        collect_inputs(module.lm if self._sharded else model, self._reconstruction_batches, collector)
+        return collector
 
     @staticmethod
     def _unwrap_ddp(trainer: pl.Trainer) -> None:
@@ -488,6 +516,8 @@ class StructuralPruneCallback(pl.Callback):
         if self._collector is not None:
             self._collector.detach()
         module.zero_grad(set_to_none=True)
+        if self._reconstruction_batches:  # before the FSDP2 gather: every rank runs its share
+            self._collector = self._collect_reconstruction(module, module.hf_model, self._structure)
         est.load_state(self._reduced_importance(trainer))
         vectors = est.vectors()
         if self._sharded:
@@ -507,10 +537,13 @@ class StructuralPruneCallback(pl.Callback):
             self._measure(trainer, module, "pruned")
         calibration = {"batches": self._calibrated_batches * trainer.world_size, "samples": est.num_samples,
                        "tokens_per_sample": self._tokens_per_sample, "world_size": trainer.world_size}
+        if self._reconstruction_batches:
+            calibration["reconstruction_tokens"] = trainer.world_size * sum(b.numel() for b in
+                                                                            self._reconstruction_batches)
         plan = finish_plan(plan, model, self._structure, self._fingerprint, self._total_before, self.config,
                            calibration)
         self.plan, self._pruned, self._estimator, self._collector = plan, True, None, None
-        self._calibration_inputs = []
+        self._calibration_inputs, self._reconstruction_batches = [], []
         module.pruning_plan = plan.to_dict()
         module.calibrating = False
         model.train()
@@ -548,7 +581,7 @@ class StructuralPruneCallback(pl.Callback):
             step_cfg = _step_config(cfg, step, self._total_before, count_parameters(model))
             if step > 1:
                 structure = discover(model, seed=cfg.seed)
-                vectors, collector = self._estimate_on(trainer, model, structure, step_cfg, batches)
+                vectors, collector = self._estimate_on(trainer, module, model, structure, step_cfg, batches)
             step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
             if cfg.measures_attention and batches:
                 from pruner.refine import refine_attention
@@ -599,16 +632,20 @@ class StructuralPruneCallback(pl.Callback):
         out.tokens = {n: int(t) for n, t in zip(names, tokens.tolist())}
         return out
 
-    def _estimate_on(self, trainer: pl.Trainer, model, structure, cfg, batches: list[dict]):
+    def _estimate_on(self, trainer: pl.Trainer, module: pl.LightningModule, model, structure, cfg,
+                     batches: list[dict]):
         """Importance of the partly pruned ``model`` on this rank's kept calibration batches,
         accumulators summed over ranks (one all-reduce), as in calibration; with ``reconstruct``
-        also the refit's statistics of the partly pruned model (else None)."""
+        also the refit's statistics of the partly pruned model (on the reconstruction batches
+        if any, else on the calibration batches; None without ``reconstruct``)."""
         from pruner.api import families_for
         from pruner.importance import ImportanceEstimator
         from pruner.reconstruction import GramCollector, consumers
 
         est = ImportanceEstimator(model, families_for(structure, cfg), cfg.criterion, cfg.seed)
-        collector = GramCollector(model, consumers(structure, cfg)) if cfg.reconstruct else None
+        collector = None
+        if cfg.reconstruct and not self._reconstruction_batches:  # statistics from the calibration batches
+            collector = GramCollector(model, consumers(structure, cfg))
         model.eval()
         est.attach()
         if collector is not None:
@@ -622,6 +659,8 @@ class StructuralPruneCallback(pl.Callback):
             if collector is not None:
                 collector.detach()
             model.zero_grad(set_to_none=True)
+        if cfg.reconstruct and self._reconstruction_batches:  # the partly pruned model on the refit text
+            collector = self._collect_reconstruction(module, model, structure)
         if collector is not None:
             collector = self._reduced_grams(trainer, collector, model)
         state = est.state()

@@ -16,6 +16,12 @@ start with the calibration batches again):
      the train loader is first built, i.e. before calibration, while the model is still dense.
      Without ``recovery_source`` the loader yields the calibration batches only.
 
+Reconstruction windows (``reconstruction_source``) are not train batches: the pruning callback
+runs them itself, forward only, at the prune step (``reconstruction_batches()``), for its
+least-squares refit (``StructuralPruneCallback(reconstruct=True)``). Text costs only forward
+passes, so a few hundred windows are affordable where calibration has ten; ``generated``
+windows are written by the dense model before calibration (no dataset needed).
+
 Lightning counts the calibration batches in ``global_step`` too: ``trainer.max_steps`` =
 ``calibration_batches`` + recovery steps.
 
@@ -44,6 +50,8 @@ from pruner.errors import PrunerError
 DEFAULT_TEXT_RECOVERY_WINDOWS = 1000  # plain-text recovery without recovery_max_records
 GENERATED = "generated"  # recovery_source: text the dense model writes itself (pruner.generated)
 DEFAULT_GENERATED_SAMPLES = 256
+# seed offsets from ``seed``: recovery text +1, generated recovery +2, reconstruction +3
+RECOVERY_SEED, GENERATED_RECOVERY_SEED, RECONSTRUCTION_SEED = 1, 2, 3
 STREAM_INDEX = "stream_index"  # bookkeeping key of train batches, removed before the model sees them
 
 
@@ -154,8 +162,15 @@ class PruneDataModule(LightningDataModule):
         val_seq_len: perplexity window (the paper: 128). val_max_windows: first N windows only.
         tokenizer: model name/folder to take the tokenizer from; None = the LightningModule's
             ``tokenizer`` (the usual case with ``CausalLMModule``).
-        generation_cache: folder for ``recovery_source: generated`` text (one sub-folder per
-            model and settings; resumable; must be shared by all ranks).
+        reconstruction_source: text for the pruning callback's least-squares refit
+            (``reconstruct: true``), run forward only at the prune step: ``"generated"``
+            (windows the dense model writes itself; no dataset) or any calibration source
+            (``"builtin"``, a text file or folder, a hub dataset); None = the refit uses the
+            calibration windows (too few for a good refit: see the README).
+        reconstruction_samples, reconstruction_seq_len: number and length of those windows
+            (all ranks together; each rank runs ``reconstruction_samples // world_size``).
+        generation_cache: folder for ``generated`` text (one sub-folder per model and
+            settings; resumable; must be shared by all ranks).
         generation_batch_size: sequences generated together (one cached chunk); part of the
             cache key, since sampling in a batch draws random numbers in batch order.
 
@@ -182,24 +197,34 @@ class PruneDataModule(LightningDataModule):
         tokenizer: str | None = None,
         generation_cache: str = "pruner_cache/generated",
         generation_batch_size: int = 16,
+        reconstruction_source: str | None = None,
+        reconstruction_samples: int = 256,
+        reconstruction_seq_len: int = 128,
     ) -> None:
         super().__init__()
         for name, value in [("calibration_samples", calibration_samples),
                             ("calibration_seq_len", calibration_seq_len),
                             ("recovery_epochs", recovery_epochs), ("micro_batch_size", micro_batch_size),
                             ("cutoff_len", cutoff_len), ("val_seq_len", val_seq_len),
-                            ("generation_batch_size", generation_batch_size)]:
+                            ("generation_batch_size", generation_batch_size),
+                            ("reconstruction_samples", reconstruction_samples)]:
             if value < 1:
                 raise PrunerError(f"`PruneDataModule({name}={value})` must be >= 1")
         for name, value in [("recovery_max_records", recovery_max_records),
                             ("val_max_windows", val_max_windows)]:
             if value is not None and value < 1:
                 raise PrunerError(f"`PruneDataModule({name}={value})` must be >= 1, or None for all")
+        if reconstruction_seq_len < 2:
+            raise PrunerError(f"`PruneDataModule(reconstruction_seq_len={reconstruction_seq_len})` must be >= 2")
+        if reconstruction_source is not None and not str(reconstruction_source).strip():
+            raise PrunerError(f"`PruneDataModule(reconstruction_source={reconstruction_source!r})` is empty: give "
+                              "'generated', a text source, or None to refit on the calibration windows")
         self.save_hyperparameters()
         self.tokenizer = None
         self.calibration: torch.Tensor | None = None
         self.recovery: list[dict] | None = None
         self.val_windows: torch.Tensor | None = None
+        self.reconstruction: torch.Tensor | None = None  # this rank's reconstruction windows
         self._rank, self._world = 0, 1
         self._train_loader: _ResumableLoader | None = None
 
@@ -242,6 +267,10 @@ class PruneDataModule(LightningDataModule):
             self.calibration = windows[self._rank :: self._world][:per_rank]
             # generated text needs the loaded model: made in train_dataloader
             self.recovery = self._load_recovery(tok) if hp.recovery_source and hp.recovery_source != GENERATED else []
+            source = hp.get("reconstruction_source")
+            if source and source != GENERATED and self.reconstruction is None:
+                self.reconstruction = self._shard(D.calibration_samples(
+                    source, tok, hp.reconstruction_samples, hp.reconstruction_seq_len, hp.seed + RECONSTRUCTION_SEED))
         if stage in (None, "fit", "validate", "test") and hp.val_source and self.val_windows is None:
             windows = D.eval_windows(D.eval_text_rows(hp.val_source), tok, hp.val_seq_len)
             self.val_windows = windows[: hp.val_max_windows]
@@ -252,7 +281,7 @@ class PruneDataModule(LightningDataModule):
             # Plain text (e.g. "builtin" for an offline run): language-modelling windows of
             # cutoff_len tokens, drawn with another seed than the calibration windows.
             n = hp.recovery_max_records or DEFAULT_TEXT_RECOVERY_WINDOWS
-            windows = D.calibration_samples(hp.recovery_source, tok, n, hp.cutoff_len, hp.seed + 1)
+            windows = D.calibration_samples(hp.recovery_source, tok, n, hp.cutoff_len, hp.seed + RECOVERY_SEED)
             return [{k: v.tolist() for k, v in window_batch(w).items()} for w in windows]
         records = D.alpaca_records(hp.recovery_source, hp.recovery_max_records)
         examples = [D.tokenize_instruction(r, tok, hp.cutoff_len) for r in records]
@@ -274,29 +303,58 @@ class PruneDataModule(LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         return self.hparams.calibration_samples // world
 
+    def _shard(self, windows: torch.Tensor) -> torch.Tensor:
+        """This rank's share of ``windows``; every rank gets the same count (no rank waits)."""
+        if len(windows) < self._world:
+            raise PrunerError(f"reconstruction_samples={len(windows)} is fewer than the {self._world} ranks: "
+                              "use at least one reconstruction window per rank")
+        return windows[self._rank :: self._world][: len(windows) // self._world]
+
+    def reconstruction_batches(self) -> list[torch.Tensor]:
+        """This rank's reconstruction windows as ``(micro_batch_size, reconstruction_seq_len)``
+        input_ids batches (empty without ``reconstruction_source``). ``StructuralPruneCallback``
+        runs them forward at the prune step for its refit's input statistics."""
+        if not self.hparams.get("reconstruction_source"):
+            return []
+        if self.reconstruction is None:
+            self.setup("fit")
+        if self.reconstruction is None:  # generated: made by train_dataloader, before calibration
+            raise PrunerError("reconstruction_source='generated' is written by the dense model when the train "
+                              "loader is built; call train_dataloader() first")
+        return list(self.reconstruction.split(self.hparams.micro_batch_size))
+
     # ------------------------------------------------------------------ loaders
 
-    def _generated_recovery(self) -> list[dict]:
-        """Windows the dense model writes itself; every rank generates its share of the chunks
-        into the shared cache, then all read all of them (the stream shards batches)."""
+    def _generation_kwargs(self, seed: int) -> dict:
+        """Settings shared by every ``generate_samples`` call (cache, resume, chunking)."""
+        hp, module = self.hparams, self._trainer_module()
+        plan = getattr(module, "pruning_plan", None)  # set when resuming a pruned run
+        return dict(seed=hp.seed + seed, cache_dir=hp.generation_cache,
+                    fingerprint=plan["model"]["fingerprint"] if plan else None,
+                    chunk_size=hp.get("generation_batch_size", 16))
+
+    def _generate(self, n: int, seq_len: int, seed: int) -> torch.Tensor:
+        """``n`` windows the dense model writes (every rank generates its share of the chunks
+        into the shared cache, then all read all of them); needs the trainer's module."""
         from pruner.generated import generate_samples
 
-        hp, module = self.hparams, self._trainer_module()
+        module = self._trainer_module()
         if module is None or not hasattr(module, "hf_model"):
-            raise PrunerError("recovery_source='generated' needs a trainer whose LightningModule exposes `hf_model`")
-        plan = getattr(module, "pruning_plan", None)  # set when resuming a pruned run
-        fingerprint = plan["model"]["fingerprint"] if plan else None
-        kwargs = dict(seed=hp.seed + 2, cache_dir=hp.generation_cache, fingerprint=fingerprint,
-                      chunk_size=hp.get("generation_batch_size", 16),
-                      allow_generation=plan is None, progress=self._rank == 0)
-        n = hp.recovery_max_records or DEFAULT_GENERATED_SAMPLES
-        model = module.hf_model
-        generate_samples(model, self._get_tokenizer(), n, hp.cutoff_len, rank=self._rank, world_size=self._world,
-                         read_all=False, **kwargs)
+            raise PrunerError("'generated' text needs a trainer whose LightningModule exposes `hf_model`")
+        kwargs = self._generation_kwargs(seed)
+        allow = getattr(module, "pruning_plan", None) is None  # a pruned model must not write it
+        model, tok = module.hf_model, self._get_tokenizer()
+        generate_samples(model, tok, n, seq_len, rank=self._rank, world_size=self._world, read_all=False,
+                         allow_generation=allow, progress=self._rank == 0, **kwargs)
         if self.trainer is not None:
             self.trainer.strategy.barrier("pruner-generated")
-        windows = generate_samples(model, self._get_tokenizer(), n, hp.cutoff_len, allow_generation=False,
-                                   **{k: v for k, v in kwargs.items() if k not in ("allow_generation", "progress")})
+        return generate_samples(model, tok, n, seq_len, allow_generation=False, **kwargs)
+
+    def _generated_recovery(self) -> list[dict]:
+        """Recovery windows the dense model writes itself (the stream shards the batches)."""
+        hp = self.hparams
+        windows = self._generate(hp.recovery_max_records or DEFAULT_GENERATED_SAMPLES, hp.cutoff_len,
+                                 GENERATED_RECOVERY_SEED)
         return [{k: v.tolist() for k, v in window_batch(w).items()} for w in windows]
 
     def train_dataloader(self) -> DataLoader:
@@ -304,6 +362,11 @@ class PruneDataModule(LightningDataModule):
             self.setup("fit")
         if self.hparams.recovery_source == GENERATED and not self.recovery:
             self.recovery = self._generated_recovery()
+        hp, module = self.hparams, self._trainer_module()
+        resumed_pruned = getattr(module, "pruning_plan", None) is not None  # the refit is done: no text needed
+        if hp.get("reconstruction_source") == GENERATED and self.reconstruction is None and not resumed_pruned:
+            self.reconstruction = self._shard(self._generate(hp.reconstruction_samples, hp.reconstruction_seq_len,
+                                                             RECONSTRUCTION_SEED))
         stream = _TrainStream(self.calibration, self.recovery or [], self.hparams.micro_batch_size,
                               self.hparams.recovery_epochs, self.hparams.seed, self.pad_id,
                               self._rank, self._world)

@@ -178,6 +178,19 @@ def test_lora_at_start_and_layer_ranges_are_refused(tiny_dir, tmp_path):
             CausalLMModule(str(tiny_dir)), PruneDataModule(calibration_samples=2, calibration_seq_len=16))
 
 
+def test_reconstruction_text_without_reconstruct_is_refused_before_generating(tiny_dir, tmp_path):
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    data = PruneDataModule(calibration_samples=2, calibration_seq_len=16, reconstruction_source="generated",
+                           generation_cache=str(tmp_path / "cache"))
+    with pytest.raises(PrunerError, match=r"reconstruction_source='generated'.*set reconstruct: true, or "
+                                          r"data.reconstruction_source: null"):
+        _trainer(tmp_path, [StructuralPruneCallback(pruning_ratio=0.5)], max_steps=3).fit(
+            CausalLMModule(str(tiny_dir)), data)
+    assert not (tmp_path / "cache").exists()  # refused before the dense model wrote any text
+
+
 @pytest.mark.parametrize("criterion", ["element1", "element2", "activation"])
 def test_callback_prunes_like_pruner_prune_then_recovers_and_exports(criterion, tiny_dir, tmp_path):
     import pruner
@@ -336,10 +349,16 @@ def test_sigkill_then_resume_from_the_last_checkpoint_gives_identical_results(ti
     assert_close(resumed["lora"], full["lora"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("options", [dict(pruning_ratio=0.5, attention_selection="obs", mlp_selection="obs"),
-                                     dict(target_sparsity=0.2, global_ranking=True, iterative_steps=2)],
-                         ids=["obs", "iterative"])
-def test_reconstruction_in_the_callback_matches_pruner_prune(options, tiny_dir, tmp_path):
+TEXT = {"reconstruction_source": "builtin", "reconstruction_samples": 6, "reconstruction_seq_len": 24}
+
+
+@pytest.mark.parametrize("options, data_options", [
+    (dict(pruning_ratio=0.5, attention_selection="obs", mlp_selection="obs"), {}),
+    (dict(target_sparsity=0.2, global_ranking=True, iterative_steps=2), {}),
+    (dict(pruning_ratio=0.5, attention_selection="obs", mlp_selection="obs"), TEXT),
+    (dict(target_sparsity=0.2, global_ranking=True, iterative_steps=2), TEXT),
+], ids=["obs", "iterative", "obs-reconstruction-text", "iterative-reconstruction-text"])
+def test_reconstruction_in_the_callback_matches_pruner_prune(options, data_options, tiny_dir, tmp_path):
     import pruner
     from pruner.lightning_modules.causal_lm import CausalLMModule
     from pruner.lightning_modules.data import PruneDataModule
@@ -347,13 +366,16 @@ def test_reconstruction_in_the_callback_matches_pruner_prune(options, tiny_dir, 
     L.seed_everything(0, verbose=False)
     module = CausalLMModule(str(tiny_dir), lora_dropout=0.0)
     data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=1,
-                           recovery_source=_alpaca(tmp_path / "alpaca.json"))
+                           recovery_source=_alpaca(tmp_path / "alpaca.json"), **data_options)
     common = dict(reconstruct=True, reconstruct_damping=0.1, **options)
     prune = StructuralPruneCallback(attach_lora=False, verbose=False, **common)
     _trainer(tmp_path, [prune], max_steps=4).fit(module, data)  # ends right after the prune step
     windows = [w.unsqueeze(0) for w in data.calibration]
     dense, _ = pruner.load_model(str(tiny_dir))
-    reference = pruner.prune(dense, windows, **common)
+    text = data.reconstruction_batches() or None  # the datamodule's refit text: 3 batches of (2, 24)
+    assert text is None or [tuple(b.shape) for b in text] == [(2, 24)] * 3
+    reference = pruner.prune(dense, windows, reconstruction_batches=text, **common)
+    assert prune.plan.calibration.get("reconstruction_tokens") == (6 * 24 if text else None)
     assert prune.plan.to_dict()["layers"] == reference.to_dict()["layers"]
     assert prune.plan.settings["reconstruct"] and prune.plan.settings["mlp_selection"] == common.get("mlp_selection", "score")
     assert prune.plan.settings["attention_selection"] == common.get("attention_selection", "score")
@@ -368,6 +390,12 @@ def test_reconstruction_in_the_callback_matches_pruner_prune(options, tiny_dir, 
     pruner.apply_plan(reference, unfitted)
     plain = unfitted.state_dict()  # the refit changed kept columns of the consumers:
     assert any(not torch.allclose(ours[k], plain[k]) for k in ours if k.endswith(("down_proj.weight", "o_proj.weight")))
+    if text:  # ... and the refit text, not the calibration windows, gave them
+        on_calibration, _ = pruner.load_model(str(tiny_dir))
+        pruner.prune(on_calibration, windows, **common)
+        other = on_calibration.state_dict()
+        assert any(ours[k].shape != other[k].shape or not torch.allclose(ours[k], other[k]) for k in ours
+                   if k.endswith("down_proj.weight"))
 
 
 @pytest.mark.slow
@@ -395,12 +423,14 @@ def test_ddp_two_processes_sum_importance_and_match_one_process(tiny_dir, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_reconstruction_statistics_are_summed_over_ranks(strategy, tiny_dir, tmp_path):
+@pytest.mark.parametrize("strategy, data", [("ddp", {}), ("fsdp2", {}), ("ddp", TEXT), ("fsdp2", TEXT)],
+                         ids=["ddp", "fsdp2", "ddp-reconstruction-text", "fsdp2-reconstruction-text"])
+def test_reconstruction_statistics_are_summed_over_ranks(strategy, data, tiny_dir, tmp_path):
     _alpaca(tmp_path / "alpaca.json")
     callback = {"pruning_ratio": 0.5, "reconstruct": True, "mlp_selection": "obs", "attach_lora": False,
                 "export_dir": None}
-    spec = {"model_dir": str(tiny_dir), "callback": callback, "max_steps": 4, "save_weights": True}
+    # with TEXT: 6 refit windows, 3 per rank (forward passes at the prune step), none from calibration
+    spec = {"model_dir": str(tiny_dir), "callback": callback, "max_steps": 4, "save_weights": True, "data": data}
     # 8 calibration windows: one process (4 steps of 2 accumulated batches) or 4 per rank; fit ends at the prune step
     (single,) = run_in_subprocess(tmp_path, {**spec, "accumulate": 2}, "single")
     r0, r1 = run_in_subprocess(tmp_path, {**spec, "devices": 2, "strategy": strategy}, strategy)
@@ -408,6 +438,7 @@ def test_reconstruction_statistics_are_summed_over_ranks(strategy, tiny_dir, tmp
     # OBS choice and refit from the all-reduced Gram matrices == one process on all 8 windows
     assert_close(r0["weights"], single["weights"], rtol=1e-5, atol=1e-6)
     assert_close(r1["weights"], r0["weights"], rtol=0, atol=0)
+    assert r0["plan"]["calibration"].get("reconstruction_tokens") == (6 * 24 if data else None)
 
 
 @pytest.mark.slow

@@ -200,6 +200,31 @@ def test_datamodule_recovers_on_text_the_dense_model_generated(tiny_dir, tmp_pat
     assert module.global_step == 2 + 2 * 2
 
 
+def test_callback_refits_on_text_the_dense_model_generated(tiny_dir, tmp_path):
+    import pruner
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    L.seed_everything(0, verbose=False)
+    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0)
+    cache = tmp_path / "cache"
+    data = PruneDataModule(calibration_samples=2, calibration_seq_len=16, micro_batch_size=4,
+                           generation_cache=str(cache), reconstruction_source="generated",
+                           reconstruction_samples=8, reconstruction_seq_len=12)
+    prune = StructuralPruneCallback(pruning_ratio=0.5, reconstruct=True, mlp_selection="obs", attach_lora=False,
+                                    verbose=False)
+    _trainer(tmp_path, [prune]).fit(module, data)
+    dense, tok = pruner.load_model(str(tiny_dir))
+    # written by the dense model before calibration, with the reconstruction seed (seed + 3)
+    text = generate_samples(dense, tok, 8, 12, seed=3, cache_dir=cache, chunk_size=16, allow_generation=False)
+    assert torch.equal(torch.cat(data.reconstruction_batches()), text)
+    assert prune.plan.calibration["reconstruction_tokens"] == 8 * 12
+    reference = pruner.prune(dense, [w.unsqueeze(0) for w in data.calibration], pruning_ratio=0.5, reconstruct=True,
+                             mlp_selection="obs", reconstruction_batches=text.split(4))
+    assert prune.plan.to_dict()["layers"] == reference.to_dict()["layers"]
+    assert_close(module.hf_model.state_dict(), dense.state_dict(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_ddp_distillation_on_generated_text_keeps_ranks_identical(tiny_dir, tmp_path):
     _alpaca(tmp_path / "alpaca.json")

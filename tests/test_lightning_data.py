@@ -71,6 +71,29 @@ def test_rank_sharding_is_disjoint_and_equal():
     assert len(recovered) == len(set(recovered)) == 8  # no example on both ranks
 
 
+def test_reconstruction_windows_are_seeded_sharded_and_batched(tiny_dir):
+    from pruner.data import calibration_samples
+
+    kwargs = dict(tokenizer=str(tiny_dir), calibration_samples=2, calibration_seq_len=16, micro_batch_size=3,
+                  reconstruction_source="builtin", reconstruction_samples=7, reconstruction_seq_len=20, seed=5)
+    dm = PruneDataModule(**kwargs)
+    dm.setup("fit")
+    batches = dm.reconstruction_batches()
+    assert [tuple(b.shape) for b in batches] == [(3, 20), (3, 20), (1, 20)]
+    expected = calibration_samples("builtin", dm.tokenizer, 7, 20, seed=5 + 3)  # its own seed: not the calibration
+    assert torch.equal(torch.cat(batches), expected)
+    assert not any(torch.equal(expected[i, :16], w) for i in range(7) for w in dm.calibration)
+    shares = []
+    for rank in (0, 1):  # two ranks: disjoint, equal shares (the odd window out is dropped)
+        ranked = PruneDataModule(**kwargs)
+        ranked._rank, ranked._world = rank, 2
+        ranked.setup("fit")
+        shares.append(torch.cat(ranked.reconstruction_batches()))
+    assert [len(x) for x in shares] == [3, 3]
+    assert torch.equal(torch.cat(shares), torch.cat([expected[0:6:2], expected[1:6:2]]))
+    assert PruneDataModule(tokenizer=str(tiny_dir)).reconstruction_batches() == []
+
+
 def test_pad_collate_right_pads():
     batch = pad_collate([{"input_ids": [4, 5, 6], "attention_mask": [1, 1, 1], "labels": [-100, 5, 6]},
                          {"input_ids": [7], "attention_mask": [1], "labels": [7]}], pad_id=9)
@@ -107,6 +130,12 @@ def test_argument_validation_and_errors(tiny_dir, tmp_path):
         PruneDataModule(micro_batch_size=0)
     with pytest.raises(PrunerError, match=r"val_max_windows=0\)` must be >= 1, or None"):
         PruneDataModule(val_max_windows=0)
+    with pytest.raises(PrunerError, match=r"`PruneDataModule\(reconstruction_samples=0\)` must be >= 1"):
+        PruneDataModule(reconstruction_samples=0)
+    with pytest.raises(PrunerError, match=r"`PruneDataModule\(reconstruction_seq_len=1\)` must be >= 2"):
+        PruneDataModule(reconstruction_seq_len=1)
+    with pytest.raises(PrunerError, match=r"reconstruction_source=' '\)` is empty"):
+        PruneDataModule(reconstruction_source=" ")
     with pytest.raises(PrunerError, match="has no tokenizer: pass `tokenizer="):
         PruneDataModule().setup("fit")
     few = tmp_path / "few.json"
