@@ -51,6 +51,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from pruner.config import PruneConfig
 from pruner.errors import PrunerError
 
+REPORT_SETTINGS = ("criterion", "aggregation", "mode", "target_sparsity", "pruning_ratio", "global_ranking",
+                   "head_granularity", "prune_attention", "prune_mlp", "attention_selection", "mlp_selection",
+                   "reconstruct", "reconstruct_damping")  # the plan settings report.md lists
+
 
 class StructuralPruneCallback(pl.Callback):
     """Prunes the model of a ``CausalLMModule`` during ``fit`` after calibration batches.
@@ -780,9 +784,7 @@ class StructuralPruneCallback(pl.Callback):
         else:
             lines += ["No validation data (data.val_source): perplexity not measured.", ""]
         s = plan.settings
-        lines += ["Settings: " + ", ".join(f"{k}={s[k]}" for k in ("criterion", "aggregation", "mode", "target_sparsity",
-                                                                   "pruning_ratio", "global_ranking", "head_granularity")
-                                           if k in s),
+        lines += ["Settings: " + ", ".join(f"{k}={s[k]}" for k in REPORT_SETTINGS if k in s),
                   f"Calibration: {plan.calibration}", "", "The exact plan is in plan.json."]
         return "\n".join(lines) + "\n"
 

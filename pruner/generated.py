@@ -107,7 +107,7 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
     was_training = model.training
     model.eval()
     try:
-        for c in tqdm(mine, desc="generating recovery text", disable=not progress):
+        for c in tqdm(mine, desc="generating text", disable=not progress):
             path = folder / f"chunk{c:05d}.json" if folder is not None else None
             if path is not None and path.is_file():
                 continue

@@ -82,3 +82,39 @@ def test_smollm2_recipe_prunes_and_exports_a_loadable_model(tmp_path):
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert torch.isfinite(loss)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_oneshot_recipe_refits_on_generated_text_without_training(tmp_path):
+    import torch
+
+    import pruner
+
+    recipe = yaml.safe_load((REPO / "configs" / "smollm2_oneshot.yaml").read_text())
+    args = recipe["trainer"]["callbacks"][0]["init_args"]
+    assert (args["prune_attention"], args["reconstruct"], args["mlp_selection"], args["attach_lora"]) == (
+        False, True, "obs", False)
+    assert recipe["data"]["reconstruction_source"] == "generated" and recipe["data"]["recovery_source"] is None
+    # a short version: 2 calibration windows, 8 generated windows of 16 tokens for the refit
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pruner", "fit", "--config", str(REPO / "configs" / "smollm2_oneshot.yaml"),
+         "--trainer.max_steps", "2", "--data.calibration_samples", "2", "--data.calibration_seq_len", "32",
+         "--data.reconstruction_samples", "8", "--data.reconstruction_seq_len", "16", "--data.val_max_windows", "2",
+         "--data.generation_cache", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export = tmp_path / "outputs" / "smollm2_oneshot" / "export"
+    plan = pruner.Plan.load(export / "plan.json")
+    assert plan.calibration["reconstruction_tokens"] == 8 * 16
+    assert plan.params["removed_fraction"] == pytest.approx(0.2, abs=0.005)
+    kept = {len(lp.mlp_channels_kept) for lp in plan.layers if lp.mlp_channels_kept is not None}
+    assert len(kept) == 1 and all(lp.heads_kept is None for lp in plan.layers)  # same count, every head kept
+    assert len([lp for lp in plan.layers if lp.mlp_channels_kept is not None]) == 24  # layers 4..27
+    exported = pruner.load_pretrained(export).state_dict()
+    dense, _ = pruner.load_model("smollm2")
+    pruner.apply_plan(plan, dense)
+    plain = dense.state_dict()  # the refit changed down_proj; nothing else moved (no training)
+    changed = {k for k in plain if not torch.equal(plain[k], exported[k])}
+    assert changed and all(k.endswith("mlp.down_proj.weight") for k in changed), sorted(changed)[:5]
