@@ -325,15 +325,15 @@ class PruneDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _generation_kwargs(self, seed: int) -> dict:
+    def _generation_kwargs(self, seed_offset: int) -> dict:
         """Settings shared by every ``generate_samples`` call (cache, resume, chunking)."""
         hp, module = self.hparams, self._trainer_module()
         plan = getattr(module, "pruning_plan", None)  # set when resuming a pruned run
-        return dict(seed=hp.seed + seed, cache_dir=hp.generation_cache,
+        return dict(seed=hp.seed + seed_offset, cache_dir=hp.generation_cache,
                     fingerprint=plan["model"]["fingerprint"] if plan else None,
                     chunk_size=hp.get("generation_batch_size", 16))
 
-    def _generate(self, n: int, seq_len: int, seed: int) -> torch.Tensor:
+    def _generate(self, n: int, seq_len: int, seed_offset: int) -> torch.Tensor:
         """``n`` windows the dense model writes (every rank generates its share of the chunks
         into the shared cache, then all read all of them); needs the trainer's module."""
         from pruner.generated import generate_samples
@@ -341,7 +341,7 @@ class PruneDataModule(LightningDataModule):
         module = self._trainer_module()
         if module is None or not hasattr(module, "hf_model"):
             raise PrunerError("'generated' text needs a trainer whose LightningModule exposes `hf_model`")
-        kwargs = self._generation_kwargs(seed)
+        kwargs = self._generation_kwargs(seed_offset)
         allow = getattr(module, "pruning_plan", None) is None  # a pruned model must not write it
         model, tok = module.hf_model, self._get_tokenizer()
         generate_samples(model, tok, n, seq_len, rank=self._rank, world_size=self._world, read_all=False,
