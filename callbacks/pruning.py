@@ -210,7 +210,7 @@ class StructuralPruneCallback(pl.Callback):
         self.export_path: Path | None = None  # the folder written at the end of fit
         self._pruned = False
         self._estimator = None
-        self._collector = None  # pruner.reconstruction.GramCollector during calibration (reconstruct)
+        self._collector = None  # GramCollector (reconstruct): fed by calibration, or at the prune step by refit text
         self._pending_grams: dict | None = None  # from a mid-calibration checkpoint
         self._structure = None
         self._fingerprint = ""
