@@ -51,7 +51,7 @@ def run_variant(name: str, args, cache: Path) -> tuple:
 
     L.seed_everything(0, verbose=False)
     distil = name != "lora"
-    module = CausalLMModule("smollm2", learning_rate=args.lr, lora_dropout=0.05,
+    module = CausalLMModule("smollm2", learning_rate=args.lr,
                             distillation_alpha=args.alpha if distil else 0.0, distillation_temperature=args.temperature)
     # Alpaca examples whose prompt fills the cutoff are dropped: take a few more records so
     # that every variant gets exactly --steps steps (max_steps stops it)
@@ -62,7 +62,8 @@ def run_variant(name: str, args, cache: Path) -> tuple:
                            recovery_epochs=1, micro_batch_size=args.micro_batch, cutoff_len=args.cutoff,
                            generation_cache=str(cache), generation_batch_size=args.generation_batch)
     prune = StructuralPruneCallback(criterion="element1", target_sparsity=0.2, attention_layers=(4, 28),
-                                    mlp_layers=(4, 28), head_granularity="kv", global_ranking=True, verbose=False)
+                                    mlp_layers=(4, 28), head_granularity="kv", global_ranking=True, lora_dropout=0.05,
+                                    verbose=False)
     counter = TokenCounter(10)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, max_steps=10 + args.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

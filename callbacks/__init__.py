@@ -6,6 +6,6 @@ Example:
     'block'
 """
 
-from .pruning import StructuralPruneCallback
+from .pruning import StructuralPruneCallback, load_pruned_checkpoint
 
-__all__ = ["StructuralPruneCallback"]
+__all__ = ["StructuralPruneCallback", "load_pruned_checkpoint"]

@@ -1,32 +1,55 @@
-"""``StructuralPruneCallback``: LLM-Pruner inside ``Trainer.fit``: calibrate, prune, recover.
+"""``StructuralPruneCallback``: LLM-Pruner inside ``Trainer.fit`` of any LightningModule.
 
-The callback only decides *when*; the core (``pruner.*``) decides *what*:
+**The contract, whole:** the LightningModule holds a ``transformers`` causal LM (a
+``PreTrainedModel`` with a language-modelling head, e.g. from ``AutoModelForCausalLM``) at any
+attribute path, and its ``training_step`` returns a loss whose backward reaches that model.
+Nothing else: the module imports nothing from this package, and its loss, batch format,
+``configure_optimizers``, schedulers and logging stay its own.
 
-1. the first ``calibration_batches`` train batches (``PruneDataModule`` puts its calibration
-   windows there) run forward + backward with NO optimizer step (``module.calibrating``);
-   ``pruner.importance.ImportanceEstimator`` hooks consume the gradients as they arrive;
-2. after the last of them: the accumulators are summed across ranks (one all-reduce), the
-   plan is selected (deterministic, so every rank computes the same one; checked by hash),
-   applied in place with ``pruner.apply_plan`` and recorded in ``module.pruning_plan`` (so
-   checkpoints rebuild the pruned structure); LoRA is attached, the optimizer and, under DDP,
-   the ``DistributedDataParallel`` wrapper are rebuilt for the new parameters;
-3. the remaining batches are ordinary recovery steps;
-4. at the end of fit, with ``export_dir``: LoRA is merged and the model is exported with
-   ``pruner.save_pretrained`` (weights, config, tokenizer, ``plan.json``).
+A fit with the callback:
 
-Example (a tiny random LLaMA, a few seconds on a CPU):
-    >>> import tempfile, lightning as L
+1. ``on_fit_start``: the callback finds the model (the outermost such ``PreTrainedModel``, or
+   ``model_attribute``) and discovers its coupled structures;
+2. calibration: the ``calibration_batches`` train batches just before the prune step (by default
+   the first ones) run through the module's own ``training_step`` and backward; gradient hooks
+   accumulate importance, and the optimizers' steps are paused, so no weight moves, whatever
+   the optimizer (``callbacks/calibration.py`` says how ``global_step`` and schedulers behave);
+3. the prune step, after the last calibration batch: the accumulators are summed over ranks
+   (one all-reduce), the plan is selected by :func:`pruner.pipeline.prune_steps` (the loop
+   ``pruner.prune`` runs too; every rank must agree) and removed in place from the same model
+   object, LoRA is attached in place (peft; base weights frozen), and the optimizers,
+   schedulers and DDP wrapper are rebuilt from the module's ``configure_optimizers``;
+4. the remaining batches are ordinary recovery steps;
+5. at the end of fit, with ``export_dir``: LoRA merged, :func:`pruner.save_pretrained`.
+
+Optional hooks, duck-typed, never required:
+  * ``module.tokenizer`` or ``datamodule.tokenizer``: saved with the export (or ``tokenizer=``);
+  * ``datamodule.calibration_batches`` (int): the count when ``calibration_batches=None``;
+  * ``datamodule.reconstruction_batches()``: this rank's ``input_ids`` batches for the refit;
+  * ``datamodule.val_dataloader()`` of dict batches with ``input_ids``: the perplexity report;
+  * ``module.wants_teacher`` (bool) and ``module.keep_teacher(model)``: a frozen copy of the
+    dense model, kept just before surgery, for distillation during recovery;
+  * ``module.shard_model()``: FSDP2 sharding of the pruned model (default: per decoder layer,
+    then the model, on the strategy's data-parallel mesh).
+
+Example (a tiny random LLaMA in an ordinary LightningModule; a few seconds on a CPU):
+    >>> import lightning as L, torch
     >>> from pruner.callbacks import StructuralPruneCallback
-    >>> from pruner.lightning_modules.causal_lm import CausalLMModule
-    >>> from pruner.lightning_modules.data import PruneDataModule
-    >>> from pruner.lightning_modules.testing import save_tiny_llama
-    >>> folder = save_tiny_llama(tempfile.mkdtemp())
-    >>> prune = StructuralPruneCallback(pruning_ratio=0.5, verbose=False)
+    >>> from pruner.testing import tiny_causal_lm
+    >>> class Finetune(L.LightningModule):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.model = tiny_causal_lm("llama")
+    ...     def training_step(self, batch, batch_idx):
+    ...         return self.model(input_ids=batch, labels=batch).loss
+    ...     def configure_optimizers(self):
+    ...         return torch.optim.AdamW(self.parameters(), lr=1e-3)
+    >>> batches = torch.utils.data.DataLoader([torch.randint(3, 120, (2, 16)) for _ in range(6)], batch_size=None)
+    >>> prune = StructuralPruneCallback(pruning_ratio=0.5, calibration_batches=4, verbose=False)
     >>> trainer = L.Trainer(accelerator="cpu", max_steps=6, callbacks=[prune], logger=False,
     ...                     enable_checkpointing=False, enable_progress_bar=False,
     ...                     enable_model_summary=False)
-    >>> trainer.fit(CausalLMModule(str(folder)), PruneDataModule(calibration_samples=4,
-    ...                                                          calibration_seq_len=16))
+    >>> trainer.fit(Finetune(), batches)
     >>> prune.plan.params["after"] < prune.plan.params["before"]
     True
 
@@ -40,24 +63,33 @@ YAML (``python -m pruner fit --config ...``)::
 
 from __future__ import annotations
 
-import hashlib
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
 
 from pruner.config import PruneConfig
 from pruner.errors import PrunerError
+from pruner.lora import DEFAULT_TARGETS, LoraSettings
 
-REPORT_SETTINGS = ("criterion", "aggregation", "mode", "target_sparsity", "pruning_ratio", "global_ranking",
-                   "head_granularity", "prune_attention", "prune_mlp", "attention_selection", "mlp_selection",
-                   "reconstruct", "reconstruct_damping")  # the plan settings report.md lists
+from .calibration import PausedOptimizers, batch_samples, model_inputs
+from .distributed import (all_reduce_dict, check_ranks_agree, data_parallel_mesh, is_fsdp_module,
+                          rebuild_training, shard_causal_lm, unwrap_ddp)
+from .report import pruning_report
+
+STATE_VERSION = 2  # callback state layout in checkpoints (1: pruner <= 0.1.0 before this file)
 
 
 class StructuralPruneCallback(pl.Callback):
-    """Prunes the model of a ``CausalLMModule`` during ``fit`` after calibration batches.
+    """Calibrates, prunes, recovers and exports the Hugging Face causal LM of any LightningModule.
 
     Pruning options (see ``pruner.config.PruneConfig``; give exactly one of
     ``target_sparsity`` / ``pruning_ratio``):
@@ -79,65 +111,67 @@ class StructuralPruneCallback(pl.Callback):
         max_layer_ratio: global ranking: at most this fraction of a layer's groups goes.
         attention_selection: which heads / KV groups a layer loses: score (the paper),
             measured (calibration loss with them masked, on the calibration batches this
-            callback keeps; helps local allocation, hurt global on SmolLM2: see the README) or
-            obs (block Optimal Brain Surgeon on the refit's statistics; needs reconstruct).
+            callback keeps) or obs (block Optimal Brain Surgeon on the refit's statistics;
+            needs reconstruct).
         round_to: kept MLP/hidden widths become multiples of this.
         iterative_steps: prune in N steps. Step 1 uses the importance of the calibration
             batches of the fit; steps 2..N re-estimate it on the same batches (kept by the
             callback, a few KB) on the partly pruned model, as ``pruner.prune`` does.
         reconstruct: refit the kept input columns of o_proj / down_proj by ridge least squares
             so that each pruned layer reproduces the dense layer's output (no training). The
-            input statistics (one in_features² fp64 matrix per pruned layer and module, summed
-            over ranks) come from the datamodule's ``reconstruction_batches()`` when it has
-            any (``PruneDataModule(reconstruction_source=...)``: forward passes at the prune
-            step), else from the calibration batches (only ten on the paper's budget: the
-            refit then needs ``reconstruct_damping`` about 0.1; see the README).
+            input statistics come from the datamodule's ``reconstruction_batches()`` when it
+            has any, else from the calibration batches (too few on the paper's budget: the
+            refit then needs ``reconstruct_damping`` about 0.1; see docs/results.md).
         reconstruct_damping: the refit's ridge term, relative to the mean input energy.
         mlp_selection: which MLP channels a layer loses: score (the paper) or obs (greedy
             Optimal Brain Surgeon on the refit's statistics; needs reconstruct).
-        seed: seed of the random criterion and of structure probing.
+        seed: seed of the random criterion, of structure probing and of the LoRA weights.
 
     Callback options:
 
     Args:
         calibration_batches: train batches (per rank) that feed importance; None = the
-            datamodule's ``calibration_batches`` (``PruneDataModule``: calibration windows).
+            datamodule's ``calibration_batches`` attribute (``PruneDataModule`` has one).
         prune_at_step: prune after this many train batches of the first epoch; calibration
             covers the ``calibration_batches`` batches just before it and earlier batches are
             ordinary (dense) training steps. None = right after the calibration batches.
-        attach_lora: attach LoRA (``module.attach_lora()``) after pruning; False = fine-tune
-            every weight of the pruned model.
+        model_attribute: dotted attribute path of the causal LM in the module (e.g.
+            ``"backbone.lm"``); None = find it (the outermost transformers causal LM).
+        attach_lora: attach LoRA adapters in place after pruning (only they train); False =
+            fine-tune every weight of the pruned model.
+        lora_r, lora_alpha, lora_dropout, lora_target_modules: LoRA settings (LLM-Pruner's:
+            8, 16, 0.05, every projection).
         export_dir: at the end of fit, merge LoRA and export the pruned model here (a folder
-            for ``pruner.load_pretrained``); None = no export.
-        overwrite_export: replace an existing non-empty ``export_dir``.
+            for ``pruner.load_pretrained``); checked when fit starts; None = no export.
+        overwrite_export: replace an existing export of this package in ``export_dir``.
+        tokenizer: saved with the export: a tokenizer object, or a model name / folder to load
+            it from; None = ``module.tokenizer`` or ``datamodule.tokenizer`` if any.
         report_perplexity: measure perplexity on the datamodule's validation data before
-            pruning, right after it and after recovery (three passes over it; set
-            ``data.val_max_windows`` to bound them); the figures go into ``report.md`` in the
-            export and ``callback.perplexity``. Skipped when there is no validation data.
+            pruning, right after it and after recovery (``report.md`` in the export and
+            ``callback.perplexity``); skipped without dict batches of ``input_ids``.
         verbose: log parameter counts and the export path (rank 0).
 
     Notes:
         * Strategies: single device, DDP and ``ModelParallelStrategy`` (FSDP2, data parallel).
-          Under DDP, calibration runs on the bare module (each rank sums its own gradients; one
-          all-reduce at the prune step) and the ``DistributedDataParallel`` wrapper is rebuilt
-          for the pruned + LoRA parameters. Under FSDP2 each rank keeps running sums of its own
-          gradient *shards* and turns them into partial per-index score vectors; one all-reduce
-          of those vectors gives the exact scores, without gathering a gradient. At the prune
-          step the weights are gathered into an ordinary copy (on CPU, every rank: the one time
-          the whole model is held per rank), pruned, given LoRA and sharded again with
-          ``module.shard_model()``; the export gathers the trained shards on rank 0 and merges
-          LoRA there (the running model stays sharded, adapters unmerged). FSDP2 supports the
-          gradient-sum criteria (element1, vector) and the gradient-free ones, not element2/mix
-          (they need per-sample gradients, FSDP averages over ranks) or measured attention
-          selection; resuming a pruning fit from a checkpoint needs single device or DDP.
+          Under DDP calibration runs on the bare module (each rank sums its own gradients) and
+          the wrapper is rebuilt after pruning. Under FSDP2 each rank keeps running sums of its
+          gradient *shards*; one all-reduce of the partial score vectors gives the exact
+          scores. At the prune step the weights are gathered into an ordinary CPU copy (every
+          rank), pruned, given LoRA, sharded again and put at the model's attribute path (so
+          ``self.model`` is a new object there: read it from the attribute, not a reference
+          kept from before); the export is gathered on rank 0. FSDP2 supports the
+          gradient-sum criteria (element1, vector) and the gradient-free ones, not
+          element2/mix, measured attention selection, iterative steps or resuming.
         * ``trainer.accumulate_grad_batches``: Lightning divides each loss by it; the
-          accumulators are rescaled, so importance does not depend on it. The first optimizer
-          step after pruning sees only the recovery micro-batches left in its accumulation
-          window (e.g. 6 of 16 after 10 calibration batches).
-        * Resuming (``ckpt_path``): the callback state holds the plan (``CausalLMModule``
-          re-applies it before loading the weights) or, for a checkpoint written during
-          calibration, the importance accumulators, so that either resumes exactly.
+          accumulators are rescaled, so importance does not depend on it.
+        * Resuming (``ckpt_path``): the callback's state holds the plan, its settings and
+          counts; before Lightning loads the weights, the callback rebuilds the pruned (+ LoRA)
+          structure on the freshly built dense model. A checkpoint written during calibration
+          resumes the importance accumulators. A checkpoint whose pruning settings differ from
+          this callback's is refused, naming the settings.
         * A checkpoint holds the LoRA-wrapped pruned model; the export holds the merged one.
+          ``load_pruned_checkpoint(module, path)`` rebuilds a module from a checkpoint
+          without a Trainer.
     """
 
     def __init__(
@@ -164,14 +198,20 @@ class StructuralPruneCallback(pl.Callback):
         seed: int = 0,
         calibration_batches: int | None = None,
         prune_at_step: int | None = None,
+        model_attribute: str | None = None,
         attach_lora: bool = True,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.05,
+        lora_target_modules: Sequence[str] = DEFAULT_TARGETS,
         export_dir: str | None = None,
         overwrite_export: bool = False,
+        tokenizer: Any = None,
         report_perplexity: bool = True,
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        # PruneConfig checks every pruning option with its own exact messages.
+        # PruneConfig and LoraSettings check their options with their own exact messages.
         self.config = PruneConfig(
             criterion=criterion, aggregation=aggregation, mode=mode, target_sparsity=target_sparsity,
             pruning_ratio=pruning_ratio, attention_layers=attention_layers, mlp_layers=mlp_layers,
@@ -180,65 +220,81 @@ class StructuralPruneCallback(pl.Callback):
             round_to=round_to, iterative_steps=iterative_steps, seed=seed, attention_selection=attention_selection,
             reconstruct=reconstruct, reconstruct_damping=reconstruct_damping, mlp_selection=mlp_selection,
         )
-        if calibration_batches is not None and (not isinstance(calibration_batches, int) or calibration_batches < 1):
-            raise PrunerError(
-                f"`StructuralPruneCallback(calibration_batches={calibration_batches!r})` must be an integer "
-                ">= 1, or None to take the datamodule's calibration_batches"
-            )
-        if prune_at_step is not None and (not isinstance(prune_at_step, int) or prune_at_step < 1):
-            raise PrunerError(
-                f"`StructuralPruneCallback(prune_at_step={prune_at_step!r})` must be an integer >= 1 "
-                "(train batches before pruning), or None to prune right after the calibration batches"
-            )
+        self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                                 target_modules=tuple(lora_target_modules)
+                                 if isinstance(lora_target_modules, (list, tuple)) else lora_target_modules)
+        for name, value in (("calibration_batches", calibration_batches), ("prune_at_step", prune_at_step)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                fix = ("or None to take the datamodule's calibration_batches" if name == "calibration_batches"
+                       else "(train batches before pruning), or None to prune right after the calibration batches")
+                raise PrunerError(f"`StructuralPruneCallback({name}={value!r})` must be an integer >= 1 {fix}")
         if calibration_batches is not None and prune_at_step is not None and prune_at_step < calibration_batches:
             raise PrunerError(
                 f"`StructuralPruneCallback(prune_at_step={prune_at_step})` comes before the "
                 f"{calibration_batches} calibration batches end: use prune_at_step >= calibration_batches"
             )
-        if export_dir is not None and not str(export_dir).strip():
-            raise PrunerError("`StructuralPruneCallback(export_dir='')` is empty: give a folder or None")
+        for name, value in (("attach_lora", attach_lora), ("overwrite_export", overwrite_export),
+                            ("report_perplexity", report_perplexity), ("verbose", verbose)):
+            if not isinstance(value, bool):
+                raise PrunerError(f"`StructuralPruneCallback({name}={value!r})` must be true or false")
+        if model_attribute is not None and (not isinstance(model_attribute, str) or not model_attribute.strip()):
+            raise PrunerError(f"`StructuralPruneCallback(model_attribute={model_attribute!r})` must be a dotted "
+                              "attribute path such as 'model' or 'backbone.lm', or None to find the model")
+        if export_dir is not None and (not isinstance(export_dir, (str, Path)) or not str(export_dir).strip()):
+            raise PrunerError(f"`StructuralPruneCallback(export_dir={export_dir!r})` must be a folder path, or None")
         self.calibration_batches = calibration_batches
         self.prune_at_step = prune_at_step
+        self.model_attribute = model_attribute
         self.attach_lora = attach_lora
         self.export_dir = export_dir
         self.overwrite_export = overwrite_export
+        self.tokenizer = tokenizer
         self.report_perplexity = report_perplexity
         self.verbose = verbose
         self.perplexity: dict[str, float] = {}  # "dense", "pruned", "recovered" on the validation data
         self.plan = None  # pruner.plan.Plan once pruned (also after resuming)
         self.vectors: dict | None = None  # the importance vectors the plan was selected from
         self.export_path: Path | None = None  # the folder written at the end of fit
+        self.model_path: str | None = None  # where the causal LM sits in the module ("" = the module)
         self._pruned = False
-        self._estimator = None
-        self._collector = None  # GramCollector (reconstruct): fed by calibration, or at the prune step by refit text
-        self._pending_grams: dict | None = None  # from a mid-calibration checkpoint
+        self._lora_attached = False
+        self._num_calibration: int | None = None
         self._structure = None
         self._fingerprint = ""
         self._total_before = 0
         self._calibrated_batches = 0
         self._tokens_per_sample = 0
-        self._pending_importance: dict[str, torch.Tensor] | None = None  # from a mid-calibration checkpoint
+        self._estimator = None
+        self._collector = None  # GramCollector (reconstruct) fed by the calibration batches
+        self._paused: PausedOptimizers | None = None
+        self._pending: dict[str, Any] = {}  # accumulators from a mid-calibration checkpoint
         self._calibration_inputs: list[dict[str, torch.Tensor]] = []
         self._reconstruction_batches: list[torch.Tensor] = []  # this rank's refit text (datamodule)
-        self._sharded = False  # ModelParallelStrategy (FSDP2): see _prune_sharded
+        self._sharded = False  # ModelParallelStrategy (FSDP2)
         self._pruned_skeleton = None  # (class, config, shapes) of the pruned model, for the FSDP2 export
 
     # ------------------------------------------------------------------ hooks (thin)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._check_setup(trainer, pl_module)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._pruned:
-            self._inspect_dense_model(trainer, pl_module)
-            self._measure(trainer, pl_module, "dense")
+        self._prepare(trainer, pl_module)
 
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_resume_hook(pl_module)
+
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if not self._pruned and self._in_calibration(trainer, batch_idx):
             self._calibration_batch(trainer, pl_module, batch)
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._sharded and self._estimator is not None and self._in_calibration(trainer, batch_idx):
@@ -246,27 +302,32 @@ class StructuralPruneCallback(pl.Callback):
         if not self._pruned and trainer.current_epoch == 0 and batch_idx == self._prune_at - 1:
             self._prune(trainer, pl_module)
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for recorder in (self._estimator, self._collector):  # validation must not feed calibration
-            if recorder is not None:
-                recorder.detach()
+        self._set_recording(False)  # validation must not feed calibration
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for recorder in (self._estimator, self._collector):
-            if recorder is not None:
-                recorder.attach()
+        self._set_recording(True)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        for recorder in (self._estimator, self._collector):  # restore requires_grad flags, remove hooks
-            if recorder is not None:
-                recorder.detach()
+        self._stop_calibration()  # hooks removed, requires_grad flags and optimizer steps restored
+        self._remove_resume_hook(pl_module)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish(trainer, pl_module)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"pruned": self._pruned, "plan": self.plan.to_dict() if self.plan else None,
-                                 "calibrated_batches": self._calibrated_batches, "perplexity": dict(self.perplexity)}
+        state: dict[str, Any] = {
+            "version": STATE_VERSION, "settings": self._settings(), "pruned": self._pruned,
+            "plan": self.plan.to_dict() if self.plan else None, "model_path": self.model_path,
+            "lora": self._lora_attached, "num_calibration": self._num_calibration,
+            "calibrated_batches": self._calibrated_batches, "perplexity": dict(self.perplexity),
+            "tokens_per_sample": self._tokens_per_sample,
+        }
         if self._estimator is not None:  # a checkpoint in the middle of calibration
             state["importance"] = {k: v.detach().cpu() for k, v in self._estimator.state().items()}
             state["calibration_inputs"] = self._calibration_inputs
@@ -275,33 +336,33 @@ class StructuralPruneCallback(pl.Callback):
             state["gram_tokens"] = dict(self._collector.tokens)
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         from pruner.plan import Plan
 
-        self._pruned = bool(state_dict.get("pruned", False))
+        self._check_resumable(state_dict)
+        self._pruned = bool(state_dict["pruned"])
         self.plan = Plan.from_dict(state_dict["plan"]) if state_dict.get("plan") else None
+        self.model_path = state_dict.get("model_path")
+        self._lora_attached = bool(state_dict.get("lora"))
+        self._num_calibration = state_dict.get("num_calibration")
         self._calibrated_batches = int(state_dict.get("calibrated_batches", 0))
-        self._pending_importance = state_dict.get("importance")
+        self._tokens_per_sample = int(state_dict.get("tokens_per_sample", 0))
         self.perplexity = dict(state_dict.get("perplexity", {}))
         self._calibration_inputs = list(state_dict.get("calibration_inputs", []))
-        if "grams" in state_dict:
-            self._pending_grams = {"grams": state_dict["grams"], "tokens": state_dict.get("gram_tokens", {})}
+        self._pending = {k: state_dict[k] for k in ("importance", "grams", "gram_tokens") if k in state_dict}
 
-    # ------------------------------------------------------------------ steps
+    # ------------------------------------------------------------------ setup: everything checked early
 
-    def _check_setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    def _check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Checks what can be checked before the model exists (Lightning builds it in
+        ``configure_model``, after ``setup``): strategy, precision, counts, the export folder."""
         from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
-        for attr in ("hf_model", "calibrating", "attach_lora", "pruning_plan"):
-            if not hasattr(type(module), attr) and not hasattr(module, attr):
-                raise PrunerError(
-                    f"StructuralPruneCallback needs a CausalLMModule-like LightningModule (missing `{attr}`); "
-                    f"got {type(module).__name__}: use pruner.lightning_modules.causal_lm.CausalLMModule"
-                )
         strategy = trainer.strategy
         self._sharded = isinstance(strategy, ModelParallelStrategy)
         if self._sharded:
-            self._check_sharded_setup(module)
+            self._check_sharded_setup()
         elif not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise PrunerError(
                 f"StructuralPruneCallback supports the single-device, DDP and ModelParallelStrategy (FSDP2) "
@@ -313,12 +374,12 @@ class StructuralPruneCallback(pl.Callback):
                 f"trainer precision {trainer.precision_plugin.precision!r} scales the loss with a GradScaler, "
                 "which would corrupt the importance gradients: use precision bf16-mixed or 32-true"
             )
-        if self.attach_lora and hasattr(module, "missing_lora_targets") and (gone := module.missing_lora_targets()):
-            raise PrunerError(
-                f"LoRA target(s) {gone} match no module of {type(module.hf_model).__name__}: set "
-                "model.lora_target_modules to names of its linear layers (e.g. [q_proj, k_proj, v_proj, o_proj, "
-                "gate_proj, up_proj, down_proj]), or attach_lora: false"
-            )
+        if not self._pruned:
+            self._num_calibration = self._resolve_calibration_batches(trainer)
+        if self.export_dir is not None and trainer.is_global_zero:
+            from pruner.io import check_export_target
+
+            check_export_target(self.export_dir, self.overwrite_export)
         dm_hparams = getattr(trainer.datamodule, "hparams", None) or {}
         if dm_hparams.get("reconstruction_source") and not self.config.reconstruct:
             raise PrunerError(
@@ -326,15 +387,9 @@ class StructuralPruneCallback(pl.Callback):
                 "least-squares refit, but StructuralPruneCallback(reconstruct=False) would not use it: set "
                 "reconstruct: true, or data.reconstruction_source: null"
             )
-        hparams = getattr(module, "hparams", {})
-        if hparams.get("attach_lora_at_start", False):
-            raise PrunerError(
-                "`CausalLMModule(attach_lora_at_start=True)` wraps the model with LoRA before pruning: set "
-                "model.attach_lora_at_start: false; StructuralPruneCallback prunes the dense model and "
-                "attaches LoRA itself after pruning (attach_lora: true)"
-            )
+        self._install_resume_hook(trainer, pl_module)
 
-    def _check_sharded_setup(self, module: pl.LightningModule) -> None:
+    def _check_sharded_setup(self) -> None:
         if self.config.criterion in ("element2", "mix"):
             raise PrunerError(
                 f"criterion {self.config.criterion!r} needs per-sample gradients, but under ModelParallelStrategy "
@@ -349,36 +404,63 @@ class StructuralPruneCallback(pl.Callback):
                 "passes on the gathered, unsharded model; use attention_selection: score and iterative_steps: 1, "
                 "or strategy: ddp"
             )
-        for attr in ("shard_model", "replace_hf_model"):
-            if not hasattr(module, attr):
+
+    def _resolve_calibration_batches(self, trainer: pl.Trainer) -> int:
+        n = self.calibration_batches
+        if n is None:
+            dm = trainer.datamodule
+            n = getattr(dm, "calibration_batches", None) if dm is not None else None
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise PrunerError(
-                    f"under ModelParallelStrategy (FSDP2) StructuralPruneCallback needs `module.{attr}()` to "
-                    f"rebuild the sharded model after pruning; {type(module).__name__} has none: use "
-                    "pruner.lightning_modules.causal_lm.CausalLMModule or implement it"
+                    "StructuralPruneCallback(calibration_batches=None) takes the count from the datamodule, but "
+                    f"{type(dm).__name__ if dm is not None else 'there is no datamodule and it'} has no "
+                    "`calibration_batches`: pass calibration_batches=N (the first N train batches calibrate; the "
+                    "paper uses 10 samples) or use pruner.lightning_modules.data.PruneDataModule"
                 )
-
-    @property
-    def _keeps_inputs(self) -> bool:
-        return self.config.measures_attention or self.config.iterative_steps > 1
-
-    @property
-    def _prune_at(self) -> int:
-        return self.prune_at_step if self.prune_at_step is not None else self._num_calibration
-
-    def _in_calibration(self, trainer: pl.Trainer, batch_idx: int) -> bool:
-        return trainer.current_epoch == 0 and self._prune_at - self._num_calibration <= batch_idx < self._prune_at
-
-    def _inspect_dense_model(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        """Discovers the prunable structure of the dense model and records what the plan needs."""
-        from pruner.api import count_parameters
-        from pruner.discovery import discover
-        from pruner.plan import model_fingerprint
-
-        self._num_calibration = self._resolve_calibration_batches(trainer)
-        if self._prune_at < self._num_calibration:
+        if self.prune_at_step is not None and self.prune_at_step < n:
             raise PrunerError(
-                f"`StructuralPruneCallback(prune_at_step={self.prune_at_step})` comes before the "
-                f"{self._num_calibration} calibration batches end: use prune_at_step >= {self._num_calibration}"
+                f"`StructuralPruneCallback(prune_at_step={self.prune_at_step})` comes before the {n} calibration "
+                f"batches end: use prune_at_step >= {n}"
+            )
+        return n
+
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Finds the model and, unless resumed after pruning, checks it and discovers its
+        structure; all before the first calibration batch."""
+        from pruner.models import find_causal_lm
+
+        if self._pruned:  # resumed: the structure was rebuilt before the weights loaded
+            self.model_path = self.model_path if self.model_path is not None else \
+                find_causal_lm(pl_module, self.model_attribute)[0]
+            return
+        path, model = find_causal_lm(pl_module, self.model_attribute)
+        self.model_path = path
+        self._check_model(trainer, pl_module, model)
+        self._inspect_dense_model(trainer, model)
+        self._measure(trainer, pl_module, "dense")
+
+    def _check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
+        from peft import PeftModel
+
+        from pruner.lora import has_lora, missing_targets
+
+        if has_lora(model) or any(isinstance(m, PeftModel) for m in pl_module.modules()):
+            raise PrunerError(
+                f"{type(model).__name__} already has LoRA/peft adapters before pruning: prune the dense model "
+                "(with CausalLMModule, set model.attach_lora_at_start: false); StructuralPruneCallback attaches "
+                "LoRA itself after pruning (attach_lora: true)"
+            )
+        if self._sharded and is_fsdp_module(pl_module):
+            raise PrunerError(
+                f"fully_shard was applied to the LightningModule {type(pl_module).__name__} itself: shard the "
+                f"causal LM instead (each decoder layer, then the model at {self.model_path!r}), which "
+                "StructuralPruneCallback can gather, prune and shard again"
+            )
+        if self.attach_lora and (gone := missing_targets(model, self.lora.target_modules)):
+            raise PrunerError(
+                f"LoRA target(s) {gone} match no linear layer of {type(model).__name__}: set lora_target_modules "
+                "to names of its projections (e.g. [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                "down_proj]), or attach_lora: false"
             )
         total_batches = trainer.num_training_batches
         if isinstance(total_batches, int) and total_batches < self._prune_at:
@@ -391,7 +473,26 @@ class StructuralPruneCallback(pl.Callback):
                 f"trainer.max_steps={trainer.max_steps} ends fit before the prune step ({self._prune_at} batches):"
                 " the model will not be pruned; Lightning counts calibration batches as steps"
             )
-        model = module.hf_model
+        if self.export_dir is not None and trainer.is_global_zero:
+            self._check_export_space(model)
+
+    def _check_export_space(self, model: nn.Module) -> None:
+        """The export needs at most the dense model's bytes: refuse now rather than after recovery."""
+        folder = Path(self.export_dir).expanduser().absolute()
+        existing = folder
+        while not existing.exists():
+            existing = existing.parent
+        need = sum(p.numel() * p.element_size() for p in model.parameters())
+        free = shutil.disk_usage(existing).free
+        if free < need:
+            raise PrunerError(f"the export needs up to {need / 2**20:,.0f} MiB but {existing} has {free / 2**20:,.0f} "
+                              "MiB free: free some space or choose another export_dir")
+
+    def _inspect_dense_model(self, trainer: pl.Trainer, model: nn.Module) -> None:
+        from pruner.discovery import discover
+        from pruner.eval.efficiency import count_parameters
+        from pruner.plan import model_fingerprint
+
         if self._sharded:  # discovery probes layers with real tensors: work on a gathered copy
             from pruner.sharding import unsharded_copy
 
@@ -401,56 +502,81 @@ class StructuralPruneCallback(pl.Callback):
         self._total_before = count_parameters(model)
         self._fingerprint = model_fingerprint(model)
 
-    def _resolve_calibration_batches(self, trainer: pl.Trainer) -> int:
-        if self.calibration_batches is not None:
-            return self.calibration_batches
-        n = getattr(trainer.datamodule, "calibration_batches", None) if trainer.datamodule is not None else None
-        if not isinstance(n, int) or n < 1:
-            raise PrunerError(
-                "StructuralPruneCallback(calibration_batches=None) takes the count from the datamodule, but "
-                f"{type(trainer.datamodule).__name__ if trainer.datamodule is not None else 'no datamodule'} "
-                "has no `calibration_batches`: pass calibration_batches=N or use PruneDataModule"
-            )
-        return n
+    # ------------------------------------------------------------------ calibration
 
-    def _calibration_batch(self, trainer: pl.Trainer, module: pl.LightningModule, batch: dict) -> None:
+    @property
+    def _keeps_inputs(self) -> bool:
+        return self.config.measures_attention or self.config.iterative_steps > 1
+
+    @property
+    def _prune_at(self) -> int:
+        return self.prune_at_step if self.prune_at_step is not None else self._num_calibration
+
+    def _in_calibration(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        return trainer.current_epoch == 0 and self._prune_at - self._num_calibration <= batch_idx < self._prune_at
+
+    def model(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The causal LM this callback prunes, read from its attribute path in ``pl_module``."""
+        return pl_module.get_submodule(self.model_path) if self.model_path else pl_module
+
+    def _calibration_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        from pruner.api import check_inputs
+
         if self._estimator is None:
-            self._start_calibration(trainer, module)
-        module.hf_model.eval()  # no dropout in importance (as pruner.prune); Lightning may re-enable it
-        ids = batch["input_ids"]
+            self._start_calibration(trainer, pl_module)
+        model = self.model(pl_module)
+        inputs = model_inputs(batch)
+        if inputs is not None:
+            check_inputs(inputs, model.config, f"calibration batch {self._calibrated_batches}")
+            self._tokens_per_sample = int(inputs["input_ids"].shape[-1])
+        elif self._keeps_inputs:
+            raise PrunerError(
+                f"{'attention_selection=measured' if self.config.measures_attention else 'iterative_steps > 1'} "
+                "runs the calibration batches again itself, which needs dict batches holding 'input_ids' (and "
+                f"optionally 'attention_mask', 'labels'); got {type(batch).__name__}"
+            )
         if self._keeps_inputs:  # kept (a few KB) for the measured choice / later iterative steps
-            self._calibration_inputs.append({k: batch[k].detach().cpu() for k in ("input_ids", "attention_mask",
-                                                                                  "labels") if batch.get(k) is not None})
-        self._tokens_per_sample = int(ids.shape[-1])
-        self._estimator.begin_batch(int(ids.shape[0]) if ids.dim() == 2 else 1)
+            self._calibration_inputs.append(inputs)
+        model.eval()  # no dropout in importance (as pruner.prune); Lightning may re-enable it
+        self._estimator.begin_batch(batch_samples(batch))
         self._calibrated_batches += 1
 
-    def _start_calibration(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    def _start_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from pruner.api import families_for
         from pruner.importance import ImportanceEstimator
 
-        self._unwrap_ddp(trainer)
-        module.calibrating = True
-        est = ImportanceEstimator(module.hf_model, families_for(self._structure, self.config),
-                                  self.config.criterion, self.config.seed, sharded=self._sharded)
-        if self._pending_importance is not None and self._sharded:
-            raise PrunerError("resuming in the middle of calibration is not supported under ModelParallelStrategy "
-                              "(FSDP2): restart the fit, or calibrate with strategy: ddp")
-        if self._pending_importance is not None:  # resumed in the middle of calibration
-            est.load_state({k: v.to(module.device) for k, v in self._pending_importance.items()})
-            self._pending_importance = None
+        unwrap_ddp(trainer)
+        self._paused = PausedOptimizers(trainer.optimizers)
+        model = self.model(pl_module)
+        est = ImportanceEstimator(model, families_for(self._structure, self.config), self.config.criterion,
+                                  self.config.seed, sharded=self._sharded)
+        if "importance" in self._pending:  # resumed in the middle of calibration
+            if self._sharded:
+                raise PrunerError("resuming in the middle of calibration is not supported under ModelParallelStrategy "
+                                  "(FSDP2): restart the fit, or calibrate with strategy: ddp")
+            est.load_state({k: v.to(pl_module.device) for k, v in self._pending.pop("importance").items()})
         est.attach()
         self._estimator = est
         self._reconstruction_batches = self._datamodule_reconstruction(trainer)
         if self.config.reconstruct and not self._reconstruction_batches:  # the calibration batches feed the refit
             from pruner.reconstruction import GramCollector, consumers
 
-            self._collector = GramCollector(module.hf_model, consumers(self._structure, self.config))
-            if self._pending_grams is not None:
-                self._collector.grams = {k: v.to(module.device) for k, v in self._pending_grams["grams"].items()}
-                self._collector.tokens = dict(self._pending_grams["tokens"])
-                self._pending_grams = None
+            self._collector = GramCollector(model, consumers(self._structure, self.config))
+            if "grams" in self._pending:
+                self._collector.grams = {k: v.to(pl_module.device) for k, v in self._pending.pop("grams").items()}
+                self._collector.tokens = dict(self._pending.pop("gram_tokens", {}))
             self._collector.attach()
+
+    def _set_recording(self, on: bool) -> None:
+        for recorder in (self._estimator, self._collector):
+            if recorder is not None:
+                recorder.attach() if on else recorder.detach()
+
+    def _stop_calibration(self) -> None:
+        self._set_recording(False)
+        if self._paused is not None:
+            self._paused.resume()
+            self._paused = None
 
     def _datamodule_reconstruction(self, trainer: pl.Trainer) -> list[torch.Tensor]:
         """This rank's refit text from ``datamodule.reconstruction_batches()`` (input_ids
@@ -458,229 +584,144 @@ class StructuralPruneCallback(pl.Callback):
         make = getattr(trainer.datamodule, "reconstruction_batches", None) if self.config.reconstruct else None
         return list(make()) if callable(make) else []
 
-    def _collect_reconstruction(self, module: pl.LightningModule, model, structure):
-        """The refit's statistics of ``model`` from forward passes over this rank's
-        reconstruction batches (under FSDP2 through the sharded root ``module.lm``)."""
-        from pruner.api import collect_inputs
-        from pruner.reconstruction import GramCollector, consumers
+    # ------------------------------------------------------------------ the prune step
 
-        collector = GramCollector(model, consumers(structure, self.config))
-        collect_inputs(module.lm if self._sharded else model, self._reconstruction_batches, collector)
-        return collector
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from pruner.models import replace_submodule
+        from pruner.pipeline import StepHooks, finish_plan, prune_steps
 
-    @staticmethod
-    def _unwrap_ddp(trainer: pl.Trainer) -> None:
-        # Calibration runs on the bare module: DDP would average the gradients (we want each
-        # rank's own sum, all-reduced once at the end) and its reducer expects gradients for
-        # parameters the estimator freezes. The wrapper is rebuilt after pruning anyway.
-        from torch.nn.parallel import DistributedDataParallel
-
-        if isinstance(trainer.strategy.model, DistributedDataParallel):
-            trainer.strategy.model = trainer.lightning_module
-
-    def _reduced_importance(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
-        """The estimator's accumulators summed over ranks with ONE all-reduce of a flat vector,
-        corrected for Lightning's ``1/accumulate_grad_batches`` loss scaling."""
-        state = self._estimator.state()
-        if self._sharded:  # gradient sums are rank-local shards: they stay, scaled, out of the reduce
-            local = {k: v for k, v in state.items() if k.startswith("grad::")}
-            state = {k: v for k, v in state.items() if not k.startswith("grad::")}
-        keys = sorted(state)
-        flat = torch.cat([state[k].detach().float().reshape(-1) for k in keys])
-        flat = trainer.strategy.reduce(flat, reduce_op="sum")
-        out, offset = {}, 0
-        scale = float(trainer.accumulate_grad_batches)
-        for k in keys:
-            n = state[k].numel()
-            v = flat[offset: offset + n].reshape(state[k].shape)
-            offset += n
-            if scale != 1.0 and k.startswith("grad::"):
-                v = v * scale
-            elif scale != 1.0 and k.startswith("fisher::"):
-                v = v * scale**2
-            out[k] = v
-        if self._sharded:
-            out.update({k: v * scale for k, v in local.items()})
-        return out
-
-    def _sum_over_ranks(self, trainer: pl.Trainer, vectors: dict) -> dict:
-        """FSDP2: every rank scored only its own shards; one all-reduce of the flat vectors sums them."""
-        keys = sorted(vectors)
-        flat = torch.cat([vectors[k].reshape(-1) for k in keys])
-        flat = trainer.strategy.reduce(flat, reduce_op="sum")
-        return dict(zip(keys, torch.split(flat, [vectors[k].numel() for k in keys])))
-
-    def _prune(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        from pruner.api import count_parameters, finish_plan
-
-        est = self._estimator
-        if est is None:  # a resumed run whose checkpoint came after calibration ended cannot happen
+        if self._estimator is None:
             raise PrunerError("no calibration batch was seen before the prune step")
-        est.detach()
-        if self._collector is not None:
-            self._collector.detach()
-        module.zero_grad(set_to_none=True)
+        est = self._estimator
+        self._stop_calibration()
+        pl_module.zero_grad(set_to_none=True)
+        model = self.model(pl_module)
+        collector = self._collector
         if self._reconstruction_batches:  # before the FSDP2 gather: every rank runs its share
-            self._collector = self._collect_reconstruction(module, module.hf_model, self._structure)
-        est.load_state(self._reduced_importance(trainer))
+            collector = self._collect_reconstruction(model, self._structure)
+        est.load_state(self._reduced_importance(trainer, est.state()))
         vectors = est.vectors()
-        if self._sharded:
-            vectors = self._sum_over_ranks(trainer, vectors)
+        if self._sharded:  # every rank scored only its own shards: the sum is the full score
+            vectors = all_reduce_dict(trainer.strategy, vectors)
         self.vectors = vectors  # per-index saliences, summed over ranks (small: no model-sized tensor)
         if self._sharded:  # gather the shards into an ordinary CPU model; sharded again below
             from pruner.sharding import unsharded_copy
 
-            module.replace_hf_model(unsharded_copy(module.hf_model))
-        model = module.hf_model
-        plan = self._select_and_remove(trainer, module, vectors)
-        if self._sharded:
-            from pruner.sharding import build_skeleton
-
-            self._pruned_skeleton = build_skeleton(model)
-        else:
-            self._measure(trainer, module, "pruned")
+            model = unsharded_copy(model)
+        if collector is not None:
+            collector = self._reduced_grams(trainer, collector, model)
+        hooks = StepHooks(estimate=lambda m, s, c: self._estimate_on(trainer, m, s, c),
+                          refine_batches=self._kept_batches(model),
+                          all_reduce=lambda t: trainer.strategy.reduce(t.to(pl_module.device), reduce_op="sum").cpu(),
+                          check=lambda plan, structure: self._check_step_plan(trainer, plan, structure),
+                          before_surgery=lambda dense: self._keep_teacher(pl_module, dense))
+        plan = prune_steps(model, self._structure, self.config, hooks, first=(vectors, collector))
         calibration = {"batches": self._calibrated_batches * trainer.world_size, "samples": est.num_samples,
                        "tokens_per_sample": self._tokens_per_sample, "world_size": trainer.world_size}
         if self._reconstruction_batches:
             calibration["reconstruction_tokens"] = trainer.world_size * sum(b.numel() for b in
                                                                             self._reconstruction_batches)
-        plan = finish_plan(plan, model, self._structure, self._fingerprint, self._total_before, self.config,
-                           calibration)
-        self.plan, self._pruned, self._estimator, self._collector = plan, True, None, None
+        self.plan = finish_plan(plan, model, self._structure, self._fingerprint, self._total_before, self.config,
+                                calibration)
+        self._pruned, self._estimator, self._collector = True, None, None
         self._calibration_inputs, self._reconstruction_batches = [], []
-        module.pruning_plan = plan.to_dict()
-        module.calibrating = False
         model.train()
-        if self.attach_lora:
-            # seeded adapters: the same on every rank and world size, whatever ran before
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.config.seed)
-                module.attach_lora()
         if self._sharded:
-            module.shard_model()  # fully_shard also moves the CPU copy to the mesh's device
+            from pruner.sharding import build_skeleton
+
+            self._pruned_skeleton = build_skeleton(model)
+        else:
+            self._measure(trainer, pl_module, "pruned")
+        self._attach_lora(model)
+        if self._sharded:
+            replace_submodule(pl_module, self.model_path, model)
+            self._shard(pl_module, model)
             trainer.strategy.model_to_device()
-            self._measure(trainer, module, "pruned")
-        self._rebuild_training(trainer)
+            self._measure(trainer, pl_module, "pruned")
+        rebuild_training(trainer)
         if self.verbose:
-            p = plan.params
+            p = self.plan.params
             rank_zero_info(
                 f"StructuralPruneCallback: pruned at batch {self._prune_at}: {p['before']:,} -> {p['after']:,} "
                 f"parameters ({p['removed_fraction']:.1%} removed); trainable now "
-                f"{sum(q.numel() for q in module.parameters() if q.requires_grad):,} "
-                f"of {count_parameters(module):,}"
+                f"{sum(q.numel() for q in pl_module.parameters() if q.requires_grad):,}"
             )
 
-    def _select_and_remove(self, trainer: pl.Trainer, module: pl.LightningModule, vectors: dict):
-        """Selection and surgery, in ``iterative_steps`` steps (as ``pruner.prune``); returns the
-        plan in dense indices. Every step is checked on all ranks before its weights change."""
-        from pruner.api import _step_config, compose, count_parameters, make_plan
-        from pruner.discovery import discover
-        from pruner.surgery import apply_plan
-
-        model, cfg, plan, structure = module.hf_model, self.config, None, self._structure
-        device = next(model.parameters()).device
-        batches = [{k: v.to(device) for k, v in b.items()} for b in self._calibration_inputs]
-        collector = self._reduced_grams(trainer, self._collector, model) if cfg.reconstruct else None
-        for step in range(1, cfg.iterative_steps + 1):
-            step_cfg = _step_config(cfg, step, self._total_before, count_parameters(model))
-            if step > 1:
-                structure = discover(model, seed=cfg.seed)
-                vectors, collector = self._estimate_on(trainer, module, model, structure, step_cfg, batches)
-            step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
-            if cfg.measures_attention and batches:
-                from pruner.refine import refine_attention
-
-                # every rank measures its own calibration batches; the loss sums are all-reduced
-                step_plan = refine_attention(model, structure, step_plan, batches, all_reduce=lambda t: (
-                    trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu()))
-            if cfg.attention_selection == "obs":  # the config guarantees reconstruct, hence the statistics
-                from pruner.reconstruction import select_heads_obs
-
-                step_plan = select_heads_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
-            if cfg.mlp_selection == "obs":
-                from pruner.reconstruction import select_mlp_obs
-
-                step_plan = select_mlp_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
-            self._check_ranks_agree(trainer, step_plan)
-            self._check_lora_targets_survive(module, step_plan, structure)
-            if step == 1 and getattr(module, "wants_teacher", False) and module.teacher is None:
-                module.keep_teacher(model)  # distillation: the dense model, frozen, before surgery
-            if collector is not None:
-                from pruner.reconstruction import compensate
-
-                compensate(step_plan, structure, model, collector, cfg.reconstruct_damping)
-            apply_plan(step_plan, model, structure)
-            groups = step_plan.groups
-            plan = step_plan if plan is None else compose(plan, step_plan, self._structure)
-        plan.groups = groups  # the last step's scores (as pruner.prune)
-        return plan
-
-    @staticmethod
-    def _reduced_grams(trainer: pl.Trainer, local, model):
-        """``local``'s input statistics summed over ranks (one all-reduce, fp64), as a collector
-        for ``model`` (the module the refit changes: under FSDP2 the gathered copy)."""
-        from pruner.reconstruction import GramCollector
-
-        device = next(model.parameters()).device
-        names = [n for n in local.names if n in local.grams]
-        if not names:  # nothing the plan can prune was reached (the same on every rank)
-            return GramCollector(model, [])
-        flat = torch.cat([local.grams[n].reshape(-1) for n in names]
-                         + [torch.tensor([float(local.tokens[n]) for n in names], dtype=torch.float64,
-                                         device=local.grams[names[0]].device)])
-        flat = trainer.strategy.reduce(flat, reduce_op="sum").to(device)
-        sizes = [local.grams[n].numel() for n in names] + [len(names)]
-        *grams, tokens = torch.split(flat, sizes)
-        out = GramCollector(model, names)
-        out.grams = {n: g.reshape(local.grams[n].shape) for n, g in zip(names, grams)}
-        out.tokens = {n: int(t) for n, t in zip(names, tokens.tolist())}
+    def _reduced_importance(self, trainer: pl.Trainer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The estimator's accumulators summed over ranks, corrected for Lightning's
+        ``1/accumulate_grad_batches`` loss scaling. Under FSDP2 the gradient sums are rank-local
+        shards: they are not summed (each rank scores its own rows)."""
+        local = {k: v for k, v in state.items() if self._sharded and k.startswith("grad::")}
+        out = all_reduce_dict(trainer.strategy, {k: v.float() for k, v in state.items() if k not in local})
+        out.update(local)
+        scale = float(trainer.accumulate_grad_batches)
+        if scale != 1.0:
+            for k in out:
+                if k.startswith("grad::"):
+                    out[k] = out[k] * scale
+                elif k.startswith("fisher::"):
+                    out[k] = out[k] * scale**2
         return out
 
-    def _estimate_on(self, trainer: pl.Trainer, module: pl.LightningModule, model, structure, cfg,
-                     batches: list[dict]):
-        """Importance of the partly pruned ``model`` on this rank's kept calibration batches,
-        accumulators summed over ranks (one all-reduce), as in calibration; with ``reconstruct``
-        also the refit's statistics of the partly pruned model (on the reconstruction batches
-        if any, else on the calibration batches; None without ``reconstruct``)."""
-        from pruner.api import families_for
-        from pruner.importance import ImportanceEstimator
+    @staticmethod
+    def _reduced_grams(trainer: pl.Trainer, local, model: nn.Module):
+        """``local``'s input statistics summed over ranks (fp64), as a collector for ``model``
+        (the module the refit changes: under FSDP2 the gathered copy)."""
+        from pruner.reconstruction import GramCollector
+
+        names = [n for n in local.names if n in local.grams]
+        out = GramCollector(model, names)
+        if names:  # (the same on every rank: nothing the plan prunes was reached otherwise)
+            tensors = {f"g::{n}": local.grams[n] for n in names}
+            tensors.update({f"t::{n}": torch.tensor(float(local.tokens[n]), dtype=torch.float64,
+                                                    device=local.grams[n].device) for n in names})
+            summed = all_reduce_dict(trainer.strategy, tensors)
+            device = next(model.parameters()).device
+            out.grams = {n: summed[f"g::{n}"].to(device) for n in names}
+            out.tokens = {n: int(summed[f"t::{n}"]) for n in names}
+        return out
+
+    def _collect_reconstruction(self, model: nn.Module, structure):
+        """The refit's statistics of ``model`` from forward passes over this rank's
+        reconstruction batches (under FSDP2 through the sharded model's own hooks)."""
+        from pruner.api import collect_inputs
         from pruner.reconstruction import GramCollector, consumers
 
-        est = ImportanceEstimator(model, families_for(structure, cfg), cfg.criterion, cfg.seed)
+        collector = GramCollector(model, consumers(structure, self.config))
+        collect_inputs(model, self._reconstruction_batches, collector)
+        return collector
+
+    def _kept_batches(self, model: nn.Module) -> list[dict[str, torch.Tensor]]:
+        device = next(model.parameters()).device
+        return [{k: v.to(device) for k, v in b.items()} for b in self._calibration_inputs]
+
+    def _estimate_on(self, trainer: pl.Trainer, model: nn.Module, structure, cfg: PruneConfig):
+        """Steps 2..N: importance of the partly pruned ``model`` on this rank's kept calibration
+        batches, summed over ranks, and with ``reconstruct`` the refit's statistics of it."""
+        from pruner.api import estimate_importance
+        from pruner.reconstruction import GramCollector, consumers
+
         collector = None
         if cfg.reconstruct and not self._reconstruction_batches:  # statistics from the calibration batches
             collector = GramCollector(model, consumers(structure, cfg))
-        model.eval()
-        est.attach()
-        if collector is not None:
-            collector.attach()
-        try:
-            for batch in batches:
-                est.begin_batch(int(batch["input_ids"].shape[0]))
-                model(**batch).loss.backward()
-        finally:
-            est.detach()
-            if collector is not None:
-                collector.detach()
-            model.zero_grad(set_to_none=True)
+        vectors = estimate_importance(model, self._kept_batches(model), structure, cfg, collector=collector,
+                                      reduce=lambda state: all_reduce_dict(trainer.strategy, state))
         if cfg.reconstruct and self._reconstruction_batches:  # the partly pruned model on the refit text
-            collector = self._collect_reconstruction(module, model, structure)
+            collector = self._collect_reconstruction(model, structure)
         if collector is not None:
             collector = self._reduced_grams(trainer, collector, model)
-        state = est.state()
-        keys = sorted(state)
-        flat = trainer.strategy.reduce(torch.cat([state[k].float().reshape(-1) for k in keys]), reduce_op="sum")
-        est.load_state(dict(zip(keys, (t.reshape(state[k].shape) for k, t in
-                                       zip(keys, torch.split(flat, [state[k].numel() for k in keys]))))))
-        return est.vectors(), collector
+        return vectors, collector
 
-    def _check_lora_targets_survive(self, module: pl.LightningModule, plan, structure) -> None:
-        """Refuses, before any weight changes, a plan that deletes every module a LoRA target
-        names (e.g. a target spelled with a layer index that layer-wise pruning removes)."""
-        if not self.attach_lora or not hasattr(module, "missing_lora_targets"):
+    def _check_step_plan(self, trainer: pl.Trainer, plan, structure) -> None:
+        """Before a step's weights change: every rank chose this plan, and LoRA targets survive it."""
+        from pruner.lora import missing_targets
+
+        check_ranks_agree(trainer, plan)
+        if not self.attach_lora:
             return
         removed = [structure.layers[lp.index].path for lp in plan.layers if lp.removed]
-        gone = module.missing_lora_targets(removed)
+        model = trainer.lightning_module if self._sharded else self.model(trainer.lightning_module)
+        gone = missing_targets(model, self.lora.target_modules, removed) if removed else []
         if gone:
             raise PrunerError(
                 f"LoRA target(s) {gone} exist only in layers the plan removes ({removed}): target module "
@@ -688,105 +729,205 @@ class StructuralPruneCallback(pl.Callback):
             )
 
     @staticmethod
-    def _check_ranks_agree(trainer: pl.Trainer, plan) -> None:
-        digest = hashlib.sha256(plan.to_json().encode()).hexdigest()
-        reference = trainer.strategy.broadcast(digest, src=0)
-        # every rank must learn whether ANY rank disagrees, or the agreeing ones would hang later
-        disagree = trainer.strategy.reduce(torch.tensor(float(digest != reference)), reduce_op="sum")
-        if float(disagree) > 0:
-            raise PrunerError(
-                f"ranks disagree on the pruning plan ({int(float(disagree))} of {trainer.world_size} differ from "
-                "rank 0): the models or importance scores differ between ranks; check that every rank loads "
-                "the same weights and that selection is deterministic"
-            )
+    def _keep_teacher(pl_module: pl.LightningModule, dense: nn.Module) -> None:
+        keep = getattr(pl_module, "keep_teacher", None)
+        if getattr(pl_module, "wants_teacher", False) and callable(keep) and getattr(pl_module, "teacher", None) is None:
+            keep(dense)  # distillation: the dense model, frozen, before surgery
 
-    @staticmethod
-    def _rebuild_training(trainer: pl.Trainer) -> None:
-        """New parameters need a new optimizer and, under DDP, a new wrapper (its reducer
-        holds the old parameter list); DDP's constructor also checks shapes across ranks."""
-        from lightning.pytorch.strategies import DDPStrategy
+    def _attach_lora(self, model: nn.Module) -> None:
+        if not self.attach_lora:
+            return
+        from pruner.lora import attach_lora
 
-        strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy):
-            strategy.configure_ddp()
-        strategy.setup_optimizers(trainer)
+        # seeded adapters: the same on every rank and world size, whatever ran before
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            attach_lora(model, self.lora)
+        self._lora_attached = True
 
-    def _finish(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    def _shard(self, pl_module: pl.LightningModule, model: nn.Module) -> None:
+        """FSDP2: the module's own ``shard_model()`` if it has one, else per layer + root."""
+        shard = getattr(pl_module, "shard_model", None)
+        if callable(shard):
+            shard()
+            return
+        from pruner.discovery import find_layer_stack
+
+        shard_causal_lm(model, find_layer_stack(model)[0], data_parallel_mesh(pl_module))
+
+    # ------------------------------------------------------------------ measuring and export
+
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        """Validation perplexity of the model now (every rank computes the same), on the
+        datamodule's validation batches when they are dicts holding ``input_ids``."""
+        dm = trainer.datamodule
+        if not self.report_perplexity or dm is None or not callable(getattr(dm, "val_dataloader", None)):
+            return
+        loader = dm.val_dataloader()
+        if not loader:
+            return
+        first = next(iter(loader), None)
+        if not isinstance(first, dict) or not torch.is_tensor(first.get("input_ids")):
+            if when == "dense":
+                rank_zero_info("StructuralPruneCallback: the validation batches are not dicts holding 'input_ids': "
+                               "no perplexity report (report_perplexity: false silences this)")
+            return
+        from pruner.eval.perplexity import loader_perplexity
+
+        # FSDP2: the root of the sharding is the model itself, whose hooks gather its weights
+        self.perplexity[when] = loader_perplexity(self.model(pl_module), loader, pl_module.device)
+        if self.verbose:
+            rank_zero_info(f"StructuralPruneCallback: validation perplexity ({when}): {self.perplexity[when]:.2f}")
+
+    def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._pruned:
             rank_zero_warn(
-                f"StructuralPruneCallback: fit ended before the prune step ({self._prune_at_or_unknown()} train "
-                "batches); the model was not pruned and nothing was exported. Raise trainer.max_steps"
+                f"StructuralPruneCallback: fit ended before the prune step ({self._prune_at} train batches); the "
+                "model was not pruned and nothing was exported. Raise trainer.max_steps"
             )
             return
         if self.export_dir is None:
             return
         from pruner.io import save_pretrained
+        from pruner.lora import has_lora, merge_lora
 
+        self._measure(trainer, pl_module, "recovered")
         if self._sharded:
-            self._measure(trainer, module, "recovered")
-            model = self._gather_for_export(trainer, module)
+            model = self._gather_for_export(trainer, pl_module)
         else:
-            if getattr(module, "has_lora", False):
-                module.merge_lora()  # on every rank: the modules stay identical
-            self._measure(trainer, module, "recovered")
-            model = module.hf_model
-        folder = Path(self.export_dir)
+            model = self.model(pl_module)
+            if has_lora(model):
+                merge_lora(model)  # on every rank: the modules stay identical
+        folder = Path(self.export_dir).expanduser().absolute()
         if trainer.is_global_zero:
-            save_pretrained(model, folder, tokenizer=getattr(module, "tokenizer", None), plan=self.plan,
-                            overwrite=self.overwrite_export, extra_files={"report.md": self._report(trainer)})
+            report = pruning_report(self.plan, self.perplexity, trainer.global_step - self._prune_at)
+            save_pretrained(model, folder, tokenizer=self._export_tokenizer(trainer, pl_module), plan=self.plan,
+                            overwrite=self.overwrite_export, extra_files={"report.md": report})
         trainer.strategy.barrier("pruner-export")
-        self.export_path = folder.resolve()
+        self.export_path = folder
         if self.verbose:
             rank_zero_info(f"StructuralPruneCallback: exported the pruned model to {self.export_path}")
 
-    def _gather_for_export(self, trainer: pl.Trainer, module: pl.LightningModule):
+    def _export_tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
+        if isinstance(self.tokenizer, (str, Path)):
+            from pruner.data import load_tokenizer
+
+            return load_tokenizer(str(self.tokenizer))
+        if self.tokenizer is not None:
+            return self.tokenizer
+        for owner in (pl_module, trainer.datamodule):
+            tok = getattr(owner, "tokenizer", None)
+            if tok is not None and callable(getattr(tok, "save_pretrained", None)):
+                return tok
+        return None
+
+    def _gather_for_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         """FSDP2: the trained shards gathered into an ordinary pruned model with LoRA merged, on
         rank 0 only (the other ranks join the gathers and return None)."""
+        from pruner.lora import attach_lora, merge_lora
         from pruner.sharding import full_state_dict, materialize, skeleton_from
 
-        state = full_state_dict(module.lm, keep=trainer.is_global_zero)
+        sharded = self.model(pl_module)
+        state = full_state_dict(sharded, keep=trainer.is_global_zero)
         if not trainer.is_global_zero:
             return None
         skeleton = skeleton_from(*self._pruned_skeleton)
-        if getattr(module, "has_lora", False):
-            from peft import get_peft_model
+        if self._lora_attached:
+            attach_lora(skeleton, self.lora)  # the same parameter names as the trained model
+        model = materialize(skeleton, state, sharded)
+        if self._lora_attached:
+            merge_lora(model)
+        return model
 
-            skeleton = get_peft_model(skeleton, module.lora_config())
-        model = materialize(skeleton, state, module.lm)
-        return model.merge_and_unload() if getattr(module, "has_lora", False) else model
+    # ------------------------------------------------------------------ resume
 
-    def _measure(self, trainer: pl.Trainer, module: pl.LightningModule, when: str) -> None:
-        """Validation perplexity of ``module.hf_model`` now (every rank computes the same)."""
-        dm = trainer.datamodule
-        if not self.report_perplexity or dm is None or not hasattr(dm, "val_dataloader"):
-            return
-        loader = dm.val_dataloader()
-        if not loader:
-            return
-        from pruner.eval.perplexity import loader_perplexity
+    def _settings(self) -> dict[str, Any]:
+        """What a resumed fit must share with the checkpoint (JSON-normalised)."""
+        settings = {**self.config.to_dict(), "attach_lora": self.attach_lora, "lora": asdict(self.lora),
+                    "calibration_batches": self.calibration_batches, "prune_at_step": self.prune_at_step}
+        return json.loads(json.dumps(settings))
 
-        # FSDP2: call the root of the sharding (the peft wrapper, if any), whose hooks gather its weights
-        model = module.lm if self._sharded else module.hf_model
-        self.perplexity[when] = loader_perplexity(model, loader, module.device)
-        if self.verbose:
-            rank_zero_info(f"StructuralPruneCallback: validation perplexity ({when}): {self.perplexity[when]:.2f}")
+    def _check_resumable(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise PrunerError(f"the checkpoint's StructuralPruneCallback state has version {state.get('version')!r}, "
+                              f"this pruner writes {STATE_VERSION}: resume with the pruner version that wrote it, or "
+                              "start the fit again")
+        theirs, ours = json.loads(json.dumps(state.get("settings", {}))), self._settings()
+        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        if differ:
+            listed = "; ".join(f"{k}: checkpoint {theirs.get(k)!r}, callback {ours.get(k)!r}" for k in differ)
+            raise PrunerError(f"the checkpoint was written with other pruning settings ({listed}): resume with the "
+                              "same StructuralPruneCallback settings, or start a new fit without ckpt_path")
 
-    def _report(self, trainer: pl.Trainer) -> str:
-        p, plan = self.plan.params, self.plan
-        lines = ["# Pruning report", "", f"Written by StructuralPruneCallback (pruner {plan.pruner_version}).", "",
-                 "| | parameters |", "|---|---|", f"| before | {p['before']:,} |", f"| after | {p['after']:,} |",
-                 f"| removed | {p['removed']:,} ({p['removed_fraction']:.2%}) |", ""]
-        if self.perplexity:
-            labels = {"dense": "dense (before pruning)", "pruned": "pruned, before recovery",
-                      "recovered": f"after recovery ({trainer.global_step - self._prune_at} steps)"}
-            lines += ["| validation perplexity | |", "|---|---|"]
-            lines += [f"| {labels[k]} | {v:.3f} |" for k, v in self.perplexity.items()] + [""]
-        else:
-            lines += ["No validation data (data.val_source): perplexity not measured.", ""]
-        s = plan.settings
-        lines += ["Settings: " + ", ".join(f"{k}={s[k]}" for k in REPORT_SETTINGS if k in s),
-                  f"Calibration: {plan.calibration}", "", "The exact plan is in plan.json."]
-        return "\n".join(lines) + "\n"
+    def _install_resume_hook(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning loads the module's weights before any callback state; the pruned (+ LoRA)
+        structure must exist by then. The module's ``on_load_checkpoint`` (called just before
+        the weights load) is wrapped, for this fit only, to rebuild it first."""
+        self._remove_resume_hook(pl_module)
+        original = pl_module.on_load_checkpoint
 
-    def _prune_at_or_unknown(self) -> str:
-        return str(self._prune_at) if hasattr(self, "_num_calibration") else "?"
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:
+            state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+            if state is not None:
+                self._check_resumable(state)
+                if state.get("pruned") and self._sharded:
+                    raise PrunerError(
+                        "resuming a pruned fit under ModelParallelStrategy (FSDP2) is not supported: resume it with "
+                        "strategy: ddp (or one device), or fine-tune the exported pruned folder with FSDP2")
+                self._rebuild(pl_module, state)
+            original(checkpoint)
+
+        on_load_checkpoint.pruner_resume_hook = True
+        pl_module.on_load_checkpoint = on_load_checkpoint
+
+    @staticmethod
+    def _remove_resume_hook(pl_module: pl.LightningModule) -> None:
+        hook = vars(pl_module).get("on_load_checkpoint")
+        if getattr(hook, "pruner_resume_hook", False):
+            del pl_module.on_load_checkpoint
+
+    def _rebuild(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+        """The checkpoint's structure on the freshly built dense model: the plan applied, LoRA
+        attached (its values come from the checkpoint)."""
+        rebuild_structure(pl_module, state, self.lora)
+
+
+def rebuild_structure(pl_module: nn.Module, state: dict[str, Any], lora: LoraSettings | None = None) -> None:
+    """Applies a callback state's plan (and LoRA) to the dense causal LM inside ``pl_module``."""
+    from pruner.lora import attach_lora, has_lora
+    from pruner.models import find_causal_lm
+    from pruner.plan import Plan
+    from pruner.surgery import apply_plan
+
+    if not state.get("pruned"):
+        return
+    path = state.get("model_path")
+    if path is None:
+        model = find_causal_lm(pl_module)[1]
+    else:
+        model = pl_module.get_submodule(path) if path else pl_module
+    apply_plan(Plan.from_dict(state["plan"]), model, check_fingerprint=False)
+    if state.get("lora") and not has_lora(model):
+        settings = lora or LoraSettings(**{**state["settings"]["lora"],
+                                           "target_modules": tuple(state["settings"]["lora"]["target_modules"])})
+        attach_lora(model, settings)
+
+
+def load_pruned_checkpoint(pl_module: pl.LightningModule, checkpoint_path: str | Path) -> pl.LightningModule:
+    """Loads a checkpoint of a pruning fit into a freshly built (dense) ``pl_module`` without a
+    Trainer: the pruned (+ LoRA) structure is rebuilt from the callback state, then the weights
+    load. Returns ``pl_module``.
+
+    Example:
+        >>> module = load_pruned_checkpoint(MyFinetune(), "checkpoints/last.ckpt")  # doctest: +SKIP
+    """
+    checkpoint = torch.load(Path(checkpoint_path).expanduser(), map_location="cpu", weights_only=False)
+    states = [s for k, s in (checkpoint.get("callbacks") or {}).items() if k.startswith("StructuralPruneCallback")]
+    if not states:
+        raise PrunerError(f"{checkpoint_path} holds no StructuralPruneCallback state: it was not written by a pruning "
+                          "fit; load it with the module's own load_from_checkpoint")
+    pl_module.configure_model()  # modules that build their model there (Lightning calls it in fit too)
+    rebuild_structure(pl_module, states[0])
+    pl_module.on_load_checkpoint(checkpoint)
+    pl_module.load_state_dict(checkpoint["state_dict"])
+    return pl_module

@@ -1,23 +1,17 @@
 """``CausalLMModule``: any Hugging Face causal LM as a LightningModule, with optional LoRA.
 
-Contract with ``pruner.callbacks.StructuralPruneCallback`` (keep it small):
-  * ``module.hf_model`` is the ``transformers`` model (``PreTrainedModel``); the callback prunes
-    it in place (or swaps it with ``module.replace_hf_model(m)``) and then rebuilds the optimizer
-    with ``trainer.strategy.setup_optimizers(trainer)``: ``configure_optimizers`` collects the
-    trainable parameters *at that moment*, so replaced/resized parameters are picked up.
-  * ``module.attach_lora()`` after pruning, ``module.merge_lora()`` before saving.
-  * ``module.pruning_plan = plan.to_dict()`` after pruning: checkpoints then record the plan,
-    and loading one re-applies it to the freshly loaded dense model (and re-attaches LoRA)
-    *before* the weights are restored, so that ``--ckpt_path`` resumes a pruned run.
-  * ``module.calibrating = True`` makes every training batch a forward + backward with NO
-    optimizer step: gradients stay in ``p.grad`` for the callback's ``on_after_backward`` /
-    ``on_train_batch_end``; the next batch zeroes them. Lightning still counts these batches
-    in ``global_step`` (so ``trainer.max_steps`` = calibration batches + recovery steps).
-  * Batches are dicts with ``input_ids``, ``attention_mask`` and ``labels`` (-100 = no loss).
+A convenience, not a contract: ``StructuralPruneCallback`` treats it like any user module (it
+finds the causal LM at ``module.lm``). What it adds: loading by hub name, folder, GGUF file or
+``"smollm2"`` (never running code from the folder), a tokenizer for the data module, plain LoRA
+fine-tuning (``attach_lora_at_start``), AdamW, validation perplexity, distillation from a
+teacher during recovery (the optional ``wants_teacher`` / ``keep_teacher`` hooks the callback
+calls), and FSDP2 sharding (``shard_model``). Batches are dicts with ``input_ids``,
+``attention_mask`` and ``labels`` (-100 = no loss).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -26,9 +20,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics.text import Perplexity
 
 from pruner.errors import PrunerError
-
-# A tuple: an immutable default that jsonargparse still prints and parses as a YAML list.
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from pruner.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS  # a tuple: jsonargparse prints it as a list
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -45,7 +37,9 @@ class CausalLMModule(LightningModule):
         attach_lora_at_start: wrap the model with LoRA as soon as it is loaded (a plain LoRA
             fine-tune). Leave False with the pruning callback: it calls ``attach_lora()`` after
             pruning. False without the callback means full fine-tuning.
-        lora_r, lora_alpha, lora_dropout, lora_target_modules: LoRA settings (LLM-Pruner's).
+        lora_r, lora_alpha, lora_dropout, lora_target_modules: LoRA settings of
+            ``attach_lora_at_start`` (with the pruning callback, LoRA is the callback's: set them
+            there).
         learning_rate, weight_decay: AdamW settings over the trainable parameters.
         distillation_alpha: weight of the distillation term in recovery,
             ``alpha · KL(teacher ‖ student) · T² + (1 − alpha) · CE`` (``pruner.distillation``);
@@ -57,6 +51,8 @@ class CausalLMModule(LightningModule):
         teacher: model to distil from when there is no pruning step in this fit (for example
             fine-tuning an exported pruned folder); None = the dense model the callback keeps.
         teacher_dtype: ``"bfloat16"`` halves the teacher's memory; ``"auto"`` = ``dtype``.
+        trust_remote_code: let transformers run modelling code shipped in the model folder
+            (only for folders you trust; pruner exports never need it).
 
     Example:
         >>> module = CausalLMModule("smollm2", attach_lora_at_start=True)  # doctest: +SKIP
@@ -81,25 +77,41 @@ class CausalLMModule(LightningModule):
         distillation_top_k: int | None = None,
         teacher: str | None = None,
         teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
         if dtype not in ("auto", "float32", "bfloat16"):
             raise PrunerError(
                 f"`CausalLMModule(dtype={dtype!r})` is not supported: use 'auto', 'float32' or 'bfloat16'"
             )
-        if lora_r < 1:
-            raise PrunerError(f"`CausalLMModule(lora_r={lora_r})` must be >= 1 (the paper uses 8)")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise PrunerError(f"`CausalLMModule(lora_dropout={lora_dropout})` must be in [0, 1)")
-        if learning_rate <= 0:
+        from pruner.lora import LoraSettings
+
+        try:
+            LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                         target_modules=tuple(lora_target_modules) if isinstance(lora_target_modules, (list, tuple))
+                         else lora_target_modules)
+        except PrunerError as e:
+            raise PrunerError(f"`CausalLMModule`: {e}") from None
+        if not isinstance(learning_rate, (int, float)) or isinstance(learning_rate, bool) \
+                or not math.isfinite(learning_rate) or learning_rate <= 0:
             raise PrunerError(
-                f"`CausalLMModule(learning_rate={learning_rate})` must be > 0 (the paper uses 1e-4)"
+                f"`CausalLMModule(learning_rate={learning_rate!r})` must be a positive number (the paper uses 1e-4)"
             )
-        if isinstance(lora_target_modules, str) or not lora_target_modules:
-            raise PrunerError(
-                f"`CausalLMModule(lora_target_modules={lora_target_modules!r})` must be a non-empty "
-                "list of linear-layer names, e.g. [q_proj, v_proj]; leave it unset for all seven"
-            )
+        if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) \
+                or not math.isfinite(weight_decay) or weight_decay < 0:
+            raise PrunerError(f"`CausalLMModule(weight_decay={weight_decay!r})` must be a number >= 0")
+        for name, value in (("attach_lora_at_start", attach_lora_at_start), ("trust_remote_code", trust_remote_code)):
+            if not isinstance(value, bool):
+                raise PrunerError(f"`CausalLMModule({name}={value!r})` must be true or false")
+        defaults = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target_modules": DEFAULT_LORA_TARGETS}
+        given = {"lora_r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+                 "lora_target_modules": tuple(lora_target_modules)}
+        changed = [k for k in defaults if given[k] != defaults[k]]
+        if changed and not attach_lora_at_start:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"CausalLMModule: {changed} only apply with attach_lora_at_start=True (a plain LoRA "
+                           "fine-tune); with StructuralPruneCallback, LoRA is the callback's: set its lora_* options")
         from pruner.distillation import check_distillation_args
 
         try:
@@ -114,10 +126,8 @@ class CausalLMModule(LightningModule):
         self.save_hyperparameters()
         from pruner.data import load_tokenizer  # raises FileNotFoundError for a bad path, early
 
-        self.tokenizer = load_tokenizer(model)
-        self.lm: torch.nn.Module | None = None  # HF model or its peft wrapper; see `hf_model`
-        self.pruning_plan: dict | None = None  # set by the pruning callback (Plan.to_dict())
-        self.calibrating = False  # True: backward without optimizer steps (importance batches)
+        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        self.lm: torch.nn.Module | None = None  # the HF model (LoRA layers, when attached, sit inside it)
         self.val_ppl = Perplexity(ignore_index=-100)
         self.test_ppl = Perplexity(ignore_index=-100)
 
@@ -170,15 +180,16 @@ class CausalLMModule(LightningModule):
             return
         from pruner.models import load_model
 
-        model, _ = load_model(self.hparams.model, dtype=self._resolve_dtype())
+        hp = self.hparams
+        model, _ = load_model(hp.model, dtype=self._resolve_dtype(), trust_remote_code=hp.trust_remote_code)
         model.train()  # load_model returns eval mode; Lightning toggles modes from here on
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.lm = model
-        if self.hparams.teacher is not None:
-            teacher, _ = load_model(self.hparams.teacher, dtype=self._teacher_dtype())
+        if hp.teacher is not None:
+            teacher, _ = load_model(hp.teacher, dtype=self._teacher_dtype(), trust_remote_code=hp.trust_remote_code)
             self._set_teacher(teacher)
-        if self.hparams.attach_lora_at_start:
+        if hp.attach_lora_at_start:
             self.attach_lora()  # before sharding, so that the adapters are sharded too
         if self.device_mesh is not None:  # set by ModelParallelStrategy only
             self.shard_model()
@@ -187,105 +198,62 @@ class CausalLMModule(LightningModule):
         """FSDP2 (``fully_shard``) over the ``data_parallel`` dimension of ``self.device_mesh``:
         each decoder layer, then the whole model (embeddings, norm, head). Called by
         ``configure_model`` under ``ModelParallelStrategy`` (which requires the hook to do the
-        parallelization); override it for tensor parallelism. After structural surgery the
-        pruning callback rebuilds the sharding (see docs/design)."""
-        from torch.distributed.fsdp import fully_shard
+        parallelization), and by the pruning callback for the pruned model; override it for
+        tensor parallelism."""
+        from pruner.callbacks.distributed import data_parallel_mesh, shard_causal_lm
+        from pruner.discovery import find_layer_stack
 
-        mesh, names = self.device_mesh, self.device_mesh.mesh_dim_names or ()
-        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-            # Lightning's default splits devices into tensor-parallel ranks, which this module
-            # does not implement: unsynchronised ranks would silently train different models.
-            raise PrunerError(
-                f"tensor parallelism (tensor_parallel_size={mesh['tensor_parallel'].size()}) is not "
-                "supported: use ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)"
-            )
-        mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
-        layers = getattr(getattr(self.hf_model, "model", self.hf_model), "layers", None)
-        for layer in layers if isinstance(layers, torch.nn.ModuleList) else []:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(self.lm, mesh=mesh)
+        model = self.hf_model
+        shard_causal_lm(model, find_layer_stack(model)[0], data_parallel_mesh(self))
 
     @property
     def hf_model(self):
-        """The ``transformers`` model itself (not the peft wrapper; LoRA layers, when attached,
-        sit inside it in place). Loads the weights on first access; see ``replace_hf_model``."""
+        """The ``transformers`` model itself (LoRA layers, when attached, sit inside it). Loads
+        the weights on first access."""
         if self.lm is None:
             self.configure_model()
-        return self.lm.get_base_model() if self.has_lora else self.lm
-
-    def replace_hf_model(self, model: torch.nn.Module) -> None:
-        """Swaps in another HF model (for example a rebuilt pruned one). A method, not a property
-        setter: ``nn.Module.__setattr__`` would register a module under the property's name.
-
-        Example:
-            >>> module.replace_hf_model(pruned_model)  # doctest: +SKIP
-        """
-        if self.has_lora:
-            raise PrunerError("cannot replace hf_model while LoRA is attached: call merge_lora() first")
-        self.lm = model
+        return self.lm
 
     @property
     def has_lora(self) -> bool:
-        """Whether the model is currently wrapped by peft."""
-        from peft import PeftModel
+        """Whether LoRA adapters are attached."""
+        from pruner.lora import has_lora
 
-        return isinstance(self.lm, PeftModel)
+        return self.lm is not None and has_lora(self.lm)
 
-    def missing_lora_targets(self, removed_prefixes: Sequence[str] = ()) -> list[str]:
-        """The ``lora_target_modules`` that match no module of the model (peft's rule: the full
-        name or its last dotted parts), ignoring modules under ``removed_prefixes`` (layers a
-        plan is about to delete). Empty when every target exists.
+    def lora_settings(self):
+        """The ``pruner.lora.LoraSettings`` of this module's LoRA hyper-parameters."""
+        from pruner.lora import LoraSettings
 
-        Example:
-            >>> module.missing_lora_targets()  # doctest: +SKIP
-            []
-        """
-        names = [n for n, _ in self.hf_model.named_modules()
-                 if not any(n == p or n.startswith(p + ".") for p in removed_prefixes)]
-        return [t for t in self.hparams.lora_target_modules
-                if not any(n == t or n.endswith("." + t) for n in names)]
+        hp = self.hparams
+        return LoraSettings(r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout,
+                            target_modules=tuple(hp.lora_target_modules))
 
     def attach_lora(self) -> None:
-        """Freezes the model and adds LoRA adapters to ``lora_target_modules``. The optimizer must
-        be rebuilt afterwards when training is under way (``trainer.strategy.setup_optimizers``).
+        """Freezes the model and adds LoRA adapters (in place) to ``lora_target_modules``. The
+        optimizer must be rebuilt afterwards when training is under way.
 
         Example:
             >>> module.attach_lora()  # doctest: +SKIP
             >>> module.has_lora  # doctest: +SKIP
             True
         """
-        from peft import get_peft_model
+        from pruner.lora import attach_lora
 
-        if self.has_lora:
-            raise PrunerError("LoRA is already attached: call merge_lora() before attaching again")
-        # peft keeps adapter weights in fp32 when the base is bf16 (autocast_adapter_dtype).
-        self.lm = get_peft_model(self.hf_model, self.lora_config())
-
-    def lora_config(self):
-        """The ``peft.LoraConfig`` of this module's LoRA settings.
-
-        Example:
-            >>> module.lora_config().r  # doctest: +SKIP
-            8
-        """
-        from peft import LoraConfig
-
-        hp = self.hparams
-        return LoraConfig(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-                          target_modules=list(hp.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+        attach_lora(self.hf_model, self.lora_settings())
 
     def merge_lora(self) -> None:
-        """Folds the LoRA deltas into the base weights and unwraps the peft model; all
-        parameters stay frozen (call ``requires_grad_(True)`` to fine-tune further).
+        """Folds the LoRA deltas into the base weights, in place; all parameters stay frozen
+        (call ``requires_grad_(True)`` to fine-tune further).
 
         Example:
             >>> module.merge_lora()  # doctest: +SKIP
             >>> module.has_lora  # doctest: +SKIP
             False
         """
-        if not self.has_lora:
-            raise PrunerError("no LoRA to merge: call attach_lora() first")
-        self.lm = self.lm.merge_and_unload()
+        from pruner.lora import merge_lora
+
+        merge_lora(self.hf_model)
 
     # ------------------------------------------------------------------ steps
 
@@ -296,9 +264,10 @@ class CausalLMModule(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         n = batch["input_ids"].shape[0]
         out = self(**batch)
-        if self.calibrating or self.teacher is None or not self.wants_teacher:
+        if self.teacher is None or not self.wants_teacher:
+            # (during the pruning callback's calibration there is no teacher yet: plain next-token loss)
             self.log("train_loss", out.loss, prog_bar=True, batch_size=n)
-            return out.loss  # calibration importance always uses the plain next-token loss
+            return out.loss
         from pruner.distillation import distillation_loss
 
         teacher = self.teacher
@@ -329,14 +298,6 @@ class CausalLMModule(LightningModule):
         self.log("test_loss", out.loss, sync_dist=True, batch_size=n)
         self.log("test_ppl", self.test_ppl, batch_size=n)
 
-    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
-        if self.calibrating:
-            # The closure zeroes the gradients, runs training_step and backward; skipping
-            # optimizer.step() leaves the weights untouched (Lightning still counts a step).
-            optimizer_closure()
-            return
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
@@ -345,30 +306,3 @@ class CausalLMModule(LightningModule):
             )
         return torch.optim.AdamW(params, lr=self.hparams.learning_rate,
                                  weight_decay=self.hparams.weight_decay)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # A pruned or LoRA-wrapped state dict does not load into the dense model: record how to
-        # rebuild the structure it belongs to.
-        checkpoint["pruner"] = {"plan": self.pruning_plan, "has_lora": self.has_lora}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning calls this after configure_model (Trainer and load_from_checkpoint alike)
-        # and before load_state_dict: rebuild the structure the saved weights belong to.
-        info = checkpoint.get("pruner") or {}
-        if info.get("plan") is not None and self.pruning_plan is None:
-            if self.device_mesh is not None:  # the weights are already sharded: no surgery on shards
-                raise PrunerError(
-                    "resuming a pruned fit under ModelParallelStrategy (FSDP2) is not supported: resume it with "
-                    "strategy: ddp (or one device), or fine-tune the exported pruned folder with FSDP2"
-                )
-            from pruner.plan import Plan
-            from pruner.surgery import apply_plan
-
-            if self.has_lora:  # fresh adapters from attach_lora_at_start: drop, prune, re-add
-                self.lm = self.lm.unload()
-            if self.wants_teacher and self.teacher is None:  # the callback kept it before pruning
-                self.keep_teacher(self.hf_model)
-            apply_plan(Plan.from_dict(info["plan"]), self.hf_model)
-            self.pruning_plan = info["plan"]
-        if info.get("has_lora") and not self.has_lora:
-            self.attach_lora()

@@ -325,12 +325,26 @@ class PruneDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _generation_kwargs(self, seed_offset: int) -> dict:
+    def _pruning_state(self):
+        """(the causal LM, its pruning plan or None): through the trainer's pruning callback
+        when there is one (it knows where the model is and whether it is pruned yet)."""
+        from pruner.callbacks import StructuralPruneCallback
+        from pruner.models import find_causal_lm
+
+        module = self._trainer_module()
+        if module is None:
+            raise PrunerError("'generated' text is written by the model of the trainer's LightningModule: use the "
+                              "data module inside Trainer.fit")
+        callback = next((c for c in self.trainer.callbacks if isinstance(c, StructuralPruneCallback)), None)
+        if callback is not None and callback.model_path is not None:
+            return callback.model(module), callback.plan
+        return find_causal_lm(module)[1], None
+
+    def _generation_kwargs(self, seed_offset: int, plan) -> dict:
         """Settings shared by every ``generate_samples`` call (cache, resume, chunking)."""
-        hp, module = self.hparams, self._trainer_module()
-        plan = getattr(module, "pruning_plan", None)  # set when resuming a pruned run
+        hp = self.hparams
         return dict(seed=hp.seed + seed_offset, cache_dir=hp.generation_cache,
-                    fingerprint=plan["model"]["fingerprint"] if plan else None,
+                    fingerprint=plan.model["fingerprint"] if plan is not None else None,
                     chunk_size=hp.get("generation_batch_size", 16))
 
     def _generate(self, n: int, seq_len: int, seed_offset: int) -> torch.Tensor:
@@ -338,12 +352,10 @@ class PruneDataModule(LightningDataModule):
         into the shared cache, then all read all of them); needs the trainer's module."""
         from pruner.generated import generate_samples
 
-        module = self._trainer_module()
-        if module is None or not hasattr(module, "hf_model"):
-            raise PrunerError("'generated' text needs a trainer whose LightningModule exposes `hf_model`")
-        kwargs = self._generation_kwargs(seed_offset)
-        allow = getattr(module, "pruning_plan", None) is None  # a pruned model must not write it
-        model, tok = module.hf_model, self._get_tokenizer()
+        model, plan = self._pruning_state()
+        kwargs = self._generation_kwargs(seed_offset, plan)
+        allow = plan is None  # a pruned model must not write it (resumed run: read the dense model's cache)
+        tok = self._get_tokenizer()
         generate_samples(model, tok, n, seq_len, rank=self._rank, world_size=self._world, read_all=False,
                          allow_generation=allow, progress=self._rank == 0, **kwargs)
         if self.trainer is not None:
@@ -362,9 +374,9 @@ class PruneDataModule(LightningDataModule):
             self.setup("fit")
         if self.hparams.recovery_source == GENERATED and not self.recovery:
             self.recovery = self._generated_recovery()
-        hp, module = self.hparams, self._trainer_module()
-        resumed_pruned = getattr(module, "pruning_plan", None) is not None  # the refit is done: no text needed
-        if hp.get("reconstruction_source") == GENERATED and self.reconstruction is None and not resumed_pruned:
+        hp = self.hparams
+        if hp.get("reconstruction_source") == GENERATED and self.reconstruction is None \
+                and self._pruning_state()[1] is None:  # resumed after pruning: the refit is done, no text needed
             self.reconstruction = self._shard(self._generate(hp.reconstruction_samples, hp.reconstruction_seq_len,
                                                              RECONSTRUCTION_SEED))
         stream = _TrainStream(self.calibration, self.recovery or [], self.hparams.micro_batch_size,

@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0 if argv else 2
-    from pruner.cli import run_cli
+    from pruner.lightning_modules.cli import run_cli
 
     # None lets LightningCLI read sys.argv itself (it warns when given both).
     return run_cli(None if given is None else argv)

@@ -3,18 +3,18 @@
 Example:
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> _ = torch.manual_seed(0)
     >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
     >>> batches = [torch.randint(0, 128, (2, 16)) for _ in range(2)]
-    >>> plan = prune(model, batches, target_sparsity=0.2)
-    >>> round(plan.params["removed_fraction"], 2)
+    >>> plan = prune(model, batches, target_sparsity=0.2, global_ranking=True)
+    >>> round(plan.params["removed_fraction"], 2)  # of ALL parameters, embeddings included
     0.2
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -25,44 +25,94 @@ from .discovery import ModelStructure, discover
 from .errors import PrunerError
 from .eval.efficiency import count_parameters  # one definition: tied weights counted once
 from .importance import ImportanceEstimator
-from .plan import LayerPlan, Plan, model_fingerprint
-from .reconstruction import GramCollector, compensate, consumers, select_heads_obs, select_mlp_obs
-from .refine import refine_attention
-from .selection import _in, candidate_units, select_units, units_to_plan
-from .surgery import apply_plan
+from .pipeline import StepHooks, compose, finish_plan, make_plan, package_version, prune_steps, step_config
+from .plan import Plan, model_fingerprint
+from .reconstruction import GramCollector, consumers
+from .selection import in_range
 
+Reduce = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # sums every tensor over ranks
 
-def package_version() -> str:
-    try:
-        return version("pruner")
-    except PackageNotFoundError:  # running from a source tree
-        from . import __version__
-
-        return __version__
+__all__ = ["check_inputs", "collect_inputs", "compose", "count_parameters", "estimate_importance", "families_for", "finish_plan",
+           "make_plan", "package_version", "prune", "step_config"]
 
 
 def _as_batch(batch, device) -> dict[str, torch.Tensor]:
     if torch.is_tensor(batch):
         batch = {"input_ids": batch}
     if not isinstance(batch, dict) or "input_ids" not in batch:
-        raise PrunerError("calibration batches must be input_ids tensors (B, T) or dicts holding 'input_ids'")
+        raise PrunerError("calibration batches must be input_ids tensors (B, T) or dicts holding 'input_ids', got "
+                          f"{type(batch).__name__}")
     ids = batch["input_ids"]
+    if not torch.is_tensor(ids):
+        raise PrunerError(f"calibration input_ids must be a tensor of token ids, got {type(ids).__name__}: "
+                          "tokenize the text first (e.g. pruner.data.calibration_samples)")
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise PrunerError(f"calibration input_ids must have shape (batch, tokens >= 2), got {tuple(ids.shape)}")
     out = {"input_ids": ids.to(device)}
-    if batch.get("attention_mask") is not None:
-        out["attention_mask"] = batch["attention_mask"].to(device)
-    labels = batch.get("labels")
-    out["labels"] = (labels if labels is not None else ids).to(device)
+    for key in ("attention_mask", "labels"):
+        value = batch.get(key)
+        if value is not None and not torch.is_tensor(value):
+            raise PrunerError(f"calibration {key} must be a tensor shaped like input_ids, got {type(value).__name__}")
+        if value is not None and value.dim() == 1 and batch["input_ids"].dim() == 1:
+            value = value.unsqueeze(0)
+        if value is not None:
+            out[key] = value.to(device)
+    out.setdefault("labels", out["input_ids"])
     return out
 
 
+def check_inputs(batch: dict[str, torch.Tensor], config, what: str = "calibration batch") -> None:
+    """Refuses, before any forward pass, token batches the model cannot run or learn from:
+    non-integer ids, ids outside the vocabulary, sequences longer than the model's positions,
+    masks or labels shaped unlike ``input_ids``, no token to predict (all padding / all -100).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> check_inputs({"input_ids": torch.tensor([[1, 200]])}, SimpleNamespace(vocab_size=128))
+        Traceback (most recent call last):
+        ...
+        pruner.errors.PrunerError: calibration batch: token id 200 is outside the model's vocabulary (0..127): tokenize with the model's own tokenizer
+    """
+    ids = batch["input_ids"]
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise PrunerError(f"{what}: input_ids must be integer token ids, got dtype {ids.dtype}: tokenize the text "
+                          "with the model's tokenizer (e.g. pruner.data.calibration_samples)")
+    vocab = getattr(config, "vocab_size", None)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (isinstance(vocab, int) and high >= vocab):
+        bad = low if low < 0 else high
+        raise PrunerError(f"{what}: token id {bad} is outside the model's vocabulary (0..{vocab - 1}): tokenize "
+                          "with the model's own tokenizer")
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and ids.shape[-1] > positions:
+        raise PrunerError(f"{what}: {ids.shape[-1]} tokens per sample, more than the model's "
+                          f"max_position_embeddings={positions}: use shorter windows (e.g. seq_len=64)")
+    for key in ("attention_mask", "labels"):
+        value = batch.get(key)
+        if value is not None and tuple(value.shape) != tuple(ids.shape):
+            raise PrunerError(f"{what}: {key} has shape {tuple(value.shape)}, input_ids {tuple(ids.shape)}: they "
+                              "must match (one entry per token)")
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool((mask != 0).any()):
+        raise PrunerError(f"{what}: attention_mask is all zeros (every token is padding): drop empty samples")
+    labels = batch.get("labels", ids)
+    scored = labels[:, 1:] != -100
+    if mask is not None:
+        scored &= mask[:, 1:] != 0
+    if not bool(scored.any()):
+        raise PrunerError(f"{what}: no token to predict (every label is -100 or padding), so the loss is undefined: "
+                          "give the batch labels of real tokens (labels = input_ids for plain text)")
+
+
 def estimate_importance(model: nn.Module, batches: list, structure: ModelStructure, cfg: PruneConfig,
-                        progress: bool = False, collector: GramCollector | None = None):
+                        progress: bool = False, collector: GramCollector | None = None,
+                        reduce: Reduce | None = None):
     """Runs the calibration batches and returns the per-index salience vectors. A ``collector``
-    (for ``reconstruct``) records the consumers' input statistics during the same passes."""
+    (for ``reconstruct``) records the consumers' input statistics during the same passes.
+    ``reduce`` sums the accumulators over ranks (each rank ran its own batches) before the
+    vectors are computed from them (they are not linear in the gradient sums)."""
     families = families_for(structure, cfg)
     est = ImportanceEstimator(model, families, cfg.criterion, cfg.seed)
     if cfg.criterion in ("l1", "l2", "random") and collector is None:
@@ -95,6 +145,8 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
             collector.detach()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+    if reduce is not None:
+        est.load_state(reduce(est.state()))
     return est.vectors()
 
 
@@ -126,7 +178,7 @@ def families_for(structure: ModelStructure, cfg: PruneConfig):
     elif cfg.mode == "channel":
         fams.append(structure.hidden_family())
     else:
-        fams += [structure.layer_family(info) for info in structure.layers if _in(cfg.layers, info.index)]
+        fams += [structure.layer_family(info) for info in structure.layers if in_range(cfg.layers, info.index)]
     return fams
 
 
@@ -156,7 +208,8 @@ def prune(
     ``reconstruction_batches``: with ``reconstruct``, the inputs whose statistics the refit uses
     (forward passes only, so many more tokens than the calibration batches are affordable);
     None = the calibration batches.
-    Every argument is checked before the model is touched.
+    Every argument is checked before the model is touched, and a failure at any later point
+    leaves the model as it was.
     """
     unknown = set(more) - set(PruneConfig.__dataclass_fields__)
     if unknown:
@@ -165,11 +218,15 @@ def prune(
                       pruning_ratio=pruning_ratio, attention_layers=attention_layers, mlp_layers=mlp_layers, **more)
     device = next(model.parameters()).device
     batches = [_as_batch(b, device) for b in batches]  # validated and normalised once, up front
+    for i, b in enumerate(batches):
+        check_inputs(b, model.config, f"calibration batch {i}")
     extra = list(reconstruction_batches) if reconstruction_batches is not None else None
     if extra is not None and not cfg.reconstruct:
         raise PrunerError("reconstruction_batches are only used with reconstruct=True: set it, or drop them")
     if extra is not None and not extra:
         raise PrunerError("reconstruction_batches is empty: pass input_ids batches, or None to reuse the calibration")
+    for i, b in enumerate(extra or []):
+        check_inputs(_as_batch(b, "cpu"), model.config, f"reconstruction batch {i}")
     if not batches and cfg.criterion not in ("l1", "l2", "random"):
         raise PrunerError(f"no calibration batches: criterion {cfg.criterion!r} needs at least one; pass "
                           "input_ids batches, or use a data-free criterion (l1, l2, random)")
@@ -177,138 +234,18 @@ def prune(
     cfg.check_model(len(dense_structure.layers))
     total_before = count_parameters(model)
     fingerprint = model_fingerprint(model)
-    plan: Plan | None = None
-    records: list[dict] = []
-    structure = dense_structure
-    for step in range(1, cfg.iterative_steps + 1):
-        step_cfg = _step_config(cfg, step, total_before, count_parameters(model))
-        if step > 1:
-            structure = discover(model, seed=cfg.seed)
+
+    def estimate(model: nn.Module, structure: ModelStructure, step_cfg: PruneConfig):
         collector = GramCollector(model, consumers(structure, cfg)) if cfg.reconstruct else None
         vectors = estimate_importance(model, batches, structure, step_cfg, progress,
                                       collector if extra is None else None)
         if collector is not None and extra is not None:
             collect_inputs(model, extra, collector, progress)
-        step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
-        if cfg.measures_attention and batches:
-            step_plan = refine_attention(model, structure, step_plan, batches)
-        if cfg.attention_selection == "obs":  # config checks guarantee the collector
-            step_plan = select_heads_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
-        if cfg.mlp_selection == "obs":
-            step_plan = select_mlp_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
-        records = step_plan.groups
-        if collector is not None:
-            compensate(step_plan, structure, model, collector, cfg.reconstruct_damping)
-        apply_plan(step_plan, model, structure)
-        plan = step_plan if plan is None else compose(plan, step_plan, dense_structure)
-    assert plan is not None
-    plan.groups = records
+        return vectors, collector
+
+    plan = prune_steps(model, dense_structure, cfg, StepHooks(estimate=estimate, refine_batches=batches))
     calibration = {"batches": len(batches), "samples": sum(b["input_ids"].shape[0] for b in batches),
                    "tokens_per_sample": int(batches[0]["input_ids"].shape[1]) if batches else 0}
     if extra is not None:
         calibration["reconstruction_tokens"] = sum(_as_batch(b, "cpu")["input_ids"].numel() for b in extra)
     return finish_plan(plan, model, dense_structure, fingerprint, total_before, cfg, calibration)
-
-
-def finish_plan(plan: Plan, pruned_model: nn.Module, dense_structure: ModelStructure, fingerprint: str,
-                total_before: int, cfg: PruneConfig, calibration: dict) -> Plan:
-    """Records what a plan needs to be re-applied and reported: dense sizes and fingerprint,
-    settings, exact parameter counts before/after, calibration summary, package version."""
-    total_after = count_parameters(pruned_model)
-    plan.model = _model_summary(pruned_model, dense_structure, fingerprint)
-    plan.settings = cfg.to_dict()
-    plan.params = {"before": total_before, "after": total_after, "removed": total_before - total_after,
-                   "removed_fraction": (total_before - total_after) / total_before}
-    plan.calibration = calibration
-    plan.pruner_version = package_version()
-    return plan
-
-
-def make_plan(structure: ModelStructure, vectors, cfg: PruneConfig, total_params: int) -> Plan:
-    """Selection alone: per-index saliences -> the plan for the model ``structure`` describes
-    (indices of that model), with every group's score and whether it goes in ``plan.groups``.
-    Deterministic: equal inputs give the same plan on every rank."""
-    pools, records = candidate_units(structure, vectors, cfg)
-    units = select_units(pools, cfg, total_params)
-    plan = units_to_plan(units, structure)
-    _mark_removed(records, units)
-    plan.groups = records
-    plan.settings = cfg.to_dict()
-    return plan
-
-
-def _step_config(cfg: PruneConfig, step: int, total_before: int, total_now: int) -> PruneConfig:
-    """Step ``k`` of ``n`` removes what takes the model to ``k/n`` of the final target."""
-    if cfg.iterative_steps == 1:
-        return cfg
-    kw = cfg.to_dict()
-    kw["iterative_steps"] = 1
-    if cfg.target_sparsity is not None:
-        goal_after = total_before * (1 - cfg.target_sparsity * step / cfg.iterative_steps)
-        kw["target_sparsity"] = max(min((total_now - goal_after) / total_now, 0.999), 1e-9)
-    else:
-        # ratio r in n steps: each step keeps (1-r)^(1/n) of what is left
-        kept = (1 - cfg.pruning_ratio) ** (1 / cfg.iterative_steps)
-        kw["pruning_ratio"] = 1 - kept
-    return PruneConfig(**kw)
-
-
-def _mark_removed(records: list[dict], units) -> None:
-    kind_of = {"heads": "attention_head", "kv": "kv_group", "mlp": "mlp_channel", "hidden": "hidden_channel",
-               "layer": "layer"}
-    gone = {(kind_of[u.kind], u.layer, i) for u in units for i in u.items}
-    for r in records:
-        r["removed"] = (r["kind"], r["layer"], r["index"]) in gone
-
-
-def _model_summary(model, structure: ModelStructure, fingerprint: str) -> dict:
-    cfg = model.config
-    a = structure.layers[0].attention
-    m = structure.layers[0].mlp
-    return {
-        "model_type": getattr(cfg, "model_type", None),
-        "architecture": type(model).__name__,
-        "num_hidden_layers": len(structure.layers),
-        "hidden_size": structure.hidden_size,
-        "num_attention_heads": a.num_heads if a else None,
-        "num_key_value_heads": a.num_kv_heads if a else None,
-        "head_dim": a.head_dim if a else None,
-        "intermediate_size": m.num_channels if m else None,
-        "fingerprint": fingerprint,
-    }
-
-
-def _full(kept: list[int] | None, n: int) -> list[int]:
-    return list(range(n)) if kept is None else list(kept)
-
-
-def compose(base: Plan, step: Plan, dense: ModelStructure) -> Plan:
-    """The plan that does ``base`` then ``step`` (``step`` indexes the model after ``base``)."""
-    alive = [lp for lp in base.layers if not lp.removed]
-    if len(alive) != len(step.layers):
-        raise PrunerError("cannot compose plans: layer counts differ")
-    layers = [LayerPlan(**vars(lp)) for lp in base.layers]
-    by_index = {lp.index: lp for lp in layers}
-    for b, s in zip(alive, step.layers):
-        info = dense.layers[b.index]
-        out = by_index[b.index]
-        if s.removed:
-            out.removed = True
-            continue
-        if info.attention is not None:
-            a = info.attention
-            kv = _full(b.kv_heads_kept, a.num_kv_heads)
-            n_rep = a.num_heads // a.num_kv_heads
-            heads = _full(b.heads_kept, a.num_heads) if b.heads_kept is not None else [
-                h for h in range(a.num_heads) if h // n_rep in kv]
-            if s.kv_heads_kept is not None or s.heads_kept is not None:
-                out.kv_heads_kept = [kv[i] for i in _full(s.kv_heads_kept, len(kv))]
-                out.heads_kept = [heads[i] for i in _full(s.heads_kept, len(heads))]
-        if info.mlp is not None and s.mlp_channels_kept is not None:
-            ch = _full(b.mlp_channels_kept, info.mlp.num_channels)
-            out.mlp_channels_kept = [ch[i] for i in s.mlp_channels_kept]
-    hidden = base.hidden_kept
-    if step.hidden_kept is not None:
-        h = _full(base.hidden_kept, dense.hidden_size)
-        hidden = [h[i] for i in step.hidden_kept]
-    return Plan(layers, hidden)

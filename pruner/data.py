@@ -421,9 +421,10 @@ def eval_windows(rows: Sequence[str], tokenizer, seq_len: int = 128) -> torch.Te
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The tokenizer of a model name/folder/GGUF (same resolution as ``pruner.models``), without
-    loading the weights; sets ``pad_token`` to EOS where the model has none.
+    loading the weights; sets ``pad_token`` to EOS where the model has none. Runs no code from
+    the folder unless ``trust_remote_code``.
 
     Example:
         >>> tok = load_tokenizer("smollm2")  # doctest: +SKIP
@@ -433,7 +434,8 @@ def load_tokenizer(name_or_path: str):
     from pruner.models import resolve_model_source
 
     source, gguf_file = resolve_model_source(name_or_path)
-    tok = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                        **({"gguf_file": gguf_file} if gguf_file else {}))
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token  # padded positions are masked from loss and attention
     return tok

@@ -155,7 +155,7 @@ class ModelStructure:
 # probing
 
 
-def _find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder layers: the ModuleList of same-class blocks holding the most parameters."""
     best, best_size = None, 0
     for name, module in model.named_modules():
@@ -473,7 +473,7 @@ def discover(model: nn.Module, seed: int = 0, probe_every_layer: bool = False) -
         raise UnsupportedArchitectureError(
             f"{type(model).__name__} has no output (lm_head) layer: load it with AutoModelForCausalLM, "
             "not AutoModel")
-    layers_path, layers = _find_layer_stack(model)
+    layers_path, layers = find_layer_stack(model)
     embedding = model.get_input_embeddings()
     hidden_size = embedding.weight.shape[1]
     was_training = model.training

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -27,14 +28,14 @@ from .plan import Plan
 MODELING_FILE = "modeling_pruned.py"
 
 
-def _base_class(model: nn.Module) -> type:
+def base_class(model: nn.Module) -> type:
     for cls in type(model).__mro__:
         if getattr(transformers, cls.__name__, None) is cls:
             return cls
     raise PrunerError(f"{type(model).__name__} is not a transformers model class: cannot export it")
 
 
-def _clean_config(model: nn.Module):
+def clean_config(model: nn.Module):
     cfg = copy.deepcopy(model.config)
     for key in ("pruner_shapes", "auto_map", "pruner_base_class", "_pruner_private"):
         if hasattr(cfg, key):
@@ -56,7 +57,7 @@ def _uniform_config(model: nn.Module, cfg) -> None:
 
 def shape_spec(model: nn.Module, cfg) -> dict:
     """What differs between ``model`` and a dense model built from ``cfg`` (on the meta device)."""
-    base = _base_class(model)
+    base = base_class(model)
     with torch.device("meta"):
         dense = base(copy.deepcopy(cfg))
     dense_params = dict(dense.named_parameters(remove_duplicate=False))
@@ -92,6 +93,82 @@ def _modeling_source(base: type) -> str:
             f'    """{base.__name__} with per-layer widths from ``config.pruner_shapes`` (written by pruner)."""\n')
 
 
+EXPORT_MARKER = "pruner_export"  # config.json key that marks a folder as written by save_pretrained
+
+
+def is_pruner_export(folder: Path) -> bool:
+    """Whether ``folder`` holds an export of this package (its config.json carries the marker, or,
+    for exports of older versions, per-layer widths or a pruning plan)."""
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and (EXPORT_MARKER in data or "pruner_shapes" in data):
+        return True
+    try:
+        plan = json.loads((folder / "plan.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(plan, dict) and plan.get("format") == "pruner-plan/1"
+
+
+def check_export_target(folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Checks, before any work, that an export can be written to ``folder``; returns it
+    (``~`` expanded, absolute). Refused: an empty path, the current directory or a parent of
+    it, a file, an existing non-empty folder (unless ``overwrite``), an existing folder that is
+    not an export of this package (even with ``overwrite``: it may hold the user's files), a
+    parent folder that cannot be created or written.
+
+    Example:
+        >>> import tempfile
+        >>> check_export_target(tempfile.mkdtemp()).is_dir()
+        True
+    """
+    if not str(folder).strip():
+        raise PrunerError("the export folder is an empty path: give a folder name such as outputs/pruned")
+    path = Path(folder).expanduser().absolute()
+    cwd = Path.cwd().absolute()
+    if path == cwd or path in cwd.parents:
+        raise PrunerError(f"the export folder {path} is the current directory or one of its parents: exporting "
+                          "there would replace it; give a new sub-folder such as outputs/pruned")
+    if path.exists() and not path.is_dir():
+        raise PrunerError(f"the export folder {path} is an existing file: choose a folder path (it is never "
+                          "replaced, with or without overwrite)")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise PrunerError(f"{path} already exists and is not empty: choose another folder or pass "
+                              "overwrite=True")
+        if not is_pruner_export(path):
+            raise PrunerError(f"{path} exists and is not an export written by pruner (no pruner marker in its "
+                              "config.json): overwrite=True only replaces earlier exports; choose another "
+                              "folder, or move its contents away yourself")
+    parent = path.parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PrunerError(f"cannot create the export folder {path}: {existing} is not a writable folder; choose a "
+                          "folder you can write to")
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(folder: Path) -> None:
+    """Gives the finished export the permissions ``save_pretrained`` of transformers would:
+    folders ``0o777 & ~umask``, files ``0o666 & ~umask`` (``mkdtemp``/``mkstemp`` create
+    private 0700/0600 entries, which another account, e.g. a serving user, could not read)."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: Plan | None = None,
                     overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
     """Exports ``model`` to ``folder``: ``model.safetensors``, ``config.json`` (per-layer widths in
@@ -99,14 +176,18 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
     config when they do not), tokenizer files and ``plan.json``.
 
     The folder appears whole or not at all: everything is written to a temporary sibling folder
-    that is renamed into place. An existing non-empty folder is refused unless ``overwrite``.
-    ``extra_files``: ``{name: text}`` written into the folder too (e.g. a ``report.md``).
+    that is renamed into place. An existing non-empty folder is refused unless ``overwrite``,
+    and even then only an earlier export of this package is replaced (see
+    :func:`check_export_target`); of two concurrent exports to the same new folder, one wins and
+    the other raises. ``extra_files``: ``{name: text}`` written into the folder too (e.g. a
+    ``report.md``). Returns the folder (``~`` expanded, absolute).
     """
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise PrunerError(f"{folder} already exists and is not empty: choose another folder or pass overwrite=True")
-    base = _base_class(model)
-    cfg = _clean_config(model)
+    folder = check_export_target(folder, overwrite)
+    for name in extra_files or {}:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise PrunerError(f"extra file name {name!r} must be a plain file name, not a path")
+    base = base_class(model)
+    cfg = clean_config(model)
     _uniform_config(model, cfg)
     spec = shape_spec(model, cfg)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +203,9 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
         config_path = tmp / "config.json"
         data = json.loads(config_path.read_text())
         data["architectures"] = [base.__name__]
+        from .pipeline import package_version
+
+        data[EXPORT_MARKER] = {"version": package_version()}
         if spec:
             source = _modeling_source(base)
             (tmp / MODELING_FILE).write_text(source)
@@ -137,40 +221,66 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
                 saved.settings = {**saved.settings, "modeling_file_sha256": data["pruner_modeling_sha256"]}
             saved.save(tmp / "plan.json")
         for name, text in (extra_files or {}).items():
-            if Path(name).name != name:
-                raise PrunerError(f"extra file name {name!r} must be a plain file name, not a path")
             (tmp / name).write_text(text)
-        if folder.exists():
-            _replace_folder(tmp, folder)
-        else:
-            tmp.rename(folder)
+        _apply_umask(tmp)
+        _put_in_place(tmp, folder, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swaps two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+def _renameat2(a: Path, b: Path, flag: int) -> int:
+    """Linux ``renameat2``; returns 0, an errno, or -1 where the call does not exist."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+        return -1
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flag) == 0:
+        return 0
+    err = ctypes.get_errno()
+    return -1 if err in (errno.ENOSYS, errno.EINVAL) else err
 
 
-def _replace_folder(new: Path, folder: Path) -> None:
-    """Puts ``new`` in place of the existing ``folder``. On Linux one atomic exchange: a kill at
-    any moment leaves the old or the new folder at ``folder``. Elsewhere two renames; a kill
-    between them leaves the old folder as ``.<name>.old-<pid>``, which loading points to."""
-    if _exchange(new, folder):
-        shutil.rmtree(new, ignore_errors=True)  # ``new`` now holds the old folder
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def _put_in_place(tmp: Path, folder: Path, overwrite: bool) -> None:
+    """Moves the finished export ``tmp`` to ``folder`` atomically, re-checking at that moment
+    what is there (another writer may have finished first): a new folder appears with
+    ``RENAME_NOREPLACE``; an existing one is swapped with ``RENAME_EXCHANGE``, and when what
+    came out is not what may be replaced (a non-empty folder without ``overwrite``, a folder
+    that is not an export), it is swapped back and the export refused."""
+    if not folder.exists():
+        err = _renameat2(tmp, folder, RENAME_NOREPLACE)
+        if err == 0:
+            return
+        if err == -1:  # not Linux: rename() onto a path that appeared meanwhile fails unless it is empty
+            try:
+                tmp.rename(folder)
+                return
+            except OSError:
+                pass
+        if not folder.exists():
+            raise PrunerError(f"could not move the export into place at {folder} ({os.strerror(err) if err > 0 else 'rename failed'})")
+    err = _renameat2(tmp, folder, RENAME_EXCHANGE)
+    if err == 0:
+        previous = tmp  # after the exchange, the old folder sits where the new one was written
+        acceptable = previous.is_dir() and (not any(previous.iterdir()) or (overwrite and is_pruner_export(previous)))
+        if not acceptable:
+            _renameat2(tmp, folder, RENAME_EXCHANGE)  # put it back as it was
+            raise PrunerError(f"{folder} was written by someone else while this export ran: choose another folder "
+                              "(or pass overwrite=True to replace an earlier export)")
+        shutil.rmtree(previous, ignore_errors=True)
         return
+    # elsewhere: two renames; a kill between them leaves the old folder as .<name>.old-<pid>
+    if any(folder.iterdir()) and not (overwrite and is_pruner_export(folder)):
+        raise PrunerError(f"{folder} was written by someone else while this export ran: choose another folder")
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
     folder.rename(old)
-    new.rename(folder)
+    tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -224,19 +334,32 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | str | None = None, 
     """Loads a folder written by :func:`save_pretrained` (or any plain HF causal LM folder).
 
     Never runs code from the folder: pruned widths are rebuilt by this package's own
-    :mod:`pruner.export_shapes`."""
-    folder = Path(folder)
+    :mod:`pruner.export_shapes`. Refuses weights files that miss a tensor of the model, or
+    hold tensors it has no place for (transformers would initialise the missing ones randomly
+    and drop the others without an error)."""
+    folder = Path(folder).expanduser()
     data = _check_folder(folder)
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
+            raise PrunerError(f"dtype={dtype!r} is not a floating-point dtype: use 'float32', 'bfloat16' or 'float16'")
+        dtype = getattr(torch, dtype)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if "pruner_shapes" in data:
         base_name = (data.get("architectures") or [None])[0]
         base = getattr(transformers, base_name or "", None)
-        if base is None:
+        if not isinstance(base, type) or not issubclass(base, transformers.PreTrainedModel):
             raise PrunerError(f"{folder}/config.json names architecture {base_name!r}, unknown to transformers "
                               f"{transformers.__version__}")
-        model = export_shapes.pruned_class(base).from_pretrained(folder, **kwargs)
+        model, info = export_shapes.pruned_class(base).from_pretrained(folder, output_loading_info=True, **kwargs)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True,
+                                                                        trust_remote_code=False, **kwargs)
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        listed = "; ".join(f"{k.replace('_', ' ')}: {v[:3]}{' ...' if len(v) > 3 else ''}"
+                           for k, v in problems.items() if v)
+        raise PrunerError(f"the weights in {folder} do not match its config.json ({listed}): the export is "
+                          "incomplete or was edited; re-export the model")
     if device is not None:
         model.to(device)
     return model.eval()

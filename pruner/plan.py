@@ -94,13 +94,16 @@ class Plan:
 
 
 def model_fingerprint(model) -> str:
-    """A cheap, deterministic fingerprint of the dense model: names, shapes and a few values."""
+    """A cheap, deterministic fingerprint of a model: parameter names, shapes and the first
+    values of each, rounded to bfloat16 so that the same weights in fp32, bf16 or fp16 agree."""
+    import torch
+
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
         flat = p.detach().reshape(-1)
-        h.update(flat[: min(8, flat.numel())].float().cpu().numpy().tobytes())
+        h.update(flat[: min(8, flat.numel())].to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

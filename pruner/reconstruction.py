@@ -73,11 +73,13 @@ def consumers(structure: ModelStructure, cfg: PruneConfig | None = None) -> list
 
 @torch.no_grad()
 def compensate(plan: Plan, structure: ModelStructure, model: nn.Module, collector: GramCollector,
-               damping: float = 0.1) -> int:
-    """Refits the kept input columns of every consumer that loses columns under ``plan``.
-    Returns how many consumers were refitted. Call before :func:`pruner.apply_plan`."""
+               damping: float = 0.1) -> dict[str, torch.Tensor]:
+    """The refit of every consumer that loses input columns under ``plan``: ``{weight name:
+    W'_K (out, |K|)}``, the pruned weight to use instead of the sliced one. Nothing in ``model``
+    changes here; pass the result to ``pruner.apply_plan(plan, model, refit=...)``, which puts
+    it in place as part of the (all-or-nothing) surgery."""
     removed = removed_slices(plan, structure)
-    done = 0
+    refit = {}
     for name in collector.names:
         key = (f"{name}.weight", 1)
         gone = removed.get(key)
@@ -93,9 +95,11 @@ def compensate(plan: Plan, structure: ModelStructure, model: nn.Module, collecto
         rhs = w @ gram[:, kept] + ridge * w[:, kept]  # (out, |K|)
         system = g_kk + ridge * torch.eye(len(kept), dtype=g_kk.dtype)
         new = torch.linalg.solve(system, rhs.T).T  # W'_K (out, |K|); the system is symmetric
-        linear.weight[:, kept] = new.to(linear.weight.dtype)
-        done += 1
-    return done
+        if not torch.isfinite(new).all():
+            raise PrunerError(f"the least-squares refit of {name} is not finite (NaN/inf input statistics?): "
+                              "check the reconstruction text, or raise reconstruct_damping")
+        refit[f"{name}.weight"] = new.to(linear.weight.dtype)
+    return refit
 
 
 def _obs_start(model: nn.Module, collector: GramCollector, name: str, damping: float,
@@ -125,16 +129,16 @@ def select_mlp_obs(plan: Plan, structure: ModelStructure, model: nn.Module, coll
     the output by ``‖W[:, j]‖² / [H⁻¹]_jj`` (in the ``H`` norm). The cheapest channel goes, then
     ``W`` and ``H⁻¹`` are downdated (rank one) and the next one is chosen, until the layer has
     lost as many channels as the plan says. Unlike an importance score, this accounts for the
-    refit that :func:`compensate` applies afterwards. Returns a new plan (group records updated).
+    refit that :func:`compensate` computes afterwards. Returns a new plan (group records updated).
     """
-    from .refine import _consumer_columns
+    from .refine import consumer_columns
 
     new = copy.deepcopy(plan)
     for lp in new.layers:
         if lp.removed or lp.mlp_channels_kept is None:
             continue
         info = structure.layers[lp.index]
-        weight_name, cols = _consumer_columns(info, "mlp")  # cols: (n_channels, k)
+        weight_name, cols = consumer_columns(info, "mlp")  # cols: (n_channels, k)
         name = weight_name.removesuffix(".weight")
         if cols.shape[1] != 1:
             raise PrunerError(f"{name}: OBS selection needs one consumer column per MLP channel, got "
@@ -167,7 +171,7 @@ def select_heads_obs(plan: Plan, structure: ModelStructure, model: nn.Module, co
     many heads as in ``plan`` (GQA stays uniform); when ``plan`` removes whole KV groups, a
     unit is one group with all its query heads. Returns a new plan (group records updated).
     """
-    from .refine import _consumer_columns
+    from .refine import consumer_columns
 
     new = copy.deepcopy(plan)
     for lp in new.layers:
@@ -176,7 +180,7 @@ def select_heads_obs(plan: Plan, structure: ModelStructure, model: nn.Module, co
         info = structure.layers[lp.index]
         a = info.attention
         n_rep = a.num_heads // a.num_kv_heads
-        weight_name, cols = _consumer_columns(info, "heads")  # cols: (n_heads, head_dim)
+        weight_name, cols = consumer_columns(info, "heads")  # cols: (n_heads, head_dim)
         name = weight_name.removesuffix(".weight")
         kv_kept = lp.kv_heads_kept if lp.kv_heads_kept is not None else list(range(a.num_kv_heads))
         if len(kv_kept) < a.num_kv_heads:  # whole KV groups go: a unit is a group's query heads

@@ -28,7 +28,7 @@ from .discovery import LayerInfo, ModelStructure
 from .plan import LayerPlan, Plan, sync_group_records
 
 
-def _consumer_columns(info: LayerInfo, family_name: str) -> tuple[str, torch.Tensor]:
+def consumer_columns(info: LayerInfo, family_name: str) -> tuple[str, torch.Tensor]:
     """(consumer weight name, (n_groups, k) column indices) of a family's groups."""
     owner = info.attention if family_name == "heads" else info.mlp
     family = owner.heads if family_name == "heads" else owner.channels
@@ -99,11 +99,11 @@ def refine_attention(model: nn.Module, structure: ModelStructure, plan: Plan, ba
             if lp.removed:
                 continue
             if info.attention is not None:
-                name, cols = _consumer_columns(info, "heads")
+                name, cols = consumer_columns(info, "heads")
                 for h in _removed_heads(lp, info.attention.num_heads):
                     masker.set(name, cols[h], True)
             if info.mlp is not None and lp.mlp_channels_kept is not None:
-                name, cols = _consumer_columns(info, "mlp")
+                name, cols = consumer_columns(info, "mlp")
                 gone = sorted(set(range(info.mlp.num_channels)) - set(lp.mlp_channels_kept))
                 masker.set(name, cols[gone], True)
         for info, lp in targets:
@@ -118,7 +118,7 @@ def refine_attention(model: nn.Module, structure: ModelStructure, plan: Plan, ba
 def _refine_layer(info: LayerInfo, lp: LayerPlan, masker: _Masker, loss: Callable[[], float],
                   max_combinations: int) -> None:
     a = info.attention
-    name, cols = _consumer_columns(info, "heads")
+    name, cols = consumer_columns(info, "heads")
     n_rep = a.num_heads // a.num_kv_heads
     removed = _removed_heads(lp, a.num_heads)
     members = [list(range(g * n_rep, (g + 1) * n_rep)) for g in range(a.num_kv_heads)]  # query heads per group

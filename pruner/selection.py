@@ -35,7 +35,8 @@ class Unit:
     items: list[int]  # head / group / channel / layer indices removed by this unit
 
 
-def _in(r: tuple[int, int] | None, i: int) -> bool:
+def in_range(r: tuple[int, int] | None, i: int) -> bool:
+    """Whether layer ``i`` lies in the half-open range ``r`` (None = every layer)."""
     return r is None or r[0] <= i < r[1]
 
 
@@ -107,7 +108,7 @@ def candidate_units(structure: ModelStructure, vectors, cfg: PruneConfig) -> tup
         pools.append(_ordered_units(s, "hidden", None, cfg.round_to, fam.params_per_group(shapes),
                                     (structure.hidden_size - 1) // cfg.round_to))
     else:
-        eligible = [info for info in structure.layers if _in(cfg.layers, info.index)]
+        eligible = [info for info in structure.layers if in_range(cfg.layers, info.index)]
         scores = torch.stack([
             family_scores(structure.layer_family(info), vectors, cfg.criterion, cfg.aggregation, cfg.seed)[0]
             for info in eligible

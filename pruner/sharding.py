@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from . import export_shapes
-from .io import _base_class, _clean_config, shape_spec
+from .io import base_class, clean_config, shape_spec
 
 
 def _dtensor_type():
@@ -81,8 +81,8 @@ def build_skeleton(model: nn.Module) -> tuple[type, object, dict]:
     """(class, clean config, shape spec) that rebuild ``model``'s architecture, pruned widths
     included, with :func:`skeleton_from`. ``model`` must be a plain (non-peft) HF model;
     sharded is fine (DTensor shapes are the full shapes)."""
-    cfg = _clean_config(model)
-    return _base_class(model), cfg, shape_spec(model, cfg)
+    cfg = clean_config(model)
+    return base_class(model), cfg, shape_spec(model, cfg)
 
 
 def skeleton_from(base: type, cfg, spec: dict) -> nn.Module:

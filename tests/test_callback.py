@@ -14,6 +14,8 @@ from torch.testing import assert_close
 from pruner.callbacks import StructuralPruneCallback
 from pruner.errors import PrunerError
 
+from .conftest import SUBPROCESS_TIMEOUT
+
 # One pruning fit, run in a fresh process (resume and DDP tests): python run.py SPEC.json
 # Writes out/rank{r}.pt: per-batch losses, the plan, the importance vectors, LoRA weights.
 RUN_SCRIPT = '''
@@ -53,11 +55,11 @@ def main(spec: dict) -> None:
     L.seed_everything(0, verbose=False)
     records = [{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i + 2)))} for i in range(8)]
     json.dump(records, open(spec["alpaca"], "w"))
-    module = CausalLMModule(spec["model_dir"], lora_dropout=0.0, learning_rate=1e-2, **spec.get("module", {}))
+    module = CausalLMModule(spec["model_dir"], learning_rate=1e-2, **spec.get("module", {}))
     data = PruneDataModule(**{**dict(calibration_samples=spec.get("calibration_samples", 8), calibration_seq_len=32,
                                      recovery_source=spec["alpaca"], micro_batch_size=2,
                                      recovery_epochs=spec.get("recovery_epochs", 4)), **spec.get("data", {})})
-    prune = StructuralPruneCallback(verbose=False, **spec.get("callback", {"pruning_ratio": 0.5}))
+    prune = StructuralPruneCallback(verbose=False, lora_dropout=0.0, **spec.get("callback", {"pruning_ratio": 0.5}))
     losses = RecordLosses()
     callbacks = [prune, losses] + ([KillAt(spec["kill_at_step"])] if "kill_at_step" in spec else [])
     if spec.get("checkpoint_every"):
@@ -110,7 +112,7 @@ def run_in_subprocess(tmp_path: Path, spec: dict, name: str) -> list[dict]:
     (tmp_path / "run.py").write_text(RUN_SCRIPT)
     (out / "spec.json").write_text(json.dumps(spec))
     proc = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(out / "spec.json")],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     if "kill_at_step" in spec:
         assert proc.returncode == -9, proc.stderr[-4000:]
         return []
@@ -170,11 +172,11 @@ def test_lora_at_start_and_layer_ranges_are_refused(tiny_dir, tmp_path):
     from pruner.lightning_modules.data import PruneDataModule
 
     data = PruneDataModule(calibration_samples=2, calibration_seq_len=16)
-    with pytest.raises(PrunerError, match="set model.attach_lora_at_start: false"):
-        _trainer(tmp_path, [StructuralPruneCallback(pruning_ratio=0.5)], max_steps=3).fit(
+    with pytest.raises(PrunerError, match="already has LoRA/peft adapters.*set model.attach_lora_at_start: false"):
+        _trainer(tmp_path, [StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5)], max_steps=3).fit(
             CausalLMModule(str(tiny_dir), attach_lora_at_start=True), data)
     with pytest.raises(PrunerError, match=r"mlp_layers=\(0, 4\) reaches past the model's 2 layers"):
-        _trainer(tmp_path, [StructuralPruneCallback(pruning_ratio=0.5, mlp_layers=(0, 4))], max_steps=3).fit(
+        _trainer(tmp_path, [StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, mlp_layers=(0, 4))], max_steps=3).fit(
             CausalLMModule(str(tiny_dir)), PruneDataModule(calibration_samples=2, calibration_seq_len=16))
 
 
@@ -186,7 +188,7 @@ def test_reconstruction_text_without_reconstruct_is_refused_before_generating(ti
                            generation_cache=str(tmp_path / "cache"))
     with pytest.raises(PrunerError, match=r"reconstruction_source='generated'.*set reconstruct: true, or "
                                           r"data.reconstruction_source: null"):
-        _trainer(tmp_path, [StructuralPruneCallback(pruning_ratio=0.5)], max_steps=3).fit(
+        _trainer(tmp_path, [StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5)], max_steps=3).fit(
             CausalLMModule(str(tiny_dir)), data)
     assert not (tmp_path / "cache").exists()  # refused before the dense model wrote any text
 
@@ -198,10 +200,10 @@ def test_callback_prunes_like_pruner_prune_then_recovers_and_exports(criterion, 
     from pruner.lightning_modules.data import PruneDataModule
 
     L.seed_everything(0, verbose=False)
-    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0, learning_rate=1e-2)
+    module = CausalLMModule(str(tiny_dir), learning_rate=1e-2)
     data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=6,
                            recovery_source=_alpaca(tmp_path / "alpaca.json"))
-    prune = StructuralPruneCallback(criterion=criterion, target_sparsity=0.15, global_ranking=True,
+    prune = StructuralPruneCallback(lora_dropout=0.0, criterion=criterion, target_sparsity=0.15, global_ranking=True,
                                     export_dir=str(tmp_path / "export"), verbose=False)
     record = Record(calibration=4)
     _trainer(tmp_path, [prune, record]).fit(module, data)
@@ -217,7 +219,7 @@ def test_callback_prunes_like_pruner_prune_then_recovers_and_exports(criterion, 
     assert_close([g["score"] for g in ours["groups"]], [g["score"] for g in reference.groups], rtol=1e-5, atol=0)
     assert ours["params"] == reference.params and ours["calibration"]["samples"] == 4
     assert 0.1 < ours["params"]["removed_fraction"] < 0.2
-    assert module.pruning_plan["layers"] == ours["layers"]  # checkpoints can rebuild the structure
+    assert prune.state_dict()["plan"]["layers"] == ours["layers"]  # checkpoints can rebuild the structure
 
     # Recovery: 4 records x 6 epochs of the same data; the loss falls.
     recovery = record.losses[4:]
@@ -242,10 +244,10 @@ def test_iterative_steps_in_the_callback_match_pruner_prune(options, tiny_dir, t
     from pruner.lightning_modules.data import PruneDataModule
 
     L.seed_everything(0, verbose=False)
-    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0)
+    module = CausalLMModule(str(tiny_dir))
     data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=1,
                            recovery_source=_alpaca(tmp_path / "alpaca.json"))
-    prune = StructuralPruneCallback(iterative_steps=2, verbose=False, **options)
+    prune = StructuralPruneCallback(lora_dropout=0.0, iterative_steps=2, verbose=False, **options)
     _trainer(tmp_path, [prune]).fit(module, data)
     dense, _ = pruner.load_model(str(tiny_dir))
     single_step = pruner.prune(dense, [w.unsqueeze(0) for w in data.calibration], **options)
@@ -273,10 +275,10 @@ def test_optimizer_holds_exactly_the_lora_parameters_after_pruning(tiny_dir, tmp
                 self.mlp = module.hf_model.model.layers[0].mlp.up_proj.base_layer.out_features
 
     check = Check()
-    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0)
+    module = CausalLMModule(str(tiny_dir))
     data = PruneDataModule(calibration_samples=3, calibration_seq_len=16, micro_batch_size=2, recovery_epochs=1,
                            recovery_source=_alpaca(tmp_path / "alpaca.json"))
-    _trainer(tmp_path, [StructuralPruneCallback(pruning_ratio=0.5, prune_attention=False, verbose=False), check],
+    _trainer(tmp_path, [StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, prune_attention=False, verbose=False), check],
              max_steps=5).fit(module, data)
     assert check.ok and check.mlp == 32  # 64 MLP channels, half removed
 
@@ -285,7 +287,7 @@ def test_fit_that_ends_before_the_prune_step_warns_and_exports_nothing(tiny_dir,
     from pruner.lightning_modules.causal_lm import CausalLMModule
     from pruner.lightning_modules.data import PruneDataModule
 
-    prune = StructuralPruneCallback(pruning_ratio=0.5, export_dir=str(tmp_path / "export"), verbose=False)
+    prune = StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, export_dir=str(tmp_path / "export"), verbose=False)
     with pytest.warns(UserWarning, match="fit ended before the prune step"):
         _trainer(tmp_path, [prune], max_steps=2).fit(
             CausalLMModule(str(tiny_dir)), PruneDataModule(calibration_samples=4, calibration_seq_len=16))
@@ -364,11 +366,11 @@ def test_reconstruction_in_the_callback_matches_pruner_prune(options, data_optio
     from pruner.lightning_modules.data import PruneDataModule
 
     L.seed_everything(0, verbose=False)
-    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0)
+    module = CausalLMModule(str(tiny_dir))
     data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=1,
                            recovery_source=_alpaca(tmp_path / "alpaca.json"), **data_options)
     common = dict(reconstruct=True, reconstruct_damping=0.1, **options)
-    prune = StructuralPruneCallback(attach_lora=False, verbose=False, **common)
+    prune = StructuralPruneCallback(lora_dropout=0.0, attach_lora=False, verbose=False, **common)
     _trainer(tmp_path, [prune], max_steps=4).fit(module, data)  # ends right after the prune step
     windows = [w.unsqueeze(0) for w in data.calibration]
     dense, _ = pruner.load_model(str(tiny_dir))
@@ -480,18 +482,26 @@ def test_prune_at_step_calibrates_on_the_batches_just_before_it(tiny_dir, tmp_pa
     from pruner.lightning_modules.causal_lm import CausalLMModule
     from pruner.lightning_modules.data import PruneDataModule
 
-    class Flags(L.Callback):
-        calibrating: list = []
+    class Moved(L.Callback):
+        moved: list = []
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self.before = [p.detach().clone() for p in module.hf_model.parameters()]
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            Flags.calibrating.append(module.calibrating)
+            if batch_idx < 4:  # batch 4 ends with the prune step (new shapes)
+                after = list(module.hf_model.parameters())
+                Moved.moved.append(any(not torch.equal(a, b) for a, b in zip(after, self.before)))
 
     # Batches 0-2 train the dense model (full fine-tuning), 3-4 calibrate, pruning follows 4.
-    prune = StructuralPruneCallback(pruning_ratio=0.5, calibration_batches=2, prune_at_step=5, verbose=False)
+    prune = StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, calibration_batches=2, prune_at_step=5, verbose=False)
     data = PruneDataModule(calibration_samples=2, calibration_seq_len=16, micro_batch_size=2, recovery_epochs=2,
                            recovery_source=_alpaca(tmp_path / "alpaca.json"))
-    _trainer(tmp_path, [prune, Flags()], max_steps=6).fit(CausalLMModule(str(tiny_dir), lora_dropout=0.0), data)
-    assert Flags.calibrating == [False, False, False, True, False, False]  # batch 4: pruned in its end hook
+    module = CausalLMModule(str(tiny_dir))
+    module.configure_model()
+    module.hf_model.requires_grad_(True)  # dense training first: every weight trains
+    _trainer(tmp_path, [prune, Moved()], max_steps=6).fit(module, data)
+    assert Moved.moved == [True, True, True, False]  # batches 0-2 trained; batch 3 calibrated, no step
     assert prune.plan.calibration["samples"] == 4  # two recovery micro-batches of 2
 
 
@@ -522,7 +532,7 @@ def test_validation_inside_calibration_does_not_feed_importance(tiny_dir, tmp_pa
     raw.write_text("\n".join(builtin_text()[:4000].splitlines()[:60]))
     plans = []
     for val in (None, str(raw)):
-        prune = StructuralPruneCallback(criterion="activation", target_sparsity=0.1, global_ranking=True,
+        prune = StructuralPruneCallback(lora_dropout=0.0, criterion="activation", target_sparsity=0.1, global_ranking=True,
                                         verbose=False)
         data = PruneDataModule(calibration_samples=4, calibration_seq_len=16, val_source=val, val_seq_len=32,
                                val_max_windows=2)
@@ -542,11 +552,11 @@ def test_export_carries_a_report_with_perplexity_before_and_after_pruning_and_re
     L.seed_everything(0, verbose=False)
     val = tmp_path / "val.txt"
     val.write_text(" = Heading = \n\n" + "The quick brown fox jumps over the lazy dog. " * 80)
-    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0, learning_rate=1e-2)
+    module = CausalLMModule(str(tiny_dir), learning_rate=1e-2)
     data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=2,
                            recovery_source=_alpaca(tmp_path / "alpaca.json"), val_source=str(val), val_seq_len=32,
                            val_max_windows=6)
-    prune = StructuralPruneCallback(pruning_ratio=0.5, export_dir=str(tmp_path / "export"), verbose=False)
+    prune = StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, export_dir=str(tmp_path / "export"), verbose=False)
     _trainer(tmp_path, [prune], num_sanity_val_steps=0, limit_val_batches=0).fit(module, data)
     loader = data.val_dataloader()
     dense, _ = pruner.load_model(str(tiny_dir))
@@ -559,7 +569,7 @@ def test_export_carries_a_report_with_perplexity_before_and_after_pruning_and_re
     assert f"| dense (before pruning) | {prune.perplexity['dense']:.3f} |" in report
     assert "| after recovery (8 steps) |" in report
     assert f"| after | {prune.plan.params['after']:,} |" in report
-    assert "mlp_selection=score, reconstruct=False" in report  # the settings that shape the result
+    assert "mlp_selection=score, round_to=1, reconstruct=False" in report  # the settings that shape the result
 
 
 def test_measured_attention_selection_in_the_callback_matches_pruner_prune(tiny_dir, tmp_path):
@@ -570,9 +580,9 @@ def test_measured_attention_selection_in_the_callback_matches_pruner_prune(tiny_
     L.seed_everything(0, verbose=False)
     data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=1,
                            recovery_source=_alpaca(tmp_path / "alpaca.json"))
-    prune = StructuralPruneCallback(pruning_ratio=0.5, head_granularity="kv", attention_selection="measured",
+    prune = StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, head_granularity="kv", attention_selection="measured",
                                     verbose=False)
-    _trainer(tmp_path, [prune]).fit(CausalLMModule(str(tiny_dir), lora_dropout=0.0), data)
+    _trainer(tmp_path, [prune]).fit(CausalLMModule(str(tiny_dir)), data)
     windows = [w.unsqueeze(0) for w in data.calibration]
     dense, _ = pruner.load_model(str(tiny_dir))
     measured = pruner.prune(dense, windows, pruning_ratio=0.5, head_granularity="kv", attention_selection="measured")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import needs_smollm2
+from .conftest import SUBPROCESS_TIMEOUT, needs_smollm2
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,6 +47,45 @@ def test_recipe_callback_builds_from_yaml():
     assert callback.export_dir == "outputs/smollm2_20pct/export"
 
 
+RECIPES = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from pruner.lightning_modules.testing import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_builds_its_trainer_callback_module_and_datamodule(recipe, tiny_dir, tmp_path, monkeypatch):
+    from pruner.callbacks import StructuralPruneCallback
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.cli import build_cli
+    from pruner.lightning_modules.data import PruneDataModule
+
+    monkeypatch.chdir(tmp_path)  # the recipes' relative output folders
+    path = REPO / "configs" / recipe
+    # the recipe as LightningCLI builds it, on this machine: the tiny model instead of a hub/wheel model
+    cli = build_cli(["--config", str(path), "--model.model", str(tiny_dir), "--trainer.accelerator", "cpu",
+                     "--trainer.devices", "1"], run=False)
+    assert isinstance(cli.model, CausalLMModule) and isinstance(cli.datamodule, PruneDataModule)
+    raw = yaml.safe_load(path.read_text())
+    wanted = [c for c in raw["trainer"].get("callbacks") or [] if c["class_path"].endswith("StructuralPruneCallback")]
+    built = [c for c in cli.trainer.callbacks if isinstance(c, StructuralPruneCallback)]
+    assert len(built) == len(wanted) <= 1
+    for callback, spec in zip(built, wanted):  # every key of the recipe reached the callback
+        args = spec["init_args"]
+        for key in ("criterion", "aggregation", "mode", "target_sparsity", "pruning_ratio", "reconstruct",
+                    "mlp_selection", "attention_selection", "round_to", "global_ranking"):
+            assert getattr(callback.config, key) == args.get(key, getattr(callback.config, key)), key
+        assert callback.attach_lora == args.get("attach_lora", True)
+        assert callback.lora.r == args.get("lora_r", 8) and callback.export_dir == args.get("export_dir")
+    for key, value in (raw.get("data") or {}).items():
+        assert cli.datamodule.hparams[key] == value, key
+    assert cli.model.hparams.dtype == raw["model"].get("dtype", "auto")
+
+
 @pytest.mark.slow
 @needs_smollm2
 def test_smollm2_recipe_prunes_and_exports_a_loadable_model(tmp_path):
@@ -61,7 +100,7 @@ def test_smollm2_recipe_prunes_and_exports_a_loadable_model(tmp_path):
          "--trainer.max_steps", "3", "--data.calibration_samples", "2", "--data.recovery_max_records", "8",
          "--data.calibration_seq_len", "32", "--data.cutoff_len", "32", "--data.val_max_windows", "2",
          "--trainer.enable_progress_bar", "false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     export = tmp_path / "outputs" / "smollm2_20pct" / "export"
     assert f"exported the pruned model to {export}" in proc.stdout + proc.stderr
@@ -103,7 +142,7 @@ def test_oneshot_recipe_refits_on_generated_text_without_training(tmp_path):
          "--trainer.max_steps", "2", "--data.calibration_samples", "2", "--data.calibration_seq_len", "32",
          "--data.reconstruction_samples", "8", "--data.reconstruction_seq_len", "16", "--data.val_max_windows", "2",
          "--data.generation_cache", str(tmp_path / "cache"), "--trainer.enable_progress_bar", "false"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     export = tmp_path / "outputs" / "smollm2_oneshot" / "export"
     plan = pruner.Plan.load(export / "plan.json")

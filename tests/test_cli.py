@@ -12,11 +12,13 @@ import yaml
 
 from pruner.__main__ import main
 
+from .conftest import SUBPROCESS_TIMEOUT
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
-def run(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(*args: str, cwd: Path = REPO, timeout: int = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("PRUNER_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "pruner", *args], cwd=cwd, env=env,
@@ -116,7 +118,7 @@ def test_usage_without_arguments(capsys):
 def test_smollm2_lora_recipe_one_step(tmp_path):
     proc = run("fit", "--config", str(REPO / "configs" / "smollm2_lora.yaml"), "--trainer.max_steps", "1",
                "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir",
-               str(tmp_path), cwd=tmp_path, timeout=600)
+               str(tmp_path), cwd=tmp_path, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = next(tmp_path.glob("smollm2_lora/version_*/metrics.csv")).read_text()
     loss = float(metrics.splitlines()[1].split(",")[-1])

@@ -275,10 +275,12 @@ def test_reconstruction_solves_the_normal_equations():
     collector = _down_proj_statistics(model, down)
     plan = Plan([pruner.LayerPlan(i, mlp_channels_kept=list(range(0, 96, 2)) if i == 1 else None) for i in range(3)])
     w = model.get_submodule(down).weight.detach().double().clone()
-    compensate(plan, s, model, collector, damping=1e-3)
+    refit = compensate(plan, s, model, collector, damping=1e-3)
+    assert list(refit) == [f"{down}.weight"]
+    assert torch.equal(model.get_submodule(down).weight.double(), w)  # computed, not yet applied
     g = collector.grams[down] / collector.tokens[down]
     kept = torch.arange(0, 96, 2)
-    new = model.get_submodule(down).weight.detach().double()[:, kept]
+    new = refit[f"{down}.weight"].double()  # (out, |K|): the pruned weight
     g_kk = g[kept][:, kept]
     lhs = new @ (g_kk + 1e-3 * g_kk.diagonal().mean() * torch.eye(48, dtype=torch.float64))
     torch.testing.assert_close(lhs, w @ g[:, kept] + 1e-3 * g_kk.diagonal().mean() * w[:, kept], rtol=1e-4, atol=1e-6)

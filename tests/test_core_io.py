@@ -10,7 +10,7 @@ import torch
 import pruner
 from pruner.testing import tiny_causal_lm
 
-from .conftest import have_shared_data, needs_smollm2
+from .conftest import SUBPROCESS_TIMEOUT, have_shared_data, needs_smollm2
 
 
 def _pruned(arch="llama", **kw):
@@ -62,7 +62,7 @@ def test_fresh_process_loads_with_trust_remote_code_and_generates(tmp_path):
         "assert 'pruner' not in sys.modules, 'the exported folder must not need the package'\n"
         f"print(m.generate(torch.tensor({ids}), max_new_tokens=6, do_sample=False)[0].tolist())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=SUBPROCESS_TIMEOUT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == str(expected)
 
@@ -75,9 +75,16 @@ def test_existing_folder_is_refused_and_left_untouched(tmp_path):
     with pytest.raises(pruner.PrunerError, match="overwrite=True"):
         pruner.save_pretrained(model, target, plan=plan)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
-    pruner.save_pretrained(model, target, plan=plan, overwrite=True)
-    assert (target / "model.safetensors").is_file() and not (target / "keep.txt").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left behind
+    # overwrite=True replaces only an earlier export: this folder holds the user's own file
+    with pytest.raises(pruner.PrunerError, match="not an export written by pruner.*move its contents away"):
+        pruner.save_pretrained(model, target, plan=plan, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+    export = tmp_path / "export"
+    pruner.save_pretrained(model, export, plan=plan)
+    (export / "stale.txt").write_text("from the earlier export run")
+    pruner.save_pretrained(model, export, plan=plan, overwrite=True)
+    assert (export / "model.safetensors").is_file() and not (export / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "out"]  # no temporary folders left behind
 
 
 def test_failed_export_leaves_nothing_behind(tmp_path):
@@ -142,7 +149,7 @@ def test_smollm2_prune_export_reload(tmp_path):
         "print(repr(tok.decode(m.generate(ids, max_new_tokens=8, do_sample=False)[0])))\n"
         "print(sum(p.numel() for p in m.parameters()))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert out.returncode == 0, out.stderr[-2000:]
     text, count = out.stdout.strip().splitlines()[-2:]
     assert int(count) == plan.params["after"]

@@ -18,6 +18,7 @@ from pruner.errors import PrunerError
 from pruner.generated import generate_samples
 from pruner.testing import tiny_causal_lm
 
+from .conftest import SUBPROCESS_TIMEOUT
 from .test_callback import _alpaca, _trainer, run_in_subprocess
 
 
@@ -90,7 +91,7 @@ def test_bad_distillation_arguments(tiny_dir):
 def test_gradients_reach_only_the_trainable_student_weights(tiny_dir, lora):
     from pruner.lightning_modules.causal_lm import CausalLMModule
 
-    module = CausalLMModule(str(tiny_dir), distillation_alpha=0.5, lora_dropout=0.0)
+    module = CausalLMModule(str(tiny_dir), distillation_alpha=0.5)
     module.configure_model()
     module.keep_teacher(module.hf_model)
     if lora:
@@ -117,11 +118,11 @@ def _prune_and_recover(tiny_dir, tmp_path, alpha):
     from pruner.lightning_modules.data import PruneDataModule
 
     L.seed_everything(0, verbose=False)
-    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0, learning_rate=1e-2, distillation_alpha=alpha,
+    module = CausalLMModule(str(tiny_dir), learning_rate=1e-2, distillation_alpha=alpha,
                             distillation_temperature=1.0)
     data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=6,
                            recovery_source=_alpaca(tmp_path / "alpaca.json"))
-    _trainer(tmp_path, [StructuralPruneCallback(pruning_ratio=0.5, verbose=False)]).fit(module, data)
+    _trainer(tmp_path, [StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, verbose=False)]).fit(module, data)
     return module, data
 
 
@@ -187,12 +188,12 @@ def test_datamodule_recovers_on_text_the_dense_model_generated(tiny_dir, tmp_pat
     from pruner.lightning_modules.data import PruneDataModule
 
     L.seed_everything(0, verbose=False)
-    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0, learning_rate=1e-2, distillation_alpha=0.5)
+    module = CausalLMModule(str(tiny_dir), learning_rate=1e-2, distillation_alpha=0.5)
     cache = tmp_path / "cache"
     data = PruneDataModule(calibration_samples=2, calibration_seq_len=16, recovery_source="generated",
                            recovery_max_records=8, cutoff_len=24, micro_batch_size=4, generation_cache=str(cache),
                            recovery_epochs=2)
-    _trainer(tmp_path, [StructuralPruneCallback(pruning_ratio=0.5, verbose=False)]).fit(module, data)
+    _trainer(tmp_path, [StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, verbose=False)]).fit(module, data)
     dense, tok = pruner.load_model(str(tiny_dir))
     expected = generate_samples(dense, tok, 8, 24, seed=2, cache_dir=cache, chunk_size=16, allow_generation=False)
     assert [r["input_ids"] for r in data.recovery] == expected.tolist()
@@ -206,12 +207,12 @@ def test_callback_refits_on_text_the_dense_model_generated(tiny_dir, tmp_path):
     from pruner.lightning_modules.data import PruneDataModule
 
     L.seed_everything(0, verbose=False)
-    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0)
+    module = CausalLMModule(str(tiny_dir))
     cache = tmp_path / "cache"
     data = PruneDataModule(calibration_samples=2, calibration_seq_len=16, micro_batch_size=4,
                            generation_cache=str(cache), reconstruction_source="generated",
                            reconstruction_samples=8, reconstruction_seq_len=12)
-    prune = StructuralPruneCallback(pruning_ratio=0.5, reconstruct=True, mlp_selection="obs", attach_lora=False,
+    prune = StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, reconstruct=True, mlp_selection="obs", attach_lora=False,
                                     verbose=False)
     _trainer(tmp_path, [prune]).fit(module, data)
     dense, tok = pruner.load_model(str(tiny_dir))
@@ -284,7 +285,7 @@ def test_fsdp2_distillation_from_a_teacher_folder(tiny_dir, tmp_path):
     pruner.save_pretrained(dense, tmp_path / "student", tokenizer=tok, plan=plan)
     (tmp_path / "fsdp.py").write_text(FSDP_SCRIPT)
     proc = subprocess.run([sys.executable, str(tmp_path / "fsdp.py"), str(tmp_path / "student"),
-                           str(tmp_path / "teacher"), str(tmp_path)], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "teacher"), str(tmp_path)], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["local"][0] * 2 == r0["full"].shape[0]  # the student is sharded over the two ranks

@@ -16,6 +16,8 @@ from pruner.eval.efficiency import (
 )
 from pruner.eval.testing import shrink_layer, tiny_llama
 
+from .conftest import SUBPROCESS_TIMEOUT
+
 
 def hand_macs(layers, vocab, hidden, seq_len, head_dim=16):
     """layers: [(query_heads, kv_heads, mlp_channels)]; the formula written out by hand."""
@@ -86,7 +88,7 @@ def test_peak_memory_sees_a_large_allocation():
         "result, peak = peak_memory(allocate)\n"
         "print(result, peak)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert out.returncode == 0, out.stderr[-1000:]
     result, peak = (float(x) for x in out.stdout.split())
     assert result == 64 * 2**20 // 4

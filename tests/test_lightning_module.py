@@ -12,6 +12,8 @@ from pruner.errors import PrunerError
 from pruner.lightning_modules.causal_lm import CausalLMModule
 from pruner.lightning_modules.data import window_batch
 
+from .conftest import SUBPROCESS_TIMEOUT
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
@@ -70,7 +72,7 @@ def test_merge_lora_keeps_the_function(tiny_dir, tmp_path):
     assert not any("lora_" in n for n, _ in module.named_parameters())
     with torch.no_grad():
         assert torch.allclose(module(**batch).logits, logits, atol=1e-5)
-    with pytest.raises(PrunerError, match="no LoRA to merge"):
+    with pytest.raises(PrunerError, match="has no LoRA adapters to merge"):
         module.merge_lora()
 
 
@@ -128,49 +130,44 @@ def test_dtype_auto_is_float32_on_cpu_and_contract(tiny_dir):
     assert all(p.requires_grad for p in module.parameters())  # no LoRA: full fine-tuning
     module.attach_lora()
     assert module.hf_model is model  # LoRA is injected in place
-    with pytest.raises(PrunerError, match="already attached"):
+    with pytest.raises(PrunerError, match="already has adapters"):
         module.attach_lora()
-    with pytest.raises(PrunerError, match="call merge_lora\\(\\) first"):
-        module.replace_hf_model(model)
+    module.merge_lora()
+    assert module.hf_model is model and not module.has_lora
 
 
 def test_argument_validation(tiny_dir):
     with pytest.raises(PrunerError, match=r"dtype='float16'\)` is not supported: use 'auto'"):
         CausalLMModule(str(tiny_dir), dtype="float16")
-    with pytest.raises(PrunerError, match=r"lora_r=0\)` must be >= 1"):
+    with pytest.raises(PrunerError, match=r"LoRA rank r=0 must be an integer >= 1"):
         CausalLMModule(str(tiny_dir), lora_r=0)
-    with pytest.raises(PrunerError, match="lora_target_modules=\\[\\]\\)` must be a non-empty list"):
+    with pytest.raises(PrunerError, match=r"LoRA target_modules=\(\) must be a non-empty list"):
         CausalLMModule(str(tiny_dir), lora_target_modules=[])
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         CausalLMModule("./no/such/model")
 
 
-def test_checkpoint_of_pruned_lora_model_restores(tiny_dir, tmp_path):
-    from pruner.plan import LayerPlan, Plan
-    from pruner.surgery import apply_plan
+def test_checkpoint_of_a_pruning_fit_loads_without_a_trainer(tiny_dir, tmp_path):
+    from pruner.callbacks import StructuralPruneCallback, load_pruned_checkpoint
+    from pruner.lightning_modules.data import PruneDataModule
 
-    plan = Plan(layers=[LayerPlan(0, mlp_channels_kept=list(range(0, 64, 2))), LayerPlan(1)])
-    module = CausalLMModule(str(tiny_dir), lora_dropout=0.0, learning_rate=1e-2)
-    apply_plan(plan, module.hf_model)  # what the callback does at the prune step
-    module.pruning_plan = plan.to_dict()
-    module.attach_lora()
-    trainer = _trainer(tmp_path, max_steps=2)
-    trainer.fit(module, _repeated(_batch(), 2))
+    module = CausalLMModule(str(tiny_dir), learning_rate=1e-2)
+    prune = StructuralPruneCallback(pruning_ratio=0.5, calibration_batches=2, lora_dropout=0.0, verbose=False)
+    trainer = _trainer(tmp_path, max_steps=4, callbacks=[prune])
+    trainer.fit(module, PruneDataModule(calibration_samples=2, calibration_seq_len=16, recovery_source="builtin",
+                                        recovery_max_records=8, micro_batch_size=2, cutoff_len=16))
     ckpt = tmp_path / "pruned.ckpt"
     trainer.save_checkpoint(ckpt)
-
-    fresh = CausalLMModule(str(tiny_dir))  # dense, no LoRA
     batch = _batch(1)
-    (metrics,) = _trainer(tmp_path).validate(fresh, DataLoader([batch], batch_size=None), ckpt_path=str(ckpt))
-    assert fresh.has_lora and fresh.pruning_plan == plan.to_dict()
-    assert fresh.hf_model.model.layers[0].mlp.down_proj.in_features == 32
+    fresh = load_pruned_checkpoint(CausalLMModule(str(tiny_dir)), ckpt)  # dense, no LoRA, then rebuilt
+    assert fresh.has_lora and fresh.hf_model.model.layers[0].mlp.down_proj.in_features == 32
     trained = dict(module.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
-    assert metrics["val_loss"] == pytest.approx(_loss(module.eval(), batch), rel=1e-5)
-    # Also without a Trainer, and when the saved hparams would attach LoRA at start.
-    loaded = CausalLMModule.load_from_checkpoint(ckpt, attach_lora_at_start=True)
-    assert loaded.has_lora and loaded.hf_model.model.layers[0].mlp.up_proj.out_features == 32
-    assert _loss(loaded.eval(), batch) == pytest.approx(metrics["val_loss"], rel=1e-5)
+    assert _loss(fresh.eval(), batch) == pytest.approx(_loss(module.eval(), batch), rel=1e-6)
+    with pytest.raises(PrunerError, match="holds no StructuralPruneCallback state"):
+        plain = tmp_path / "plain.ckpt"
+        torch.save({"state_dict": {}, "callbacks": {}}, plain)
+        load_pruned_checkpoint(CausalLMModule(str(tiny_dir)), plain)
 
 
 MULTI_SCRIPT = """
@@ -207,7 +204,7 @@ def test_two_process_training_shards_data_and_keeps_ranks_in_sync(kind, tiny_dir
     script = tmp_path / "multi.py"
     script.write_text(MULTI_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(tiny_dir), str(tmp_path), kind,
-                           str(tmp_path / "alpaca.json")], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "alpaca.json")], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     # lora_A is (8, 32): FSDP2 keeps half of it per rank, DDP all of it.
@@ -216,34 +213,3 @@ def test_two_process_training_shards_data_and_keeps_ranks_in_sync(kind, tiny_dir
     assert r0["batches"] == r1["batches"] == 4 + 12 // 2 // 2  # equal counts: no rank waits
     assert r0["step"] == r1["step"] == 6
     assert torch.equal(r0["full"], r1["full"])  # gradients were reduced: one model
-
-
-class CalibrateThenTrain(L.Callback):
-    """Calibration as the pruning callback sees it: gradients but no weight updates."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.grad_norms, self.steps_seen = n, [], []
-
-    def on_train_start(self, trainer, module):
-        module.calibrating = True
-        self.start = {k: p.detach().clone() for k, p in module.named_parameters()}
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if batch_idx < self.n:
-            self.grad_norms.append(sum(p.grad.norm().item() for p in module.parameters() if p.grad is not None))
-            self.steps_seen.append(trainer.global_step)
-            assert all(torch.equal(p, self.start[k]) for k, p in module.named_parameters())
-        if batch_idx == self.n - 1:
-            module.calibrating = False
-
-
-def test_calibrating_batches_take_no_optimizer_step(tiny_dir, tmp_path):
-    module = CausalLMModule(str(tiny_dir), attach_lora_at_start=True, lora_dropout=0.0, learning_rate=1e-2)
-    callback = CalibrateThenTrain(n=2)
-    trainer = _trainer(tmp_path, max_steps=4, callbacks=[callback])
-    trainer.fit(module, DataLoader([_batch(i) for i in range(4)], batch_size=None))
-    # Lightning counts the calibration batches as steps although no weight moved (checked in
-    # the callback after each of them), so max_steps = calibration batches + recovery steps.
-    assert callback.steps_seen == [1, 2]
-    assert len(callback.grad_norms) == 2 and all(g > 0 for g in callback.grad_norms)
-    assert any(not torch.equal(p, callback.start[k]) for k, p in module.named_parameters())

@@ -142,23 +142,24 @@ def _lora_target(c: Ctx):
     from pruner.lightning_modules.causal_lm import CausalLMModule
     from pruner.lightning_modules.data import PruneDataModule
 
-    module = CausalLMModule(str(c.tiny_dir), lora_target_modules=["q_proj", "c_attn"])
+    module = CausalLMModule(str(c.tiny_dir))
     trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=c.tmp,
-                        callbacks=[StructuralPruneCallback(pruning_ratio=0.5, verbose=False)])
+                        callbacks=[StructuralPruneCallback(pruning_ratio=0.5, lora_target_modules=["q_proj", "c_attn"],
+                                                           verbose=False)])
     trainer.fit(module, PruneDataModule(calibration_samples=2, calibration_seq_len=16))
 
 
 def _ranks_disagree(c: Ctx):
     from types import SimpleNamespace
 
-    from pruner.callbacks import StructuralPruneCallback
+    from pruner.callbacks.distributed import check_ranks_agree
 
     plan = pruner.prune(tiny_causal_lm("llama"), _batches(), pruning_ratio=0.5)
     # rank 1's view: rank 0 broadcast another digest; the reduce counts one disagreeing rank
     strategy = SimpleNamespace(broadcast=lambda obj, src=0: "digest-of-rank-0",
                                reduce=lambda t, reduce_op="sum": t)
-    StructuralPruneCallback._check_ranks_agree(SimpleNamespace(strategy=strategy, world_size=2), plan)
+    check_ranks_agree(SimpleNamespace(strategy=strategy, world_size=2), plan)
 
 
 def _cli_unknown_key(c: Ctx):
@@ -216,8 +217,8 @@ CASES = [
     Case("corrupt-safetensors", _corrupt_weights, PrunerError, "is not a valid safetensors file", "re-export"),
     Case("plan-for-another-model", _foreign_plan, PlanMismatchError, "the plan has 4 layers but the model has 3",
          "apply a plan to the dense model it was made for"),
-    Case("lora-target-missing", _lora_target, PrunerError, r"LoRA target\(s\) \['c_attn'\] match no module",
-         "set model.lora_target_modules"),
+    Case("lora-target-missing", _lora_target, PrunerError, r"LoRA target\(s\) \['c_attn'\] match no linear layer",
+         "set lora_target_modules"),
     Case("ranks-disagree", _ranks_disagree, PrunerError, "ranks disagree on the pruning plan",
          "check that every rank loads the same weights"),
     Case("cli-unknown-key", _cli_unknown_key, PrunerError, "exit [12]: .*max_stepz", ""),

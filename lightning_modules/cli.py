@@ -7,7 +7,7 @@ package's own input errors (``PrunerError``, ``FileNotFoundError``) raised while
 are built or run, with exit status 1. Set ``PRUNER_DEBUG=1`` to get the traceback instead.
 
 Example:
-    >>> from pruner.cli import run_cli  # doctest: +SKIP
+    >>> from pruner.lightning_modules.cli import run_cli  # doctest: +SKIP
     >>> run_cli(["fit", "--config", "configs/smollm2_lora.yaml", "--print_config"])  # doctest: +SKIP
 """
 

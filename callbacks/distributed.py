@@ -1,0 +1,110 @@
+"""Distributed plumbing of ``StructuralPruneCallback``, all through ``trainer.strategy``.
+
+* :func:`all_reduce_dict`: sums a dict of tensors over ranks, one flat all-reduce per dtype;
+* :func:`check_ranks_agree`: every rank learns whether any rank chose another plan;
+* :func:`unwrap_ddp` / :func:`rebuild_training`: calibration on the bare module, then a new
+  ``DistributedDataParallel`` wrapper and new optimizers for the pruned (+ LoRA) parameters;
+* :func:`shard_causal_lm`: FSDP2 (``fully_shard``) of a pruned model, per decoder layer and root.
+
+Single-device strategies make all of these no-ops (their ``reduce`` returns its input).
+
+Example:
+    >>> import torch
+    >>> from types import SimpleNamespace
+    >>> one_process = SimpleNamespace(reduce=lambda t, reduce_op="sum": t)
+    >>> all_reduce_dict(one_process, {"a": torch.ones(2), "n": torch.tensor(3.0)})["n"].item()
+    3.0
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from pruner.errors import PrunerError
+
+
+def all_reduce_dict(strategy, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` summed over ranks (same keys and shapes on every rank): the tensors of each
+    dtype are flattened into one vector and all-reduced once, then split back."""
+    out: dict[str, torch.Tensor] = {}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for key in sorted(tensors):
+        by_dtype.setdefault(tensors[key].dtype, []).append(key)
+    for dtype in sorted(by_dtype, key=str):  # the same order on every rank
+        keys = by_dtype[dtype]
+        flat = torch.cat([tensors[k].detach().reshape(-1) for k in keys])
+        flat = strategy.reduce(flat, reduce_op="sum")
+        for k, piece in zip(keys, torch.split(flat, [tensors[k].numel() for k in keys])):
+            out[k] = piece.reshape(tensors[k].shape)
+    return out
+
+
+def check_ranks_agree(trainer: pl.Trainer, plan) -> None:
+    """Raises on EVERY rank when any rank's ``plan`` differs from rank 0's (a rank that went on
+    alone would hang at the next collective)."""
+    digest = hashlib.sha256(plan.to_json().encode()).hexdigest()
+    reference = trainer.strategy.broadcast(digest, src=0)
+    disagree = trainer.strategy.reduce(torch.tensor(float(digest != reference)), reduce_op="sum")
+    if float(disagree) > 0:
+        raise PrunerError(
+            f"ranks disagree on the pruning plan ({int(float(disagree))} of {trainer.world_size} differ from "
+            "rank 0): the models or importance scores differ between ranks; check that every rank loads "
+            "the same weights and that selection is deterministic"
+        )
+
+
+def unwrap_ddp(trainer: pl.Trainer) -> None:
+    """Calibration runs on the bare module: DDP would average the gradients (the callback wants
+    each rank's own sum, all-reduced once at the prune step) and its reducer expects gradients
+    for parameters the importance estimator freezes. :func:`rebuild_training` re-wraps it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(trainer.strategy.model, DistributedDataParallel):
+        trainer.strategy.model = trainer.lightning_module
+
+
+def rebuild_training(trainer: pl.Trainer) -> None:
+    """New parameters need new optimizers and schedulers (from the module's own
+    ``configure_optimizers``) and, under DDP, a new wrapper (its reducer holds the old
+    parameter list; its constructor also checks that every rank has the same shapes)."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy):
+        strategy.configure_ddp()
+    strategy.setup_optimizers(trainer)
+
+
+def data_parallel_mesh(pl_module: pl.LightningModule):
+    """The mesh FSDP2 shards over: the ``data_parallel`` dimension of the module's device mesh."""
+    mesh = pl_module.device_mesh
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise PrunerError(
+            f"tensor parallelism (tensor_parallel_size={mesh['tensor_parallel'].size()}) is not supported by "
+            "StructuralPruneCallback: use ModelParallelStrategy(data_parallel_size=<devices>, tensor_parallel_size=1)"
+        )
+    return mesh["data_parallel"] if "data_parallel" in names else mesh
+
+
+def shard_causal_lm(model: nn.Module, layers_path: str, mesh) -> None:
+    """FSDP2 over ``mesh``: every decoder layer, then the whole model (embeddings, norm, head):
+    the layout Lightning's FSDP2 examples use, applied to the pruned model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.get_submodule(layers_path):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def is_fsdp_module(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``module`` itself."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)

@@ -1,0 +1,40 @@
+"""``report.md`` of a pruning fit: parameters before/after, validation perplexity at the three
+moments the callback measures it, and the settings that shaped the result.
+
+Example:
+    >>> from pruner.plan import LayerPlan, Plan
+    >>> plan = Plan([LayerPlan(0)], params={"before": 100, "after": 80, "removed": 20, "removed_fraction": 0.2},
+    ...             settings={"criterion": "element1"}, pruner_version="0.1.0")
+    >>> print(pruning_report(plan, {"dense": 10.0}, recovery_steps=5).splitlines()[8])
+    | removed | 20 (20.00%) |
+"""
+
+from __future__ import annotations
+
+from pruner.plan import Plan
+
+REPORT_SETTINGS = ("criterion", "aggregation", "mode", "target_sparsity", "pruning_ratio", "global_ranking",
+                   "head_granularity", "prune_attention", "prune_mlp", "attention_selection", "mlp_selection",
+                   "round_to", "reconstruct", "reconstruct_damping")  # the plan settings the report lists
+LABELS = {"dense": "dense (before pruning)", "pruned": "pruned, before recovery", "recovered": "after recovery"}
+
+
+def pruning_report(plan: Plan, perplexity: dict[str, float], recovery_steps: int) -> str:
+    """The report's Markdown text. ``perplexity``: ``{"dense"|"pruned"|"recovered": value}``
+    (empty when there was no validation data)."""
+    p = plan.params
+    lines = ["# Pruning report", "", f"Written by StructuralPruneCallback (pruner {plan.pruner_version}).", "",
+             "| | parameters |", "|---|---|", f"| before | {p['before']:,} |", f"| after | {p['after']:,} |",
+             f"| removed | {p['removed']:,} ({p['removed_fraction']:.2%}) |", ""]
+    if perplexity:
+        lines += ["| validation perplexity | |", "|---|---|"]
+        for key, value in perplexity.items():
+            label = LABELS[key] + (f" ({recovery_steps} steps)" if key == "recovered" else "")
+            lines.append(f"| {label} | {value:.3f} |")
+        lines.append("")
+    else:
+        lines += ["No validation data (data.val_source): perplexity not measured.", ""]
+    s = plan.settings
+    lines += ["Settings: " + ", ".join(f"{k}={s[k]}" for k in REPORT_SETTINGS if k in s),
+              f"Calibration: {plan.calibration}", "", "The exact plan is in plan.json."]
+    return "\n".join(lines) + "\n"

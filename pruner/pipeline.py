@@ -1,0 +1,220 @@
+"""The one pruning loop: select -> refine/OBS -> compensate -> remove, in ``iterative_steps``.
+
+``pruner.prune`` and ``StructuralPruneCallback`` both run :func:`prune_steps`; they differ only
+in what :class:`StepHooks` supplies: where the importance of a step comes from (calibration
+batches run here, or gradients accumulated during a Lightning fit and summed over ranks), how
+a tensor is summed over ranks, and what must be checked before weights change (ranks agree,
+LoRA targets survive). Every step's surgery joins one :class:`~pruner.surgery.Transaction`,
+so an error in any step leaves the model exactly as it was.
+
+Example:
+    >>> import torch
+    >>> from pruner.api import estimate_importance
+    >>> from pruner.config import PruneConfig
+    >>> from pruner.discovery import discover
+    >>> from pruner.testing import tiny_causal_lm
+    >>> model = tiny_causal_lm("llama")
+    >>> batches = [torch.randint(3, 120, (1, 12)) for _ in range(2)]
+    >>> cfg = PruneConfig(pruning_ratio=0.5, iterative_steps=2, prune_attention=False)
+    >>> hooks = StepHooks(estimate=lambda m, s, c: (estimate_importance(m, batches, s, c), None))
+    >>> plan = prune_steps(model, discover(model), cfg, hooks)
+    >>> model.model.layers[0].mlp.up_proj.out_features  # 96 channels, 1 - 0.5 kept after two steps
+    48
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import PruneConfig
+from .discovery import ModelStructure, discover
+from .eval.efficiency import count_parameters  # one definition: tied weights counted once
+from .plan import LayerPlan, Plan
+from .reconstruction import GramCollector, compensate, select_heads_obs, select_mlp_obs
+from .refine import refine_attention
+from .selection import candidate_units, select_units, units_to_plan
+from .surgery import Transaction, apply_plan
+
+Estimate = Callable[[nn.Module, ModelStructure, PruneConfig], tuple[dict, GramCollector | None]]
+
+
+@dataclass
+class StepHooks:
+    """What the caller of :func:`prune_steps` supplies.
+
+    Attributes:
+        estimate: ``(model, structure, step_config) -> (vectors, collector)``: the per-index
+            importance vectors of the model as it is now (summed over ranks, if any) and, with
+            ``reconstruct``, the refit's input statistics (else None).
+        refine_batches: calibration batches (dicts on the model's device) for
+            ``attention_selection='measured'``.
+        all_reduce: sums a tensor over ranks (the measured selection's losses); None = one process.
+        check: called with each step's plan and structure before any weight of that step
+            changes (e.g. that every rank chose the same plan).
+        before_surgery: called once with the dense model, just before the first weights change
+            (e.g. to keep a distillation teacher).
+    """
+
+    estimate: Estimate
+    refine_batches: list[dict] = field(default_factory=list)
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    check: Callable[[Plan, ModelStructure], None] | None = None
+    before_surgery: Callable[[nn.Module], None] | None = None
+
+
+def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneConfig, hooks: StepHooks,
+                first: tuple[dict, GramCollector | None] | None = None) -> Plan:
+    """Prunes ``model`` in place in ``cfg.iterative_steps`` steps; returns the plan in dense
+    indices, with the last step's group scores. ``first``: step 1's (vectors, collector) when
+    the caller already has them (the callback accumulates them during the fit); otherwise
+    ``hooks.estimate`` gives every step's. All steps are undone together if any step fails."""
+    total_before = count_parameters(model)
+    plan: Plan | None = None
+    records: list[dict] = []
+    structure = dense_structure
+    tx = Transaction()
+    try:
+        for step in range(1, cfg.iterative_steps + 1):
+            step_cfg = step_config(cfg, step, total_before, count_parameters(model))
+            if step > 1:
+                structure = discover(model, seed=cfg.seed)
+            vectors, collector = first if step == 1 and first is not None else hooks.estimate(model, structure,
+                                                                                              step_cfg)
+            step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
+            if cfg.measures_attention and hooks.refine_batches:
+                step_plan = refine_attention(model, structure, step_plan, hooks.refine_batches,
+                                             all_reduce=hooks.all_reduce)
+            if cfg.attention_selection == "obs":  # the config guarantees reconstruct, hence the statistics
+                step_plan = select_heads_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
+            if cfg.mlp_selection == "obs":
+                step_plan = select_mlp_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
+            if hooks.check is not None:
+                hooks.check(step_plan, structure)
+            if step == 1 and hooks.before_surgery is not None:
+                hooks.before_surgery(model)
+            refit = compensate(step_plan, structure, model, collector, cfg.reconstruct_damping) if collector else None
+            apply_plan(step_plan, model, structure, refit=refit, transaction=tx)
+            records = step_plan.groups
+            plan = step_plan if plan is None else compose(plan, step_plan, dense_structure)
+    except BaseException:
+        tx.rollback()
+        raise
+    tx.commit()
+    assert plan is not None
+    plan.groups = records
+    return plan
+
+
+def make_plan(structure: ModelStructure, vectors, cfg: PruneConfig, total_params: int) -> Plan:
+    """Selection alone: per-index saliences -> the plan for the model ``structure`` describes
+    (indices of that model), with every group's score and whether it goes in ``plan.groups``.
+    Deterministic: equal inputs give the same plan on every rank."""
+    pools, records = candidate_units(structure, vectors, cfg)
+    units = select_units(pools, cfg, total_params)
+    plan = units_to_plan(units, structure)
+    kind_of = {"heads": "attention_head", "kv": "kv_group", "mlp": "mlp_channel", "hidden": "hidden_channel",
+               "layer": "layer"}
+    gone = {(kind_of[u.kind], u.layer, i) for u in units for i in u.items}
+    for r in records:
+        r["removed"] = (r["kind"], r["layer"], r["index"]) in gone
+    plan.groups = records
+    plan.settings = cfg.to_dict()
+    return plan
+
+
+def step_config(cfg: PruneConfig, step: int, total_before: int, total_now: int) -> PruneConfig:
+    """Step ``k`` of ``n`` removes what takes the model to ``k/n`` of the final target."""
+    if cfg.iterative_steps == 1:
+        return cfg
+    kw = cfg.to_dict()
+    kw["iterative_steps"] = 1
+    if cfg.target_sparsity is not None:
+        goal_after = total_before * (1 - cfg.target_sparsity * step / cfg.iterative_steps)
+        kw["target_sparsity"] = max(min((total_now - goal_after) / total_now, 0.999), 1e-9)
+    else:
+        # ratio r in n steps: each step keeps (1-r)^(1/n) of what is left
+        kept = (1 - cfg.pruning_ratio) ** (1 / cfg.iterative_steps)
+        kw["pruning_ratio"] = 1 - kept
+    return PruneConfig(**kw)
+
+
+def finish_plan(plan: Plan, pruned_model: nn.Module, dense_structure: ModelStructure, fingerprint: str,
+                total_before: int, cfg: PruneConfig, calibration: dict) -> Plan:
+    """Records what a plan needs to be re-applied and reported: dense sizes and fingerprint,
+    settings, exact parameter counts before/after, calibration summary, package version."""
+    total_after = count_parameters(pruned_model)
+    a = dense_structure.layers[0].attention
+    m = dense_structure.layers[0].mlp
+    plan.model = {
+        "model_type": getattr(pruned_model.config, "model_type", None),
+        "architecture": type(pruned_model).__name__,
+        "num_hidden_layers": len(dense_structure.layers),
+        "hidden_size": dense_structure.hidden_size,
+        "num_attention_heads": a.num_heads if a else None,
+        "num_key_value_heads": a.num_kv_heads if a else None,
+        "head_dim": a.head_dim if a else None,
+        "intermediate_size": m.num_channels if m else None,
+        "fingerprint": fingerprint,
+    }
+    plan.settings = cfg.to_dict()
+    plan.params = {"before": total_before, "after": total_after, "removed": total_before - total_after,
+                   "removed_fraction": (total_before - total_after) / total_before}
+    plan.calibration = calibration
+    plan.pruner_version = package_version()
+    return plan
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pruner")
+    except PackageNotFoundError:  # running from a source tree
+        from . import __version__
+
+        return __version__
+
+
+def _all(kept: list[int] | None, n: int) -> list[int]:
+    return list(range(n)) if kept is None else list(kept)
+
+
+def compose(base: Plan, step: Plan, dense: ModelStructure) -> Plan:
+    """The plan that does ``base`` then ``step`` (``step`` indexes the model after ``base``)."""
+    alive = [lp for lp in base.layers if not lp.removed]
+    if len(alive) != len(step.layers):
+        from .errors import PrunerError
+
+        raise PrunerError("cannot compose plans: layer counts differ")
+    layers = [LayerPlan(**vars(lp)) for lp in base.layers]
+    by_index = {lp.index: lp for lp in layers}
+    for b, s in zip(alive, step.layers):
+        info = dense.layers[b.index]
+        out = by_index[b.index]
+        if s.removed:
+            out.removed = True
+            continue
+        if info.attention is not None:
+            a = info.attention
+            kv = _all(b.kv_heads_kept, a.num_kv_heads)
+            n_rep = a.num_heads // a.num_kv_heads
+            heads = _all(b.heads_kept, a.num_heads) if b.heads_kept is not None else [
+                h for h in range(a.num_heads) if h // n_rep in kv]
+            if s.kv_heads_kept is not None or s.heads_kept is not None:
+                out.kv_heads_kept = [kv[i] for i in _all(s.kv_heads_kept, len(kv))]
+                out.heads_kept = [heads[i] for i in _all(s.heads_kept, len(heads))]
+        if info.mlp is not None and s.mlp_channels_kept is not None:
+            ch = _all(b.mlp_channels_kept, info.mlp.num_channels)
+            out.mlp_channels_kept = [ch[i] for i in s.mlp_channels_kept]
+    hidden = base.hidden_kept
+    if step.hidden_kept is not None:
+        h = _all(base.hidden_kept, dense.hidden_size)
+        hidden = [h[i] for i in step.hidden_kept]
+    return Plan(layers, hidden)
+
+
+__all__ = ["StepHooks", "compose", "finish_plan", "make_plan", "package_version", "prune_steps", "step_config"]
