@@ -240,6 +240,10 @@ class StructuralPruneCallback(pl.Callback):
         if model_attribute is not None and (not isinstance(model_attribute, str) or not model_attribute.strip()):
             raise PrunerError(f"`StructuralPruneCallback(model_attribute={model_attribute!r})` must be a dotted "
                               "attribute path such as 'model' or 'backbone.lm', or None to find the model")
+        if tokenizer is not None and not isinstance(tokenizer, (str, Path)) and not callable(
+                getattr(tokenizer, "save_pretrained", None)):
+            raise PrunerError(f"`StructuralPruneCallback(tokenizer={tokenizer!r})` must be a tokenizer (with "
+                              "save_pretrained), a model name or folder to load it from, or None")
         if export_dir is not None and (not isinstance(export_dir, (str, Path)) or not str(export_dir).strip()):
             raise PrunerError(f"`StructuralPruneCallback(export_dir={export_dir!r})` must be a folder path, or None")
         self.calibration_batches = calibration_batches
@@ -287,6 +291,7 @@ class StructuralPruneCallback(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_resume_hook(pl_module)
+        self._check_loader_length(trainer)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -462,12 +467,6 @@ class StructuralPruneCallback(pl.Callback):
                 "to names of its projections (e.g. [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
                 "down_proj]), or attach_lora: false"
             )
-        total_batches = trainer.num_training_batches
-        if isinstance(total_batches, int) and total_batches < self._prune_at:
-            raise PrunerError(
-                f"the train loader has {total_batches} batches per epoch, fewer than the {self._prune_at} "
-                "batches before pruning: add recovery data or lower calibration_batches/prune_at_step"
-            )
         if trainer.max_steps != -1 and trainer.max_steps < self._prune_at and trainer.accumulate_grad_batches == 1:
             rank_zero_warn(
                 f"trainer.max_steps={trainer.max_steps} ends fit before the prune step ({self._prune_at} batches):"
@@ -476,12 +475,21 @@ class StructuralPruneCallback(pl.Callback):
         if self.export_dir is not None and trainer.is_global_zero:
             self._check_export_space(model)
 
+    def _check_loader_length(self, trainer: pl.Trainer) -> None:
+        """The loaders exist from here on (Lightning builds them after ``on_fit_start``): refuse a
+        first epoch that ends before the prune step, rather than a fit that silently never prunes."""
+        total = trainer.num_training_batches
+        if not self._pruned and isinstance(total, int) and total < self._prune_at:
+            raise PrunerError(
+                f"the train loader has {total} batches per epoch, fewer than the {self._prune_at} batches before "
+                "pruning (the first epoch holds them all): add recovery data or lower calibration_batches/prune_at_step"
+            )
+
     def _check_export_space(self, model: nn.Module) -> None:
         """The export needs at most the dense model's bytes: refuse now rather than after recovery."""
-        folder = Path(self.export_dir).expanduser().absolute()
-        existing = folder
-        while not existing.exists():
-            existing = existing.parent
+        from pruner.checks import existing_ancestor
+
+        existing = existing_ancestor(self.export_dir)
         need = sum(p.numel() * p.element_size() for p in model.parameters())
         free = shutil.disk_usage(existing).free
         if free < need:

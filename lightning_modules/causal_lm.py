@@ -118,6 +118,10 @@ class CausalLMModule(LightningModule):
             check_distillation_args(distillation_alpha, distillation_temperature, distillation_top_k)
         except ValueError as e:
             raise PrunerError(f"`CausalLMModule`: {e}") from None
+        if teacher is not None:
+            from pruner.models import resolve_model_source
+
+            resolve_model_source(teacher)  # FileNotFoundError now, not when the weights load
         if teacher is not None and distillation_alpha == 0.0:
             raise PrunerError(f"`CausalLMModule(teacher={teacher!r})` is unused with distillation_alpha=0: "
                               "set distillation_alpha > 0 (e.g. 0.5) or drop teacher")

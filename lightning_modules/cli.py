@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -21,15 +22,79 @@ from collections.abc import Sequence
 SUBCOMMANDS = ("fit", "validate", "test")
 
 
-def _one_line(message: str) -> str:
-    """jsonargparse nests causes over many lines; the first lines say what and where."""
-    lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
-    text = " ".join(lines[:3]) if lines else "invalid arguments"
-    return text if len(text) <= 400 else text[:397] + "..."
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and every exception it was raised from, outermost first."""
+    out, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        out.append(err)
+        err = err.__cause__ or err.__context__
+    return out
+
+
+def _known_options() -> dict[str, list[str]]:
+    """Option names per config section, for "did you mean" suggestions."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+
+    from pruner.callbacks import StructuralPruneCallback
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    names = lambda cls: [p for p in inspect.signature(cls.__init__).parameters if p != "self"]  # noqa: E731
+    return {"trainer": names(Trainer), "model": names(CausalLMModule), "data": names(PruneDataModule),
+            "StructuralPruneCallback": names(StructuralPruneCallback)}
+
+
+def _suggest(key: str, section: str) -> str:
+    import difflib
+
+    prefix, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, _known_options().get(section, []), n=1, cutoff=0.6)
+    return f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else ""
+
+
+def explain(err: BaseException) -> str | None:
+    """One line naming the key, the value and the fix for a configuration mistake (jsonargparse
+    nests the real cause several exceptions deep), or for an error of this package raised
+    while the classes were built; None for anything else (a bug: the traceback is kept)."""
+    from pruner.errors import PrunerError
+
+    chain = _chain(err)
+    text = "\n".join(str(e) for e in chain)
+    where = re.search(r'Parser key "([^"]+)"', str(chain[0]))
+    cls = re.findall(r"Problem with given class_path '([^']+)'", text) or re.findall(r"class_path='([^']+)'", text)
+    key = where.group(1) if where else ("trainer.callbacks" if "callbacks.callback.Callback" in text else "")
+    place = key + (f"[{cls[-1].rpartition('.')[2]}]" if cls else "")
+    own = next((e for e in chain if isinstance(e, (PrunerError, FileNotFoundError))), None)
+    if own is not None:
+        return f"{place + ': ' if place else ''}{own}"
+    unknown = re.search(r"Option '([^']+)' is not accepted", text) or \
+        re.search(r"does not accept option '([^']+)'", text)
+    if unknown:
+        key = unknown.group(1)
+        section = cls[-1].rpartition(".")[2] if cls else key.partition(".")[0]
+        return (f"{place + ': ' if place else ''}unknown option {key!r}{_suggest(key, section)}: "
+                "fix its name in the config (python -m pruner fit --help lists the options)")
+    missing = re.search(r"File does not exist: '([^']+)'", text)
+    if missing:
+        return f"config file not found: {missing.group(1)}: pass --config with an existing YAML file"
+    typed = list(re.finditer(r'Parser key "([^"]+)":\s*Expected a <class \'(\w+)\'>\. Got value: (.+)', text))
+    if typed:
+        key, kind, value = typed[-1].groups()
+        key = key if not place or key == place.split("[")[0] else f"{place}.{key}"
+        return f"{key}: expected {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {value.strip()!r}: give a value of that type"
+    from jsonargparse import ArgumentError
+
+    if isinstance(chain[0], (ValueError, ArgumentError)) or "jsonargparse" in type(chain[0]).__module__ or where:
+        lines = [ln.strip() for e in chain[-1:] for ln in str(e).strip().splitlines() if ln.strip()]
+        return f"{place + ': ' if place else ''}{' '.join(lines[:3])[:300]}"
+    return None
 
 
 def _fail(message: str, status: int) -> int:
-    sys.stderr.write(f"pruner: error: {_one_line(message)}\n")
+    sys.stderr.write(f"pruner: error: {' '.join(message.split())}\n")
     return status
 
 
@@ -70,14 +135,12 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("PRUNER_DEBUG", "") not in ("", "0")
     try:
         build_cli(None if argv is None else list(argv))
-    except ArgumentError as err:
-        if debug:
-            raise
-        return _fail(str(err), 2)
-    except (PrunerError, FileNotFoundError) as err:
-        if debug:
-            raise
-        return _fail(f"{type(err).__name__}: {err}", 1)
     except SystemExit as done:  # --help / --print_config exit 0 from inside the parser
         return done.code if isinstance(done.code, int) else (0 if done.code is None else _fail(str(done.code), 2))
+    except Exception as err:  # noqa: BLE001 - sorted below: configuration mistakes vs bugs
+        message = None if debug else explain(err)
+        if message is None:
+            raise
+        own = any(isinstance(e, (PrunerError, FileNotFoundError)) for e in _chain(err))
+        return _fail(message, 1 if own and not isinstance(err, ArgumentError) else 2)
     return 0

@@ -202,23 +202,30 @@ class PruneDataModule(LightningDataModule):
         reconstruction_seq_len: int = 128,
     ) -> None:
         super().__init__()
+        from pruner.checks import check_int
+
         for name, value in [("calibration_samples", calibration_samples),
                             ("calibration_seq_len", calibration_seq_len),
                             ("recovery_epochs", recovery_epochs), ("micro_batch_size", micro_batch_size),
                             ("cutoff_len", cutoff_len), ("val_seq_len", val_seq_len),
                             ("generation_batch_size", generation_batch_size),
                             ("reconstruction_samples", reconstruction_samples)]:
-            if value < 1:
-                raise PrunerError(f"`PruneDataModule({name}={value})` must be >= 1")
+            check_int(f"`PruneDataModule({name})`", value, 1)
         for name, value in [("recovery_max_records", recovery_max_records),
                             ("val_max_windows", val_max_windows)]:
-            if value is not None and value < 1:
-                raise PrunerError(f"`PruneDataModule({name}={value})` must be >= 1, or None for all")
-        if reconstruction_seq_len < 2:
-            raise PrunerError(f"`PruneDataModule(reconstruction_seq_len={reconstruction_seq_len})` must be >= 2")
-        if reconstruction_source is not None and not str(reconstruction_source).strip():
-            raise PrunerError(f"`PruneDataModule(reconstruction_source={reconstruction_source!r})` is empty: give "
-                              "'generated', a text source, or None to refit on the calibration windows")
+            if value is not None:
+                check_int(f"`PruneDataModule({name})`", value, 1, fix="or None for all")
+        check_int("`PruneDataModule(seed)`", seed, 0)
+        if calibration_seq_len < 2:
+            raise PrunerError(f"`PruneDataModule(calibration_seq_len={calibration_seq_len})` must be >= 2 (a window "
+                              "predicts its next tokens); the paper uses 64")
+        check_int("`PruneDataModule(reconstruction_seq_len)`", reconstruction_seq_len, 2)
+        for name, value in [("calibration_source", calibration_source), ("recovery_source", recovery_source),
+                            ("val_source", val_source), ("tokenizer", tokenizer),
+                            ("reconstruction_source", reconstruction_source), ("generation_cache", generation_cache)]:
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise PrunerError(f"`PruneDataModule({name}={value!r})` must be a non-empty string (a name, file or "
+                                  "folder)" + ("" if name in ("calibration_source", "generation_cache") else ", or None"))
         self.save_hyperparameters()
         self.tokenizer = None
         self.calibration: torch.Tensor | None = None
@@ -255,6 +262,12 @@ class PruneDataModule(LightningDataModule):
         if self.trainer is not None:
             self._rank, self._world = self.trainer.global_rank, self.trainer.world_size
         hp, tok = self.hparams, self._get_tokenizer()
+        if GENERATED in (hp.recovery_source, hp.get("reconstruction_source")):
+            from pruner.checks import check_writable_folder
+
+            # generated text is written there before calibration: refuse an unwritable cache now
+            check_writable_folder("`PruneDataModule(generation_cache)`", hp.generation_cache,
+                                  "give a folder you can write to (shared by all ranks)")
         if stage in (None, "fit") and self.calibration is None:
             if hp.calibration_samples < self._world:
                 raise PrunerError(

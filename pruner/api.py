@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_model
 from .config import PruneConfig
 from .discovery import ModelStructure, discover
 from .errors import PrunerError
@@ -46,6 +47,8 @@ def _as_batch(batch, device) -> dict[str, torch.Tensor]:
     if not torch.is_tensor(ids):
         raise PrunerError(f"calibration input_ids must be a tensor of token ids, got {type(ids).__name__}: "
                           "tokenize the text first (e.g. pruner.data.calibration_samples)")
+    if ids.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+        ids = ids.long()  # any integer ids (the embedding takes int64); floats are refused by check_inputs
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2 or ids.shape[1] < 2:
@@ -113,6 +116,12 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
     (for ``reconstruct``) records the consumers' input statistics during the same passes.
     ``reduce`` sums the accumulators over ranks (each rank ran its own batches) before the
     vectors are computed from them (they are not linear in the gradient sums)."""
+    if not isinstance(cfg, PruneConfig):
+        raise PrunerError(f"cfg must be a pruner.PruneConfig, got {type(cfg).__name__}: e.g. PruneConfig(criterion="
+                          f"{cfg!r}, target_sparsity=0.2)" if isinstance(cfg, str) else
+                          f"cfg must be a pruner.PruneConfig, got {type(cfg).__name__}")
+    if batches is None or isinstance(batches, (str, bytes, dict)) or not hasattr(batches, "__iter__"):
+        raise PrunerError(f"batches must be an iterable of calibration batches, got {type(batches).__name__}")
     families = families_for(structure, cfg)
     est = ImportanceEstimator(model, families, cfg.criterion, cfg.seed)
     if cfg.criterion in ("l1", "l2", "random") and collector is None:
@@ -211,6 +220,10 @@ def prune(
     Every argument is checked before the model is touched, and a failure at any later point
     leaves the model as it was.
     """
+    check_model(model)
+    if batches is None or isinstance(batches, (str, bytes, dict)) or not hasattr(batches, "__iter__"):
+        raise PrunerError(f"batches must be an iterable of calibration batches (input_ids tensors or dicts), got "
+                          f"{type(batches).__name__}: e.g. [pruner.data.calibration_samples(...)]")
     unknown = set(more) - set(PruneConfig.__dataclass_fields__)
     if unknown:
         raise PrunerError(f"unknown prune() option(s) {sorted(unknown)}; valid: {sorted(PruneConfig.__dataclass_fields__)}")

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from .aggregation import check_aggregation
+from .checks import check_bool, check_fraction, check_int, check_number
 from .errors import PrunerError
 from .importance import check_criterion
 
@@ -61,6 +62,9 @@ class PruneConfig:
     seed: int = field(default=0, metadata={"help": "seed of the random criterion and probing"})
 
     def __post_init__(self) -> None:
+        for name in ("criterion", "aggregation"):
+            if not isinstance(getattr(self, name), str):
+                raise PrunerError(f"{name} must be a name (a string), got {getattr(self, name)!r}")
         check_criterion(self.criterion)
         check_aggregation(self.aggregation)
         if self.mode not in MODES:
@@ -72,16 +76,17 @@ class PruneConfig:
                 f"pruning_ratio={self.pruning_ratio}"
             )
         for name in ("target_sparsity", "pruning_ratio"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 < v < 1.0:
-                raise PrunerError(f"{name} must be strictly between 0 and 1, got {v}: pass a fraction such as 0.2")
+            if getattr(self, name) is not None:
+                check_fraction(name, getattr(self, name))
+        for name in ("prune_attention", "prune_mlp", "global_ranking", "reconstruct"):
+            check_bool(name, getattr(self, name))
         if self.reconstruct and self.mode != "block":
             raise PrunerError(f"reconstruct=True refits o_proj/down_proj after heads or MLP channels go; mode="
                               f"{self.mode!r} removes neither: use mode='block', or reconstruct=False")
         for option, choices, needs in (("attention_selection", ("score", "measured", "obs"), "prune_attention"),
                                        ("mlp_selection", ("score", "obs"), "prune_mlp")):
             value = getattr(self, option)
-            if value not in choices:
+            if not isinstance(value, str) or value not in choices:
                 listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
                 raise PrunerError(f"{option} must be {listed}, got {value!r}")
             if value == "obs" and not self.reconstruct:
@@ -91,23 +96,24 @@ class PruneConfig:
             if value == "obs" and not (self.mode == "block" and getattr(self, needs)):
                 raise PrunerError(f"{option}='obs' re-chooses what block mode removes: it needs mode='block' with "
                                   f"{needs}=True")
-        if self.head_granularity not in ("query", "kv"):
+        if not isinstance(self.head_granularity, str) or self.head_granularity not in ("query", "kv"):
             raise PrunerError(f"head_granularity must be 'query' or 'kv', got {self.head_granularity!r}")
-        if not 0.0 < self.max_layer_ratio <= 1.0:
-            raise PrunerError(f"max_layer_ratio must be in (0, 1], got {self.max_layer_ratio}")
-        if self.reconstruct_damping <= 0:
-            raise PrunerError(f"reconstruct_damping must be positive, got {self.reconstruct_damping}")
-        if not isinstance(self.round_to, int) or self.round_to < 1:
-            raise PrunerError(f"round_to must be a positive integer, got {self.round_to!r}")
-        if not isinstance(self.iterative_steps, int) or self.iterative_steps < 1:
-            raise PrunerError(f"iterative_steps must be a positive integer, got {self.iterative_steps!r}")
+        check_number("max_layer_ratio", self.max_layer_ratio, 0.0, 1.0, low_open=True,
+                     fix="the largest fraction of a layer's heads/channels global ranking may remove, e.g. 0.9")
+        check_number("reconstruct_damping", self.reconstruct_damping, 0.0, low_open=True,
+                     fix="the refit's ridge term relative to the mean input energy, e.g. 0.1 (few tokens) or 0.01")
+        check_int("round_to", self.round_to, 1, fix="kept widths become multiples of it, e.g. 1, 8 or 64")
+        check_int("iterative_steps", self.iterative_steps, 1, fix="1 prunes in one step")
+        check_int("seed", self.seed, 0, fix="any non-negative integer, e.g. 0")
         if self.mode == "block" and not (self.prune_attention or self.prune_mlp):
             raise PrunerError("block mode with prune_attention=False and prune_mlp=False removes nothing")
         for name in ("attention_layers", "mlp_layers", "layers"):
             r = getattr(self, name)
             if r is not None:
+                if isinstance(r, (str, bytes)) or not hasattr(r, "__len__"):
+                    raise PrunerError(f"{name} must be a (start, end) pair of integers, got {r!r}")
                 r = tuple(r)
-                if len(r) != 2 or not all(isinstance(x, int) for x in r):
+                if len(r) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r):
                     raise PrunerError(f"{name} must be a (start, end) pair of integers, got {r!r}")
                 if r[0] >= r[1] or r[0] < 0:
                     raise PrunerError(f"{name}={r} is empty or negative: use (start, end) with 0 <= start < end")

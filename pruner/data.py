@@ -184,6 +184,9 @@ def read_texts(source: str) -> list[str]:
     """
     if source == BUILTIN:
         return [builtin_text()]
+    if not source.strip():
+        raise PrunerError("the calibration source is an empty string: give 'builtin', a .txt file or folder, or a "
+                          "hub dataset name")
     path = _local_path(source, "calibration text",
                        "an existing .txt file or folder, 'builtin', or a hub dataset name")
     if path is None:
@@ -245,10 +248,14 @@ def calibration_samples(
         >>> calibration_samples("builtin", tok).shape  # doctest: +SKIP
         torch.Size([10, 64])
     """
-    if num_samples < 1:
-        raise PrunerError(f"num_samples={num_samples}: pruning needs at least 1 calibration sample")
-    if seq_len < 2:
-        raise PrunerError(f"seq_len={seq_len}: a calibration window needs at least 2 tokens")
+    from .checks import check_int
+
+    check_int("num_samples", num_samples, 1, fix="pruning needs at least 1 calibration sample (the paper: 10)")
+    check_int("seq_len", seq_len, 2, fix="a calibration window needs at least 2 tokens (the paper: 64)")
+    check_int("seed", seed, 0)
+    if not isinstance(source, str) and not (isinstance(source, Sequence) and all(isinstance(d, str) for d in source)):
+        raise PrunerError(f"calibration source must be 'builtin', a file or folder path, a hub name or a list of "
+                          f"texts, got {type(source).__name__}")
     docs = read_texts(source) if isinstance(source, str) else list(source)
     token_docs = [ids for d in docs if len(ids := _tokenize_long(d, tokenizer)) >= seq_len]
     if not token_docs:
@@ -434,8 +441,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from pruner.models import resolve_model_source
 
     source, gguf_file = resolve_model_source(name_or_path)
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                        **({"gguf_file": gguf_file} if gguf_file else {}))
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                            **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as err:
+        if not Path(source).is_dir():
+            raise
+        raise PrunerError(f"could not load a tokenizer from {source} ({str(err).splitlines()[0]}): the folder has no "
+                          "usable tokenizer files; export it with save_pretrained(..., tokenizer=tok), or name "
+                          "another folder for the tokenizer (data.tokenizer)") from err
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token  # padded positions are masked from loss and attention
     return tok

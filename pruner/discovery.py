@@ -467,6 +467,9 @@ def discover(model: nn.Module, seed: int = 0, probe_every_layer: bool = False) -
     has a structure that cannot be pruned safely; nothing in the model is changed. Layers of the
     same class and shapes are probed once unless ``probe_every_layer``.
     """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedArchitectureError(f"discover() needs a torch.nn.Module (a transformers causal LM), got "
+                                           f"{type(model).__name__}: load it first, e.g. pruner.load_model(...)")
     if not hasattr(model, "get_input_embeddings") or model.get_input_embeddings() is None:
         raise UnsupportedArchitectureError(f"{type(model).__name__} has no input embedding: not a causal LM")
     if model.get_output_embeddings() is None:
@@ -516,7 +519,8 @@ def discover(model: nn.Module, seed: int = 0, probe_every_layer: bool = False) -
         and m.weight.dim() == 1 and m.weight.shape[0] == hidden_size
     ]
     shapes = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
-    problem = _hidden_channel_problem(model, infos, final_norms, hidden_size)
+    problem = _hidden_channel_problem(model, infos, final_norms, hidden_size) or _embedding_problem(
+        model, inputs_multi[0], seq_len=4)
     return ModelStructure(layers_path, infos, hidden_size, embedding_name, head_name, final_norms, tied,
                           problem, shapes)
 
@@ -556,4 +560,42 @@ def _hidden_channel_problem(model, infos: list[LayerInfo], final_norms: list[str
         for w in info.writers:
             if modules[w].out_features != hidden:
                 return f"{w} writes {modules[w].out_features} channels into a residual stream of {hidden}"
+    for name in [n for info in infos[:1] for n in info.norms] + final_norms:
+        problem = _norm_problem(name, modules[name], hidden)
+        if problem:
+            return problem
+    return None
+
+
+@torch.no_grad()
+def _norm_problem(name: str, norm: nn.Module, hidden: int) -> str | None:
+    """Channel-wise pruning rescales an RMSNorm's weight and eps so that it stays exact; that only
+    holds for ``weight * x / sqrt(mean(x^2) + eps)``. Measured on the module itself, not read from
+    its class name: Gemma's norm, ``(1 + weight) * ...``, has the name but not the formula."""
+    eps = next((getattr(norm, a) for a in ("variance_epsilon", "eps", "epsilon")
+                if isinstance(getattr(norm, a, None), float)), None)
+    weight = getattr(norm, "weight", None)
+    if eps is None or weight is None:
+        return f"{name}: cannot find the RMSNorm's eps and weight; channel-wise pruning unsupported"
+    x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(0)).to(weight)
+    expected = weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(weight.dtype)
+    if not torch.allclose(norm(x), expected, rtol=1e-3, atol=1e-5):
+        return (f"{name} ({type(norm).__name__}) does not compute weight * x / rms(x) (Gemma's norms scale by "
+                "1 + weight): channel-wise pruning could not stay exact; use mode='block' or mode='layer'")
+    return None
+
+
+@torch.no_grad()
+def _embedding_problem(model, first_layer_inputs, seq_len: int) -> str | None:
+    """Channel-wise pruning keeps embeddings as they are; a model that rescales them by something
+    of the hidden size (Gemma: sqrt(hidden_size)) before the first layer would change."""
+    if first_layer_inputs is None:
+        return None
+    args, kwargs = first_layer_inputs
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    embedding = model.get_input_embeddings()
+    ids = (torch.arange(seq_len).unsqueeze(0) % embedding.weight.shape[0] + 1).to(embedding.weight.device)
+    if hidden is None or not torch.allclose(hidden, embedding(ids).to(hidden.dtype), rtol=1e-4, atol=1e-6):
+        return ("the model changes its token embeddings before the first layer (Gemma multiplies them by "
+                "sqrt(hidden_size)), which channel-wise pruning would change: use mode='block' or mode='layer'")
     return None

@@ -43,13 +43,14 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_distillation_args(alpha: float, temperature: float, top_k: int | None) -> None:
-    """Raises ``ValueError`` naming the argument; shared by the module and the CLI."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"distillation alpha={alpha} must be in [0, 1] (0 = plain cross entropy, 1 = KL only)")
-    if temperature <= 0:
-        raise ValueError(f"distillation temperature={temperature} must be > 0 (1 = the teacher's own distribution)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"distillation top_k={top_k} must be >= 1, or None for the full vocabulary")
+    """Raises ``PrunerError`` (a ``ValueError``) naming the argument; shared by the module and the CLI."""
+    from .checks import check_int, check_number
+
+    check_number("distillation alpha", alpha, 0.0, 1.0, fix="0 = plain cross entropy, 1 = KL only")
+    check_number("distillation temperature", temperature, 0.0, low_open=True,
+                 fix="1 = the teacher's own distribution")
+    if top_k is not None:
+        check_int("distillation top_k", top_k, 1, fix="or None for the full vocabulary")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

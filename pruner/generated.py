@@ -93,9 +93,16 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
     ``fingerprint`` names the model that wrote (or must write) the cache, by default
     ``model``'s own; a resumed run whose model is already pruned passes the dense model's
     fingerprint with ``allow_generation=False``: the text must come from the cache."""
-    if num_samples < 1 or seq_len < 2:
+    from .checks import check_int, check_model, check_number
+
+    check_model(model)
+    if not isinstance(num_samples, int) or not isinstance(seq_len, int) or num_samples < 1 or seq_len < 2:
         raise PrunerError(f"generated recovery text needs num_samples >= 1 and seq_len >= 2, got "
-                          f"{num_samples} and {seq_len}")
+                          f"{num_samples!r} and {seq_len!r}")
+    check_number("temperature", temperature, 0.0, low_open=True, fix="1.0 samples the model's own distribution")
+    check_number("top_p", top_p, 0.0, 1.0, low_open=True, fix="e.g. 0.95")
+    check_int("chunk_size", chunk_size, 1)
+    check_int("seed", seed, 0)
     folder = None
     if cache_dir is not None:
         key = cache_key(fingerprint or model_fingerprint(model), seed, seq_len, chunk_size, temperature, top_p)

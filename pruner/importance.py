@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -322,7 +323,9 @@ def family_scores(family: Family, vectors: dict[tuple[str, int], torch.Tensor], 
                   aggregation: str = "sum", seed: int = 0) -> torch.Tensor:
     """One score per group of ``family`` (higher = more important), fp64."""
     if criterion == "random":
-        g = torch.Generator().manual_seed(hash((seed, family.kind, family.layer)) % (2**31))
+        # a stable hash: Python's hash() of a str changes with PYTHONHASHSEED, i.e. in every process
+        key = hashlib.sha256(f"{seed}:{family.kind}:{family.layer}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(key[:4], "little"))
         return torch.rand(family.num_groups, generator=g, dtype=torch.float64)
     per_member = []
     for m in family.members:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ import transformers
 from torch import nn
 
 from . import export_shapes
+from .checks import check_dtype, check_model, existing_ancestor
 from .errors import PrunerError
 from .plan import Plan
 
@@ -142,10 +144,7 @@ def check_export_target(folder: str | os.PathLike, overwrite: bool = False) -> P
             raise PrunerError(f"{path} exists and is not an export written by pruner (no pruner marker in its "
                               "config.json): overwrite=True only replaces earlier exports; choose another "
                               "folder, or move its contents away yourself")
-    parent = path.parent
-    existing = parent
-    while not existing.exists():
-        existing = existing.parent
+    existing = existing_ancestor(path.parent)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise PrunerError(f"cannot create the export folder {path}: {existing} is not a writable folder; choose a "
                           "folder you can write to")
@@ -182,10 +181,24 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
     the other raises. ``extra_files``: ``{name: text}`` written into the folder too (e.g. a
     ``report.md``). Returns the folder (``~`` expanded, absolute).
     """
+    check_model(model)
+    if not isinstance(folder, (str, os.PathLike)):
+        raise PrunerError(f"the export folder must be a path, got {type(folder).__name__}")
+    if not isinstance(overwrite, bool):
+        raise PrunerError(f"overwrite={overwrite!r} must be True or False")
     folder = check_export_target(folder, overwrite)
-    for name in extra_files or {}:
-        if Path(name).name != name or name in ("", ".", ".."):
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise PrunerError(f"tokenizer must be a transformers tokenizer (with save_pretrained), got "
+                          f"{type(tokenizer).__name__}: load it with pruner.data.load_tokenizer(name)")
+    if plan is not None and not isinstance(plan, Plan):
+        raise PrunerError(f"plan must be a pruner.Plan, got {type(plan).__name__}: pruner.Plan.load(path) reads one")
+    if extra_files is not None and not isinstance(extra_files, dict):
+        raise PrunerError(f"extra_files must be a dict of file name -> text, got {type(extra_files).__name__}")
+    for name, text in (extra_files or {}).items():
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
             raise PrunerError(f"extra file name {name!r} must be a plain file name, not a path")
+        if not isinstance(text, str):
+            raise PrunerError(f"extra file {name!r} must be given as text (a str), got {type(text).__name__}")
     base = base_class(model)
     cfg = clean_config(model)
     _uniform_config(model, cfg)
@@ -330,6 +343,18 @@ def _check_folder(folder: Path) -> dict:
         raise PrunerError(f"{config_path} is not valid JSON ({e})") from e
 
 
+def _warn_if_modeling_file_edited(folder: Path, data: dict) -> None:
+    """This package never runs the folder's ``modeling_pruned.py``, but others load the folder with
+    ``trust_remote_code=True``: say so when that file is not the one the export recorded."""
+    recorded = data.get("pruner_modeling_sha256")
+    path = folder / MODELING_FILE
+    if recorded and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() != recorded:
+        warnings.warn(f"{path} differs from the file pruner wrote (its SHA-256 is not the one recorded in "
+                      "config.json): it was edited. pruner.load_pretrained does not run it, but "
+                      "from_pretrained(trust_remote_code=True) would: re-export the model before serving it",
+                      stacklevel=3)
+
+
 def load_pretrained(folder: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None):
     """Loads a folder written by :func:`save_pretrained` (or any plain HF causal LM folder).
 
@@ -337,13 +362,19 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | str | None = None, 
     :mod:`pruner.export_shapes`. Refuses weights files that miss a tensor of the model, or
     hold tensors it has no place for (transformers would initialise the missing ones randomly
     and drop the others without an error)."""
+    if dtype is not None:
+        dtype = check_dtype(dtype)
+    if device is not None:
+        try:
+            torch.device(device)
+        except (RuntimeError, TypeError):
+            raise PrunerError(f"device={device!r} is not a device: use 'cpu', 'cuda', 'cuda:0', ...") from None
+    if not isinstance(folder, (str, os.PathLike)):
+        raise PrunerError(f"the model folder must be a path, got {type(folder).__name__}")
     folder = Path(folder).expanduser()
     data = _check_folder(folder)
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
-            raise PrunerError(f"dtype={dtype!r} is not a floating-point dtype: use 'float32', 'bfloat16' or 'float16'")
-        dtype = getattr(torch, dtype)
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    _warn_if_modeling_file_edited(folder, data)
     if "pruner_shapes" in data:
         base_name = (data.get("architectures") or [None])[0]
         base = getattr(transformers, base_name or "", None)

@@ -78,14 +78,13 @@ def load_model(
     Never runs code from the folder unless ``trust_remote_code=True`` is passed by name: pruned
     exports with per-layer widths are rebuilt by this package (:func:`pruner.load_pretrained`)
     whatever ``trust_remote_code`` says, so their ``modeling_pruned.py`` is never imported."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .errors import PrunerError
 
-    if isinstance(dtype, str):
-        if dtype not in ("float32", "bfloat16", "float16") or not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise PrunerError(f"dtype={dtype!r} is not a floating-point dtype: use 'float32', 'bfloat16' or 'float16'")
-        dtype = getattr(torch, dtype)
+    from .checks import check_dtype
+
+    dtype = check_dtype(dtype)
     if not isinstance(trust_remote_code, bool):
         raise PrunerError(f"trust_remote_code={trust_remote_code!r} must be True or False")
     source, gguf_file = resolve_model_source(name_or_path)
@@ -98,7 +97,9 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
     )
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    from .data import load_tokenizer
+
+    tokenizer = load_tokenizer(str(name_or_path), trust_remote_code=trust_remote_code)
     if gguf_file:
         # A dequantized GGUF model is a plain model: without this, save_pretrained refuses it.
         model.hf_quantizer = None

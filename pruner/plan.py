@@ -52,38 +52,82 @@ class Plan:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> Plan:
-        if d.get("format") != FORMAT:
-            raise PrunerError(f"not a pruning plan (format {d.get('format')!r}, expected {FORMAT!r})")
+    def from_dict(cls, d: dict, source: str = "plan") -> Plan:
+        """The plan of a ``to_dict()`` dict, every field checked (types, ``index`` = position):
+        a plan edited by hand or cut short raises :class:`PrunerError` naming the field."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise PrunerError(f"{source} is not a pruning plan (format {got!r}, expected {FORMAT!r})")
+        raw_layers = d.get("layers")
+        if not isinstance(raw_layers, list) or not raw_layers:
+            raise PrunerError(f"{source}: 'layers' must be a non-empty list of layer entries, got {raw_layers!r:.80}")
         layers = []
-        for raw in d["layers"]:
+        for position, raw in enumerate(raw_layers):
+            where = f"{source}: layers[{position}]"
+            if not isinstance(raw, dict):
+                raise PrunerError(f"{where} must be an object, got {raw!r:.80}")
             raw = dict(raw)
             raw["heads_kept"] = raw.pop("attention_heads_kept", raw.get("heads_kept"))
-            layers.append(LayerPlan(**{k: raw.get(k) for k in LayerPlan.__dataclass_fields__ if k in raw}))
-        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k != "layers"}
-        return cls(layers=layers, **fields)
+            index = raw.get("index")
+            if not isinstance(index, int) or isinstance(index, bool) or index != position:
+                raise PrunerError(f"{where}.index is {index!r}: entries must be in layer order with index equal to "
+                                  "their position (0, 1, 2, ...); the plan was reordered or edited")
+            removed = raw.get("removed", False)
+            if not isinstance(removed, bool):
+                raise PrunerError(f"{where}.removed must be true or false, got {removed!r}")
+            for key in ("heads_kept", "kv_heads_kept", "mlp_channels_kept"):
+                kept = raw.get(key)
+                if kept is not None and (not isinstance(kept, list) or not all(
+                        isinstance(k, int) and not isinstance(k, bool) for k in kept)):
+                    name = "attention_heads_kept" if key == "heads_kept" else key
+                    raise PrunerError(f"{where}.{name} must be a list of integer indices or null, got {kept!r:.80}")
+            layers.append(LayerPlan(index, removed, raw.get("heads_kept"), raw.get("kv_heads_kept"),
+                                    raw.get("mlp_channels_kept")))
+        hidden = d.get("hidden_kept")
+        if hidden is not None and (not isinstance(hidden, list) or not all(
+                isinstance(k, int) and not isinstance(k, bool) for k in hidden)):
+            raise PrunerError(f"{source}: hidden_kept must be a list of integer indices or null, got {hidden!r:.80}")
+        for key, kind in (("model", dict), ("settings", dict), ("params", dict), ("calibration", dict),
+                          ("groups", list), ("pruner_version", str)):
+            if key in d and not isinstance(d[key], kind):
+                raise PrunerError(f"{source}: {key!r} must be a JSON {'object' if kind is dict else kind.__name__}, "
+                                  f"got {type(d[key]).__name__}")
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d and k not in ("layers", "hidden_kept")}
+        return cls(layers=layers, hidden_kept=hidden, **fields)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the plan atomically (temporary file, then rename)."""
-        path = Path(path)
+        path = Path(path).expanduser()
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot write the plan to {path}: the folder {path.parent} does not exist; "
+                                    "create it first")
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".plan-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+            mask = os.umask(0o022)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would hide the plan from other accounts
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        path = Path(path)
+        if not isinstance(path, (str, os.PathLike)):
+            raise PrunerError(f"the plan path must be a path to plan.json, got {type(path).__name__}")
+        path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"plan file not found: {path}")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PrunerError(f"{path} is not valid JSON ({e}); was it written completely?") from e
-        return cls.from_dict(data)
+        return cls.from_dict(data, source=str(path))
 
     @property
     def is_identity(self) -> bool:

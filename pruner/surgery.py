@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from .checks import check_model
 from .discovery import Family, ModelStructure, discover
 from .errors import PlanMismatchError
 from .plan import Plan, model_fingerprint
@@ -160,6 +161,10 @@ def apply_plan(plan: Plan, model: nn.Module, structure: ModelStructure | None = 
     the fingerprint of its dense model (every finished plan does) is refused for a model with
     another one, unless ``check_fingerprint=False`` (e.g. weights trained since, then replaced
     by a checkpoint's). Returns the structure of the dense model the plan was checked against."""
+    if not isinstance(plan, Plan):
+        raise PlanMismatchError(f"plan must be a pruner.Plan, got {type(plan).__name__}: read plan.json with "
+                                "pruner.Plan.load(path), or build one with pruner.Plan.from_dict(d)")
+    check_model(model)
     structure = structure or discover(model)
     check_plan(plan, structure)
     expected = (plan.model or {}).get("fingerprint")
@@ -205,6 +210,9 @@ def apply_plan(plan: Plan, model: nn.Module, structure: ModelStructure | None = 
 def mask_plan(plan: Plan, model: nn.Module, structure: ModelStructure | None = None) -> None:
     """Zeroes what ``plan`` removes instead of removing it (a removed layer: all its parameters,
     which makes it the identity). The masked model computes what the pruned one computes."""
+    if not isinstance(plan, Plan):
+        raise PlanMismatchError(f"plan must be a pruner.Plan, got {type(plan).__name__}: pruner.Plan.load(path)")
+    check_model(model)
     structure = structure or discover(model)
     check_plan(plan, structure)
     params = dict(model.named_parameters(remove_duplicate=False))

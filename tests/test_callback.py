@@ -155,7 +155,7 @@ def test_argument_validation():
         StructuralPruneCallback(criterion="taylor", target_sparsity=0.2)
     with pytest.raises(PrunerError, match=r"attention_layers=\(4, 2\) is empty"):
         StructuralPruneCallback(target_sparsity=0.2, attention_layers=(4, 2))
-    with pytest.raises(PrunerError, match=r"iterative_steps must be a positive integer, got 0"):
+    with pytest.raises(PrunerError, match=r"iterative_steps must be an integer >= 1, got 0"):
         StructuralPruneCallback(target_sparsity=0.2, iterative_steps=0)
     with pytest.raises(PrunerError, match=r"calibration_batches=0\)` must be an integer >= 1"):
         StructuralPruneCallback(target_sparsity=0.2, calibration_batches=0)

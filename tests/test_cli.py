@@ -85,7 +85,7 @@ def test_bad_value_and_bad_subcommand_are_one_line():
 
 def test_missing_model_folder_is_one_line():
     proc = run("validate", "--config", "configs/tiny_test.yaml", "--model.model", "./no/such/model")
-    assert_one_line_error(proc, "FileNotFoundError", "./no/such/model")
+    assert_one_line_error(proc, "model folder not found", "./no/such/model")
     assert proc.returncode == 1
 
 

@@ -74,11 +74,11 @@ def test_kl_matches_a_hand_computation_with_temperature_and_mask():
 def test_bad_distillation_arguments(tiny_dir):
     from pruner.lightning_modules.causal_lm import CausalLMModule
 
-    with pytest.raises(ValueError, match=r"alpha=1.5 must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\], got 1.5"):
         distillation_loss(torch.randn(1, 3, 5), torch.randn(1, 3, 5), torch.zeros(1, 3, dtype=torch.long), alpha=1.5)
-    with pytest.raises(PrunerError, match="temperature=0 must be > 0"):
+    with pytest.raises(PrunerError, match="temperature must be a finite number > 0, got 0"):
         CausalLMModule(str(tiny_dir), distillation_alpha=0.5, distillation_temperature=0)
-    with pytest.raises(PrunerError, match="top_k=0 must be >= 1"):
+    with pytest.raises(PrunerError, match="top_k must be an integer >= 1, got 0"):
         CausalLMModule(str(tiny_dir), distillation_alpha=0.5, distillation_top_k=0)
     with pytest.raises(PrunerError, match="unused with distillation_alpha=0: set distillation_alpha > 0"):
         CausalLMModule(str(tiny_dir), teacher=str(tiny_dir))

@@ -19,8 +19,9 @@ def workspace(tmp_path_factory):
     (root / "zs").mkdir()
     items = [{"query": "Question : the cat ?", "choices": ["yes", "no the dog"], "gold": k % 2} for k in range(4)]
     (root / "zs" / "toy.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    plan = {"model": {"num_attention_heads": 4}, "layers": [{"index": 0, "attention_heads_kept": [0, 1]}]}
-    (root / "pruned" / "plan.json").write_text(json.dumps(plan))
+    from pruner.plan import LayerPlan, Plan
+
+    Plan([LayerPlan(0, heads_kept=[0, 1])], model={"num_attention_heads": 4}).save(root / "pruned" / "plan.json")
     return root
 
 

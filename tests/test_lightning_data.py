@@ -126,15 +126,15 @@ def test_builtin_heldout_validation_is_disjoint_from_the_builtin_training_text(t
 
 
 def test_argument_validation_and_errors(tiny_dir, tmp_path):
-    with pytest.raises(PrunerError, match=r"`PruneDataModule\(micro_batch_size=0\)` must be >= 1"):
+    with pytest.raises(PrunerError, match=r"`PruneDataModule\(micro_batch_size\)` must be an integer >= 1, got 0"):
         PruneDataModule(micro_batch_size=0)
-    with pytest.raises(PrunerError, match=r"val_max_windows=0\)` must be >= 1, or None"):
+    with pytest.raises(PrunerError, match=r"val_max_windows\)` must be an integer >= 1, got 0 \(an int\): or None for all"):
         PruneDataModule(val_max_windows=0)
-    with pytest.raises(PrunerError, match=r"`PruneDataModule\(reconstruction_samples=0\)` must be >= 1"):
+    with pytest.raises(PrunerError, match=r"`PruneDataModule\(reconstruction_samples\)` must be an integer >= 1, got 0"):
         PruneDataModule(reconstruction_samples=0)
-    with pytest.raises(PrunerError, match=r"`PruneDataModule\(reconstruction_seq_len=1\)` must be >= 2"):
+    with pytest.raises(PrunerError, match=r"`PruneDataModule\(reconstruction_seq_len\)` must be an integer >= 2, got 1"):
         PruneDataModule(reconstruction_seq_len=1)
-    with pytest.raises(PrunerError, match=r"reconstruction_source=' '\)` is empty"):
+    with pytest.raises(PrunerError, match=r"reconstruction_source=' '\)` must be a non-empty string"):
         PruneDataModule(reconstruction_source=" ")
     with pytest.raises(PrunerError, match="has no tokenizer: pass `tokenizer="):
         PruneDataModule().setup("fit")

@@ -49,9 +49,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> Path | None:
-    """Fails fast, before any model is loaded, on paths that do not exist."""
-    if args.wikitext and args.wikitext != "hub" and not Path(args.wikitext).is_file():
+def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> dict | None:
+    """Fails fast, before any model is loaded: numbers out of range, paths that do not exist,
+    zero-shot files that do not parse, a report folder that cannot be written, a plan that does
+    not parse. Returns the plan for the plots (``--plan``, or plan.json of a ``--compare``)."""
+    from pruner.eval.zeroshot import load_items
+    from pruner.models import resolve_model_source
+
+    for flag, value, minimum in (("--limit", args.limit, 1), ("--max-tokens", args.max_tokens, 2),
+                                 ("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
+                                 ("--new-tokens", args.new_tokens, 0)):
+        if value is not None and value < minimum:
+            raise ValueError(f"{flag} {value} must be at least {minimum}" + (" (or leave it out for all items)"
+                                                                              if flag == "--limit" else ""))
+    if args.max_tokens < args.seq_len:
+        raise ValueError(f"--max-tokens {args.max_tokens} is shorter than one --seq-len {args.seq_len} window: "
+                         "raise --max-tokens or lower --seq-len")
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {args.dtype!r} is not supported: use float32, bfloat16 or float16")
+    if not tasks:
+        raise ValueError("--tasks is empty: name at least one task, e.g. --tasks piqa,arc_easy")
+    for name in [args.model, *args.compare]:
+        resolve_model_source(name)  # FileNotFoundError for a missing folder / GGUF file
+    if args.wikitext and args.wikitext != "hub" and not Path(args.wikitext).expanduser().is_file():
         raise FileNotFoundError(f"WikiText-2 file not found: {args.wikitext}")
     if args.zeroshot_dir == "hub":
         unknown = [t for t in tasks if t not in HUB_TASKS]
@@ -59,15 +79,20 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> Path | None:
             raise ValueError(f"unknown hub task(s) {unknown}; known: {', '.join(HUB_TASKS)}")
     elif args.zeroshot_dir:
         for t in tasks:
-            if not (Path(args.zeroshot_dir) / f"{t}.jsonl").is_file():
-                raise FileNotFoundError(f"zero-shot task file not found: {Path(args.zeroshot_dir) / f'{t}.jsonl'}")
+            path = Path(args.zeroshot_dir).expanduser() / f"{t}.jsonl"
+            if not path.is_file():
+                raise FileNotFoundError(f"zero-shot task file not found: {path}")
+            load_items(path, args.limit)  # parses and checks the items the run will score
+    from pruner.checks import check_writable_folder
+
+    check_writable_folder("--output", args.output, "give a folder for the report that you can write to")
+    from pruner.plan import Plan
+
     if args.plan:
-        if not Path(args.plan).is_file():
-            raise FileNotFoundError(f"plan file not found: {args.plan}")
-        return Path(args.plan)
+        return Plan.load(args.plan).to_dict()  # FileNotFoundError / PrunerError naming the file
     for folder in args.compare:
-        if (Path(folder) / "plan.json").is_file():
-            return Path(folder) / "plan.json"
+        if (Path(folder).expanduser() / "plan.json").is_file():
+            return Plan.load(Path(folder).expanduser() / "plan.json").to_dict()
     return None
 
 
@@ -85,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from pruner.models import load_model
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    plan_path = _check_inputs(args, tasks)
+    plan = _check_inputs(args, tasks)
     rows = None
     if args.wikitext:
         rows = load_wikitext2_rows(None if args.wikitext == "hub" else args.wikitext)
@@ -108,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         progress=args.progress,
     )
-    plan = json.loads(plan_path.read_text()) if plan_path else None
     written = write_report(results, args.output, plan=plan)
     print(format_tables(results))
     gens = format_generations(results)

@@ -26,6 +26,9 @@ from torch import nn
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters; tied weights (shared tensors) are counted once."""
+    from pruner.checks import check_model
+
+    check_model(model)
     # model.parameters() already de-duplicates shared Parameters (tied embeddings).
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

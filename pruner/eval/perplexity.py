@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from pruner.errors import PrunerError
+
 
 def _raw_lines_to_rows(path: str | Path) -> list[str]:
     """Rows of a raw WikiText file laid out like the Hugging Face ``wikitext`` test split."""
@@ -102,11 +104,12 @@ def perplexity(
     Raises ``ValueError`` when the text has fewer than ``seq_len`` tokens.
     """
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        raise PrunerError(f"seq_len must be at least 2, got {seq_len}: a window predicts its next tokens (the paper uses 128)")
     ids = tokenize_rows(tokenizer, rows, max_tokens)
     n_windows = ids.numel() // seq_len
     if n_windows == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+        raise PrunerError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}: give more text or a "
+                          "smaller seq_len")
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)  # (n_windows, seq_len)
 
     was_training = model.training
@@ -154,5 +157,6 @@ def loader_perplexity(model, batches, device=None) -> float:
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("no labelled tokens in the batches: cannot compute a perplexity")
+        raise PrunerError("no labelled tokens in the batches: cannot compute a perplexity; give batches whose labels "
+                          "are not all -100")
     return math.exp(total / count)

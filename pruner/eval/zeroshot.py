@@ -49,17 +49,39 @@ def lm_eval_version() -> str | None:
 
 
 def load_items(path: str | Path, limit: int | None = None) -> list[dict]:
-    """The first ``limit`` items (all when None) of a ``{"query","choices","gold"}`` JSONL file."""
-    path = Path(path)
+    """The first ``limit`` items (all when None) of a ``{"query","choices","gold"}`` JSONL file;
+    every item is checked, and a bad one is named by file and line."""
+    from pruner.errors import PrunerError
+
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"zero-shot task file not found: {path}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise PrunerError(f"limit={limit!r} must be an integer >= 1 (the first N items), or None for all")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                items.append(json.loads(line))
+    with open(path, encoding="utf-8", errors="strict") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PrunerError(f"{where} is not valid JSON ({e.msg}): one JSON object per line, "
+                                  '{"query": ..., "choices": [...], "gold": index}') from None
+            choices = item.get("choices") if isinstance(item, dict) else None
+            if not (isinstance(item, dict) and isinstance(item.get("query"), str) and isinstance(choices, list)
+                    and len(choices) >= 2 and all(isinstance(c, str) for c in choices)
+                    and isinstance(item.get("gold"), int) and not isinstance(item.get("gold"), bool)
+                    and 0 <= item["gold"] < len(choices)):
+                raise PrunerError(f"{where}: expected {{\"query\": str, \"choices\": [two or more str], \"gold\": "
+                                  f"index into choices}}, got {line.strip()[:120]}")
+            items.append(item)
             if limit is not None and len(items) >= limit:
                 break
+    if not items:
+        raise PrunerError(f"{path} holds no items: one JSON object per line, "
+                          '{"query": ..., "choices": [...], "gold": index}')
     return items
 
 

@@ -1,0 +1,122 @@
+"""Typed checks of user options, with messages that name the option, the value, its type and a fix.
+
+Values arrive from Python, YAML and command lines: ``"0.2"``, ``"false"``, ``nan`` and ``True``
+(an ``int`` to Python) must be refused before any work, not compared, cast or silently accepted.
+
+Example:
+    >>> check_fraction("target_sparsity", "0.2")
+    Traceback (most recent call last):
+    ...
+    pruner.errors.PrunerError: target_sparsity must be a number strictly between 0 and 1, got '0.2' (a str): pass a fraction such as 0.2
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import PrunerError
+
+
+def _got(value) -> str:
+    kind = type(value).__name__
+    return f"got {value!r} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
+
+
+def is_number(value) -> bool:
+    """A real int or float; ``bool`` is not a number here (``True`` would pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise PrunerError(f"{name} must be true or false, {_got(value)}: write true/false (YAML) or True/False "
+                          "(Python), not a string")
+    return value
+
+
+def check_int(name: str, value, minimum: int | None = None, fix: str = "") -> int:
+    """An integer (not a bool, not a float such as 2.0) of at least ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        want = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+        raise PrunerError(f"{name} must be {want}, {_got(value)}" + (f": {fix}" if fix else ""))
+    return value
+
+
+def check_number(name: str, value, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False, fix: str = "") -> float:
+    """A finite number within ``[low, high]`` (an end is excluded when ``*_open``)."""
+    ok = is_number(value) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        if low is not None and high is not None:
+            if low_open and high_open:
+                want = f"a number strictly between {low:g} and {high:g}"
+            else:
+                want = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            want = f"a finite number {'>' if low_open else '>='} {low:g}"
+        else:
+            want = "a finite number"
+        raise PrunerError(f"{name} must be {want}, {_got(value)}" + (f": {fix}" if fix else ""))
+    return float(value)
+
+
+def check_fraction(name: str, value) -> float:
+    """A fraction strictly between 0 and 1 (target_sparsity, pruning_ratio)."""
+    return check_number(name, value, 0.0, 1.0, low_open=True, high_open=True, fix="pass a fraction such as 0.2")
+
+
+def check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise PrunerError(f"{name} must be one of {listed}, {_got(value)}")
+    return value
+
+
+def existing_ancestor(path) -> "Path":
+    """``path`` itself or its nearest existing parent folder (where a new folder would be made)."""
+    from pathlib import Path
+
+    existing = Path(path).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return existing
+
+
+def check_writable_folder(name: str, path, fix: str = "choose a folder you can write to") -> "Path":
+    """Refuses, before any work, a folder path that is a file or could not be created/written;
+    returns it (``~`` expanded, absolute)."""
+    import os
+    from pathlib import Path
+
+    folder = Path(path).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise PrunerError(f"{name} {folder} is an existing file: give a folder")
+    existing = existing_ancestor(folder)
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PrunerError(f"{name} {folder}: {existing} is not a writable folder; {fix}")
+    return folder
+
+
+def check_model(value, what: str = "model"):
+    """A ``torch.nn.Module`` (a transformers causal LM), not a name or a path."""
+    from torch import nn
+
+    if not isinstance(value, nn.Module):
+        raise PrunerError(f"{what} must be a torch.nn.Module (a transformers causal LM), got {type(value).__name__}: "
+                          "load it first, e.g. model, tokenizer = pruner.load_model('smollm2')")
+    return value
+
+
+def check_dtype(value):
+    """A floating-point ``torch.dtype`` or its name ('float32', 'bfloat16', 'float16'); returns the dtype."""
+    import torch
+
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype in (torch.float8_e4m3fn,
+                                                                                    torch.float8_e5m2):
+        raise PrunerError(f"dtype={value!r} is not a floating-point dtype: use 'float32', 'bfloat16' or 'float16'")
+    return dtype
