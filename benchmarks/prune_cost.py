@@ -1,19 +1,29 @@
-"""Cost of pruning SmolLM2-135M: wall time and peak memory of calibration + importance +
-selection + removal for 10, 100 and 1000 calibration samples of 64 tokens, against the
-model's own size; optionally Torch-Pruning's Taylor importance on the same model and data.
+"""What a prune call costs, against its floor, on SmolLM2-135M and at LLaMA-7B / 70B shapes.
 
-    python benchmarks/prune_cost.py --samples 10,100,1000 --torch-pruning --output cost.json
+    python benchmarks/prune_cost.py                       # every table below, ~10 minutes
+    python benchmarks/prune_cost.py --parts smollm2 --rounds 5 --output cost.json
 
-Every measurement runs in a fresh process (so that one run's allocator caches do not hide the
-next one's peak): peak resident memory above the RSS after the model is loaded (sampled every
-2 ms, ``pruner.eval.efficiency.peak_memory``), divided by the bytes of the model's weights.
-pruner runs twice: with glibc's default allocator settings, and with
-``MALLOC_MMAP_THRESHOLD_=65536``. The default's threshold grows after the first large free, so
-later model-sized temporaries (gradients, sliced weights) come from the heap, which keeps them
-resident after they are freed; the fixed threshold returns them to the system at once, so its
-column is close to the memory the tensors really need (what a GPU's allocator would report).
-Pruning: element1, 20% of all parameters, global ranking over KV groups and MLP channels in
-layers 4-27. Calibration text: ``../shared/data/gutenberg`` (builtin text without it).
+Tables (every measurement in a fresh process, so that one run's allocator caches and imports do
+not carry into the next):
+
+1. ``smollm2``: ``pruner.prune`` (element1, 20 % of all parameters, KV groups and MLP channels of
+   layers 4-27, the paper's local allocation) on the same 10 x 64 calibration tokens as ten
+   batches of one sample and as one batch of ten, next to its **floor**: the same forward +
+   backward passes with nothing else (only the scored tensors requiring gradients), each in its
+   own process. The overhead ratio is prune / mean floor. Peak memory is the resident set above
+   the loaded model (sampled every 2 ms) over the weights' bytes, with glibc's default allocator and with
+   ``MALLOC_MMAP_THRESHOLD_=65536`` (freed blocks go back to the system at once: close to what
+   the tensors need). ``--samples 10,100`` adds larger calibration sets (ten-sample batches).
+2. ``shapes``: LLaMA-7B- and LLaMA-70B-shaped models on the meta device (no weights; vocabulary
+   256): group discovery, then with random scores selection + plan building (local and global
+   allocation) and surgery planning (the removed index sets of every tensor).
+3. ``obs``: greedy OBS over SmolLM2's MLP channels (down_proj's real input statistics from the
+   calibration text, 649 of 1536 channels removed as the 20 % plan does), the blocked
+   ``pruner.reconstruction.greedy_obs`` against the eager rank-one downdate of both matrices at
+   every step (as it was written before): seconds per layer, and whether the channels agree.
+4. ``--torch-pruning``: Torch-Pruning's Taylor importance on the same model and data.
+
+Calibration text: ``../shared/data/gutenberg`` (builtin text without it).
 """
 
 from __future__ import annotations
@@ -28,6 +38,14 @@ from pathlib import Path
 from _child import FIXED_MMAP, run_child  # benchmarks/ is on sys.path when a script here runs
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+PRUNE = dict(criterion="element1", target_sparsity=0.2, attention_layers=(4, 28), mlp_layers=(4, 28),
+             head_granularity="kv")
+SHAPES = {  # LLaMA-2 7B (MHA) and 70B (GQA 64:8)
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8),
+}
 
 
 def _calibration(tok, n: int):
@@ -37,25 +55,134 @@ def _calibration(tok, n: int):
     return calibration_samples(source, tok, n, 64, seed=0)
 
 
-def one_pruner(n: int) -> dict:
+def _layout(samples, layout: str) -> list:
+    n = len(samples)
+    size = 1 if layout == "1-sample batches" else 10
+    return [samples[i: i + size] for i in range(0, n, size)]
+
+
+def one_smollm2(n: int, layout: str, what: str) -> dict:
+    """``what`` = "prune": the whole call, with its peak memory; "floor": the same forward +
+    backward passes alone, gradients only where prune needs them. Each in its own process, after
+    the same one-sample no-grad forward (thread pools and kernels start before the clock)."""
     import torch
 
     import pruner
+    from pruner.api import families_for
+    from pruner.config import PruneConfig
     from pruner.eval.efficiency import peak_memory, weights_bytes
 
     model, tok = pruner.load_model("smollm2")
-    samples = _calibration(tok, n)
+    batches = _layout(_calibration(tok, n), layout)
+    with torch.no_grad():
+        model(batches[0][:1])
+    row = {"part": "smollm2", "samples": n, "layout": layout, "threads": torch.get_num_threads()}
+    if what == "floor":
+        scored = {m.param for f in families_for(pruner.discover(model), PruneConfig(**PRUNE)) for m in f.members}
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in scored)
+        start = time.perf_counter()
+        for b in batches:
+            model(input_ids=b, labels=b).loss.backward()
+        return {**row, "floor_s": time.perf_counter() - start}
     model_bytes = weights_bytes(model)
-
-    def run():
-        return pruner.prune(model, [samples[i : i + 1] for i in range(n)], criterion="element1", target_sparsity=0.2,
-                            attention_layers=(4, 28), mlp_layers=(4, 28), global_ranking=True, head_granularity="kv")
-
     start = time.perf_counter()
-    plan, peak = peak_memory(run)
-    seconds = time.perf_counter() - start
-    return {"tool": "pruner", "samples": n, "seconds": seconds, "peak_extra_bytes": peak, "model_bytes": model_bytes,
-            "removed": plan.params["removed_fraction"], "threads": torch.get_num_threads()}
+    plan, peak = peak_memory(lambda: pruner.prune(model, batches, **PRUNE))
+    return {**row, "prune_s": time.perf_counter() - start, "peak_extra_bytes": peak, "model_bytes": model_bytes,
+            "removed": plan.params["removed_fraction"]}
+
+
+def meta_llama(shape: str):
+    """A LLaMA of ``shape`` whose weights live on the meta device (no memory), except what
+    discovery's probe runs on: the embeddings, layer 0's norms and the rotary tables."""
+    import torch
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=256, max_position_embeddings=64, **SHAPES[shape])
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(cfg)
+    model.model.embed_tokens = torch.nn.Embedding(256, cfg.hidden_size)
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
+    for norm in (model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm):
+        norm.weight = torch.nn.Parameter(torch.ones(cfg.hidden_size))
+    return model.eval()
+
+
+def one_shape(shape: str) -> dict:
+    import torch
+
+    import pruner
+    from pruner.api import families_for
+    from pruner.config import PruneConfig
+    from pruner.pipeline import make_plan
+    from pruner.surgery import removed_slices
+
+    model = meta_llama(shape)
+    start = time.perf_counter()
+    structure = pruner.discover(model)
+    row = {"part": "shapes", "shape": shape, "discover_s": time.perf_counter() - start,
+           "params": sum(p.numel() for p in model.parameters())}
+    for allocation, global_ranking in (("local", False), ("global", True)):
+        cfg = PruneConfig(target_sparsity=0.2, global_ranking=global_ranking)
+        g = torch.Generator().manual_seed(0)
+        vectors = {(m.param, m.dim): torch.rand(structure.shapes[m.param][m.dim], generator=g)
+                   for f in families_for(structure, cfg) for m in f.members}
+        start = time.perf_counter()
+        plan = make_plan(structure, vectors, cfg, row["params"])
+        row[f"{allocation}_plan_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        removed_slices(plan, structure)
+        row[f"{allocation}_surgery_s"] = time.perf_counter() - start
+        row[f"{allocation}_layers_pruned"] = sum(lp.heads_kept is not None or lp.mlp_channels_kept is not None
+                                                  for lp in plan.layers)
+    return row
+
+
+def eager_obs(h_inv, w, n_remove: int):
+    """Greedy OBS with both matrices downdated at every step: what ``greedy_obs`` replaced."""
+    import torch
+
+    alive = torch.ones(len(h_inv), dtype=torch.bool)
+    for _ in range(n_remove):
+        cost = w.square().sum(0) / h_inv.diagonal()
+        cost[~alive] = float("inf")
+        j = int(cost.argmin())
+        d = h_inv[j, j]
+        w.addr_(w[:, j].clone(), h_inv[j, :], alpha=-1 / d)
+        h_inv.addr_(h_inv[:, j].clone(), h_inv[j, :].clone(), alpha=-1 / d)
+        alive[j] = False
+    return alive
+
+
+def one_obs(layers: int) -> dict:
+    import torch
+
+    import pruner
+    from pruner.reconstruction import GramCollector, greedy_obs
+
+    model, tok = pruner.load_model("smollm2")
+    samples = _calibration(tok, 10)
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(4, 4 + layers)]
+    collector = GramCollector(model, names)
+    collector.attach()
+    with torch.no_grad():
+        model(samples)
+    collector.detach()
+    n_remove = 649  # what the 20 % plan removes from each of these layers' 1536 channels
+    eager_s, blocked_s, same = [], [], []
+    for name in names:
+        gram = collector.grams[name] / collector.tokens[name]  # (1536, 1536)
+        h = gram + 0.1 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+        h_inv = torch.linalg.inv(h)
+        w = model.get_submodule(name).weight.detach().double()  # (576, 1536)
+        start = time.perf_counter()
+        a = eager_obs(h_inv.clone(), w.clone(), n_remove)
+        eager_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        b = greedy_obs(h_inv.clone(), w.clone(), n_remove)
+        blocked_s.append(time.perf_counter() - start)
+        same.append(bool(torch.equal(a, b)))
+    return {"part": "obs", "layers": layers, "eager_s": eager_s, "blocked_s": blocked_s, "same_channels": same}
 
 
 def one_torch_pruning(n: int) -> dict:
@@ -88,53 +215,114 @@ def one_torch_pruning(n: int) -> dict:
 
     start = time.perf_counter()
     _, peak = peak_memory(run)
-    seconds = time.perf_counter() - start
-    return {"tool": "torch-pruning", "samples": n, "seconds": seconds, "peak_extra_bytes": peak,
+    return {"part": "torch-pruning", "samples": n, "prune_s": time.perf_counter() - start, "peak_extra_bytes": peak,
             "model_bytes": model_bytes, "removed": 1 - pruner.count_parameters(model) / before,
             "threads": torch.get_num_threads()}
 
 
-def _child(kind: str, n: int, timeout: int, env: dict[str, str] | None = None) -> dict:
-    row = run_child(__file__, ["--child", kind, "--samples", str(n)], timeout, env)
-    row = {"tool": kind, "samples": n, **row} if "error" in row else row
-    return {**row, "allocator": "mmap threshold 64 KiB" if env else "glibc default"}
+def _print_tables(rows: list[dict]) -> None:
+    import torch
+
+    print(f"\n{platform.machine()} CPU, {torch.get_num_threads()} threads, fp32, {time.strftime('%Y-%m-%d')}")
+    smol = [r for r in rows if r.get("part") == "smollm2" and "error" not in r]
+    if smol:
+        print("\nSmolLM2-135M, element1, -20 %, layers 4-27 (KV groups + MLP channels), local allocation")
+        print("| samples x 64 | layout | allocator | rounds | floor s (fwd+bwd) | prune s | prune / floor | "
+              "peak extra MB (/ weights) | removed |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        floors = {}
+        for r in smol:
+            if "floor_s" in r:
+                floors.setdefault((r["samples"], r["layout"]), []).append(r["floor_s"])
+        keys = sorted({(r["samples"], r["layout"], r["allocator"]) for r in smol if "prune_s" in r})
+        for key in keys:
+            runs = [r for r in smol if (r["samples"], r["layout"], r["allocator"]) == key and "prune_s" in r]
+            floor = floors.get(key[:2], [float("nan")])
+            mean_floor = sum(floor) / len(floor)
+            peak = [r["peak_extra_bytes"] for r in runs]
+            mb = runs[0]["model_bytes"]
+            print(f"| {key[0]} | {key[1]} | {key[2]} | {len(runs)} | {_span(floor)} | "
+                  f"{_span([r['prune_s'] for r in runs])} | {_span([r['prune_s'] / mean_floor for r in runs], '.2f')} | "
+                  f"{_span([p / 2**20 for p in peak], '.0f')} ({max(peak) / mb:.2f} max) | {runs[0]['removed']:.2%} |")
+    for r in (r for r in rows if r.get("part") == "torch-pruning"):
+        tail = r["error"] if "error" in r else (f"{r['prune_s']:.1f} s, peak extra {r['peak_extra_bytes'] / 2**20:,.0f} MB "
+                                                f"({r['peak_extra_bytes'] / r['model_bytes']:.2f}x weights), {r['removed']:.1%} removed")
+        print(f"\nTorch-Pruning (GroupTaylorImportance), {r['samples']} samples, {r['allocator']}: {tail}")
+    shapes = [r for r in rows if r.get("part") == "shapes"]
+    if shapes:
+        print("\nLLaMA shapes on the meta device, random scores, -20 % of all parameters")
+        print("| shape | params | discovery s | allocation | selection + plan s | surgery planning s | layers pruned |")
+        print("|---|---|---|---|---|---|---|")
+        for r in shapes:
+            if "error" in r:
+                print(f"| {r['shape']} | - | - | - | - | - | {r['error']} |")
+                continue
+            for allocation in ("local", "global"):
+                print(f"| {r['shape']} | {r['params'] / 1e9:.2f} B | {r['discover_s']:.1f} | {allocation} | "
+                      f"{r[f'{allocation}_plan_s']:.2f} | {r[f'{allocation}_surgery_s']:.2f} | "
+                      f"{r[f'{allocation}_layers_pruned']} |")
+    for r in (r for r in rows if r.get("part") == "obs"):
+        if "error" in r:
+            print(f"\nOBS: {r['error']}")
+            continue
+        eager, blocked = sum(r["eager_s"]), sum(r["blocked_s"])
+        print(f"\nGreedy OBS, SmolLM2 down_proj of {r['layers']} layers (649 of 1536 channels each): eager "
+              f"{eager / r['layers']:.2f} s/layer, blocked {blocked / r['layers']:.2f} s/layer, speed-up "
+              f"{eager / blocked:.1f}x, same channels in {sum(r['same_channels'])}/{r['layers']} layers")
+
+
+def _span(values: list[float], fmt: str = ".2f") -> str:
+    """mean (min-max) of several rounds."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return format(mean, fmt)
+    return f"{mean:{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", default="10,100,1000")
+    p.add_argument("--parts", default="smollm2,shapes,obs", help="comma-separated: smollm2, shapes, obs")
+    p.add_argument("--samples", default="10", help="calibration sets for the smollm2 table, e.g. 10,100")
+    p.add_argument("--rounds", type=int, default=2, help="fresh-process repeats of each smollm2 row")
+    p.add_argument("--shapes", default="7b,70b")
+    p.add_argument("--obs-layers", type=int, default=3)
     p.add_argument("--torch-pruning", action="store_true", help="also run Torch-Pruning (pip install torch-pruning)")
     p.add_argument("--timeout", type=int, default=900, help="seconds per run")
     p.add_argument("--output", default=None)
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        fn = one_pruner if args.child == "pruner" else one_torch_pruning
-        print(json.dumps(fn(int(args.samples))), flush=True)
+        kind, *rest = args.child
+        fn = {"smollm2": lambda n, layout, what: one_smollm2(int(n), layout, what), "shape": one_shape,
+              "obs": lambda n: one_obs(int(n)), "torch-pruning": lambda n: one_torch_pruning(int(n))}[kind]
+        print(json.dumps(fn(*rest)), flush=True)
         return 0
+    parts = set(args.parts.split(","))
+    jobs: list[tuple[list[str], dict | None, dict]] = []
+    if "smollm2" in parts:
+        for n in (int(x) for x in args.samples.split(",")):
+            for layout in ("1-sample batches", "10-sample batches"):
+                for _ in range(args.rounds):  # floor and prune alternate, so drift hits both alike
+                    for what, env in (("floor", None), ("prune", None), ("prune", FIXED_MMAP)):
+                        jobs.append((["smollm2", str(n), layout, what], env,
+                                     {"part": "smollm2", "samples": n, "layout": layout}))
+    if args.torch_pruning:
+        jobs.append((["torch-pruning", "10"], None, {"part": "torch-pruning", "samples": 10}))
+    if "shapes" in parts:
+        jobs += [(["shape", s], None, {"part": "shapes", "shape": s}) for s in args.shapes.split(",")]
+    if "obs" in parts:
+        jobs.append((["obs", str(args.obs_layers)], None, {"part": "obs"}))
     rows = []
-    for n in (int(x) for x in args.samples.split(",")):
-        runs = [("pruner", None), ("pruner", FIXED_MMAP)]
-        runs += [("torch-pruning", None)] if args.torch_pruning and n == 10 else []
-        for kind, env in runs:
-            row = _child(kind, n, args.timeout, env)
-            rows.append(row)
-            print(row, flush=True)
-    import torch
-
-    print(f"\nSmolLM2-135M fp32, {platform.machine()} CPU, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
-    print("| tool | allocator | samples x 64 tokens | wall s | peak extra memory MB | / model bytes | removed |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['tool']} | {r['allocator']} | {r['samples']} | - | - | - | {r['error']} |")
-            continue
-        print(f"| {r['tool']} | {r['allocator']} | {r['samples']} | {r['seconds']:.1f} | {r['peak_extra_bytes'] / 2**20:,.0f} | "
-              f"{r['peak_extra_bytes'] / r['model_bytes']:.2f} | {r['removed']:.1%} |")
+    for child_args, env, what in jobs:
+        row = run_child(__file__, ["--child", *child_args], args.timeout, env)
+        row = {**what, **row, "allocator": "mmap threshold 64 KiB" if env else "glibc default"}
+        rows.append(row)
+        print(row, flush=True)
+    _print_tables(rows)
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -20,12 +20,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_model
+from .checks import check_int, check_model
 from .config import PruneConfig
 from .discovery import ModelStructure, discover
 from .errors import PrunerError
 from .eval.efficiency import count_parameters  # one definition: tied weights counted once
 from .importance import ImportanceEstimator
+from .memory import release_freed_memory
 from .pipeline import StepHooks, compose, finish_plan, make_plan, package_version, prune_steps, step_config
 from .plan import Plan, model_fingerprint
 from .reconstruction import GramCollector, consumers
@@ -109,13 +110,39 @@ def check_inputs(batch: dict[str, torch.Tensor], config, what: str = "calibratio
                           "give the batch labels of real tokens (labels = input_ids for plain text)")
 
 
+# Tokens per backward pass (whole samples): the activations kept for backward grow with them (SmolLM2:
+# 1.4 MB per token, 0.17x its weights at 64 tokens), so a large calibration batch is run in micro-batches
+# of this many tokens: memory does not depend on how the calibration samples are batched.
+MICRO_BATCH_TOKENS = 64
+
+
+def _micro_batches(batch: dict[str, torch.Tensor], per_sample: bool, max_tokens: int | None):
+    """``(micro-batch, samples, weight)`` for each backward: the batch split into chunks of at
+    most ``max_tokens`` tokens (whole samples; one sample each for per-sample criteria), each
+    weighted by its share of the batch's labelled tokens times the batch size, so that the
+    summed gradients equal the whole batch's, whatever the split."""
+    n, seq_len = batch["input_ids"].shape
+    size = 1 if per_sample else n if max_tokens is None else max(1, min(n, max_tokens // seq_len))
+    if size >= n:
+        yield batch, n, None
+        return
+    labelled = (batch["labels"][:, 1:] != -100).sum(1).double()  # (n,) tokens the loss averages over
+    total = float(labelled.sum())
+    for start in range(0, n, size):
+        part = {k: v[start: start + size] for k, v in batch.items()}
+        yield part, len(part["input_ids"]), n * float(labelled[start: start + size].sum()) / max(total, 1.0)
+
+
 def estimate_importance(model: nn.Module, batches: list, structure: ModelStructure, cfg: PruneConfig,
                         progress: bool = False, collector: GramCollector | None = None,
-                        reduce: Reduce | None = None):
+                        reduce: Reduce | None = None, max_tokens_per_backward: int | None = MICRO_BATCH_TOKENS):
     """Runs the calibration batches and returns the per-index salience vectors. A ``collector``
     (for ``reconstruct``) records the consumers' input statistics during the same passes.
     ``reduce`` sums the accumulators over ranks (each rank ran its own batches) before the
-    vectors are computed from them (they are not linear in the gradient sums)."""
+    vectors are computed from them (they are not linear in the gradient sums).
+    ``max_tokens_per_backward``: each backward runs on at most this many tokens (whole samples),
+    so memory does not grow with the calibration batch (the scores are those of the whole
+    batch); None = one backward per batch (faster for large batches, more memory)."""
     if not isinstance(cfg, PruneConfig):
         raise PrunerError(f"cfg must be a pruner.PruneConfig, got {type(cfg).__name__}: e.g. PruneConfig(criterion="
                           f"{cfg!r}, target_sparsity=0.2)" if isinstance(cfg, str) else
@@ -132,22 +159,23 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
     est.attach()
     if collector is not None:
         collector.attach()
+    release_freed_memory()  # what discovery and loading freed: the running sums are allocated now
     try:
         for batch in tqdm(batches, desc="calibration", disable=not progress):
             batch = _as_batch(batch, device)
-            # second-order terms need one backward per sample
-            samples = ([{k: v[i: i + 1] for k, v in batch.items()} for i in range(batch["input_ids"].shape[0])]
-                       if est.criterion.needs_per_sample else [batch])
-            for sample in samples:
-                est.begin_batch(sample["input_ids"].shape[0])
+            for part, samples, weight in _micro_batches(batch, est.criterion.needs_per_sample,
+                                                        max_tokens_per_backward):
+                est.begin_batch(samples, weight)
                 if est.criterion.needs_gradients:
-                    loss = model(**sample).loss
+                    loss = model(**part).loss
                     if not torch.isfinite(loss):
                         raise PrunerError("calibration loss is NaN/inf: check the data and the model's dtype")
                     loss.backward()
                 else:
                     with torch.no_grad():
-                        model(**{k: v for k, v in sample.items() if k != "labels"})
+                        model(**{k: v for k, v in part.items() if k != "labels"})
+                # (no trim between backwards: the next one reuses the same blocks; trimming would
+                # only make it fault the pages in again)
     finally:
         est.detach()
         if collector is not None:
@@ -156,7 +184,10 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
         model.train(was_training)
     if reduce is not None:
         est.load_state(reduce(est.state()))
-    return est.vectors()
+    vectors = est.vectors(consume=True)  # each running sum is freed once scored
+    del est
+    release_freed_memory()
+    return vectors
 
 
 @torch.no_grad()
@@ -204,6 +235,7 @@ def prune(
     mlp_layers: tuple[int, int] | None = None,
     progress: bool = False,
     reconstruction_batches: Iterable | None = None,
+    max_tokens_per_backward: int | None = MICRO_BATCH_TOKENS,
     **more,
 ) -> Plan:
     """Prunes ``model`` in place and returns the :class:`Plan` (indices of the dense model).
@@ -216,11 +248,15 @@ def prune(
     ``reconstruct``, ``reconstruct_damping``, ``attention_selection``, ``mlp_selection``).
     ``reconstruction_batches``: with ``reconstruct``, the inputs whose statistics the refit uses
     (forward passes only, so many more tokens than the calibration batches are affordable);
-    None = the calibration batches.
+    None = the calibration batches. ``max_tokens_per_backward``: calibration batches run in
+    backward passes of at most this many tokens (whole samples; the scores are the whole
+    batch's), which bounds the memory; None = one backward per batch.
     Every argument is checked before the model is touched, and a failure at any later point
     leaves the model as it was.
     """
     check_model(model)
+    if max_tokens_per_backward is not None:
+        check_int("max_tokens_per_backward", max_tokens_per_backward, 1, fix="or None for one backward per batch")
     if batches is None or isinstance(batches, (str, bytes, dict)) or not hasattr(batches, "__iter__"):
         raise PrunerError(f"batches must be an iterable of calibration batches (input_ids tensors or dicts), got "
                           f"{type(batches).__name__}: e.g. [pruner.data.calibration_samples(...)]")
@@ -251,7 +287,8 @@ def prune(
     def estimate(model: nn.Module, structure: ModelStructure, step_cfg: PruneConfig):
         collector = GramCollector(model, consumers(structure, cfg)) if cfg.reconstruct else None
         vectors = estimate_importance(model, batches, structure, step_cfg, progress,
-                                      collector if extra is None else None)
+                                      collector if extra is None else None,
+                                      max_tokens_per_backward=max_tokens_per_backward)
         if collector is not None and extra is not None:
             collect_inputs(model, extra, collector, progress)
         return vectors, collector

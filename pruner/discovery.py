@@ -173,28 +173,39 @@ def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def _capture_layer_inputs(model, layers: nn.ModuleList, seq_len: int) -> list[tuple[tuple, dict]]:
+class _Captured(Exception):
+    """Raised by the last capture hook: the rest of the forward pass is not needed."""
+
+
+def _capture_layer_inputs(model, layers: nn.ModuleList, seq_len: int, needed: set[int]) -> list[tuple[tuple, dict]]:
+    """The inputs (args, kwargs) of the ``needed`` layers in a forward pass of a few tokens; the
+    pass stops at the last of them, so later layers never run (they may even be on the meta
+    device, as in benchmarks/prune_cost.py's LLaMA-70B-shaped structure)."""
     captured: list = [None] * len(layers)
     handles = []
-    for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(_record_only(captured, i), with_kwargs=True))
+
+    def hook(i):
+        def record(module, args, kwargs):
+            captured[i] = (args, dict(kwargs))
+            if all(captured[j] is not None for j in needed):
+                raise _Captured
+
+        return record
+
+    for i in needed:
+        handles.append(layers[i].register_forward_pre_hook(hook(i), with_kwargs=True))
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.arange(seq_len).unsqueeze(0) % vocab + 1  # (1, T)
     ids = ids.to(model.get_input_embeddings().weight.device)
     try:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
+    except _Captured:
+        pass
     finally:
         for h in handles:
             h.remove()
     return captured
-
-
-def _record_only(store, i):
-    def hook(module, args, kwargs):
-        store[i] = (args, dict(kwargs))
-
-    return hook
 
 
 def _batched(value, batch: int):
@@ -211,7 +222,9 @@ class _Probe:
         self.layer, self.linears = layer, linears
         self.generator = torch.Generator().manual_seed(seed)
 
-    def run(self, inputs: tuple[tuple, dict], batch: int):
+    def run(self, inputs: tuple[tuple, dict], batch: int, stop_at: str | None = None):
+        """The layer on ``batch`` noisy copies of its input; with ``stop_at``, only until that
+        linear receives its input (what comes after it is not needed, nor computed)."""
         args, kwargs = inputs
         hidden = args[0] if args else kwargs["hidden_states"]
         hidden = (hidden.detach().expand(batch, *hidden.shape[1:]).clone()
@@ -223,6 +236,8 @@ class _Probe:
         def fake(name, lin):
             def forward(x):
                 inputs_of[name] = x
+                if name == stop_at:
+                    raise _Captured
                 out = torch.randn(*x.shape[:-1], lin.out_features, generator=self.generator)
                 leaves[name] = out.to(x).requires_grad_(True)
                 return leaves[name]
@@ -231,10 +246,13 @@ class _Probe:
 
         for name, lin in self.linears.items():
             lin.forward = fake(name, lin)
+        out = None
         try:
             rest_args = tuple(_batched(a, batch) for a in args[1:])
             rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             out = self.layer(hidden, *rest_args, **rest_kwargs)
+        except _Captured:
+            pass
         finally:
             for lin in self.linears.values():
                 del lin.forward
@@ -250,30 +268,75 @@ def _nonzero(g: torch.Tensor | None) -> bool:
     return g is not None and bool(g.abs().sum() > 0)
 
 
+def _producer_deps(probe: _Probe, inputs, consumer: str, producers: list[str], masks: torch.Tensor) -> torch.Tensor:
+    """One probe run with a batch row per mask: boolean (len(masks), sum of producer widths),
+    row r says which producer rows the consumer input channels selected by ``masks[r]`` depend on."""
+    _, leaves, inputs_of, _ = probe.run(inputs, len(masks), stop_at=consumer)
+    x = inputs_of[consumer]  # (B, T, n_in)
+    picked = (x * masks.unsqueeze(1).to(x)).sum()
+    grads = _grads(picked, [leaves[p] for p in producers])
+    per_producer = [
+        (g.abs().sum(1) > 0) if g is not None else torch.zeros(len(masks), probe.linears[p].out_features,
+                                                               dtype=torch.bool)
+        for g, p in zip(grads, producers)
+    ]  # each (B, out_p)
+    return torch.cat([d.cpu() for d in per_producer], dim=1)
+
+
+def _one_to_one_dependencies(probe: _Probe, inputs, consumer: str, producers: list[str], n_in: int,
+                             checks: int = 32) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The dependency matrix when every producer row feeds at most one consumer channel (an MLP),
+    found by group testing in ONE probe run instead of one batch row per channel: batch row b
+    sums the channels whose index has bit b set, so each producer row's dependence pattern spells
+    the index of its channel. ``checks`` random subsets of channels then verify the decoded
+    matrix exactly; None when it does not hold (attention: a query row feeds a whole head), and
+    the caller probes channel by channel. Returns the dependencies as (channel, producer row)
+    index pairs: the dense matrix would be 28,672 x 57,344 booleans for LLaMA-70B's MLP."""
+    bits = max(1, (n_in - 1).bit_length())
+    index = torch.arange(n_in)
+    g = torch.Generator().manual_seed(n_in)
+    subsets = torch.rand(checks, n_in, generator=g) < 0.5
+    masks = torch.cat([((index.unsqueeze(0) >> torch.arange(bits).unsqueeze(1)) & 1).bool(),  # (bits, n_in)
+                       torch.ones(1, n_in, dtype=torch.bool), subsets])
+    dep = _producer_deps(probe, inputs, consumer, producers, masks)  # (bits + 1 + checks, P)
+    used = dep[bits]  # (P,) rows that feed some channel
+    if bool((dep[:bits] & ~used).any()):
+        return None
+    channel = (dep[:bits].long() << torch.arange(bits).unsqueeze(1)).sum(0)  # (P,) decoded channel of each row
+    if bool((channel[used] >= n_in).any()):
+        return None
+    predicted = subsets[:, channel.clamp_max(n_in - 1)] & used  # (checks, P)
+    if not torch.equal(predicted, dep[bits + 1:]):
+        return None
+    rows = used.nonzero().squeeze(1)
+    return channel[rows], rows
+
+
 def _channel_dependencies(probe: _Probe, inputs, consumer: str, producers: list[str], n_in: int,
-                          chunk: int = 256) -> torch.Tensor:
-    """Boolean (n_in, sum of producer widths): consumer input column c depends on producer row p."""
-    rows = []
-    for start in range(0, n_in, chunk):
-        channels = torch.arange(start, min(start + chunk, n_in))
-        hidden, leaves, inputs_of, _ = probe.run(inputs, len(channels))
-        x = inputs_of[consumer]  # (B, T, n_in)
-        picked = x.gather(-1, channels.view(-1, 1, 1).expand(-1, x.shape[1], 1).to(x.device))
-        grads = _grads(picked.sum(), [leaves[p] for p in producers])
-        per_producer = [
-            (g.abs().sum(1) > 0) if g is not None else torch.zeros(len(channels), probe.linears[p].out_features,
-                                                                   dtype=torch.bool)
-            for g, p in zip(grads, producers)
-        ]  # each (B, out_p)
-        rows.append(torch.cat([d.cpu() for d in per_producer], dim=1))
-    return torch.cat(rows, dim=0)
+                          chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which producer rows each consumer input channel depends on, as (channel, row) index
+    pairs sorted by channel, then row (rows numbered across the producers, in order)."""
+    pairs = _one_to_one_dependencies(probe, inputs, consumer, producers, n_in)
+    if pairs is None:
+        dense = torch.cat([_producer_deps(probe, inputs, consumer, producers,
+                                          torch.arange(start, min(start + chunk, n_in)).unsqueeze(1)
+                                          == torch.arange(n_in))
+                           for start in range(0, n_in, chunk)])  # (n_in, P)
+        pairs = dense.nonzero(as_tuple=True)
+    channel, row = pairs
+    order = torch.argsort(channel * (int(row.max()) + 1 if len(row) else 1) + row)
+    return channel[order], row[order]
 
 
-def _components(dep: torch.Tensor) -> torch.Tensor:
-    """Connected components of the bipartite graph ``dep`` (consumer x producer); returns a
-    component label per consumer channel (label = smallest consumer channel in it)."""
-    c_idx, p_idx = dep.nonzero(as_tuple=True)
-    n_c, n_p = dep.shape
+def _dense(pairs: tuple[torch.Tensor, torch.Tensor], n_in: int, n_p: int) -> torch.Tensor:
+    out = torch.zeros(n_in, n_p, dtype=torch.bool)
+    out[pairs] = True
+    return out
+
+
+def _components(c_idx: torch.Tensor, p_idx: torch.Tensor, n_c: int, n_p: int) -> torch.Tensor:
+    """Connected components of the bipartite graph with edges (c_idx, p_idx) (consumer channel,
+    producer row); returns a component label per consumer channel (the smallest channel in it)."""
     label_c = torch.arange(n_c)
     big = torch.full((n_p,), n_c, dtype=torch.long)
     while True:
@@ -301,21 +364,36 @@ def _rows_member(param_module: str, lin: nn.Linear, rows: torch.Tensor) -> list[
     return members
 
 
-def _split_rows(dep_rows: list[torch.Tensor], offsets: list[int], producers: list[str]):
-    """Maps concatenated producer-channel index sets (one per group) to per-producer row matrices;
-    every group must own the same number of rows of each producer."""
+def _split_rows(group: torch.Tensor, row: torch.Tensor, n_groups: int, offsets: list[int], producers: list[str]):
+    """Maps (group, producer row) pairs, sorted by group then row, to per-producer row matrices
+    (n_groups, k), ascending; every group must own the same number of rows of each producer."""
     result = {}
     for p, (lo, hi) in zip(producers, zip(offsets[:-1], offsets[1:])):
-        per_group = [r[(r >= lo) & (r < hi)] - lo for r in dep_rows]
-        counts = {len(r) for r in per_group}
-        if len(counts) != 1:
+        inside = (row >= lo) & (row < hi)
+        counts = torch.bincount(group[inside], minlength=n_groups)
+        if bool((counts != counts[0]).any()):
             raise UnsupportedArchitectureError(
-                f"{p}: its rows are coupled unevenly to the groups of its consumer (counts {sorted(counts)}); "
-                "this layout cannot be pruned by whole groups"
+                f"{p}: its rows are coupled unevenly to the groups of its consumer (counts "
+                f"{sorted(set(counts.tolist()))}); this layout cannot be pruned by whole groups"
             )
-        if counts != {0}:
-            result[p] = torch.stack([r.sort().values for r in per_group])
+        k = int(counts[0])
+        if k:
+            result[p] = (row[inside] - lo).view(n_groups, k)  # pairs are sorted: ascending per group
     return result
+
+
+def _same_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Labels rows of a boolean matrix by equality (equal rows, equal label), without sorting
+    whole rows: a random projection names each distinct row, then every row is compared with
+    the first row of its label, so an (unlikely) collision cannot merge different rows."""
+    weights = torch.rand(rows.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    keys = rows.double() @ weights  # (n,)
+    _, label = torch.unique(keys, return_inverse=True)
+    first = torch.full((int(label.max()) + 1,), rows.shape[0], dtype=torch.long).scatter_reduce(
+        0, label, torch.arange(rows.shape[0]), "amin")
+    if not torch.equal(rows, rows[first[label]]):
+        raise UnsupportedArchitectureError("could not separate the attention heads' query/key dependencies")
+    return label
 
 
 def _analyse_consumer(layer_idx, prefix, probe, inputs_multi, inputs_single, consumer, producers, linears):
@@ -325,18 +403,19 @@ def _analyse_consumer(layer_idx, prefix, probe, inputs_multi, inputs_single, con
     offsets = [0]
     for w in widths:
         offsets.append(offsets[-1] + w)
-    dep = _channel_dependencies(probe, inputs_multi, consumer, producers, n_in)  # (n_in, P)
-    if (dep.sum(1) == 0).any():
-        bad = int((dep.sum(1) == 0).nonzero()[0])
+    n_p = offsets[-1]
+    pairs = _channel_dependencies(probe, inputs_multi, consumer, producers, n_in)  # (channel, row) pairs
+    unfed = torch.bincount(pairs[0], minlength=n_in) == 0
+    if bool(unfed.any()):
+        bad = int(unfed.nonzero()[0])
         raise UnsupportedArchitectureError(f"{prefix}{consumer}: input channel {bad} depends on none of {producers}")
-    labels = _components(dep)
+    labels = _components(*pairs, n_in, n_p)
     module = _common_prefix([consumer, *producers])
     full = lambda n: f"{prefix}{n}"  # noqa: E731
     comp_ids = labels.unique()
 
     if len(comp_ids) == n_in:  # every consumer channel its own group: MLP channels
-        dep_rows = [row.nonzero().squeeze(1) for row in dep]
-        rows = _split_rows(dep_rows, offsets, producers)
+        rows = _split_rows(*pairs, n_in, offsets, producers)
         members = [Member(f"{full(consumer)}.weight", 1, torch.arange(n_in).unsqueeze(1))]
         for p in producers:
             if p in rows:
@@ -345,46 +424,41 @@ def _analyse_consumer(layer_idx, prefix, probe, inputs_multi, inputs_single, con
         return "mlp", MLPInfo(full(module), full(consumer), [full(p) for p in producers], n_in, channels)
 
     # attention: single-token probe keeps only the value path
-    dep_value = _channel_dependencies(probe, inputs_single, consumer, producers, n_in)
+    dep = _dense(pairs, n_in, n_p)  # (n_in, P): n_in is heads x head_dim here, not the MLP width
+    dep_value = _dense(_channel_dependencies(probe, inputs_single, consumer, producers, n_in), n_in, n_p)
     query_key = dep & ~dep_value  # (n_in, P) dependencies through attention scores only
     # query heads: consumer channels with identical query/key dependency sets
-    _, head_of = torch.unique(query_key, dim=0, return_inverse=True)
+    head_of = _same_rows(query_key)
     head_first = torch.full((int(head_of.max()) + 1,), n_in, dtype=torch.long).scatter_reduce(
         0, head_of, torch.arange(n_in), "amin")
     order = head_first.argsort()
-    heads = [torch.nonzero(head_of == h).squeeze(1) for h in order.tolist()]
-    head_dim = len(heads[0])
-    if any(len(h) != head_dim for h in heads) or any(
-        not torch.equal(h, torch.arange(i * head_dim, (i + 1) * head_dim)) for i, h in enumerate(heads)
-    ):
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))  # head label -> head number (by first channel)
+    n_heads = len(order)
+    head_dim = n_in // n_heads
+    if n_in % n_heads or not torch.equal(rank[head_of], torch.arange(n_in) // head_dim):
         raise UnsupportedArchitectureError(
             f"{full(consumer)}: attention heads are not contiguous blocks of equal size in its input; "
             "this attention layout is not supported"
         )
-    groups = [torch.nonzero(labels == c).squeeze(1) for c in comp_ids.sort().values.tolist()]
-    n_heads, n_kv = len(heads), len(groups)
-    n_rep = n_heads // n_kv
-    if n_heads % n_kv or any(
-        not torch.equal(g, torch.arange(i * n_rep * head_dim, (i + 1) * n_rep * head_dim)) for i, g in enumerate(groups)
-    ):
+    heads = torch.arange(n_in).view(n_heads, head_dim)  # (n_heads, head_dim) consumer channels
+    n_kv = len(comp_ids)
+    n_rep = n_heads // n_kv if n_heads % n_kv == 0 else 0
+    if not n_rep or not torch.equal(labels, (torch.arange(n_in) // (n_rep * head_dim)) * (n_rep * head_dim)):
         raise UnsupportedArchitectureError(
             f"{full(consumer)}: key/value groups do not hold consecutive query heads evenly "
             f"({n_heads} heads, {n_kv} groups); this attention layout is not supported"
         )
+    groups = torch.arange(n_in).view(n_kv, n_rep * head_dim)  # (n_kv, n_rep * head_dim) consumer channels
     # rows exclusive to a head: every consumer channel that depends on them lies in the head
-    head_rows = []
-    for h in heads:
-        outside = torch.ones(n_in, dtype=torch.bool)
-        outside[h] = False
-        touches_head = dep[h].any(0)
-        touches_outside = dep[outside].any(0)
-        head_rows.append((touches_head & ~touches_outside).nonzero().squeeze(1))
-    group_rows = [dep[g].any(0).nonzero().squeeze(1) for g in groups]
-    head_members = [Member(f"{full(consumer)}.weight", 1, torch.stack(heads))]
-    group_members = [Member(f"{full(consumer)}.weight", 1, torch.stack(groups))]
-    for p, rows in _split_rows(head_rows, offsets, producers).items():
+    head_any = dep.view(n_heads, head_dim, -1).any(1)  # (n_heads, P)
+    head_rows = (head_any & (head_any.sum(0) == 1)).nonzero(as_tuple=True)
+    group_rows = dep.view(n_kv, n_rep * head_dim, -1).any(1).nonzero(as_tuple=True)  # (n_kv, P) -> pairs
+    head_members = [Member(f"{full(consumer)}.weight", 1, heads)]
+    group_members = [Member(f"{full(consumer)}.weight", 1, groups)]
+    for p, rows in _split_rows(*head_rows, n_heads, offsets, producers).items():
         head_members = _rows_member(full(p), linears[p], rows) + head_members
-    for p, rows in _split_rows(group_rows, offsets, producers).items():
+    for p, rows in _split_rows(*group_rows, n_kv, offsets, producers).items():
         group_members = _rows_member(full(p), linears[p], rows) + group_members
     info = AttentionInfo(
         module=full(module), consumer=full(consumer), producers=[full(p) for p in producers],
@@ -485,23 +559,28 @@ def discover(model: nn.Module, seed: int = 0, probe_every_layer: bool = False) -
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        inputs_multi = _capture_layer_inputs(model, layers, seq_len=4)
-        inputs_single = _capture_layer_inputs(model, layers, seq_len=1)
+        # Layers of the same class and parameter shapes run the same code on the same shapes, so
+        # their coupling is the same: probe one of them (30x less work on a 30-layer model).
+        signatures = [(type(layer), tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()))
+                      for layer in layers]
+        first = {}
+        for i, sig in enumerate(signatures):
+            first.setdefault(sig, i)
+        needed = set(range(len(layers))) if probe_every_layer else set(first.values())
+        inputs_multi = _capture_layer_inputs(model, layers, 4, needed)
+        inputs_single = _capture_layer_inputs(model, layers, 1, needed)
         infos = []
         analysed: dict[tuple, LayerInfo] = {}
         for i, layer in enumerate(layers):
+            if i not in needed:
+                infos.append(_relocate(analysed[signatures[i]], i, f"{layers_path}.{i}"))
+                continue
             if inputs_multi[i] is None:
                 raise UnsupportedArchitectureError(f"{layers_path}.{i} was not called in a forward pass")
-            # Layers of the same class and parameter shapes run the same code on the same shapes,
-            # so their coupling is the same: probe one of them (30x less work on a 30-layer model).
-            signature = (type(layer), tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()))
-            if signature in analysed and not probe_every_layer:
-                infos.append(_relocate(analysed[signature], i, f"{layers_path}.{i}"))
-                continue
             with torch.enable_grad():
                 infos.append(_analyse_layer(i, f"{layers_path}.{i}", layer, inputs_multi[i], inputs_single[i],
                                             hidden_size, seed + i))
-            analysed[signature] = infos[-1]
+            analysed.setdefault(signatures[i], infos[-1])
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
@@ -575,6 +654,8 @@ def _norm_problem(name: str, norm: nn.Module, hidden: int) -> str | None:
     eps = next((getattr(norm, a) for a in ("variance_epsilon", "eps", "epsilon")
                 if isinstance(getattr(norm, a, None), float)), None)
     weight = getattr(norm, "weight", None)
+    if weight is not None and weight.is_meta:
+        return None  # no values to check on (a meta-device model cannot be pruned channel-wise anyway)
     if eps is None or weight is None:
         return f"{name}: cannot find the RMSNorm's eps and weight; channel-wise pruning unsupported"
     x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(0)).to(weight)

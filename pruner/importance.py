@@ -156,8 +156,10 @@ class ImportanceEstimator:
                 if name in linear_of:  # row and column scores both weigh |w| by input-channel norms
                     self._handles.append(linear_of[name][1].register_forward_pre_hook(self._act_hook(name)))
 
-    def begin_batch(self, num_samples: int) -> None:
-        """Call before each backward with the number of samples the loss averages over."""
+    def begin_batch(self, num_samples: int, weight: float | None = None) -> None:
+        """Call before each backward with the number of samples the loss averages over.
+        ``weight``: what the loss's gradient counts for (default ``num_samples``; a micro-batch
+        of a larger batch counts for its share of the batch's labelled tokens)."""
         if num_samples <= 0:
             raise PrunerError(f"a calibration batch must hold at least one sample, got {num_samples}")
         if self.criterion.needs_per_sample and num_samples != 1:
@@ -166,7 +168,7 @@ class ImportanceEstimator:
                 f"use calibration batches of one sample, got {num_samples}"
             )
         self.num_samples += num_samples
-        self._weight = float(num_samples)
+        self._weight = float(num_samples if weight is None else weight)
 
     def detach(self) -> None:
         for h in self._handles:
@@ -258,28 +260,36 @@ class ImportanceEstimator:
         self.num_samples = int(state["num_samples"].item())
 
     @torch.no_grad()
-    def vectors(self) -> dict[tuple[str, int], torch.Tensor]:
-        """Per-index salience vectors ``{(param, dim): (size of dim,)}`` in fp32."""
+    def vectors(self, consume: bool = False) -> dict[tuple[str, int], torch.Tensor]:
+        """Per-index salience vectors ``{(param, dim): (size of dim,)}`` in fp32. ``consume``
+        frees each running sum as soon as its vectors are computed (the estimator is spent:
+        its state is gone), so memory falls during scoring instead of peaking there."""
         c = self.criterion.name
         if self.criterion.needs_gradients and self.num_samples == 0:
             raise PrunerError("no calibration samples were seen: pass at least one batch before scoring")
         from .sharding import local_tensor, shard_offset
 
         n = max(self.num_samples, 1)
-        self._check_finite()
+        remaining: dict[str, int] = {}
+        for name in self.dims:
+            canon = self._canonical[id(self.params[name])]
+            remaining[canon] = remaining.get(canon, 0) + 1
         out = {}
         for name, dims in self.dims.items():
             param = self.params[name]
             canon = self._canonical[id(param)]
             w = local_tensor(param.detach()).float()  # sharded: this rank's rows only
+            products = None
+            if c in ("element1", "vector", "mix"):
+                g = self._grad_sum.get(canon)
+                if g is None:
+                    raise PrunerError(f"{name} received no gradient during calibration; is it used by the model?")
+                products = (g / n).mul_(w)  # w * (g / n), one temporary
+                if c != "vector":
+                    products.abs_()
             for dim in dims:
-                if c in ("element1", "vector", "mix"):
-                    g = self._grad_sum.get(canon)
-                    # sums start at zero (attach), so "never reached" shows as all zeros
-                    if g is None or (not self.sharded and not g.any()):
-                        raise PrunerError(f"{name} received no gradient during calibration; is it used by the model?")
-                    wg = w * (g / n)
-                    v = _reduce(wg.abs() if c != "vector" else wg, dim)
+                if products is not None:
+                    v = _reduce(products, dim)
                     if c == "mix":
                         v = v + 0.5 * self._fisher[(canon, dim)] / n
                 elif c == "element2":
@@ -299,17 +309,21 @@ class ImportanceEstimator:
                     full = torch.zeros(param.shape[dim], dtype=v.dtype, device=v.device)
                     full[offset: offset + v.shape[0]] = v
                     v = full
+                # NaN/inf in a running sum survive into every vector computed from it, so the
+                # small vectors are checked instead of the model-sized sums
+                if not bool(torch.isfinite(v).all()):
+                    raise PrunerError(
+                        f"non-finite gradient (NaN/inf) in {name} during calibration: lower the precision risk (use "
+                        "float32 or bfloat16, not float16) or check the calibration data")
+                # sums start at zero (attach), so "never reached" shows as an all-zero vector
+                if products is not None and not self.sharded and not bool(v.any()):
+                    raise PrunerError(f"{name} received no gradient during calibration; is it used by the model?")
                 out[(name, dim)] = v
+            del products
+            remaining[canon] -= 1
+            if consume and not remaining[canon]:
+                self._grad_sum.pop(canon, None)
         return out
-
-    def _check_finite(self) -> None:
-        sums = list(self._grad_sum.items()) + [(name, v) for (name, _), v in self._fisher.items()]
-        for name, v in sums:
-            if not torch.isfinite(v).all():
-                raise PrunerError(
-                    f"non-finite gradient (NaN/inf) in {name} during calibration: lower the precision "
-                    "risk (use float32 or bfloat16, not float16) or check the calibration data"
-                )
 
     def _activation_vector(self, name: str, w: torch.Tensor, dim: int) -> torch.Tensor:
         if name in self._act_sq and w.dim() == 2:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .errors import PrunerError
 
-FORMAT = "pruner-plan/1"
+FORMAT = "pruner-plan/2"  # groups: one record per family (kind, layer, scores, removed)
+OLD_FORMATS = ("pruner-plan/1",)  # groups: one record per group (kind, layer, index, score, removed)
 
 
 @dataclass
@@ -39,7 +40,8 @@ class Plan:
     model: dict = field(default_factory=dict)  # dense sizes, model_type, fingerprint
     settings: dict = field(default_factory=dict)  # criterion, aggregation, mode, ...
     params: dict = field(default_factory=dict)  # before, after, removed, removed_fraction
-    groups: list[dict] = field(default_factory=list)  # every scored group: kind, layer, index, score, removed
+    # every scored family: {"kind", "layer", "scores": [per group], "removed": [per group]}
+    groups: list[dict] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
     pruner_version: str = ""
     format: str = FORMAT
@@ -55,9 +57,11 @@ class Plan:
     def from_dict(cls, d: dict, source: str = "plan") -> Plan:
         """The plan of a ``to_dict()`` dict, every field checked (types, ``index`` = position):
         a plan edited by hand or cut short raises :class:`PrunerError` naming the field."""
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
+        if not isinstance(d, dict) or d.get("format") not in (FORMAT, *OLD_FORMATS):
             got = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise PrunerError(f"{source} is not a pruning plan (format {got!r}, expected {FORMAT!r})")
+        if d["format"] in OLD_FORMATS and isinstance(d.get("groups"), list):
+            d = {**d, "format": FORMAT, "groups": _families_of(d["groups"])}
         raw_layers = d.get("layers")
         if not isinstance(raw_layers, list) or not raw_layers:
             raise PrunerError(f"{source}: 'layers' must be a non-empty list of layer entries, got {raw_layers!r:.80}")
@@ -129,6 +133,14 @@ class Plan:
             raise PrunerError(f"{path} is not valid JSON ({e}); was it written completely?") from e
         return cls.from_dict(data, source=str(path))
 
+    def group_records(self):
+        """Every scored group as ``{"kind", "layer", "index", "score", "removed"}`` (a view of the
+        per-family ``groups``)."""
+        for family in self.groups:
+            for i, (score, removed) in enumerate(zip(family["scores"], family["removed"])):
+                yield {"kind": family["kind"], "layer": family["layer"], "index": i, "score": score,
+                       "removed": removed}
+
     @property
     def is_identity(self) -> bool:
         return self.hidden_kept is None and all(
@@ -152,12 +164,26 @@ def model_fingerprint(model) -> str:
 
 
 def sync_group_records(plan: Plan) -> None:
-    """Sets the per-group records' ``removed`` flags from the plan's kept lists (after a step
-    such as :func:`pruner.refine.refine_attention` re-chose which heads or channels go)."""
+    """Sets the group records' ``removed`` flags from the plan's kept lists (after a step such as
+    :func:`pruner.refine.refine_attention` re-chose which heads or channels go)."""
     kept_of = {"attention_head": "heads_kept", "kv_group": "kv_heads_kept", "mlp_channel": "mlp_channels_kept"}
     by_layer = {lp.index: lp for lp in plan.layers}
-    for r in plan.groups or []:
-        lp, field_name = by_layer.get(r["layer"]), kept_of.get(r["kind"])
+    for family in plan.groups or []:
+        lp, field_name = by_layer.get(family["layer"]), kept_of.get(family["kind"])
         kept = getattr(lp, field_name) if lp is not None and field_name else None
         if kept is not None:
-            r["removed"] = r["index"] not in kept
+            keep = set(kept)
+            family["removed"] = [i not in keep for i in range(len(family["scores"]))]
+
+
+def _families_of(records: list) -> list[dict]:
+    """Per-group records of an older plan (``pruner-plan/1``) as per-family records."""
+    families: dict[tuple, dict] = {}
+    for r in records:
+        if not isinstance(r, dict):
+            raise PrunerError(f"plan: a group record must be an object, got {r!r:.80}")
+        key = (r.get("kind"), r.get("layer"))
+        family = families.setdefault(key, {"kind": key[0], "layer": key[1], "scores": [], "removed": []})
+        family["scores"].append(r.get("score"))
+        family["removed"].append(bool(r.get("removed")))
+    return list(families.values())

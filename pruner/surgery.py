@@ -76,10 +76,9 @@ class Transaction:
 
 
 def _removed_indices(family: Family, groups: list[int], out: dict[tuple[str, int], set[int]]) -> None:
+    chosen = torch.tensor(groups, dtype=torch.long)
     for m in family.members:
-        bucket = out.setdefault((m.param, m.dim), set())
-        for g in groups:
-            bucket.update(m.indices[g].tolist())
+        out.setdefault((m.param, m.dim), set()).update(m.indices[chosen].reshape(-1).tolist())
 
 
 def _complement(kept: list[int] | None, n: int, what: str) -> list[int]:
@@ -246,9 +245,9 @@ def _slice_parameters(model: nn.Module, removed: dict[tuple[str, int], set[int]]
         p = by_id[tensor_id]
         data = p.data
         for dim, idx in dims.items():
-            keep = torch.tensor([i for i in range(data.shape[dim]) if i not in idx], device=data.device,
-                                dtype=torch.long)
-            data = data.index_select(dim, keep)
+            mask = torch.ones(data.shape[dim], dtype=torch.bool)
+            mask[torch.tensor(sorted(idx), dtype=torch.long)] = False
+            data = data.index_select(dim, mask.nonzero().squeeze(1).to(data.device))
         if tensor_id in refit_of:
             given = refit_of[tensor_id]
             if tuple(given.shape) != tuple(data.shape):

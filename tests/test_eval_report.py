@@ -18,11 +18,11 @@ def make_plan():
          "mlp_channels_kept": list(range(40))},
         {"index": 2, "removed": True},  # defensive: a removed layer with no lists
     ]
-    groups = [{"kind": "attention_head", "layer": 1, "index": h, "score": 0.1 * h, "removed": h >= 2}
-              for h in range(4)]
-    groups += [{"kind": "mlp_channel", "layer": 1, "index": c, "score": c / 96, "removed": c < 56}
-               for c in range(96)]
-    groups += [{"kind": "layer", "layer": None, "index": 2, "score": float("nan"), "removed": True}]
+    groups = [{"kind": "attention_head", "layer": 1, "scores": [0.1 * h for h in range(4)],
+               "removed": [h >= 2 for h in range(4)]},
+              {"kind": "mlp_channel", "layer": 1, "scores": [c / 96 for c in range(96)],
+               "removed": [c < 56 for c in range(96)]},
+              {"kind": "layer", "layer": 2, "scores": [float("nan")], "removed": [True]}]
     return {"model": {"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
                       "num_hidden_layers": 3}, "layers": layers, "groups": groups}
 
@@ -102,5 +102,5 @@ def test_report_without_plan_has_no_pngs(results, tmp_path):
 
 def test_plot_plan_tolerates_partial_plans(tmp_path):
     assert plot_plan({}, tmp_path) == {}
-    written = plot_plan({"groups": [{"kind": "kv_group", "score": 1.0, "removed": False}]}, tmp_path)
+    written = plot_plan({"groups": [{"kind": "kv_group", "scores": [1.0], "removed": [False]}]}, tmp_path)
     assert list(written) == ["plan_scores.png"]

@@ -49,7 +49,7 @@ def test_refined_plan_keeps_the_sizes_leaves_weights_alone_and_does_not_raise_th
     if granularity == "kv":  # exhaustive per layer, starting from the score choice: never worse
         assert _loss(model, refined, batches) <= _loss(model, plan, batches) + 1e-9
     kind, n, kept = ("kv_group", 4, "kv_heads_kept") if granularity == "kv" else ("attention_head", 8, "heads_kept")
-    removed = {(r["layer"], r["index"]) for r in refined.groups if r["kind"] == kind and r["removed"]}
+    removed = {(r["layer"], r["index"]) for r in refined.group_records() if r["kind"] == kind and r["removed"]}
     assert removed == {(lp.index, h) for lp in refined.layers for h in range(n) if h not in getattr(lp, kept)}
     assert removed  # the records are there and flag the refined choice
 

@@ -600,7 +600,7 @@ CASES = [
     Case("plan-uneven-gqa", lambda c: _plan_edit(c, _set_layer("attention_heads_kept", [0, 1, 2])),
          PlanMismatchError, "the same number of query heads per group", "equally many in each"),
     Case("plan-format", lambda c: _plan_edit(c, lambda d: d.update(format="other/1")), PrunerError,
-         "is not a pruning plan", "expected 'pruner-plan/1'"),
+         "is not a pruning plan", "expected 'pruner-plan/2'"),
     Case("plan-no-layers", lambda c: _plan_edit(c, lambda d: d.update(layers=[])), PrunerError,
          "'layers' must be a non-empty list", "layer entries"),
     Case("plan-settings-type", lambda c: _plan_edit(c, lambda d: d.update(settings=[1])), PrunerError,

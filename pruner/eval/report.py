@@ -285,10 +285,10 @@ def plot_plan(plan: dict, folder: str | Path) -> dict[str, Path]:
         plt.close(fig)
 
     by_kind: dict[str, list[tuple[float, bool]]] = {}
-    for g in plan.get("groups") or []:
-        score = g.get("score")
-        if isinstance(score, (int, float)) and math.isfinite(score):
-            by_kind.setdefault(str(g.get("kind", "group")), []).append((float(score), bool(g.get("removed"))))
+    for g in plan.get("groups") or []:  # one record per family: kind, layer, scores, removed
+        for score, removed in zip(g.get("scores") or [], g.get("removed") or []):
+            if isinstance(score, (int, float)) and math.isfinite(score):
+                by_kind.setdefault(str(g.get("kind", "group")), []).append((float(score), bool(removed)))
     if by_kind:
         # One panel per group kind: scores of heads and MLP channels are on different scales.
         fig, axes = plt.subplots(1, len(by_kind), figsize=(4 * len(by_kind), 3.2), squeeze=False)
