@@ -114,6 +114,9 @@ class StructuralPruneCallback(pl.Callback):
             callback keeps) or obs (block Optimal Brain Surgeon on the refit's statistics;
             needs reconstruct).
         round_to: kept MLP/hidden widths become multiples of this.
+        uniform: every layer keeps the same widths (a plain config for vLLM / TGI /
+            TensorRT-LLM and llama.cpp's ``llama`` architecture); needs local allocation over
+            every layer.
         iterative_steps: prune in N steps. Step 1 uses the importance of the calibration
             batches of the fit; steps 2..N re-estimate it on the same batches (kept by the
             callback, a few KB) on the partly pruned model, as ``pruner.prune`` does.
@@ -191,6 +194,7 @@ class StructuralPruneCallback(pl.Callback):
         max_layer_ratio: float = 0.9,
         attention_selection: Literal["score", "measured", "obs"] = "score",
         round_to: int = 1,
+        uniform: bool = False,
         iterative_steps: int = 1,
         reconstruct: bool = False,
         reconstruct_damping: float = 0.1,
@@ -217,7 +221,8 @@ class StructuralPruneCallback(pl.Callback):
             pruning_ratio=pruning_ratio, attention_layers=attention_layers, mlp_layers=mlp_layers,
             layers=layers, head_granularity=head_granularity, prune_attention=prune_attention,
             prune_mlp=prune_mlp, global_ranking=global_ranking, max_layer_ratio=max_layer_ratio,
-            round_to=round_to, iterative_steps=iterative_steps, seed=seed, attention_selection=attention_selection,
+            round_to=round_to, uniform=uniform, iterative_steps=iterative_steps, seed=seed,
+            attention_selection=attention_selection,
             reconstruct=reconstruct, reconstruct_damping=reconstruct_damping, mlp_selection=mlp_selection,
         )
         self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,

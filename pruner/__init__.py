@@ -14,6 +14,7 @@ from .api import count_parameters, estimate_importance, prune
 from .config import PruneConfig
 from .discovery import ModelStructure, discover
 from .io import load_pretrained, save_pretrained
+from .gguf_export import export_gguf
 from .errors import PlanMismatchError, PrunerError, UnsupportedArchitectureError
 from .models import load_model
 from .plan import LayerPlan, Plan
@@ -22,5 +23,5 @@ from .surgery import apply_plan, mask_plan
 __all__ = [
     "LayerPlan", "ModelStructure", "Plan", "PlanMismatchError", "PruneConfig", "PrunerError",
     "UnsupportedArchitectureError", "apply_plan", "count_parameters", "discover", "estimate_importance",
-    "load_model", "load_pretrained", "mask_plan", "prune", "save_pretrained",
+    "export_gguf", "load_model", "load_pretrained", "mask_plan", "prune", "save_pretrained",
 ]

@@ -2,6 +2,7 @@
 
     pruner fit|validate|test --config configs/X.yaml [--print_config] [--key value ...]
     pruner evaluate ...        (zero-shot / perplexity evaluation: ``pruner.eval.cli``)
+    pruner export-gguf FOLDER OUT.gguf [--dtype f16|q8_0|...]   (``pruner.gguf_export``)
 
 Example:
     >>> from pruner.__main__ import main  # doctest: +SKIP
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 USAGE = (
     "usage: pruner {fit,validate,test} --config CONFIG.yaml [--print_config] [--key value ...]\n"
     "       pruner evaluate [options]   (see `pruner evaluate --help`)\n"
+    "       pruner export-gguf FOLDER OUT.gguf [--dtype f16|q8_0|...]   (see `pruner export-gguf --help`)\n"
 )
 
 
@@ -33,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         status = evaluate_main(argv[1:])
         return status if isinstance(status, int) else 0
+    if argv and argv[0] == "export-gguf":
+        from pruner.gguf_export import main as export_main
+
+        return export_main(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(USAGE)
         return 0 if argv else 2

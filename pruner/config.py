@@ -53,6 +53,10 @@ class PruneConfig:
         default="score", metadata={"help": "which MLP channels a layer loses (how many comes from the scores): "
                                            "'score' = lowest importance score (the paper), 'obs' = greedy Optimal "
                                            "Brain Surgeon on the reconstruction statistics (needs reconstruct=True)"})
+    uniform: bool = field(
+        default=False, metadata={"help": "every layer keeps the same numbers of heads, KV heads and MLP channels, so "
+                                         "the export is a plain config that vLLM / TGI / TensorRT-LLM load (needs "
+                                         "global_ranking=False and every layer in the pruned ranges)"})
     round_to: int = field(default=1, metadata={"help": "kept MLP/hidden widths become multiples of this (e.g. 8 or 64)"})
     reconstruct: bool = field(
         default=False, metadata={"help": "refit the kept columns of o_proj/down_proj by least squares on the "
@@ -78,8 +82,11 @@ class PruneConfig:
         for name in ("target_sparsity", "pruning_ratio"):
             if getattr(self, name) is not None:
                 check_fraction(name, getattr(self, name))
-        for name in ("prune_attention", "prune_mlp", "global_ranking", "reconstruct"):
+        for name in ("prune_attention", "prune_mlp", "global_ranking", "reconstruct", "uniform"):
             check_bool(name, getattr(self, name))
+        if self.uniform and (self.mode != "block" or self.global_ranking):
+            raise PrunerError("uniform=True keeps the same widths in every layer: it needs mode='block' and "
+                              "global_ranking=False (global ranking gives each layer its own widths)")
         if self.reconstruct and self.mode != "block":
             raise PrunerError(f"reconstruct=True refits o_proj/down_proj after heads or MLP channels go; mode="
                               f"{self.mode!r} removes neither: use mode='block', or reconstruct=False")
@@ -126,6 +133,12 @@ class PruneConfig:
             if r is not None and r[1] > num_layers:
                 raise PrunerError(
                     f"{name}={r} reaches past the model's {num_layers} layers: use an end <= {num_layers}")
+        if self.uniform:
+            for name, flag in (("attention_layers", self.prune_attention), ("mlp_layers", self.prune_mlp)):
+                r = getattr(self, name)
+                if flag and r is not None and tuple(r) != (0, num_layers):
+                    raise PrunerError(f"uniform=True prunes every layer alike, but {name}={r} leaves some layers "
+                                      f"whole: use {name}=None (or (0, {num_layers})), or uniform=False")
 
     def prunes(self, kind: Literal["attention", "mlp"], layer: int) -> bool:
         """Whether block mode prunes this layer's attention heads or MLP channels."""

@@ -32,11 +32,13 @@ from torch import nn
 
 from .config import PruneConfig
 from .discovery import ModelStructure, discover
+from .errors import PrunerError
 from .eval.efficiency import count_parameters  # one definition: tied weights counted once
+from .memory import release_freed_memory
 from .plan import LayerPlan, Plan
 from .reconstruction import GramCollector, compensate, select_heads_obs, select_mlp_obs
 from .refine import refine_attention
-from .selection import candidate_units, select_units, units_to_plan
+from .selection import candidate_pools, mark_removed, select_units, units_to_plan
 from .surgery import Transaction, apply_plan
 
 Estimate = Callable[[nn.Module, ModelStructure, PruneConfig], tuple[dict, GramCollector | None]]
@@ -104,6 +106,7 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
         tx.rollback()
         raise
     tx.commit()
+    release_freed_memory()  # the dense tensors the surgery replaced
     assert plan is not None
     plan.groups = records
     return plan
@@ -111,19 +114,33 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
 
 def make_plan(structure: ModelStructure, vectors, cfg: PruneConfig, total_params: int) -> Plan:
     """Selection alone: per-index saliences -> the plan for the model ``structure`` describes
-    (indices of that model), with every group's score and whether it goes in ``plan.groups``.
+    (indices of that model), with every group's score and whether it goes in ``plan.groups``
+    (one record per family: ``{"kind", "layer", "scores", "removed"}``).
     Deterministic: equal inputs give the same plan on every rank."""
-    pools, records = candidate_units(structure, vectors, cfg)
-    units = select_units(pools, cfg, total_params)
-    plan = units_to_plan(units, structure)
-    kind_of = {"heads": "attention_head", "kv": "kv_group", "mlp": "mlp_channel", "hidden": "hidden_channel",
-               "layer": "layer"}
-    gone = {(kind_of[u.kind], u.layer, i) for u in units for i in u.items}
-    for r in records:
-        r["removed"] = (r["kind"], r["layer"], r["index"]) in gone
-    plan.groups = records
+    cfg.check_model(len(structure.layers))
+    pools, records = candidate_pools(structure, vectors, cfg)
+    chosen = select_units(pools, cfg, total_params)
+    plan = units_to_plan(pools, chosen, structure)
+    plan.groups = mark_removed(records, pools, chosen)
     plan.settings = cfg.to_dict()
+    if cfg.uniform:
+        check_uniform(plan, structure)
     return plan
+
+
+def check_uniform(plan: Plan, structure: ModelStructure) -> None:
+    """Refuses a plan whose layers keep different widths (``uniform=True`` promised equal ones)."""
+    kept = set()
+    for lp, info in zip(plan.layers, structure.layers):
+        heads = info.attention.num_heads if info.attention is not None else 0
+        kv = info.attention.num_kv_heads if info.attention is not None else 0
+        channels = info.mlp.num_channels if info.mlp is not None else 0
+        kept.add((len(lp.heads_kept) if lp.heads_kept is not None else heads,
+                  len(lp.kv_heads_kept) if lp.kv_heads_kept is not None else kv,
+                  len(lp.mlp_channels_kept) if lp.mlp_channels_kept is not None else channels, lp.removed))
+    if len(kept) > 1:
+        raise PrunerError(f"uniform=True, but the layers would keep different (heads, KV heads, MLP channels): "
+                          f"{sorted(kept)[:3]}; the dense layers differ in width, so no uniform plan exists here")
 
 
 def step_config(cfg: PruneConfig, step: int, total_before: int, total_now: int) -> PruneConfig:

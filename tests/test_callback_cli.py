@@ -77,7 +77,7 @@ def test_every_recipe_builds_its_trainer_callback_module_and_datamodule(recipe, 
     for callback, spec in zip(built, wanted):  # every key of the recipe reached the callback
         args = spec["init_args"]
         for key in ("criterion", "aggregation", "mode", "target_sparsity", "pruning_ratio", "reconstruct",
-                    "mlp_selection", "attention_selection", "round_to", "global_ranking"):
+                    "mlp_selection", "attention_selection", "round_to", "uniform", "global_ranking"):
             assert getattr(callback.config, key) == args.get(key, getattr(callback.config, key)), key
         assert callback.attach_lora == args.get("attach_lora", True)
         assert callback.lora.r == args.get("lora_r", 8) and callback.export_dir == args.get("export_dir")
