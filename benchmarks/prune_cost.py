@@ -138,27 +138,11 @@ def one_shape(shape: str) -> dict:
     return row
 
 
-def eager_obs(h_inv, w, n_remove: int):
-    """Greedy OBS with both matrices downdated at every step: what ``greedy_obs`` replaced."""
-    import torch
-
-    alive = torch.ones(len(h_inv), dtype=torch.bool)
-    for _ in range(n_remove):
-        cost = w.square().sum(0) / h_inv.diagonal()
-        cost[~alive] = float("inf")
-        j = int(cost.argmin())
-        d = h_inv[j, j]
-        w.addr_(w[:, j].clone(), h_inv[j, :], alpha=-1 / d)
-        h_inv.addr_(h_inv[:, j].clone(), h_inv[j, :].clone(), alpha=-1 / d)
-        alive[j] = False
-    return alive
-
-
 def one_obs(layers: int) -> dict:
     import torch
 
     import pruner
-    from pruner.reconstruction import GramCollector, greedy_obs
+    from pruner.reconstruction import GramCollector, greedy_obs, greedy_obs_eager
 
     model, tok = pruner.load_model("smollm2")
     samples = _calibration(tok, 10)
@@ -176,7 +160,7 @@ def one_obs(layers: int) -> dict:
         h_inv = torch.linalg.inv(h)
         w = model.get_submodule(name).weight.detach().double()  # (576, 1536)
         start = time.perf_counter()
-        a = eager_obs(h_inv.clone(), w.clone(), n_remove)
+        a = greedy_obs_eager(h_inv.clone(), w.clone(), n_remove)
         eager_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         b = greedy_obs(h_inv.clone(), w.clone(), n_remove)

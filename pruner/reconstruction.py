@@ -103,6 +103,29 @@ def compensate(plan: Plan, structure: ModelStructure, model: nn.Module, collecto
 
 
 @torch.no_grad()
+def greedy_obs_eager(h_inv: torch.Tensor, w: torch.Tensor, n_remove: int) -> torch.Tensor:
+    """The reference for :func:`greedy_obs`: the same greedy choices with ``W`` and ``H⁻¹``
+    downdated in full at every step (O(n²) per step; what ``greedy_obs`` replaced, kept for the
+    tests and ``benchmarks/prune_cost.py``). Consumes both matrices; returns the kept mask.
+
+    Example:
+        >>> h_inv, w = torch.eye(3, dtype=torch.float64), torch.tensor([[1.0, 3.0, 2.0]], dtype=torch.float64)
+        >>> greedy_obs_eager(h_inv, w, 1).tolist()
+        [False, True, True]
+    """
+    alive = torch.ones(len(h_inv), dtype=torch.bool)
+    for _ in range(n_remove):
+        cost = w.square().sum(0) / h_inv.diagonal()
+        cost[~alive] = float("inf")
+        j = int(cost.argmin())
+        d = h_inv[j, j]
+        w.addr_(w[:, j].clone(), h_inv[j, :], alpha=-1 / d)
+        h_inv.addr_(h_inv[:, j].clone(), h_inv[j, :].clone(), alpha=-1 / d)
+        alive[j] = False
+    return alive
+
+
+@torch.no_grad()
 def greedy_obs(h_inv: torch.Tensor, w: torch.Tensor, n_remove: int, block: int = 64) -> torch.Tensor:
     """Greedy Optimal Brain Surgeon over the columns of ``w`` (out, n) with ``h_inv`` = H⁻¹
     (n, n), both fp64 and consumed: ``n_remove`` times, the column of least cost

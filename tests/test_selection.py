@@ -11,7 +11,7 @@ from pruner.api import families_for
 from pruner.config import PruneConfig
 from pruner.discovery import discover
 from pruner.pipeline import make_plan
-from pruner.reconstruction import greedy_obs
+from pruner.reconstruction import greedy_obs, greedy_obs_eager
 from pruner.testing import tiny_causal_lm
 
 from . import selection_reference as reference
@@ -76,19 +76,6 @@ def test_vectorised_selection_gives_the_reference_plans(model_name):
     assert compared > 60
 
 
-def _eager_obs(h_inv, w, n_remove):
-    alive = torch.ones(len(h_inv), dtype=torch.bool)
-    for _ in range(n_remove):
-        cost = w.square().sum(0) / h_inv.diagonal()
-        cost[~alive] = float("inf")
-        j = int(cost.argmin())
-        d = h_inv[j, j]
-        w.addr_(w[:, j].clone(), h_inv[j, :], alpha=-1 / d)
-        h_inv.addr_(h_inv[:, j].clone(), h_inv[j, :].clone(), alpha=-1 / d)
-        alive[j] = False
-    return alive
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_lazy_greedy_obs_makes_the_eager_choices(seed):
     g = torch.Generator().manual_seed(seed)
@@ -97,6 +84,6 @@ def test_lazy_greedy_obs_makes_the_eager_choices(seed):
     gram = x.T @ x / tokens
     h_inv = torch.linalg.inv(gram + 0.1 * gram.diagonal().mean() * torch.eye(n, dtype=torch.float64))
     w = torch.randn(out, n, generator=g, dtype=torch.float64)
-    expected = _eager_obs(h_inv.clone(), w.clone(), int(0.4 * n))
+    expected = greedy_obs_eager(h_inv.clone(), w.clone(), int(0.4 * n))
     for block in (1, 7, 64):  # one fold per step, folds mid-run, never a fold
         assert torch.equal(greedy_obs(h_inv.clone(), w.clone(), int(0.4 * n), block=block), expected)
