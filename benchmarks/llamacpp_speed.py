@@ -25,7 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+from _sources import calibration_source, wikitext2_rows  # benchmarks/ is on sys.path when a script here runs
+
 
 
 def _llama(path: Path, threads: int, logits_all: bool = False):
@@ -84,14 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     import pruner
-    from pruner.data import HELDOUT, calibration_samples, eval_text_rows, eval_windows
+    from pruner.data import calibration_samples, eval_windows
     from pruner.models import SMOLLM2_GGUF, smollm2_folder
 
     dense, tok = pruner.load_model("smollm2")
-    wiki = DATA / "wikitext2_raw" / "wiki.test.raw"
-    rows = eval_text_rows(str(wiki) if wiki.is_file() else HELDOUT)
+    rows = wikitext2_rows()
     windows = eval_windows(rows, tok, 128)[: args.windows]
-    source = str(DATA / "gutenberg") if (DATA / "gutenberg").is_dir() else "builtin"
+    source = calibration_source()
     cal = calibration_samples(source, tok, 10, 64, seed=0)
     prompt = eval_windows(rows, tok, 256)[0].tolist()
     models = {"dense": dense}

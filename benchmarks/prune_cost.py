@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 from _child import FIXED_MMAP, run_child  # benchmarks/ is on sys.path when a script here runs
+from _sources import calibration_source
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 PRUNE = dict(criterion="element1", target_sparsity=0.2, attention_layers=(4, 28), mlp_layers=(4, 28),
              head_granularity="kv")
 SHAPES = {  # LLaMA-2 7B (MHA) and 70B (GQA 64:8)
@@ -51,7 +51,7 @@ SHAPES = {  # LLaMA-2 7B (MHA) and 70B (GQA 64:8)
 def _calibration(tok, n: int):
     from pruner.data import calibration_samples
 
-    source = str(DATA / "gutenberg") if (DATA / "gutenberg").is_dir() else "builtin"
+    source = calibration_source()
     return calibration_samples(source, tok, n, 64, seed=0)
 
 

@@ -22,7 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+from _sources import calibration_source, wikitext2_rows  # benchmarks/ is on sys.path when a script here runs
+
 ROWS = {
     "local 4-27": dict(attention_layers=(4, 28), mlp_layers=(4, 28)),
     "uniform": dict(uniform=True),
@@ -38,13 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     import pruner
-    from pruner.data import HELDOUT, calibration_samples, eval_text_rows
+    from pruner.data import calibration_samples
     from pruner.eval.perplexity import perplexity
 
     dense, tok = pruner.load_model("smollm2")
-    wiki = DATA / "wikitext2_raw" / "wiki.test.raw"
-    rows = eval_text_rows(str(wiki) if wiki.is_file() else HELDOUT)
-    source = str(DATA / "gutenberg") if (DATA / "gutenberg").is_dir() else "builtin"
+    rows = wikitext2_rows()
+    source = calibration_source()
     base = perplexity(dense, tok, rows, max_tokens=args.max_tokens)
     print(f"dense {base:.2f}", flush=True)
     results = []

@@ -120,3 +120,13 @@ def check_dtype(value):
                                                                                     torch.float8_e5m2):
         raise PrunerError(f"dtype={value!r} is not a floating-point dtype: use 'float32', 'bfloat16' or 'float16'")
     return dtype
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it): files this package creates with
+    ``mkstemp``/``mkdtemp`` (0600/0700) get ``0o666 & ~umask`` like any other file."""
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -32,13 +32,13 @@ import math
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checks import check_bool, check_choice, existing_ancestor
+from .checks import check_bool, check_choice, current_umask, existing_ancestor
 from .errors import PrunerError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -81,7 +81,6 @@ class GGUFLayout:
     rope_theta: float
     rope_factors: list[float] | None = None  # llama3 rope scaling
     tied: bool = True
-    notes: list[str] = field(default_factory=list)
 
     @property
     def uniform(self) -> bool:
@@ -110,9 +109,9 @@ def describe(model: nn.Module) -> GGUFLayout:
     if has_lora(model):
         raise PrunerError("the model still holds LoRA adapters: merge them first (pruner.lora.merge_lora(model)), "
                           "or export the merged folder that pruner.save_pretrained wrote")
-    if getattr(cfg, "sliding_window", None) and model_type == "mistral":
-        if cfg.sliding_window < getattr(cfg, "max_position_embeddings", 0):
-            raise PrunerError(f"sliding_window={cfg.sliding_window}: llama.cpp's llama graph has no sliding-window "
+    window = getattr(cfg, "sliding_window", None)
+    if model_type == "mistral" and window and window < getattr(cfg, "max_position_embeddings", 0):
+        raise PrunerError(f"sliding_window={cfg.sliding_window}: llama.cpp's llama graph has no sliding-window "
                               "attention; this Mistral cannot be exported faithfully")
     inner, layers = _decoder(model)
     hidden = inner.embed_tokens.weight.shape[1]
@@ -144,8 +143,7 @@ def describe(model: nn.Module) -> GGUFLayout:
                         int(getattr(cfg, "max_position_embeddings", 2048)), float(cfg.rms_norm_eps), rope[0],
                         rope[1], tied)
     if not layout.uniform or 0 in heads or 0 in ff:
-        layout.architecture = "deci"
-        layout.notes.append("per-layer widths: written as llama.cpp's 'deci' architecture")
+        layout.architecture = "deci"  # per-layer widths (see the module docstring)
     return layout
 
 
@@ -191,9 +189,11 @@ def rotary_permutation(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _tensors(model: nn.Module, layout: GGUFLayout):
-    """``(gguf name, fp32 tensor (out, in) or (n,))`` in llama.cpp's order and layouts."""
+def _tensors(model: nn.Module, layout: GGUFLayout, permute: bool = True):
+    """``(gguf name, tensor (out, in) or (n,))`` in llama.cpp's order and layouts; ``permute=False``
+    skips the q/k row permutation (same shapes: for checks that only read shapes)."""
     inner, layers = _decoder(model)
+    rotary = rotary_permutation if permute else (lambda weight, n_heads: weight)
     yield "token_embd.weight", inner.embed_tokens.weight
     if layout.rope_factors is not None:
         yield "rope_freqs.weight", torch.tensor(layout.rope_factors, dtype=torch.float32)
@@ -201,8 +201,8 @@ def _tensors(model: nn.Module, layout: GGUFLayout):
         attn, mlp = layer.self_attn, layer.mlp
         if layout.heads[i]:
             yield f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight
-            yield f"blk.{i}.attn_q.weight", rotary_permutation(attn.q_proj.weight, layout.heads[i])
-            yield f"blk.{i}.attn_k.weight", rotary_permutation(attn.k_proj.weight, layout.kv_heads[i])
+            yield f"blk.{i}.attn_q.weight", rotary(attn.q_proj.weight, layout.heads[i])
+            yield f"blk.{i}.attn_k.weight", rotary(attn.k_proj.weight, layout.kv_heads[i])
             yield f"blk.{i}.attn_v.weight", attn.v_proj.weight
             yield f"blk.{i}.attn_output.weight", attn.o_proj.weight
         if layout.ff[i]:
@@ -221,7 +221,8 @@ def _check_quantizable(model: nn.Module, layout: GGUFLayout, dtype: str) -> None
     if dtype in ("f32", "f16", "bf16"):
         return
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[dtype.upper()]][0]
-    bad = [(name, t.shape[-1]) for name, t in _tensors(model, layout) if t.dim() == 2 and t.shape[-1] % block]
+    bad = [(name, t.shape[-1]) for name, t in _tensors(model, layout, permute=False)
+           if t.dim() == 2 and t.shape[-1] % block]
     if bad:
         listed = ", ".join(f"{n} ({w})" for n, w in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
         raise PrunerError(f"dtype {dtype!r} quantizes rows in blocks of {block}, but these tensors' rows are not a "
@@ -301,9 +302,7 @@ def _tokenizer_from_hf(tokenizer, vocab_size: int) -> dict[str, tuple]:
     return fields
 
 
-def _tokenizer_fields(tokenizer, source: str | None, vocab_size: int) -> dict[str, tuple]:
-    if tokenizer is None and source is not None:
-        tokenizer = source
+def _tokenizer_fields(tokenizer, vocab_size: int) -> dict[str, tuple]:
     if tokenizer is None:
         raise PrunerError("no tokenizer: pass tokenizer= (a transformers tokenizer, its folder, or a .gguf file "
                           "whose tokenizer to copy); llama.cpp needs one in the file")
@@ -364,7 +363,6 @@ def export_gguf(model_or_folder, path, dtype: str = "f16", tokenizer=None, overw
     check_choice("dtype", dtype, GGUF_DTYPES + LLAMA_CPP_DTYPES)
     check_bool("overwrite", overwrite)
     target = check_gguf_target(path, overwrite)
-    source = None
     if isinstance(model_or_folder, (str, os.PathLike)):
         from .models import load_model
 
@@ -382,7 +380,7 @@ def export_gguf(model_or_folder, path, dtype: str = "f16", tokenizer=None, overw
     _check_quantizable(model, layout, dtype if dtype in GGUF_DTYPES else "f16")
     if dtype in LLAMA_CPP_DTYPES:
         _llama_cpp_quantizer()  # refuse before writing anything if the binding is absent
-    fields = _tokenizer_fields(tokenizer, source, layout.vocab)
+    fields = _tokenizer_fields(tokenizer, layout.vocab)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -396,7 +394,7 @@ def export_gguf(model_or_folder, path, dtype: str = "f16", tokenizer=None, overw
                 half.unlink(missing_ok=True)
         else:
             _write(model, layout, fields, tmp, dtype, name)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         if overwrite:
             os.replace(tmp, target)
         else:
@@ -409,12 +407,6 @@ def export_gguf(model_or_folder, path, dtype: str = "f16", tokenizer=None, overw
         tmp.unlink(missing_ok=True)
         raise
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write(model: nn.Module, layout: GGUFLayout, fields: dict, path: Path, dtype: str, name: str | None) -> None:

@@ -23,7 +23,7 @@ import transformers
 from torch import nn
 
 from . import export_shapes
-from .checks import check_dtype, check_model, existing_ancestor
+from .checks import check_dtype, check_model, current_umask, existing_ancestor
 from .errors import PrunerError
 from .plan import Plan
 
@@ -151,17 +151,11 @@ def check_export_target(folder: str | os.PathLike, overwrite: bool = False) -> P
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _apply_umask(folder: Path) -> None:
     """Gives the finished export the permissions ``save_pretrained`` of transformers would:
     folders ``0o777 & ~umask``, files ``0o666 & ~umask`` (``mkdtemp``/``mkstemp`` create
     private 0700/0600 entries, which another account, e.g. a serving user, could not read)."""
-    mask = _umask()
+    mask = current_umask()
     for path in [folder, *folder.rglob("*")]:
         if path.is_symlink():
             continue

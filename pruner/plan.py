@@ -112,9 +112,9 @@ class Plan:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(self.to_json())
-            mask = os.umask(0o022)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 would hide the plan from other accounts
+            from .checks import current_umask
+
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the plan from other accounts
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
