@@ -9,11 +9,15 @@ not carry into the next):
 1. ``smollm2``: ``pruner.prune`` (element1, 20 % of all parameters, KV groups and MLP channels of
    layers 4-27, the paper's local allocation) on the same 10 x 64 calibration tokens as ten
    batches of one sample and as one batch of ten, next to its **floor**: the same forward +
-   backward passes with nothing else (only the scored tensors requiring gradients), each in its
-   own process. The overhead ratio is prune / mean floor. Peak memory is the resident set above
-   the loaded model (sampled every 2 ms) over the weights' bytes, with glibc's default allocator and with
-   ``MALLOC_MMAP_THRESHOLD_=65536`` (freed blocks go back to the system at once: close to what
-   the tensors need). ``--samples 10,100`` adds larger calibration sets (ten-sample batches).
+   backward passes with nothing else (only the scored tensors requiring gradients, autograd's
+   ``.grad``), one per batch; and, for batches of more than 64 tokens, the floor of the passes
+   prune makes (micro-batches of 64 tokens, the memory bound). Each in its own process. The
+   overhead ratio is prune / mean floor. Time is measured without the memory sampler (a Python
+   thread polling every 2 ms takes a visible share of 2 cores); peak memory comes from separate
+   runs: the resident set above the loaded model (sampled every 2 ms) over the weights' bytes,
+   with glibc's default allocator and with ``MALLOC_MMAP_THRESHOLD_=65536`` (freed blocks go back
+   to the system at once: close to what the tensors need). ``--samples 10,100`` adds larger
+   calibration sets (ten-sample batches).
 2. ``shapes``: LLaMA-7B- and LLaMA-70B-shaped models on the meta device (no weights; vocabulary
    256): group discovery, then with random scores selection + plan building (local and global
    allocation) and surgery planning (the removed index sets of every tensor).
@@ -62,9 +66,11 @@ def _layout(samples, layout: str) -> list:
 
 
 def one_smollm2(n: int, layout: str, what: str) -> dict:
-    """``what`` = "prune": the whole call, with its peak memory; "floor": the same forward +
-    backward passes alone, gradients only where prune needs them. Each in its own process, after
-    the same one-sample no-grad forward (thread pools and kernels start before the clock)."""
+    """``what`` = "prune": the whole call, timed; "memory": the whole call with its peak memory
+    sampled; "floor": the same forward + backward passes alone, one per batch, gradients only
+    where prune needs them; "floor-micro": the same, in prune's 64-token micro-batches. Each in
+    its own process, after the same one-sample no-grad forward (thread pools and kernels start
+    before the clock)."""
     import torch
 
     import pruner
@@ -77,19 +83,25 @@ def one_smollm2(n: int, layout: str, what: str) -> dict:
     with torch.no_grad():
         model(batches[0][:1])
     row = {"part": "smollm2", "samples": n, "layout": layout, "threads": torch.get_num_threads()}
-    if what == "floor":
+    if what in ("floor", "floor-micro"):
+        from pruner.api import MICRO_BATCH_TOKENS
+
         scored = {m.param for f in families_for(pruner.discover(model), PruneConfig(**PRUNE)) for m in f.members}
         for name, p in model.named_parameters():
             p.requires_grad_(name in scored)
+        size = max(1, MICRO_BATCH_TOKENS // batches[0].shape[1]) if what == "floor-micro" else None
         start = time.perf_counter()
         for b in batches:
-            model(input_ids=b, labels=b).loss.backward()
-        return {**row, "floor_s": time.perf_counter() - start}
+            for part in ([b] if size is None else b.split(size)):
+                (model(input_ids=part, labels=part).loss * len(part)).backward()
+        return {**row, f"{what}_s": time.perf_counter() - start}
     model_bytes = weights_bytes(model)
-    start = time.perf_counter()
+    if what == "prune":
+        start = time.perf_counter()
+        plan = pruner.prune(model, batches, **PRUNE)
+        return {**row, "prune_s": time.perf_counter() - start, "removed": plan.params["removed_fraction"]}
     plan, peak = peak_memory(lambda: pruner.prune(model, batches, **PRUNE))
-    return {**row, "prune_s": time.perf_counter() - start, "peak_extra_bytes": peak, "model_bytes": model_bytes,
-            "removed": plan.params["removed_fraction"]}
+    return {**row, "peak_extra_bytes": peak, "model_bytes": model_bytes, "removed": plan.params["removed_fraction"]}
 
 
 def meta_llama(shape: str):
@@ -211,23 +223,30 @@ def _print_tables(rows: list[dict]) -> None:
     smol = [r for r in rows if r.get("part") == "smollm2" and "error" not in r]
     if smol:
         print("\nSmolLM2-135M, element1, -20 %, layers 4-27 (KV groups + MLP channels), local allocation")
-        print("| samples x 64 | layout | allocator | rounds | floor s (fwd+bwd) | prune s | prune / floor | "
-              "peak extra MB (/ weights) | removed |")
+        print("| samples x 64 | layout | rounds | floor s (a pass per batch) | prune s | prune / floor | "
+              "floor s (prune's 64-token passes) | prune / that floor | removed |")
         print("|---|---|---|---|---|---|---|---|---|")
-        floors = {}
-        for r in smol:
-            if "floor_s" in r:
-                floors.setdefault((r["samples"], r["layout"]), []).append(r["floor_s"])
-        keys = sorted({(r["samples"], r["layout"], r["allocator"]) for r in smol if "prune_s" in r})
-        for key in keys:
-            runs = [r for r in smol if (r["samples"], r["layout"], r["allocator"]) == key and "prune_s" in r]
-            floor = floors.get(key[:2], [float("nan")])
-            mean_floor = sum(floor) / len(floor)
+        for key in sorted({(r["samples"], r["layout"]) for r in smol if "prune_s" in r}):
+            same = [r for r in smol if (r["samples"], r["layout"]) == key]
+            prune = [r["prune_s"] for r in same if "prune_s" in r]
+            cells = []
+            for kind in ("floor_s", "floor-micro_s"):
+                floor = [r[kind] for r in same if kind in r]
+                if not floor and kind == "floor-micro_s":  # batches of <= 64 tokens: the same passes
+                    floor = [r["floor_s"] for r in same if "floor_s" in r]
+                mean = sum(floor) / len(floor) if floor else float("nan")
+                cells += [_span(floor) if floor else "-", _span([p / mean for p in prune])]
+            removed = next(r["removed"] for r in same if "removed" in r)
+            print(f"| {key[0]} | {key[1]} | {len(prune)} | {cells[0]} | {_span(prune)} | {cells[1]} | {cells[2]} | "
+                  f"{cells[3]} | {removed:.2%} |")
+        print("\nPeak resident memory above the loaded model during prune (separate, sampled runs)")
+        print("| samples x 64 | layout | allocator | rounds | peak extra MB | / weights (max) |")
+        print("|---|---|---|---|---|---|")
+        for key in sorted({(r["samples"], r["layout"], r["allocator"]) for r in smol if "peak_extra_bytes" in r}):
+            runs = [r for r in smol if (r["samples"], r["layout"], r["allocator"]) == key and "peak_extra_bytes" in r]
             peak = [r["peak_extra_bytes"] for r in runs]
-            mb = runs[0]["model_bytes"]
-            print(f"| {key[0]} | {key[1]} | {key[2]} | {len(runs)} | {_span(floor)} | "
-                  f"{_span([r['prune_s'] for r in runs])} | {_span([r['prune_s'] / mean_floor for r in runs], '.2f')} | "
-                  f"{_span([p / 2**20 for p in peak], '.0f')} ({max(peak) / mb:.2f} max) | {runs[0]['removed']:.2%} |")
+            print(f"| {key[0]} | {key[1]} | {key[2]} | {len(runs)} | {_span([p / 2**20 for p in peak], '.0f')} | "
+                  f"{max(peak) / runs[0]['model_bytes']:.2f} |")
     for r in (r for r in rows if r.get("part") == "torch-pruning"):
         tail = r["error"] if "error" in r else (f"{r['prune_s']:.1f} s, peak extra {r['peak_extra_bytes'] / 2**20:,.0f} MB "
                                                 f"({r['peak_extra_bytes'] / r['model_bytes']:.2f}x weights), {r['removed']:.1%} removed")
@@ -286,10 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     if "smollm2" in parts:
         for n in (int(x) for x in args.samples.split(",")):
             for layout in ("1-sample batches", "10-sample batches"):
-                for _ in range(args.rounds):  # floor and prune alternate, so drift hits both alike
-                    for what, env in (("floor", None), ("prune", None), ("prune", FIXED_MMAP)):
+                whats = [("floor", None), ("prune", None)]
+                if layout != "1-sample batches":  # batches above 64 tokens: prune micro-batches them
+                    whats.insert(1, ("floor-micro", None))
+                for _ in range(args.rounds):  # floors and prune alternate, so drift hits them alike
+                    for what, env in whats:
                         jobs.append((["smollm2", str(n), layout, what], env,
                                      {"part": "smollm2", "samples": n, "layout": layout}))
+                for env in (None, FIXED_MMAP):  # memory: sampled runs of their own
+                    jobs.append((["smollm2", str(n), layout, "memory"], env,
+                                 {"part": "smollm2", "samples": n, "layout": layout}))
     if args.torch_pruning:
         jobs.append((["torch-pruning", "10"], None, {"part": "torch-pruning", "samples": 10}))
     if "shapes" in parts:

@@ -150,7 +150,8 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
     if batches is None or isinstance(batches, (str, bytes, dict)) or not hasattr(batches, "__iter__"):
         raise PrunerError(f"batches must be an iterable of calibration batches, got {type(batches).__name__}")
     families = families_for(structure, cfg)
-    est = ImportanceEstimator(model, families, cfg.criterion, cfg.seed)
+    # direct_linear: plain autograd here (the Lightning callback, under DDP/FSDP/autocast, keeps .grad hooks)
+    est = ImportanceEstimator(model, families, cfg.criterion, cfg.seed, direct_linear=True)
     if cfg.criterion in ("l1", "l2", "random") and collector is None:
         return est.vectors()
     device = next(model.parameters()).device

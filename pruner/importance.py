@@ -9,7 +9,11 @@ indices (see :func:`family_scores`). Gradients arrive through post-accumulate-gr
   usual ``.grad`` buffer) and free ``.grad`` at once, so nothing else of model size is held;
 * second-order (Fisher) terms are reduced to per-index vectors inside the hook, sample by
   sample, so they cost no model-sized memory at all;
-* ``activation`` needs no gradients: forward pre-hooks accumulate input-channel norms.
+* ``activation`` needs no gradients: forward pre-hooks accumulate input-channel norms;
+* ``direct_linear=True`` (first-order sums only): a ``nn.Linear`` weight used by one module
+  stops requiring gradients; its input and output gradient are caught by hooks and
+  ``sum += alpha * dy^T x`` is one ``addmm_`` into the running sum, the same product autograd
+  would form, without a fresh ``.grad`` buffer per backward and a second pass to add it.
 
 Example:
     >>> CRITERIA["element1"].needs_gradients, CRITERIA["element2"].needs_per_sample
@@ -65,6 +69,16 @@ def check_criterion(name: str) -> Criterion:
     return CRITERIA[name]
 
 
+def _input_requiring_grad(module: nn.Module, args: tuple):
+    """Forward pre-hook of a directly accumulated Linear: an input that does not require
+    gradients (nothing upstream is scored) becomes a leaf that does, so that autograd still
+    delivers the output gradient the weight's sum is formed from."""
+    x = args[0]
+    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and not x.requires_grad and x.is_floating_point():
+        return (x.detach().requires_grad_(), *args[1:])
+    return None
+
+
 def _reduce(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sums a parameter-shaped tensor over every dimension except ``dim``."""
     if t.dim() == 1:
@@ -92,7 +106,7 @@ class ImportanceEstimator:
     """
 
     def __init__(self, model: nn.Module, families: list[Family], criterion: str, seed: int = 0,
-                 sharded: bool = False):
+                 sharded: bool = False, direct_linear: bool = False):
         self.model, self.families, self.criterion = model, families, check_criterion(criterion)
         self.seed = seed
         # sharded (FSDP2): gradients arrive already reduce-scattered into each rank's shard, not
@@ -100,6 +114,10 @@ class ImportanceEstimator:
         # accumulate_gradients() after each backward, and vectors() are per-rank partial sums that
         # the caller all-reduces (see StructuralPruneCallback).
         self.sharded = sharded
+        # direct_linear: see the module docstring. Off by default: it needs plain autograd around
+        # the model (no DDP reducer waiting for those weights' .grad, no activation checkpointing
+        # re-running the hooks, no autocast changing dtypes between forward and backward).
+        self.direct_linear = direct_linear and not sharded
         if sharded and self.criterion.needs_per_sample:
             raise PrunerError(
                 f"criterion {criterion!r} needs per-sample gradients, but a sharded (FSDP2) model only "
@@ -130,17 +148,43 @@ class ImportanceEstimator:
         self._act_tokens: dict[str, int] = {}
         self._handles: list = []
         self._requires_grad: dict[str, bool] = {}
+        self._direct: dict[str, nn.Linear] = {}  # canonical name -> the one Linear that uses it
+
+    def _direct_linears(self) -> dict[str, nn.Linear]:
+        """The scored weights whose gradient sum can be formed by hooks on their Linear: plain
+        ``nn.Linear`` weights, not tied to anything else, scored by a first-order sum only."""
+        if not self.direct_linear or self.criterion.name not in ("element1", "vector"):
+            return {}
+        if any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
+            return {}  # recomputed forwards would register the output hooks twice
+        users: dict[int, list[nn.Module]] = {}
+        for module in self.model.modules():
+            for p in module.parameters(recurse=False):
+                users.setdefault(id(p), []).append(module)
+        out = {}
+        for name in self._canonical.values():
+            p = self.params[name]
+            mods = users.get(id(p), [])
+            if len(mods) == 1 and isinstance(mods[0], nn.Linear) and mods[0].weight is p:
+                out[name] = mods[0]
+        return out
 
     # -- driving -------------------------------------------------------------------------------
     def attach(self) -> None:
         c = self.criterion
         if c.needs_gradients and not self.sharded:
             self._requires_grad = {n: p.requires_grad for n, p in self.model.named_parameters()}
-            wanted = {id(self.params[n]) for n in self.dims}
+            self._direct = self._direct_linears()
+            wanted = {id(self.params[n]) for n in self.dims if self._canonical[id(self.params[n])] not in self._direct}
             for p in self.model.parameters():
                 p.requires_grad_(id(p) in wanted)
             for tensor_id, name in self._canonical.items():
-                self._handles.append(self.params[name].register_post_accumulate_grad_hook(self._grad_hook(name)))
+                if name in self._direct:
+                    module = self._direct[name]
+                    self._handles.append(module.register_forward_pre_hook(_input_requiring_grad))
+                    self._handles.append(module.register_forward_hook(self._linear_hook(name)))
+                else:
+                    self._handles.append(self.params[name].register_post_accumulate_grad_hook(self._grad_hook(name)))
             if c.name in ("element1", "vector", "mix"):
                 # the running sums are allocated here, in one go, not between the transient
                 # gradients of the first backward (less heap fragmentation on CPU: SmolLM2's
@@ -221,6 +265,24 @@ class ImportanceEstimator:
                     v = _reduce(w2g2, dim)
                     self._fisher[key] = v if key not in self._fisher else self._fisher[key].add_(v)
             param.grad = None  # the running sum above is all we keep
+
+        return hook
+
+    def _linear_hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            if not (torch.is_grad_enabled() and output.requires_grad):
+                return
+
+            def on_output_grad(dy: torch.Tensor) -> None:
+                acc = self._grad_sum[name]  # (out, in) fp32
+                dy2 = dy.reshape(-1, dy.shape[-1])  # (tokens, out)
+                x2 = x.detach().reshape(-1, x.shape[-1])  # (tokens, in)
+                if dy2.dtype != acc.dtype or x2.dtype != acc.dtype:
+                    dy2, x2 = dy2.to(acc.dtype), x2.to(acc.dtype)
+                acc.addmm_(dy2.T, x2, alpha=self._weight)  # acc += weight * dL/dW
+
+            output.register_hook(on_output_grad)
 
         return hook
 
