@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from pruner.errors import PrunerError
+from pruner.hub import HUB_ALIASES, load_hub_dataset
 
 BUILTIN = "builtin"
 IGNORE_INDEX = -100  # the label value that torch's cross entropy (and HF losses) skip
@@ -65,12 +66,6 @@ ALPACA_PROMPT_NO_INPUT = (
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
-_HUB_ALIASES = {  # short names users type -> (hub path, config name)
-    "bookcorpus": ("bookcorpus/bookcorpus", None),
-    "alpaca-cleaned": ("yahma/alpaca-cleaned", None),
-    "wikitext-2-raw-v1": ("wikitext", "wikitext-2-raw-v1"),
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1"),
-}
 
 
 # ----------------------------------------------------------------------------- sources
@@ -97,20 +92,6 @@ def _local_path(source: str, what: str, instead: str = "an existing file or a hu
             f"directory {os.getcwd()}); pass {instead}"
         )
     return None
-
-
-def _load_hub(name: str, split: str, streaming: bool = False):
-    """Loads a hub dataset split; the import is lazy because ``datasets`` is slow to import."""
-    import datasets
-
-    path, config = _HUB_ALIASES.get(name, (name, None))
-    try:
-        return datasets.load_dataset(path, config, split=split, streaming=streaming)
-    except Exception as err:  # network, auth, unknown name: all need the same advice
-        raise PrunerError(
-            f"could not load hub dataset {name!r} ({type(err).__name__}: {err}); check the name "
-            "and your internet connection, or pass a local file/folder or 'builtin'"
-        ) from err
 
 
 @lru_cache(maxsize=1)
@@ -190,7 +171,7 @@ def read_texts(source: str) -> list[str]:
     path = _local_path(source, "calibration text",
                        "an existing .txt file or folder, 'builtin', or a hub dataset name")
     if path is None:
-        stream = _load_hub(source, "train", streaming=True).shuffle(seed=0, buffer_size=10_000)
+        stream = load_hub_dataset(source, "train", streaming=True).shuffle(seed=0, buffer_size=10_000)
         # Hub corpora such as BookCorpus are one sentence per row: join rows into documents.
         rows = [r["text"] for r, _ in zip(stream, range(20_000)) if r.get("text")]
         return ["\n".join(rows[i : i + 200]) for i in range(0, len(rows), 200)]
@@ -290,7 +271,7 @@ def alpaca_records(source: str, max_records: int | None = None) -> list[dict[str
     path = _local_path(source, "Alpaca data file",
                        "an existing JSON list of records or 'yahma/alpaca-cleaned' (hub)")
     if path is None:
-        records: Iterable[Any] = _load_hub(source, "train")
+        records: Iterable[Any] = load_hub_dataset(source, "train")
     elif path.is_dir():
         raise PrunerError(f"{path} is a folder: pass the Alpaca JSON file itself")
     else:
@@ -389,7 +370,7 @@ def eval_text_rows(source: str) -> list[str]:
 
     if source == HELDOUT:
         return builtin_heldout_rows()
-    if source in _HUB_ALIASES and _HUB_ALIASES[source][0] == "wikitext":
+    if source in HUB_ALIASES and HUB_ALIASES[source].path == "wikitext":
         try:
             return load_wikitext2_rows(None)
         except Exception as err:

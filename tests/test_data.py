@@ -91,7 +91,7 @@ def test_hub_calibration_is_streamed_and_shuffled(tok, monkeypatch):
             calls["shuffle"] = (seed, buffer_size)
             return self
 
-    def load_dataset(path, name=None, split=None, streaming=False):
+    def load_dataset(path, name=None, split=None, streaming=False, **kw):
         calls["args"] = (path, name, split, streaming)
         return Stream({"text": f"sentence number {i} of the book ."} for i in range(500))
 
@@ -109,6 +109,46 @@ def test_hub_failure_names_the_fix(tok, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     with pytest.raises(PrunerError, match="internet connection, or pass a local file"):
         D.alpaca_records("yahma/alpaca-cleaned")
+
+
+def _script_refusing_datasets(monkeypatch, parquet_rows=None):
+    """A ``datasets`` >= 4 stand-in: refuses the main branch of a script dataset (its message as
+    datasets 4 words it) and serves ``parquet_rows`` from refs/convert/parquet (None: fails too)."""
+    calls = []
+
+    class Stream(list):
+        def shuffle(self, seed, buffer_size):
+            return self
+
+    def load_dataset(path, name=None, split=None, streaming=False, **kw):
+        calls.append({"path": path, "name": name, "split": split, **kw})
+        if kw.get("revision") != "refs/convert/parquet":
+            raise RuntimeError(f"Dataset scripts are no longer supported, but found {path.split('/')[-1]}.py")
+        if parquet_rows is None:
+            raise FileNotFoundError("no parquet files")
+        return parquet_rows if isinstance(parquet_rows, dict) else Stream(parquet_rows)  # dict: columns
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset, __version__="4.1.0"))
+    return calls
+
+
+def test_script_hub_datasets_load_from_their_parquet_conversion(tok, monkeypatch):
+    calls = _script_refusing_datasets(monkeypatch, [{"text": f"line {i} of a novel ."} for i in range(300)])
+    out = D.calibration_samples("bookcorpus", tok, num_samples=2, seq_len=32)
+    assert out.shape == (2, 32)
+    assert [c.get("revision") for c in calls] == [None, "refs/convert/parquet"]
+    assert calls[1]["path"] == "bookcorpus/bookcorpus" and calls[1]["data_dir"] == "plain_text"
+    from pruner.eval.perplexity import load_ptb_rows
+
+    calls = _script_refusing_datasets(monkeypatch, {"sentence": ["a b c"]})
+    assert load_ptb_rows(None) == ["a b c"]
+    assert calls[1]["path"] == "ptb_text_only" and calls[1]["data_dir"] == "penn_treebank"
+
+
+def test_script_hub_dataset_without_parquet_names_the_fixes(tok, monkeypatch):
+    _script_refusing_datasets(monkeypatch, None)
+    with pytest.raises(PrunerError, match=r"no longer runs.*refs/convert/parquet.*datasets<4.*'builtin'"):
+        D.calibration_samples("bookcorpus", tok, num_samples=2, seq_len=32)
 
 
 @needs_shared

@@ -41,9 +41,9 @@ def load_wikitext2_rows(path: str | Path | None = None) -> list[str]:
     the hub (``wikitext`` / ``wikitext-2-raw-v1``, test split; needs internet once)."""
     if path is not None:
         return _raw_lines_to_rows(path)
-    from datasets import load_dataset
+    from pruner.hub import load_hub_dataset
 
-    return list(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+    return list(load_hub_dataset("wikitext-2-raw-v1", "test")["text"])
 
 
 def load_ptb_rows(path: str | Path | None = None, split: str = "test") -> list[str]:
@@ -59,9 +59,9 @@ def load_ptb_rows(path: str | Path | None = None, split: str = "test") -> list[s
             raise FileNotFoundError(f"text file not found: {path}")
         with open(path, encoding="utf-8") as f:
             return [line.strip() for line in f if line.strip()]
-    from datasets import load_dataset
+    from pruner.hub import load_hub_dataset
 
-    return list(load_dataset("ptb_text_only", "penn_treebank", split=split)["sentence"])
+    return list(load_hub_dataset("ptb", split)["sentence"])
 
 
 def tokenize_rows(tokenizer, rows: list[str], max_tokens: int | None = None) -> torch.Tensor:
