@@ -113,7 +113,9 @@ class StructuralPruneCallback(pl.Callback):
             measured (calibration loss with them masked, on the calibration batches this
             callback keeps) or obs (block Optimal Brain Surgeon on the refit's statistics;
             needs reconstruct).
-        round_to: kept MLP/hidden widths become multiples of this.
+        round_to: kept MLP/hidden widths become multiples of this; None = 32 for widths that
+            are multiples of 32 of at least 1024 (LLaMA-class layers: GGUF quantization blocks,
+            kernel-friendly widths), else 1.
         uniform: every layer keeps the same widths (a plain config for vLLM / TGI /
             TensorRT-LLM and llama.cpp's ``llama`` architecture); needs local allocation over
             every layer.
@@ -193,7 +195,7 @@ class StructuralPruneCallback(pl.Callback):
         global_ranking: bool = False,
         max_layer_ratio: float = 0.9,
         attention_selection: Literal["score", "measured", "obs"] = "score",
-        round_to: int = 1,
+        round_to: int | None = None,
         uniform: bool = False,
         iterative_steps: int = 1,
         reconstruct: bool = False,

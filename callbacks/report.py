@@ -35,6 +35,7 @@ def pruning_report(plan: Plan, perplexity: dict[str, float], recovery_steps: int
     else:
         lines += ["No validation data (data.val_source): perplexity not measured.", ""]
     s = plan.settings
-    lines += ["Settings: " + ", ".join(f"{k}={s[k]}" for k in REPORT_SETTINGS if k in s),
+    shown = {**s, "round_to": "auto" if s.get("round_to", 1) is None else s.get("round_to")}  # None: 32 for wide layers
+    lines += ["Settings: " + ", ".join(f"{k}={shown[k]}" for k in REPORT_SETTINGS if k in s),
               f"Calibration: {plan.calibration}", "", "The exact plan is in plan.json."]
     return "\n".join(lines) + "\n"

@@ -80,6 +80,15 @@ def explain(err: BaseException) -> str | None:
     missing = re.search(r"File does not exist: '([^']+)'", text)
     if missing:
         return f"config file not found: {missing.group(1)}: pass --config with an existing YAML file"
+    union = list(re.finditer(r'Parser key "([^"]+)":\s*Does not validate against any of the Union subtypes\s*'
+                             r'Subtypes: \[([^\]]*)\].*?Given value: ([^\n]+)', text, re.S))
+    if union:  # an Optional[int] and the like: name the key and every type it takes
+        key, subtypes, value = union[-1].groups()
+        kinds = [("null" if k == "NoneType" else k) for k in re.findall(r"<class '(\w+)'>", subtypes)]
+        key = key if not place or key == place.split("[")[0] else f"{place}.{key}"
+        first = kinds[0] if kinds else "value"
+        return (f"{key}: expected {'an' if first[0] in 'aeiou' else 'a'} {' or '.join(kinds) or 'valid value'}, "
+                f"got {value.strip()!r}: give a value of that type")
     typed = list(re.finditer(r'Parser key "([^"]+)":\s*Expected a <class \'(\w+)\'>\. Got value: (.+)', text))
     if typed:
         key, kind, value = typed[-1].groups()

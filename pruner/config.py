@@ -19,6 +19,11 @@ from .importance import check_criterion
 MODES = ("block", "channel", "layer")
 
 
+# round_to=None: whole blocks of llama.cpp's 32-wide quantization (q4_0 ... q8_0) and widths the
+# SIMD / tensor-core kernels like, for layers wide enough that a 32-channel step is fine-grained
+AUTO_ROUND_TO = 32
+AUTO_ROUND_MIN_WIDTH = 1024
+
 @dataclass
 class PruneConfig:
     criterion: str = field(default="element1", metadata={"help": "importance criterion (see pruner.importance.CRITERIA)"})
@@ -57,7 +62,11 @@ class PruneConfig:
         default=False, metadata={"help": "every layer keeps the same numbers of heads, KV heads and MLP channels, so "
                                          "the export is a plain config that vLLM / TGI / TensorRT-LLM load (needs "
                                          "global_ranking=False and every layer in the pruned ranges)"})
-    round_to: int = field(default=1, metadata={"help": "kept MLP/hidden widths become multiples of this (e.g. 8 or 64)"})
+    round_to: int | None = field(
+        default=None, metadata={"help": "kept MLP/hidden widths become multiples of this (1 = any width); None (the "
+                                        "default) = 32 where the dense width is a multiple of 32 of at least 1024 "
+                                        "(LLaMA-class models: whole GGUF quantization blocks, SIMD/tensor-core "
+                                        "friendly widths), else 1"})
     reconstruct: bool = field(
         default=False, metadata={"help": "refit the kept columns of o_proj/down_proj by least squares on the "
                                          "calibration inputs (no training); costs one in_features^2 matrix per layer"})
@@ -109,7 +118,9 @@ class PruneConfig:
                      fix="the largest fraction of a layer's heads/channels global ranking may remove, e.g. 0.9")
         check_number("reconstruct_damping", self.reconstruct_damping, 0.0, low_open=True,
                      fix="the refit's ridge term relative to the mean input energy, e.g. 0.1 (few tokens) or 0.01")
-        check_int("round_to", self.round_to, 1, fix="kept widths become multiples of it, e.g. 1, 8 or 64")
+        if self.round_to is not None:
+            check_int("round_to", self.round_to, 1, fix="kept widths become multiples of it, e.g. 1, 8 or 64, or None "
+                                                        "(32 for widths of 1024 and more)")
         check_int("iterative_steps", self.iterative_steps, 1, fix="1 prunes in one step")
         check_int("seed", self.seed, 0, fix="any non-negative integer, e.g. 0")
         if self.mode == "block" and not (self.prune_attention or self.prune_mlp):
@@ -139,6 +150,20 @@ class PruneConfig:
                 if flag and r is not None and tuple(r) != (0, num_layers):
                     raise PrunerError(f"uniform=True prunes every layer alike, but {name}={r} leaves some layers "
                                       f"whole: use {name}=None (or (0, {num_layers})), or uniform=False")
+
+    def rounding(self, width: int) -> int:
+        """The multiple a kept width of ``width`` channels is rounded to: ``round_to``, or for None
+        32 when ``width`` is a multiple of 32 of at least 1024 (a 32-channel step is then at most
+        3 % of the layer; measured on SmolLM2 at -20 %: +0.3-0.6 % WikiText-2 perplexity against any
+        width, while multiples of 8 gave 1.49x prefill against 1.18x at any width), else 1.
+
+        Example:
+            >>> PruneConfig(target_sparsity=0.2).rounding(1536), PruneConfig(target_sparsity=0.2).rounding(96)
+            (32, 1)
+        """
+        if self.round_to is not None:
+            return self.round_to
+        return AUTO_ROUND_TO if width >= AUTO_ROUND_MIN_WIDTH and width % AUTO_ROUND_TO == 0 else 1
 
     def prunes(self, kind: Literal["attention", "mlp"], layer: int) -> bool:
         """Whether block mode prunes this layer's attention heads or MLP channels."""

@@ -127,15 +127,16 @@ def candidate_pools(structure: ModelStructure, vectors, cfg: PruneConfig) -> tup
             if m is not None and cfg.prunes("mlp", info.index):
                 s = family_scores(m.channels, vectors, cfg.criterion, cfg.aggregation, cfg.seed)
                 record("mlp_channel", info.index, s)
-                n_units = (m.num_channels - 1) // cfg.round_to  # keep at least one unit
-                pools.append(_ordered_pool(s, "mlp", info.index, cfg.round_to, m.channels.params_per_group(shapes),
+                step = cfg.rounding(m.num_channels)
+                n_units = (m.num_channels - 1) // step  # keep at least one unit
+                pools.append(_ordered_pool(s, "mlp", info.index, step, m.channels.params_per_group(shapes),
                                            cap(n_units)))
     elif cfg.mode == "channel":
         fam = structure.hidden_family()
         s = family_scores(fam, vectors, cfg.criterion, cfg.aggregation, cfg.seed)
         record("hidden_channel", None, s)
-        pools.append(_ordered_pool(s, "hidden", None, cfg.round_to, fam.params_per_group(shapes),
-                                   (structure.hidden_size - 1) // cfg.round_to))
+        pools.append(_ordered_pool(s, "hidden", None, cfg.rounding(structure.hidden_size), fam.params_per_group(shapes),
+                                   (structure.hidden_size - 1) // cfg.rounding(structure.hidden_size)))
     else:
         eligible = [info for info in structure.layers if in_range(cfg.layers, info.index)]
         scores = torch.stack([

@@ -571,7 +571,7 @@ def test_export_carries_a_report_with_perplexity_before_and_after_pruning_and_re
     assert f"| dense (before pruning) | {prune.perplexity['dense']:.3f} |" in report
     assert "| after recovery (8 steps) |" in report
     assert f"| after | {prune.plan.params['after']:,} |" in report
-    assert "mlp_selection=score, round_to=1, reconstruct=False" in report  # the settings that shape the result
+    assert "mlp_selection=score, round_to=auto, reconstruct=False" in report  # the settings that shape the result
 
 
 def test_measured_attention_selection_in_the_callback_matches_pruner_prune(tiny_dir, tmp_path):
