@@ -11,6 +11,14 @@ attention of a layer with no heads and the MLP of one with no channels, and is o
 LLaMA graph (RMSNorm, SwiGLU, the same rotary embedding). So a model whose layers all have the
 same widths is written as ``llama`` (every engine reads it); an uneven one as ``deci``.
 
+Qwen2 is written the same way, not as llama.cpp's ``qwen2`` architecture: that graph creates
+``attn_q`` and ``attn_output`` as ``n_embd x n_embd`` and ``n_ff()`` for every layer, so it cannot
+hold a model with heads or per-layer MLP channels removed. Qwen2 differs from LLaMA only by its
+q/k/v biases, which both ``llama`` and ``deci`` load as optional tensors (``create_tensor_qkv``)
+and add in ``build_qkv``; its rotary embedding is Hugging Face's halves layout like LLaMA's
+(llama.cpp's ``qwen2`` graph uses NEOX rope on unpermuted rows instead), so the q/k rows and
+biases take the same permutation. Sliding-window Qwen2 configs are refused.
+
 Layouts follow llama.cpp's own converter (``convert_hf_to_gguf.py``): tensors keep the Hugging
 Face ``(out, in)`` layout (ggml reads it as ``ne = (in, out)``), norms stay f32, and the rows of
 ``q_proj`` / ``k_proj`` are permuted from the Hugging Face rotary layout (halves) to llama.cpp's
@@ -41,7 +49,7 @@ from torch import nn
 from .checks import check_bool, check_choice, current_umask, existing_ancestor
 from .errors import PrunerError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # dtype -> (ggml type of 2-D weights, llama.cpp file type); quantized rows hold whole blocks
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 # K-quants have no exact Python quantizer: llama.cpp's own quantizer (llama-cpp-python) makes them
@@ -81,6 +89,7 @@ class GGUFLayout:
     rope_theta: float
     rope_factors: list[float] | None = None  # llama3 rope scaling
     tied: bool = True
+    qkv_bias: bool = False  # Qwen2: q/k/v biases (llama.cpp's optional attn_q/k/v.bias)
 
     @property
     def uniform(self) -> bool:
@@ -110,6 +119,10 @@ def describe(model: nn.Module) -> GGUFLayout:
         raise PrunerError("the model still holds LoRA adapters: merge them first (pruner.lora.merge_lora(model)), "
                           "or export the merged folder that pruner.save_pretrained wrote")
     window = getattr(cfg, "sliding_window", None)
+    if model_type == "qwen2" and (getattr(cfg, "use_sliding_window", False)
+                                  or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())):
+        raise PrunerError("this Qwen2 config uses sliding-window attention, which llama.cpp's llama / deci graphs do "
+                          "not have; it cannot be exported faithfully")
     if model_type == "mistral" and window and window < getattr(cfg, "max_position_embeddings", 0):
         raise PrunerError(f"sliding_window={cfg.sliding_window}: llama.cpp's llama graph has no sliding-window "
                               "attention; this Mistral cannot be exported faithfully")
@@ -119,11 +132,15 @@ def describe(model: nn.Module) -> GGUFLayout:
     if head_dim % 2:
         raise PrunerError(f"head_dim {head_dim} is odd: the rotary permutation needs pairs")
     heads, kv_heads, ff = [], [], []
+    qkv_bias = getattr(layers[0].self_attn.q_proj, "bias", None) is not None if len(layers) else False
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            if getattr(getattr(attn, name), "bias", None) is not None:
-                raise PrunerError(f"layer {i} {name} has a bias: llama.cpp's llama / deci graphs here take none")
+        for name in ("q_proj", "k_proj", "v_proj"):  # optional tensors in llama.cpp: all layers or none
+            if (getattr(getattr(attn, name), "bias", None) is not None) != qkv_bias:
+                raise PrunerError(f"layer {i} {name} {'lacks' if qkv_bias else 'has'} a bias unlike layer 0's q_proj: "
+                                  "q/k/v biases must be in every layer or in none")
+        if getattr(attn.o_proj, "bias", None) is not None:
+            raise PrunerError(f"layer {i} o_proj has a bias: not expressible in this export")
         for name in ("gate_proj", "up_proj", "down_proj"):
             if getattr(getattr(mlp, name), "bias", None) is not None:
                 raise PrunerError(f"layer {i} mlp.{name} has a bias: not expressible in this export")
@@ -141,7 +158,7 @@ def describe(model: nn.Module) -> GGUFLayout:
     tied = lm_head is None or lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
     layout = GGUFLayout("llama", hidden, head_dim, heads, kv_heads, ff, inner.embed_tokens.weight.shape[0],
                         int(getattr(cfg, "max_position_embeddings", 2048)), float(cfg.rms_norm_eps), rope[0],
-                        rope[1], tied)
+                        rope[1], tied, qkv_bias)
     if not layout.uniform or 0 in heads or 0 in ff:
         layout.architecture = "deci"  # per-layer widths (see the module docstring)
     return layout
@@ -204,6 +221,10 @@ def _tensors(model: nn.Module, layout: GGUFLayout, permute: bool = True):
             yield f"blk.{i}.attn_q.weight", rotary(attn.q_proj.weight, layout.heads[i])
             yield f"blk.{i}.attn_k.weight", rotary(attn.k_proj.weight, layout.kv_heads[i])
             yield f"blk.{i}.attn_v.weight", attn.v_proj.weight
+            if layout.qkv_bias:  # the same row permutation as the weights they are added to
+                yield f"blk.{i}.attn_q.bias", rotary(attn.q_proj.bias, layout.heads[i])
+                yield f"blk.{i}.attn_k.bias", rotary(attn.k_proj.bias, layout.kv_heads[i])
+                yield f"blk.{i}.attn_v.bias", attn.v_proj.bias
             yield f"blk.{i}.attn_output.weight", attn.o_proj.weight
         if layout.ff[i]:
             yield f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight

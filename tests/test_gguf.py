@@ -117,10 +117,38 @@ def test_f32_export_loads_back_in_transformers_bit_exact(tmp_path):
     torch.testing.assert_close(_hf_logits(back, ids), _hf_logits(model, ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "glm", "phi3"])
+@pytest.mark.parametrize("arch", ["glm", "phi3"])
 def test_architectures_llama_cpp_graphs_cannot_express_are_refused_before_writing(tmp_path, arch):
     with pytest.raises(pruner.PrunerError, match="GGUF export supports"):
         export_gguf(tiny_causal_lm(arch), tmp_path / "m.gguf", tokenizer=tiny_bpe_tokenizer())
+    assert list(tmp_path.iterdir()) == []
+
+
+def _qwen2(uneven: bool):
+    """A tiny Qwen2 (q/k/v biases, tied embeddings), pruned unevenly by global ranking or not at all."""
+    model = tiny_causal_lm("qwen2", vocab_size=300, head_dim=32, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=4 if uneven else 3, num_attention_heads=4, num_key_value_heads=2)
+    if uneven:
+        pruner.prune(model, _batches(), target_sparsity=0.35, global_ranking=True)
+    return model
+
+
+def test_qwen2_is_written_with_its_biases_permuted_like_its_rows():
+    model = _qwen2(uneven=True)
+    layout = describe(model)
+    assert layout.architecture == "deci" and layout.qkv_bias
+    tensors = dict(pruner.gguf_export._tensors(model, layout))
+    attn = model.model.layers[1].self_attn
+    assert torch.equal(tensors["blk.1.attn_q.bias"], rotary_permutation(attn.q_proj.bias, layout.heads[1]))
+    assert torch.equal(tensors["blk.1.attn_k.bias"], rotary_permutation(attn.k_proj.bias, layout.kv_heads[1]))
+    assert torch.equal(tensors["blk.1.attn_v.bias"], attn.v_proj.bias)
+    assert not torch.equal(tensors["blk.1.attn_q.bias"], attn.q_proj.bias)  # the permutation moved something
+
+
+def test_sliding_window_qwen2_is_refused(tmp_path):
+    model = tiny_causal_lm("qwen2", vocab_size=300, use_sliding_window=True, sliding_window=8)
+    with pytest.raises(pruner.PrunerError, match="sliding-window"):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=tiny_bpe_tokenizer())
     assert list(tmp_path.iterdir()) == []
 
 
@@ -223,6 +251,18 @@ def test_llama_cpp_logits_match_transformers_in_f32(tmp_path, uneven):
     ids = _ids()
     expected = _hf_logits(model, ids)
     torch.testing.assert_close(_llama_cpp_logits(path, ids), expected, rtol=1e-3, atol=1e-3)
+    hf = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert _llama_cpp_greedy(path, ids, 8) == hf
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("uneven", [False, True], ids=["uniform-llama", "uneven-deci"])
+def test_llama_cpp_runs_qwen2_with_its_biases_in_f32(tmp_path, uneven):
+    model = _qwen2(uneven)
+    assert describe(model).architecture == ("deci" if uneven else "llama")
+    path = export_gguf(model, tmp_path / "m.gguf", dtype="f32", tokenizer=tiny_bpe_tokenizer())
+    ids = _ids()
+    torch.testing.assert_close(_llama_cpp_logits(path, ids), _hf_logits(model, ids), rtol=1e-3, atol=1e-3)
     hf = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
     assert _llama_cpp_greedy(path, ids, 8) == hf
 
