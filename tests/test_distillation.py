@@ -226,6 +226,30 @@ def test_callback_refits_on_text_the_dense_model_generated(tiny_dir, tmp_path):
     assert_close(module.hf_model.state_dict(), dense.state_dict(), rtol=1e-5, atol=1e-6)
 
 
+
+def test_generated_text_of_the_refit_is_the_recovery_text_when_windows_match(tiny_dir, tmp_path):
+    """Refit and distillation both on generated windows of one length: written once (the same
+    cached chunks), so the recovery windows are the refit's first ones, and more come after."""
+    import pruner
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    L.seed_everything(0, verbose=False)
+    module = CausalLMModule(str(tiny_dir), distillation_alpha=1.0)
+    data = PruneDataModule(calibration_samples=2, calibration_seq_len=16, micro_batch_size=4,
+                           generation_cache=str(tmp_path / "cache"), reconstruction_source="generated",
+                           reconstruction_samples=8, reconstruction_seq_len=12, recovery_source="generated",
+                           recovery_max_records=20, cutoff_len=12, recovery_epochs=1)
+    prune = StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, reconstruct=True, verbose=False)
+    _trainer(tmp_path, [prune]).fit(module, data)
+    refit = torch.cat(data.reconstruction_batches()).tolist()
+    recovery = [r["input_ids"] for r in data.recovery]
+    assert len(recovery) == 20 and recovery[:8] == refit
+    dense, tok = pruner.load_model(str(tiny_dir))  # all 20 from the refit's cached stream (seed + 3)
+    cached = generate_samples(dense, tok, 20, 12, seed=3, cache_dir=tmp_path / "cache", chunk_size=16,
+                              allow_generation=False)
+    assert recovery == cached.tolist()
+
 @pytest.mark.slow
 def test_ddp_distillation_on_generated_text_keeps_ranks_identical(tiny_dir, tmp_path):
     _alpaca(tmp_path / "alpaca.json")
