@@ -93,8 +93,9 @@ def candidate_units(structure: ModelStructure, vectors, cfg: PruneConfig) -> tup
         fam = structure.hidden_family()
         s = family_scores(fam, vectors, cfg.criterion, cfg.aggregation, cfg.seed)
         record("hidden_channel", None, s)
-        pools.append(_ordered_units(s, "hidden", None, cfg.rounding(structure.hidden_size), fam.params_per_group(shapes),
-                                    (structure.hidden_size - 1) // cfg.rounding(structure.hidden_size)))
+        step = cfg.rounding(structure.hidden_size)
+        pools.append(_ordered_units(s, "hidden", None, step, fam.params_per_group(shapes),
+                                    (structure.hidden_size - 1) // step))
     else:
         eligible = [info for info in structure.layers if in_range(cfg.layers, info.index)]
         scores = torch.stack([
