@@ -15,6 +15,7 @@ wheel and ``../shared/data``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import random
@@ -26,6 +27,7 @@ import torch
 import pruner
 from pruner.api import estimate_importance, make_plan
 from pruner.config import PruneConfig
+from pruner import selection
 from pruner.data import calibration_samples
 from pruner.eval.perplexity import load_wikitext2_rows, perplexity, tokenize_rows
 
@@ -37,7 +39,45 @@ ALLOCATIONS = {  # name -> PruneConfig fields
     "global-query": dict(global_ranking=True),
     "global-kv": dict(global_ranking=True, head_granularity="kv"),
     "global-mlp": dict(global_ranking=True, prune_attention=False),
+    # the reference's split on SmolLM2: ratio 0.33 in every layer = 1 of 3 KV groups and 507 of
+    # 1,536 MLP channels (20.9 % removed), exact widths
+    "ratio-kv": dict(head_granularity="kv", target_sparsity=None, pruning_ratio=0.33, round_to=1),
+    # the same, KV groups scored as the reference scores them (see kv_crediting)
+    "ratio-kv-refcredit": dict(head_granularity="kv", target_sparsity=None, pruning_ratio=0.33, round_to=1),
+    # the same, KV groups scored by their key/value rows alone (no query head credited)
+    "ratio-kv-kvpart": dict(head_granularity="kv", target_sparsity=None, pruning_ratio=0.33, round_to=1),
 }
+CREDITING = {"ratio-kv-refcredit": "reference", "ratio-kv-kvpart": "kv-only"}
+
+
+@contextlib.contextmanager
+def kv_crediting(structure, how: str):
+    """KV groups scored otherwise than by all their parameters, while open (patches
+    ``pruner.selection.family_scores``). ``"reference"``: as the reference LLM-Pruner does under
+    GQA (``../shared/baselines.md``): group h is credited with its keys/values and the query heads
+    {h, h + n_kv, h + 2 n_kv, ...}, while removing it removes the heads {h n_rep, ..., h n_rep +
+    n_rep - 1}; ``"kv-only"``: its keys/values alone. With ``sum`` aggregation a group's score is
+    its key/value part plus its own query heads' scores, so both are sums of family scores."""
+    original = selection.family_scores
+    heads = {info.index: info.attention.heads for info in structure.layers if info.attention is not None}
+
+    def credited(family, vectors, criterion, aggregation="sum", seed=0):
+        scores = original(family, vectors, criterion, aggregation, seed)
+        if family.kind != "kv_group":
+            return scores
+        if aggregation != "sum":
+            raise SystemExit(f"{how} KV crediting needs --aggregation sum")
+        per_head = original(heads[family.layer], vectors, criterion, aggregation, seed)  # (n_heads,)
+        n_kv = family.num_groups
+        own = per_head.view(n_kv, -1).sum(1)  # heads h*n_rep.. of group h
+        reference = per_head.view(-1, n_kv).sum(0)  # heads h, h + n_kv, ...
+        return scores - own + (reference if how == "reference" else 0)
+
+    selection.family_scores = credited
+    try:
+        yield
+    finally:
+        selection.family_scores = original
 
 
 def _span(values: list[float]) -> str:
@@ -74,7 +114,9 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
         importance_s = time.time() - t
         for allocation in args.allocations.split(","):
             cfg = PruneConfig(**{**base.to_dict(), **ALLOCATIONS[allocation]})
-            plan = make_plan(structure, vectors, cfg, total)
+            credit = CREDITING.get(allocation)
+            with kv_crediting(structure, credit) if credit else contextlib.nullcontext():
+                plan = make_plan(structure, vectors, cfg, total)
             model = copy.deepcopy(dense)
             if args.attention_selection == "measured":
                 from pruner.refine import refine_attention
@@ -88,11 +130,12 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
                 from pruner.reconstruction import select_mlp_obs
 
                 plan = select_mlp_obs(plan, structure, model, collector, args.damping)
+            refit = None
             if collector is not None:
                 from pruner.reconstruction import compensate
 
-                compensate(plan, structure, model, collector, args.damping)
-            pruner.apply_plan(plan, model, structure)
+                refit = compensate(plan, structure, model, collector, args.damping)  # {weight: W'_K}
+            pruner.apply_plan(plan, model, structure, refit=refit)
             ppl = perplexity(model, tok, rows, max_tokens=args.max_tokens)
             zs = zeroshot(model)
             after = pruner.count_parameters(model)

@@ -104,10 +104,12 @@ class StructuralPruneCallback(pl.Callback):
         attention_layers: half-open [start, end) of layers whose heads are pruned; None = all.
         mlp_layers: half-open [start, end) of layers whose MLP channels are pruned; None = all.
         layers: layer mode: half-open range of removable layers; None = all.
-        head_granularity: query (query heads evenly inside each KV group) or kv (whole groups).
+        head_granularity: query (query heads evenly inside each KV group) or kv (whole groups);
+            None = kv with global ranking, else query.
         prune_attention: block mode: prune attention heads.
         prune_mlp: block mode: prune MLP channels.
-        global_ranking: rank groups across layers by score per parameter.
+        global_ranking: rank groups across layers by score per parameter; None = True with
+            target_sparsity (the best allocation measured), False with pruning_ratio or uniform.
         max_layer_ratio: global ranking: at most this fraction of a layer's groups goes.
         attention_selection: which heads / KV groups a layer loses: score (the paper),
             measured (calibration loss with them masked, on the calibration batches this
@@ -189,10 +191,10 @@ class StructuralPruneCallback(pl.Callback):
         attention_layers: tuple[int, int] | None = None,
         mlp_layers: tuple[int, int] | None = None,
         layers: tuple[int, int] | None = None,
-        head_granularity: Literal["query", "kv"] = "query",
+        head_granularity: Literal["query", "kv"] | None = None,
         prune_attention: bool = True,
         prune_mlp: bool = True,
-        global_ranking: bool = False,
+        global_ranking: bool | None = None,
         max_layer_ratio: float = 0.9,
         attention_selection: Literal["score", "measured", "obs"] = "score",
         round_to: int | None = None,

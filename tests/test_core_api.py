@@ -177,6 +177,34 @@ def test_local_ratio_removes_the_same_share_in_every_layer_of_the_range():
     assert len(removed) == 64 and max(r["score"] for r in removed) <= min(kept_scores)
 
 
+@pytest.mark.parametrize("kwargs, allocation", [
+    (dict(target_sparsity=0.2), (True, "kv")),  # the best measured: global ranking of whole KV groups + MLP
+    (dict(pruning_ratio=0.25), (False, "query")),  # the paper's per-layer ratio stays per layer
+    (dict(target_sparsity=0.2, uniform=True), (False, "query")),  # equal layers need a ratio per layer
+    (dict(target_sparsity=0.2, global_ranking=False), (False, "query")),
+    (dict(target_sparsity=0.2, head_granularity="query"), (True, "query")),  # explicit values are kept
+])
+def test_allocation_defaults_resolve_to_the_best_measured(kwargs, allocation):
+    from pruner.callbacks import StructuralPruneCallback
+
+    assert (PruneConfig(**kwargs).global_ranking, PruneConfig(**kwargs).head_granularity) == allocation
+    callback = StructuralPruneCallback(**kwargs)  # the callback's defaults are the same
+    assert (callback.config.global_ranking, callback.config.head_granularity) == allocation
+    model = tiny_causal_lm("mistral", num_hidden_layers=4, intermediate_size=128)
+    plan = pruner.prune(model, _batches(), **kwargs)
+    assert (plan.settings["global_ranking"], plan.settings["head_granularity"]) == allocation
+    if allocation == (True, "kv"):  # heads only go as whole KV groups with all their query heads
+        for lp in plan.layers:
+            if lp.heads_kept is not None:
+                kept_kv = lp.kv_heads_kept if lp.kv_heads_kept is not None else range(2)
+                assert sorted(lp.heads_kept) == sorted(h for g in kept_kv for h in (2 * g, 2 * g + 1))
+
+
+def test_a_non_boolean_global_ranking_is_refused():
+    with pytest.raises(pruner.PrunerError, match="global_ranking must be true or false"):
+        PruneConfig(target_sparsity=0.2, global_ranking="true")
+
+
 def test_same_seed_same_plan_bit_for_bit():
     plans = []
     for _ in range(2):
@@ -247,7 +275,9 @@ def test_reconstruction_refits_kept_columns_to_the_dense_output():
     for reconstruct in (False, True):
         dense = tiny_causal_lm("llama", num_hidden_layers=4, intermediate_size=128)
         model = copy.deepcopy(dense)
-        plan = pruner.prune(model, batches, target_sparsity=0.3, reconstruct=reconstruct)
+        # the paper's allocation (a ratio per layer): global ranking on a random tiny model takes
+        # groups whose removal barely moves the output, leaving the refit little to repair
+        plan = pruner.prune(model, batches, target_sparsity=0.3, reconstruct=reconstruct, global_ranking=False)
         assert plan.settings["reconstruct"] is reconstruct
         x = torch.cat(batches)
         errors[reconstruct] = (model(x).logits - dense(x).logits).pow(2).mean().item()
