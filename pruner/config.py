@@ -118,7 +118,7 @@ class PruneConfig:
                 raise PrunerError(f"{option}='obs' re-chooses what block mode removes: it needs mode='block' with "
                                   f"{needs}=True")
         if not isinstance(self.head_granularity, str) or self.head_granularity not in ("query", "kv"):
-            raise PrunerError(f"head_granularity must be 'query', 'kv' or None, got {self.head_granularity!r}")
+            raise PrunerError(f"head_granularity must be 'query' or 'kv', got {self.head_granularity!r}")
         check_number("max_layer_ratio", self.max_layer_ratio, 0.0, 1.0, low_open=True,
                      fix="the largest fraction of a layer's heads/channels global ranking may remove, e.g. 0.9")
         check_number("reconstruct_damping", self.reconstruct_damping, 0.0, low_open=True,

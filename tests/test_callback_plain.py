@@ -91,7 +91,8 @@ class Watch(L.Callback):
                                   if n in self.before and not torch.equal(p, self.before[n]))
 
 
-OPTIONS = dict(target_sparsity=0.2, attention_layers=(0, 3), mlp_layers=(0, 3))  # local: every layer alike
+OPTIONS = dict(target_sparsity=0.2, attention_layers=(0, 3), mlp_layers=(0, 3),
+               global_ranking=False)  # local: every layer alike (a plain config)
 
 
 def test_plain_module_prunes_like_pruner_prune_recovers_lora_only_and_exports(model_dir, tmp_path):
