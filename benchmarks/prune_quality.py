@@ -32,6 +32,7 @@ from pruner.data import calibration_samples
 from pruner.eval.perplexity import load_wikitext2_rows, perplexity, tokenize_rows
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+REFERENCE_SPLIT = dict(head_granularity="kv", target_sparsity=None, pruning_ratio=0.33, round_to=1)
 ALLOCATIONS = {  # name -> PruneConfig fields
     "local-query": dict(),
     "local-kv": dict(head_granularity="kv"),
@@ -41,23 +42,19 @@ ALLOCATIONS = {  # name -> PruneConfig fields
     "global-mlp": dict(global_ranking=True, prune_attention=False),
     # the reference's split on SmolLM2: ratio 0.33 in every layer = 1 of 3 KV groups and 507 of
     # 1,536 MLP channels (20.9 % removed), exact widths
-    "ratio-kv": dict(head_granularity="kv", target_sparsity=None, pruning_ratio=0.33, round_to=1),
-    # the same, KV groups scored as the reference scores them (see kv_crediting)
-    "ratio-kv-refcredit": dict(head_granularity="kv", target_sparsity=None, pruning_ratio=0.33, round_to=1),
-    # the same, KV groups scored by their key/value rows alone (no query head credited)
-    "ratio-kv-kvpart": dict(head_granularity="kv", target_sparsity=None, pruning_ratio=0.33, round_to=1),
+    "ratio-kv": REFERENCE_SPLIT,
+    # the same, KV groups scored as the reference scores them (see reference_crediting)
+    "ratio-kv-refcredit": REFERENCE_SPLIT,
 }
-CREDITING = {"ratio-kv-refcredit": "reference", "ratio-kv-kvpart": "kv-only"}
 
 
 @contextlib.contextmanager
-def kv_crediting(structure, how: str):
-    """KV groups scored otherwise than by all their parameters, while open (patches
-    ``pruner.selection.family_scores``). ``"reference"``: as the reference LLM-Pruner does under
-    GQA (``../shared/baselines.md``): group h is credited with its keys/values and the query heads
-    {h, h + n_kv, h + 2 n_kv, ...}, while removing it removes the heads {h n_rep, ..., h n_rep +
-    n_rep - 1}; ``"kv-only"``: its keys/values alone. With ``sum`` aggregation a group's score is
-    its key/value part plus its own query heads' scores, so both are sums of family scores."""
+def reference_crediting(structure):
+    """KV groups scored as the reference LLM-Pruner scores them under GQA (``../shared/baselines.md``),
+    while open (patches ``pruner.selection.family_scores``): group h is credited with its
+    keys/values and the query heads {h, h + n_kv, h + 2 n_kv, ...}, while removing it removes the
+    heads {h n_rep, ..., h n_rep + n_rep - 1}. With ``sum`` aggregation a group's score is its
+    key/value part plus its own query heads' scores, so the reference's is a sum of family scores."""
     original = selection.family_scores
     heads = {info.index: info.attention.heads for info in structure.layers if info.attention is not None}
 
@@ -66,12 +63,12 @@ def kv_crediting(structure, how: str):
         if family.kind != "kv_group":
             return scores
         if aggregation != "sum":
-            raise SystemExit(f"{how} KV crediting needs --aggregation sum")
+            raise SystemExit("ratio-kv-refcredit emulates the reference with --aggregation sum only")
         per_head = original(heads[family.layer], vectors, criterion, aggregation, seed)  # (n_heads,)
         n_kv = family.num_groups
         own = per_head.view(n_kv, -1).sum(1)  # heads h*n_rep.. of group h
         reference = per_head.view(-1, n_kv).sum(0)  # heads h, h + n_kv, ...
-        return scores - own + (reference if how == "reference" else 0)
+        return scores - own + reference
 
     selection.family_scores = credited
     try:
@@ -114,8 +111,8 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
         importance_s = time.time() - t
         for allocation in args.allocations.split(","):
             cfg = PruneConfig(**{**base.to_dict(), **ALLOCATIONS[allocation]})
-            credit = CREDITING.get(allocation)
-            with kv_crediting(structure, credit) if credit else contextlib.nullcontext():
+            refcredit = allocation == "ratio-kv-refcredit"
+            with reference_crediting(structure) if refcredit else contextlib.nullcontext():
                 plan = make_plan(structure, vectors, cfg, total)
             model = copy.deepcopy(dense)
             if args.attention_selection == "measured":

@@ -193,11 +193,18 @@ def test_allocation_defaults_resolve_to_the_best_measured(kwargs, allocation):
     model = tiny_causal_lm("mistral", num_hidden_layers=4, intermediate_size=128)
     plan = pruner.prune(model, _batches(), **kwargs)
     assert (plan.settings["global_ranking"], plan.settings["head_granularity"]) == allocation
-    if allocation == (True, "kv"):  # heads only go as whole KV groups with all their query heads
-        for lp in plan.layers:
-            if lp.heads_kept is not None:
-                kept_kv = lp.kv_heads_kept if lp.kv_heads_kept is not None else range(2)
-                assert sorted(lp.heads_kept) == sorted(h for g in kept_kv for h in (2 * g, 2 * g + 1))
+
+
+def test_default_allocation_removes_heads_as_whole_kv_groups():
+    # 8 query heads in 4 KV groups (a tiny 2-group model keeps every group under max_layer_ratio)
+    model = tiny_causal_lm("mistral", num_hidden_layers=4, intermediate_size=128, num_attention_heads=8,
+                           num_key_value_heads=4)
+    plan = pruner.prune(model, _batches(), target_sparsity=0.1, prune_mlp=False)
+    lost = [lp for lp in plan.layers if lp.heads_kept is not None]
+    assert lost  # some layer lost heads
+    for lp in lost:  # each as a whole KV group with both of its query heads
+        assert lp.kv_heads_kept is not None and len(lp.kv_heads_kept) < 4
+        assert sorted(lp.heads_kept) == sorted(h for g in lp.kv_heads_kept for h in (2 * g, 2 * g + 1))
 
 
 def test_a_non_boolean_global_ranking_is_refused():
