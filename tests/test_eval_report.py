@@ -78,6 +78,13 @@ def test_tables(results):
     assert f"{removed:.1%}" in text
 
 
+def test_a_model_alone_shows_no_removed_fraction(results):
+    alone = {**results, "models": {"pruned": results["models"]["pruned"]}}
+    quality = format_tables(alone).split("Perplexity:")[0]  # the quality table
+    (row,) = [line for line in quality.splitlines() if line.startswith("| pruned |")]
+    assert row.split(" | ")[2] == "–"  # not "0.0%": there is no dense model to compare with
+
+
 def test_write_report_files(results, tmp_path):
     written = write_report(results, tmp_path / "out", plan=make_plan())
     assert set(written) == {"results.json", "report.md", "plan_heads.png", "plan_mlp.png", "plan_scores.png"}

@@ -161,7 +161,9 @@ def format_tables(results: dict) -> str:
     models = results.get("models", {})
     if not models:
         return "(no models evaluated)"
-    base = next(iter(models.values())).get("parameters")
+    # "removed" is relative to the first model (the dense one of --compare); a model alone has
+    # nothing to be compared with, and "0.0%" would read as "nothing pruned".
+    base = next(iter(models.values())).get("parameters") if len(models) > 1 else None
     tasks = []
     for res in models.values():
         tasks += [t for t in res.get("zeroshot", {}) if t not in tasks]
