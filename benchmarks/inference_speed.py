@@ -9,7 +9,11 @@ greedy generation tokens/s (batch 1, 64 new tokens after a 128-token prompt), me
 parameter ratio (dense params / pruned params) for the linear layers; attention over the
 sequence and the (unpruned) embedding/head cost shrink less. Pruning: element1 importance,
 10 x 64 Gutenberg windows (or builtin text without ../shared), global ranking over whole KV
-groups and MLP channels in layers 4-27 for -20% and 1-28 (at most 90% of a layer) for -50%.
+groups and MLP channels in layers 4-27 for -20% and 1-28 (at most 90% of a layer) for -50%;
+``--allocation local-mlp`` gives the default recipe's shapes instead (MLP channels only, the same
+count in every layer, attention untouched: which channels go does not change the speed).
+
+    python benchmarks/inference_speed.py --targets 0.2 --round-to 32 --allocation local-mlp
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default="0.2,0.5", help="fractions of all parameters to remove")
     p.add_argument("--round-to", default="1,8,64", help="multiples the kept widths are rounded to")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--allocation", choices=["global-kv", "local-mlp"], default="global-kv",
+                   help="global-kv: whole KV groups and MLP channels ranked globally; local-mlp: MLP channels only, "
+                        "the same count per layer (the default recipe)")
     p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
     import pruner
@@ -62,12 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in (int(x) for x in args.round_to.split(",")):
             # -50% does not fit in layers 4-27 with widths rounded to 64: widen to 1-28 there
             span = (4, 28) if target <= 0.3 else (1, 29)
+            shape = {"prune_attention": False, "global_ranking": False} if args.allocation == "local-mlp" else {}
             cfg = PruneConfig(**{**base.to_dict(), "target_sparsity": target, "round_to": r,
                                  "attention_layers": span, "mlp_layers": span,
-                                 "max_layer_ratio": 0.9 if target > 0.3 else 1.0})
+                                 "max_layer_ratio": 0.9 if target > 0.3 else 1.0, **shape})
             model = copy.deepcopy(dense)
             pruner.apply_plan(make_plan(structure, vectors, cfg, total), model, structure)
-            name = f"-{target:.0%} round {r}"
+            name = f"-{target:.0%} round {r}" + (" MLP only" if args.allocation == "local-mlp" else "")
             rows[name] = speed(model)
             print(f"{name}: {rows[name]}", flush=True)
             del model

@@ -42,6 +42,32 @@ def test_recipes_configure_the_callback_like_the_paper():
     assert recovery_steps == data["recovery_max_records"] // data["micro_batch_size"]  # one pass, no more
 
 
+def _differences(a, b, prefix=""):
+    """Dotted keys whose values differ between two parsed YAML trees."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k for key in a.keys() | b.keys() for k in _differences(a.get(key), b.get(key), f"{prefix}{key}.")}
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return {k for i, (x, y) in enumerate(zip(a, b)) for k in _differences(x, y, f"{prefix}{i}.")}
+    return set() if a == b else {prefix.rstrip(".")}
+
+
+def test_the_30_minute_recipe_is_the_default_with_a_larger_budget():
+    default = yaml.safe_load((REPO / "configs" / "smollm2_20pct.yaml").read_text())
+    longer = yaml.safe_load((REPO / "configs" / "smollm2_20pct_30min.yaml").read_text())
+    # the same pipeline and settings; only the budget and the output folders differ
+    assert _differences(default, longer) == {
+        "trainer.max_steps", "trainer.logger.init_args.name", "trainer.callbacks.0.init_args.export_dir",
+        "data.reconstruction_samples", "data.recovery_max_records", "data.recovery_epochs"}
+    data, base = longer["data"], default["data"]
+    assert data["reconstruction_samples"] > base["reconstruction_samples"]
+    # the default's generated windows are a prefix of this one's: same seed, length and chunk size
+    assert data["reconstruction_samples"] % data["generation_batch_size"] == 0
+    assert base["reconstruction_samples"] % base["generation_batch_size"] == 0
+    recovery_steps = longer["trainer"]["max_steps"] - data["calibration_samples"]
+    available = data["recovery_epochs"] * data["recovery_max_records"] // data["micro_batch_size"]
+    assert 3 * (default["trainer"]["max_steps"] - base["calibration_samples"]) <= recovery_steps <= available
+
+
 def test_recipe_callback_builds_from_yaml():
     from pruner.callbacks import StructuralPruneCallback
 
