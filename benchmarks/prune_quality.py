@@ -32,12 +32,16 @@ from pruner.data import calibration_samples
 from pruner.eval.perplexity import load_wikitext2_rows, perplexity, tokenize_rows
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-REFERENCE_SPLIT = dict(head_granularity="kv", target_sparsity=None, pruning_ratio=0.33, round_to=1)
-ALLOCATIONS = {  # name -> PruneConfig fields
-    "local-query": dict(),
-    "local-kv": dict(head_granularity="kv"),
-    "local-mlp": dict(prune_attention=False),
-    "global-query": dict(global_ranking=True),
+REFERENCE_SPLIT = dict(global_ranking=False, head_granularity="kv", target_sparsity=None, pruning_ratio=0.33,
+                       round_to=1)
+# name -> PruneConfig fields. Each spells out global_ranking and head_granularity: their library
+# defaults follow the target (None -> global KV groups with target_sparsity), and a row named
+# "local" must stay local whatever those defaults become.
+ALLOCATIONS = {
+    "local-query": dict(global_ranking=False, head_granularity="query"),
+    "local-kv": dict(global_ranking=False, head_granularity="kv"),
+    "local-mlp": dict(global_ranking=False, prune_attention=False),
+    "global-query": dict(global_ranking=True, head_granularity="query"),
     "global-kv": dict(global_ranking=True, head_granularity="kv"),
     "global-mlp": dict(global_ranking=True, prune_attention=False),
     # the reference's split on SmolLM2: ratio 0.33 in every layer = 1 of 3 KV groups and 507 of

@@ -25,7 +25,7 @@ from pathlib import Path
 from _sources import calibration_source, wikitext2_rows  # benchmarks/ is on sys.path when a script here runs
 
 ROWS = {
-    "local 4-27": dict(attention_layers=(4, 28), mlp_layers=(4, 28)),
+    "local 4-27": dict(attention_layers=(4, 28), mlp_layers=(4, 28), global_ranking=False),
     "uniform": dict(uniform=True),
     "global 4-27": dict(attention_layers=(4, 28), mlp_layers=(4, 28), global_ranking=True),
 }
