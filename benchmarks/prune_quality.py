@@ -52,6 +52,11 @@ ALLOCATIONS = {
 }
 
 
+def allocation_config(base: PruneConfig, allocation: str) -> PruneConfig:
+    """``base`` (criterion, target, layers) with the fields of the named allocation on top."""
+    return PruneConfig(**{**base.to_dict(), **ALLOCATIONS[allocation]})
+
+
 @contextlib.contextmanager
 def reference_crediting(structure):
     """KV groups scored as the reference LLM-Pruner scores them under GQA (``../shared/baselines.md``),
@@ -114,7 +119,7 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
         vectors = estimate_importance(copy.deepcopy(dense), batches, structure, base)
         importance_s = time.time() - t
         for allocation in args.allocations.split(","):
-            cfg = PruneConfig(**{**base.to_dict(), **ALLOCATIONS[allocation]})
+            cfg = allocation_config(base, allocation)
             refcredit = allocation == "ratio-kv-refcredit"
             with reference_crediting(structure) if refcredit else contextlib.nullcontext():
                 plan = make_plan(structure, vectors, cfg, total)

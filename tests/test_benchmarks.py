@@ -19,12 +19,14 @@ def _load(name: str):
     return module
 
 
-@pytest.mark.parametrize("name", sorted(_load("prune_quality").ALLOCATIONS))
+prune_quality = _load("prune_quality")
+
+
+@pytest.mark.parametrize("name", sorted(prune_quality.ALLOCATIONS))
 def test_prune_quality_allocations_resolve_as_named(name):
-    allocations = _load("prune_quality").ALLOCATIONS
-    # built as the script builds them: a base with the target, the allocation's fields on top
+    # the script's base: the target and the layers, the allocation's fields on top
     base = PruneConfig(criterion="element1", target_sparsity=0.2, attention_layers=(4, 28), mlp_layers=(4, 28))
-    cfg = PruneConfig(**{**base.to_dict(), **allocations[name]})
+    cfg = prune_quality.allocation_config(base, name)
     kind = name.split("-")[0]
     assert cfg.global_ranking is (kind == "global")
     if name.endswith("-query"):
