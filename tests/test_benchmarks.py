@@ -37,3 +37,33 @@ def test_prune_quality_allocations_resolve_as_named(name):
         assert not cfg.prune_attention and cfg.prune_mlp
     if kind == "ratio":
         assert (cfg.target_sparsity, cfg.pruning_ratio) == (None, 0.33)
+
+
+recovery_trainable = _load("recovery_trainable")
+
+
+def test_recovery_trainable_variants_parse_or_name_the_fix():
+    assert recovery_trainable.parse_variants("lora:3e-4, full:1e-4,mlp:2") == [
+        ("lora", 3e-4), ("full", 1e-4), ("mlp", 2.0)]
+    for bad in ("adapter:1e-4", "full", "full:-1", "full:abc"):
+        with pytest.raises(SystemExit, match="KIND:LEARNING_RATE"):
+            recovery_trainable.parse_variants(bad)
+
+
+def test_recovery_trainable_kinds_train_what_they_name():
+    from pruner.lora import LoraSettings, attach_lora
+    from pruner.testing import tiny_causal_lm
+
+    model = tiny_causal_lm(num_hidden_layers=6)
+    full = recovery_trainable.trainable_parameters(model, "full")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(full) == len(names) and not any("embed_tokens" in n or "lm_head" in n for n in names)
+    assert any("self_attn" in n for n in names) and any("layers.0." in n for n in names)
+    recovery_trainable.trainable_parameters(model, "mlp")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all(".mlp." in n and int(n.split("layers.")[1].split(".")[0]) >= 4 for n in names)
+    assert any("layers.5.mlp" in n for n in names)
+    attach_lora(model, LoraSettings())
+    lora = recovery_trainable.trainable_parameters(model, "lora")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(lora) == len(names) > 0 and all("lora_" in n for n in names)
