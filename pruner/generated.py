@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .errors import PrunerError
 from .plan import model_fingerprint
@@ -43,8 +44,13 @@ PROMPTS = (
 )
 
 
+# The sampler's version: part of the cache key, so that text drawn by an earlier sampler (the same
+# distribution, other draws) is not mixed with this one's. 2: NucleusSampler (1: transformers' own).
+SAMPLER_VERSION = 2
+
+
 def cache_key(fingerprint: str, seed: int, seq_len: int, chunk_size: int, temperature: float, top_p: float) -> str:
-    blob = json.dumps([fingerprint, seed, seq_len, chunk_size, temperature, top_p, PROMPTS])
+    blob = json.dumps([fingerprint, seed, seq_len, chunk_size, temperature, top_p, PROMPTS, SAMPLER_VERSION])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -53,6 +59,51 @@ def _write_atomic(path: Path, data: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
     os.replace(tmp, path)
+
+
+class NucleusSampler(LogitsProcessor):
+    """Temperature + top-p (nucleus) sampling as a logits processor for ``generate(do_sample=False)``:
+    it draws the next token itself and returns scores that are ``-inf`` everywhere else, so greedy
+    decoding takes the drawn token. Why not ``do_sample=True``: transformers' top-p sorts the whole
+    vocabulary and its sampler draws one random number per vocabulary entry at every step, half of
+    a CPU generation's time at batch 64 with SmolLM2's 49,152 tokens. Here only the ``candidates``
+    most likely tokens are ranked (``topk``); a row whose nucleus reaches beyond them is ranked in
+    full, so the nucleus is always exact: the most likely tokens until their mass reaches ``top_p``.
+    Draws use the global torch generator (seed it for reproducible text).
+
+    Example:
+        >>> sampler = NucleusSampler(temperature=1.0, top_p=0.5)
+        >>> scores = torch.log(torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7]]))
+        >>> sampler(None, scores).argmax(-1).tolist()  # each row's nucleus is its one top token
+        [0, 2]
+    """
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 0.95, candidates: int = 1024):
+        self.temperature, self.top_p, self.candidates = temperature, top_p, candidates
+
+    def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        top, index = probs.topk(min(self.candidates, probs.shape[-1]), dim=-1)  # (B, k), most likely first
+        wide = top.sum(-1) < self.top_p  # rows whose nucleus may reach beyond the k candidates
+        if wide.any():
+            top, index = top.clone(), index.clone()
+            full, full_index = probs[wide].sort(dim=-1, descending=True)  # (b, V)
+            chosen = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+            chosen[wide] = self._draw(full, full_index)
+            chosen[~wide] = self._draw(top[~wide], index[~wide])
+        else:
+            chosen = self._draw(top, index)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen[:, None], 0.0)
+        return out
+
+    def _draw(self, ranked: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """One draw per row from the nucleus of ``ranked`` (probabilities, descending)."""
+        if not len(ranked):
+            return index[:, 0]
+        in_nucleus = (ranked.cumsum(-1) - ranked) < self.top_p  # the mass before a token is below top_p
+        pick = torch.multinomial(ranked * in_nucleus, 1)  # (B, 1); multinomial renormalises
+        return index.gather(1, pick)[:, 0]
 
 
 @torch.no_grad()
@@ -71,7 +122,7 @@ def _generate_chunk(model, tokenizer, chunk: int, seed: int, size: int, seq_len:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed * 1_000_003 + chunk)
         out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                             do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                             do_sample=False, logits_processor=LogitsProcessorList([NucleusSampler(temperature, top_p)]),
                              max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=pad)
     samples = []
     for row, mask in zip(out.tolist(), enc["attention_mask"].tolist()):

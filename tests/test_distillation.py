@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from pruner.callbacks import StructuralPruneCallback
 from pruner.distillation import distillation_loss
 from pruner.errors import PrunerError
-from pruner.generated import generate_samples
+from pruner.generated import NucleusSampler, generate_samples
 from pruner.testing import tiny_causal_lm
 
 from .conftest import SUBPROCESS_TIMEOUT
@@ -180,6 +180,36 @@ def test_generated_samples_are_seeded_cached_and_independent_of_rank_count(tiny_
     with pytest.raises(PrunerError, match="chunk 2 is not in the cache"):
         generate_samples(model, tok, 10, 12, seed=3, cache_dir=tmp_path / "a", chunk_size=4,
                          allow_generation=False)
+
+
+def _nucleus_frequencies(sampler: NucleusSampler, probs: torch.Tensor, draws: int) -> torch.Tensor:
+    torch.manual_seed(0)
+    scores = probs.log().expand(draws, -1)  # one row per draw
+    return torch.bincount(sampler(None, scores).argmax(-1), minlength=probs.shape[-1]).double() / draws
+
+
+@pytest.mark.parametrize("candidates", [2, 1024])  # 2: every nucleus reaches past the candidates (full sort)
+def test_nucleus_sampler_draws_from_the_renormalised_nucleus(candidates):
+    probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])  # by rank: 0.4, 0.3, 0.15 | 0.1, 0.05
+    sampler = NucleusSampler(temperature=1.0, top_p=0.8, candidates=candidates)
+    freq = _nucleus_frequencies(sampler, probs, 40_000)
+    expected = torch.tensor([0.0, 0.4, 0.0, 0.3, 0.15], dtype=torch.float64) / 0.85
+    assert_close(freq, expected, atol=0.01, rtol=0)  # 3 binomial standard errors: 0.0075
+    # temperature flattens the distribution before the nucleus is taken: at T=4 all five are in it
+    hot = _nucleus_frequencies(NucleusSampler(temperature=4.0, top_p=0.99, candidates=candidates), probs, 40_000)
+    flat = probs ** 0.25 / (probs ** 0.25).sum()
+    assert_close(hot, flat.double(), atol=0.01, rtol=0)
+
+
+def test_nucleus_sampler_mixes_narrow_and_wide_rows_in_one_batch():
+    narrow, wide = torch.tensor([0.97, 0.01, 0.01, 0.01]), torch.tensor([0.25, 0.25, 0.25, 0.25])
+    scores = torch.stack([narrow, wide] * 500).log()  # (1000, 4)
+    torch.manual_seed(0)
+    out = NucleusSampler(temperature=1.0, top_p=0.9, candidates=2)(None, scores)
+    assert torch.isinf(out).sum(-1).eq(3).all()  # exactly one finite score per row
+    chosen = out.argmax(-1)
+    assert chosen[0::2].eq(0).all()  # the narrow rows' nucleus is their top token
+    assert set(chosen[1::2].tolist()) == {0, 1, 2, 3}  # the wide rows draw beyond the 2 candidates
 
 
 def test_datamodule_recovers_on_text_the_dense_model_generated(tiny_dir, tmp_path):
