@@ -67,3 +67,19 @@ def test_recovery_trainable_kinds_train_what_they_name():
     lora = recovery_trainable.trainable_parameters(model, "lora")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert len(lora) == len(names) > 0 and all("lora_" in n for n in names)
+
+
+generation_speed = _load("generation_speed")
+
+
+@pytest.mark.parametrize("sampler", generation_speed.SAMPLERS)
+def test_generation_speed_samplers_write_the_requested_tokens(sampler, tmp_path):
+    from pruner.data import load_tokenizer
+    from pruner.lightning_modules.testing import save_tiny_llama
+    from pruner.testing import tiny_causal_lm
+
+    tokenizer = load_tokenizer(str(save_tiny_llama(tmp_path)))
+    model = tiny_causal_lm(vocab_size=len(tokenizer)).eval()
+    out = generation_speed.write_chunk(model, tokenizer, sampler, size=3, tokens=5)
+    assert out.shape == (3, 5)
+    assert not (out == tokenizer.eos_token_id).any()  # min_new_tokens held under both samplers
