@@ -86,7 +86,6 @@ class NucleusSampler(LogitsProcessor):
         top, index = probs.topk(min(self.candidates, probs.shape[-1]), dim=-1)  # (B, k), most likely first
         wide = top.sum(-1) < self.top_p  # rows whose nucleus may reach beyond the k candidates
         if wide.any():
-            top, index = top.clone(), index.clone()
             full, full_index = probs[wide].sort(dim=-1, descending=True)  # (b, V)
             chosen = torch.empty(len(probs), dtype=torch.long, device=probs.device)
             chosen[wide] = self._draw(full, full_index)
