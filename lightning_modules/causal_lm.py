@@ -41,6 +41,12 @@ class CausalLMModule(LightningModule):
             ``attach_lora_at_start`` (with the pruning callback, LoRA is the callback's: set them
             there).
         learning_rate, weight_decay: AdamW settings over the trainable parameters.
+        lr_schedule: ``"constant"`` keeps ``learning_rate``; ``"linear"`` decays it linearly to 0
+            over the steps left in the fit when the optimizer is built (with the pruning callback
+            that is at the prune step, so over the recovery steps), after ``warmup_steps`` of
+            linear warm-up. Needs a known number of steps (``trainer.max_steps`` or a sized loader).
+        warmup_steps: first steps at a rate rising linearly to ``learning_rate`` (either schedule;
+            step i of w runs at (i + 1) / (w + 1) of it).
         distillation_alpha: weight of the distillation term in recovery,
             ``alpha · KL(teacher ‖ student) · T² + (1 − alpha) · CE`` (``pruner.distillation``);
             0 = plain next-token loss. The teacher is the dense model, which the pruning callback
@@ -72,6 +78,8 @@ class CausalLMModule(LightningModule):
         lora_target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
+        lr_schedule: Literal["constant", "linear"] = "constant",
+        warmup_steps: int = 0,
         distillation_alpha: float = 0.0,
         distillation_temperature: float = 2.0,
         distillation_top_k: int | None = None,
@@ -100,6 +108,10 @@ class CausalLMModule(LightningModule):
         if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) \
                 or not math.isfinite(weight_decay) or weight_decay < 0:
             raise PrunerError(f"`CausalLMModule(weight_decay={weight_decay!r})` must be a number >= 0")
+        if lr_schedule not in ("constant", "linear"):
+            raise PrunerError(f"`CausalLMModule(lr_schedule={lr_schedule!r})`: use 'constant' or 'linear'")
+        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+            raise PrunerError(f"`CausalLMModule(warmup_steps={warmup_steps!r})` must be an integer >= 0 (0 = no warm-up)")
         for name, value in (("attach_lora_at_start", attach_lora_at_start), ("trust_remote_code", trust_remote_code)):
             if not isinstance(value, bool):
                 raise PrunerError(f"`CausalLMModule({name}={value!r})` must be true or false")
@@ -302,11 +314,51 @@ class CausalLMModule(LightningModule):
         self.log("test_loss", out.loss, sync_dist=True, batch_size=n)
         self.log("test_ppl", self.test_ppl, batch_size=n)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise PrunerError(
                 "no trainable parameters: attach LoRA, or call requires_grad_(True) after merge_lora()"
             )
-        return torch.optim.AdamW(params, lr=self.hparams.learning_rate,
-                                 weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        schedule, warmup = hp.get("lr_schedule", "constant"), hp.get("warmup_steps", 0)
+        if schedule == "constant" and warmup == 0:
+            return optimizer
+        steps = self._steps_left() if schedule == "linear" else None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LinearSchedule(warmup, steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _steps_left(self) -> int:
+        """Optimizer steps from now to the end of this fit (at the prune step: the recovery's)."""
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches  # max_steps (-1 = unset) when the loader has no length
+        if not math.isfinite(total) or total < 1:
+            raise PrunerError("`CausalLMModule(lr_schedule='linear')` needs to know how many steps the fit has: set "
+                              "trainer.max_steps (or use a loader with a length), or lr_schedule='constant'")
+        left = int(total) - trainer.global_step
+        if left < 1:
+            raise PrunerError(f"`CausalLMModule(lr_schedule='linear')`: no steps left to decay over (the fit has "
+                              f"{int(total)} and {trainer.global_step} are done): raise trainer.max_steps")
+        return left
+
+
+class LinearSchedule:
+    """LR factor per step: linear warm-up over ``warmup`` steps, then constant (``steps`` None)
+    or linear decay to 0 at step ``steps``. A callable object, not a lambda, so that ``LambdaLR``
+    saves it in checkpoints and a resumed fit decays to the same end.
+
+    Example:
+        >>> [round(LinearSchedule(2, 6)(s), 2) for s in range(7)]
+        [0.33, 0.67, 1.0, 0.75, 0.5, 0.25, 0.0]
+    """
+
+    def __init__(self, warmup: int, steps: int | None) -> None:
+        self.warmup, self.steps = warmup, steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.steps is None:
+            return 1.0
+        return max(0.0, (self.steps - step) / max(1, self.steps - self.warmup))

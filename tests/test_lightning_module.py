@@ -213,3 +213,43 @@ def test_two_process_training_shards_data_and_keeps_ranks_in_sync(kind, tiny_dir
     assert r0["batches"] == r1["batches"] == 4 + 12 // 2 // 2  # equal counts: no rank waits
     assert r0["step"] == r1["step"] == 6
     assert torch.equal(r0["full"], r1["full"])  # gradients were reduced: one model
+
+
+class RecordLR(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_linear_schedule_decays_over_the_recovery_steps(tiny_dir, tmp_path):
+    from pruner.callbacks import StructuralPruneCallback
+    from pruner.lightning_modules.data import PruneDataModule
+
+    module = CausalLMModule(str(tiny_dir), learning_rate=1e-2, lr_schedule="linear", warmup_steps=1)
+    prune = StructuralPruneCallback(pruning_ratio=0.5, calibration_batches=2, verbose=False)
+    record = RecordLR()
+    trainer = _trainer(tmp_path, max_steps=7, callbacks=[prune, record])
+    trainer.fit(module, PruneDataModule(calibration_samples=2, calibration_seq_len=16, recovery_source="builtin",
+                                        recovery_max_records=10, micro_batch_size=2, cutoff_len=16))
+    assert trainer.global_step == 7
+    # 2 calibration steps, then 5 recovery steps: one of warm-up (1e-2 / 2), then 4/4 .. 1/4 of 1e-2
+    assert record.lrs[2:] == pytest.approx([5e-3, 1e-2, 7.5e-3, 5e-3, 2.5e-3])
+    saved = trainer.lr_scheduler_configs[0].scheduler.state_dict()["lr_lambdas"][0]
+    assert saved == {"warmup": 1, "steps": 5}  # in checkpoints: a resumed fit decays to the same end
+
+
+def test_linear_schedule_needs_a_known_length(tiny_dir, tmp_path):
+    class Endless(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            while True:
+                yield _batch()
+
+    module = CausalLMModule(str(tiny_dir), lr_schedule="linear")
+    with pytest.raises(PrunerError, match="needs to know how many steps the fit has: set trainer.max_steps"):
+        _trainer(tmp_path, max_epochs=1).fit(module, DataLoader(Endless(), batch_size=None))
+    with pytest.raises(PrunerError, match=r"lr_schedule='cosine'\)`: use 'constant' or 'linear'"):
+        CausalLMModule(str(tiny_dir), lr_schedule="cosine")
+    with pytest.raises(PrunerError, match=r"warmup_steps=-1\)` must be an integer >= 0"):
+        CausalLMModule(str(tiny_dir), warmup_steps=-1)
