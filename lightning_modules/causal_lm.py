@@ -108,10 +108,11 @@ class CausalLMModule(LightningModule):
         if not isinstance(weight_decay, (int, float)) or isinstance(weight_decay, bool) \
                 or not math.isfinite(weight_decay) or weight_decay < 0:
             raise PrunerError(f"`CausalLMModule(weight_decay={weight_decay!r})` must be a number >= 0")
+        from pruner.checks import check_int
+
         if lr_schedule not in ("constant", "linear"):
             raise PrunerError(f"`CausalLMModule(lr_schedule={lr_schedule!r})`: use 'constant' or 'linear'")
-        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
-            raise PrunerError(f"`CausalLMModule(warmup_steps={warmup_steps!r})` must be an integer >= 0 (0 = no warm-up)")
+        check_int("`CausalLMModule(warmup_steps)`", warmup_steps, 0, fix="0 = no warm-up")
         for name, value in (("attach_lora_at_start", attach_lora_at_start), ("trust_remote_code", trust_remote_code)):
             if not isinstance(value, bool):
                 raise PrunerError(f"`CausalLMModule({name}={value!r})` must be true or false")

@@ -251,5 +251,5 @@ def test_linear_schedule_needs_a_known_length(tiny_dir, tmp_path):
         _trainer(tmp_path, max_epochs=1).fit(module, DataLoader(Endless(), batch_size=None))
     with pytest.raises(PrunerError, match=r"lr_schedule='cosine'\)`: use 'constant' or 'linear'"):
         CausalLMModule(str(tiny_dir), lr_schedule="cosine")
-    with pytest.raises(PrunerError, match=r"warmup_steps=-1\)` must be an integer >= 0"):
+    with pytest.raises(PrunerError, match=r"warmup_steps\)` must be an integer >= 0, got -1"):
         CausalLMModule(str(tiny_dir), warmup_steps=-1)
