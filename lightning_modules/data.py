@@ -173,6 +173,9 @@ class PruneDataModule(LightningDataModule):
             settings; resumable; must be shared by all ranks).
         generation_batch_size: sequences generated together (one cached chunk); part of the
             cache key, since sampling in a batch draws random numbers in batch order.
+        generation_temperature, generation_top_p: how the dense model samples that text
+            (``pruner.generated.NucleusSampler``): temperature > 0 and nucleus mass in (0, 1];
+            top_p 1 draws from the model's whole distribution. Part of the cache key.
 
     Example:
         >>> dm = PruneDataModule(tokenizer="smollm2", calibration_samples=4)  # doctest: +SKIP
@@ -197,12 +200,14 @@ class PruneDataModule(LightningDataModule):
         tokenizer: str | None = None,
         generation_cache: str = "pruner_cache/generated",
         generation_batch_size: int = 16,
+        generation_temperature: float = 1.0,
+        generation_top_p: float = 0.95,
         reconstruction_source: str | None = None,
         reconstruction_samples: int = 256,
         reconstruction_seq_len: int = 128,
     ) -> None:
         super().__init__()
-        from pruner.checks import check_int
+        from pruner.checks import check_int, check_number
 
         for name, value in [("calibration_samples", calibration_samples),
                             ("calibration_seq_len", calibration_seq_len),
@@ -216,6 +221,10 @@ class PruneDataModule(LightningDataModule):
             if value is not None:
                 check_int(f"`PruneDataModule({name})`", value, 1, fix="or None for all")
         check_int("`PruneDataModule(seed)`", seed, 0)
+        check_number("`PruneDataModule(generation_temperature)`", generation_temperature, 0.0, low_open=True,
+                     fix="1.0 samples the model's own distribution")
+        check_number("`PruneDataModule(generation_top_p)`", generation_top_p, 0.0, 1.0, low_open=True,
+                     fix="1.0 keeps the whole distribution, 0.95 drops its least likely 5 %")
         if calibration_seq_len < 2:
             raise PrunerError(f"`PruneDataModule(calibration_seq_len={calibration_seq_len})` must be >= 2 (a window "
                               "predicts its next tokens); the paper uses 64")
@@ -358,7 +367,8 @@ class PruneDataModule(LightningDataModule):
         hp = self.hparams
         return dict(seed=hp.seed + seed_offset, cache_dir=hp.generation_cache,
                     fingerprint=plan.model["fingerprint"] if plan is not None else None,
-                    chunk_size=hp.get("generation_batch_size", 16))
+                    chunk_size=hp.get("generation_batch_size", 16),
+                    temperature=hp.get("generation_temperature", 1.0), top_p=hp.get("generation_top_p", 0.95))
 
     def _generate(self, n: int, seq_len: int, seed_offset: int) -> torch.Tensor:
         """``n`` windows the dense model writes (every rank generates its share of the chunks

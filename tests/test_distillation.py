@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from pruner.callbacks import StructuralPruneCallback
 from pruner.distillation import distillation_loss
 from pruner.errors import PrunerError
-from pruner.generated import NucleusSampler, generate_samples
+from pruner.generated import NucleusSampler, generate_samples, inverse_cdf_draw
 from pruner.testing import tiny_causal_lm
 
 from .conftest import SUBPROCESS_TIMEOUT
@@ -201,6 +201,24 @@ def test_nucleus_sampler_draws_from_the_renormalised_nucleus(candidates):
     assert_close(hot, flat.double(), atol=0.01, rtol=0)
 
 
+def test_nucleus_sampler_with_top_p_1_draws_the_whole_distribution():
+    probs = torch.tensor([0.05, 0.4, 0.0, 0.1, 0.3, 0.15])  # a token the model rules out (score -inf)
+    freq = _nucleus_frequencies(NucleusSampler(temperature=1.0, top_p=1.0), probs, 40_000)
+    assert freq[2] == 0  # never drawn
+    assert_close(freq, probs.double(), atol=0.01, rtol=0)  # the tail (0.05, 0.1) is kept: no truncation
+    hot = _nucleus_frequencies(NucleusSampler(temperature=2.0, top_p=1.0), probs, 40_000)
+    flat = probs.sqrt() / probs.sqrt().sum()
+    assert_close(hot, flat.double(), atol=0.01, rtol=0)
+
+
+def test_inverse_cdf_draw_never_picks_a_zero_weight_entry():
+    weights = torch.tensor([[0.0, 3.0, 0.0, 1.0, 0.0]]).expand(20_000, -1)
+    torch.manual_seed(0)
+    drawn = torch.bincount(inverse_cdf_draw(weights), minlength=5)
+    assert drawn[[0, 2, 4]].sum() == 0
+    assert abs(drawn[1].item() / 20_000 - 0.75) < 0.01  # 3 standard errors: 0.009
+
+
 def test_nucleus_sampler_mixes_narrow_and_wide_rows_in_one_batch():
     narrow, wide = torch.tensor([0.97, 0.01, 0.01, 0.01]), torch.tensor([0.25, 0.25, 0.25, 0.25])
     scores = torch.stack([narrow, wide] * 500).log()  # (1000, 4)
@@ -212,7 +230,8 @@ def test_nucleus_sampler_mixes_narrow_and_wide_rows_in_one_batch():
     assert set(chosen[1::2].tolist()) == {0, 1, 2, 3}  # the wide rows draw beyond the 2 candidates
 
 
-def test_datamodule_recovers_on_text_the_dense_model_generated(tiny_dir, tmp_path):
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.7, "top_p": 1.0}])  # {}: the defaults (1.0, 0.95)
+def test_datamodule_recovers_on_text_the_dense_model_generated(tiny_dir, tmp_path, sampling):
     import pruner
     from pruner.lightning_modules.causal_lm import CausalLMModule
     from pruner.lightning_modules.data import PruneDataModule
@@ -222,10 +241,12 @@ def test_datamodule_recovers_on_text_the_dense_model_generated(tiny_dir, tmp_pat
     cache = tmp_path / "cache"
     data = PruneDataModule(calibration_samples=2, calibration_seq_len=16, recovery_source="generated",
                            recovery_max_records=8, cutoff_len=24, micro_batch_size=4, generation_cache=str(cache),
-                           recovery_epochs=2)
+                           recovery_epochs=2, **{f"generation_{k}": v for k, v in sampling.items()})
     _trainer(tmp_path, [StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, verbose=False)]).fit(module, data)
     dense, tok = pruner.load_model(str(tiny_dir))
-    expected = generate_samples(dense, tok, 8, 24, seed=2, cache_dir=cache, chunk_size=16, allow_generation=False)
+    # allow_generation=False: the text must be the cache's, written under these sampling settings
+    expected = generate_samples(dense, tok, 8, 24, seed=2, cache_dir=cache, chunk_size=16, allow_generation=False,
+                                **sampling)
     assert [r["input_ids"] for r in data.recovery] == expected.tolist()
     assert all(r["labels"] == r["input_ids"] for r in data.recovery)  # every generated token is learned
     assert module.global_step == 2 + 2 * 2

@@ -134,6 +134,10 @@ def test_argument_validation_and_errors(tiny_dir, tmp_path):
         PruneDataModule(reconstruction_samples=0)
     with pytest.raises(PrunerError, match=r"`PruneDataModule\(reconstruction_seq_len\)` must be an integer >= 2, got 1"):
         PruneDataModule(reconstruction_seq_len=1)
+    with pytest.raises(PrunerError, match=r"`PruneDataModule\(generation_top_p\)` must be a number in \(0, 1\], got 1.5"):
+        PruneDataModule(generation_top_p=1.5)
+    with pytest.raises(PrunerError, match=r"`PruneDataModule\(generation_temperature\)` must be a finite number > 0, got 0"):
+        PruneDataModule(generation_temperature=0)
     with pytest.raises(PrunerError, match=r"reconstruction_source=' '\)` must be a non-empty string"):
         PruneDataModule(reconstruction_source=" ")
     with pytest.raises(PrunerError, match="has no tokenizer: pass `tokenizer="):
