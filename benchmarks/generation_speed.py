@@ -3,11 +3,12 @@
 number per entry at every step) against ``pruner.generated.NucleusSampler`` (the same nucleus,
 ranked among the top 1,024 tokens, drawn by a logits processor under greedy decoding).
 
-    python benchmarks/generation_speed.py --chunks 16,64 --tokens 48 --rounds 2
+    python benchmarks/generation_speed.py --chunks 16,64 --tokens 48 --top-p 0.95,1.0 --rounds 2
 
-Per chunk size: seconds to write ``chunk x tokens`` tokens, median of ``--rounds`` rounds after a
-warm-up, on ``--threads`` threads, and the speed-up. Both samplers draw the same distribution,
-not the same tokens.
+Per chunk size and top_p: seconds to write ``chunk x tokens`` tokens, median of ``--rounds``
+rounds after a warm-up, on ``--threads`` threads, and the speed-up. Both samplers draw the same
+distribution, not the same tokens. At top_p 1 (the model's whole distribution) transformers skips
+its top-p sort but still draws with ``torch.multinomial``; ``NucleusSampler`` ranks nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ SAMPLERS = ("transformers", "nucleus")
 
 
 @torch.no_grad()
-def write_chunk(model, tokenizer, sampler: str, size: int, tokens: int, seed: int = 0) -> torch.Tensor:
+def write_chunk(model, tokenizer, sampler: str, size: int, tokens: int, top_p: float = 0.95,
+                seed: int = 0) -> torch.Tensor:
     """``size`` sequences of ``tokens`` new tokens from the first prompts, with ``sampler``."""
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     enc = tokenizer([PROMPTS[i % len(PROMPTS)] for i in range(size)], return_tensors="pt", padding=True,
@@ -35,9 +37,9 @@ def write_chunk(model, tokenizer, sampler: str, size: int, tokens: int, seed: in
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     if sampler == "transformers":
-        kwargs = {"do_sample": True, "temperature": 1.0, "top_p": 0.95, "top_k": 0}
+        kwargs = {"do_sample": True, "temperature": 1.0, "top_p": top_p, "top_k": 0}
     else:
-        kwargs = {"do_sample": False, "logits_processor": LogitsProcessorList([NucleusSampler(1.0, 0.95)])}
+        kwargs = {"do_sample": False, "logits_processor": LogitsProcessorList([NucleusSampler(1.0, top_p)])}
     out = model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=pad, **kwargs)
     return out[:, enc["input_ids"].shape[1]:]  # (size, tokens)
 
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="pruner.load_model name or folder")
     parser.add_argument("--chunks", default="16,64", help="comma-separated chunk sizes (sequences generated together)")
     parser.add_argument("--tokens", type=int, default=48, help="new tokens per sequence")
+    parser.add_argument("--top-p", default="0.95,1.0", help="comma-separated nucleus masses (1.0: no truncation)")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds per cell, after one warm-up")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -54,20 +57,23 @@ def main() -> None:
     model, tokenizer = pruner.load_model(args.model)
     model.float().eval()
     sizes = [int(c) for c in args.chunks.split(",")]
-    print(f"| chunk x tokens | {' | '.join(SAMPLERS)} | speed-up |")
-    print("|---|---|---|---|")
+    masses = [float(p) for p in args.top_p.split(",")]
+    print(f"| chunk x tokens | top_p | {' | '.join(SAMPLERS)} | speed-up |")
+    print("|---|---|---|---|---|")
     for size in sizes:
-        seconds = {}
-        for sampler in SAMPLERS:
-            times = []
-            for r in range(args.rounds + 1):  # round 0 warms up
-                start = time.perf_counter()
-                write_chunk(model, tokenizer, sampler, size, args.tokens, seed=r)
-                if r:
-                    times.append(time.perf_counter() - start)
-            seconds[sampler] = statistics.median(times)
-        cells = " | ".join(f"{seconds[s]:.1f} s" for s in SAMPLERS)
-        print(f"| {size} x {args.tokens} | {cells} | {seconds['transformers'] / seconds['nucleus']:.2f}x |", flush=True)
+        for top_p in masses:
+            seconds = {}
+            for sampler in SAMPLERS:
+                times = []
+                for r in range(args.rounds + 1):  # round 0 warms up
+                    start = time.perf_counter()
+                    write_chunk(model, tokenizer, sampler, size, args.tokens, top_p, seed=r)
+                    if r:
+                        times.append(time.perf_counter() - start)
+                seconds[sampler] = statistics.median(times)
+            cells = " | ".join(f"{seconds[s]:.1f} s" for s in SAMPLERS)
+            speedup = seconds["transformers"] / seconds["nucleus"]
+            print(f"| {size} x {args.tokens} | {top_p:g} | {cells} | {speedup:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

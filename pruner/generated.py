@@ -46,14 +46,12 @@ PROMPTS = (
 
 # The sampler's version: part of the cache key, so that text drawn by an earlier sampler (the same
 # distribution, other draws) is not mixed with this one's. 2: NucleusSampler (1: transformers' own);
-# 3: its untruncated path (top_p = 1), which draws by inverse CDF where version 2 sorted the vocabulary.
-SAMPLER_VERSION = 2
-FULL_DISTRIBUTION_SAMPLER_VERSION = 3
+# 3: inverse-CDF draws (version 2 drew with torch.multinomial, and sorted the vocabulary at top_p = 1).
+SAMPLER_VERSION = 3
 
 
 def cache_key(fingerprint: str, seed: int, seq_len: int, chunk_size: int, temperature: float, top_p: float) -> str:
-    version = FULL_DISTRIBUTION_SAMPLER_VERSION if top_p >= 1.0 else SAMPLER_VERSION
-    blob = json.dumps([fingerprint, seed, seq_len, chunk_size, temperature, top_p, PROMPTS, version])
+    blob = json.dumps([fingerprint, seed, seq_len, chunk_size, temperature, top_p, PROMPTS, SAMPLER_VERSION])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -72,7 +70,8 @@ class NucleusSampler(LogitsProcessor):
     a CPU generation's time at batch 64 with SmolLM2's 49,152 tokens. Here only the ``candidates``
     most likely tokens are ranked (``topk``); a row whose nucleus reaches beyond them is ranked in
     full, so the nucleus is always exact: the most likely tokens until their mass reaches ``top_p``.
-    With ``top_p = 1`` (the model's whole distribution) nothing is ranked: one inverse-CDF draw.
+    With ``top_p = 1`` (the model's whole distribution) nothing is ranked. Every draw is one
+    inverse-CDF draw (``inverse_cdf_draw``).
     Draws use the global torch generator (seed it for reproducible text).
 
     Example:
@@ -89,27 +88,16 @@ class NucleusSampler(LogitsProcessor):
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
         if self.top_p >= 1.0:
             chosen = inverse_cdf_draw(probs)
-            return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
-        top, index = probs.topk(min(self.candidates, probs.shape[-1]), dim=-1)  # (B, k), most likely first
-        wide = top.sum(-1) < self.top_p  # rows whose nucleus may reach beyond the k candidates
-        if wide.any():
-            full, full_index = probs[wide].sort(dim=-1, descending=True)  # (b, V)
-            chosen = torch.empty(len(probs), dtype=torch.long, device=probs.device)
-            chosen[wide] = self._draw(full, full_index)
-            chosen[~wide] = self._draw(top[~wide], index[~wide])
         else:
-            chosen = self._draw(top, index)
-        out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, chosen[:, None], 0.0)
-        return out
-
-    def _draw(self, ranked: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """One draw per row from the nucleus of ``ranked`` (probabilities, descending)."""
-        if not len(ranked):
-            return index[:, 0]
-        in_nucleus = (ranked.cumsum(-1) - ranked) < self.top_p  # the mass before a token is below top_p
-        pick = torch.multinomial(ranked * in_nucleus, 1)  # (B, 1); multinomial renormalises
-        return index.gather(1, pick)[:, 0]
+            top, index = probs.topk(min(self.candidates, probs.shape[-1]), dim=-1)  # (B, k), most likely first
+            in_nucleus = (top.cumsum(-1) - top) < self.top_p  # the mass before a token is below top_p
+            chosen = index.gather(1, inverse_cdf_draw(top * in_nucleus)[:, None])[:, 0]
+            wide = top.sum(-1) < self.top_p  # rows whose nucleus reaches beyond the k candidates
+            if wide.any():
+                ranked, order = probs[wide].sort(dim=-1, descending=True)  # (b, V)
+                in_nucleus = (ranked.cumsum(-1) - ranked) < self.top_p
+                chosen[wide] = order.gather(1, inverse_cdf_draw(ranked * in_nucleus)[:, None])[:, 0]
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
 
 
 def inverse_cdf_draw(weights: torch.Tensor) -> torch.Tensor:

@@ -72,14 +72,15 @@ def test_recovery_trainable_kinds_train_what_they_name():
 generation_speed = _load("generation_speed")
 
 
+@pytest.mark.parametrize("top_p", [0.95, 1.0])
 @pytest.mark.parametrize("sampler", generation_speed.SAMPLERS)
-def test_generation_speed_samplers_write_the_requested_tokens(sampler, tmp_path):
+def test_generation_speed_samplers_write_the_requested_tokens(sampler, top_p, tmp_path):
     from pruner.data import load_tokenizer
     from pruner.lightning_modules.testing import save_tiny_llama
     from pruner.testing import tiny_causal_lm
 
     tokenizer = load_tokenizer(str(save_tiny_llama(tmp_path)))
     model = tiny_causal_lm(vocab_size=len(tokenizer)).eval()
-    out = generation_speed.write_chunk(model, tokenizer, sampler, size=3, tokens=5)
+    out = generation_speed.write_chunk(model, tokenizer, sampler, size=3, tokens=5, top_p=top_p)
     assert out.shape == (3, 5)
     assert not (out == tokenizer.eos_token_id).any()  # min_new_tokens held under both samplers
