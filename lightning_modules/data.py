@@ -175,7 +175,8 @@ class PruneDataModule(LightningDataModule):
             cache key, since sampling in a batch draws random numbers in batch order.
         generation_temperature, generation_top_p: how the dense model samples that text
             (``pruner.generated.NucleusSampler``): temperature > 0 and nucleus mass in (0, 1];
-            top_p 1 draws from the model's whole distribution. Part of the cache key.
+            top_p 1 (the default) draws from the model's whole distribution, which gave better
+            pruned models than 0.95 (docs/results.md). Part of the cache key.
 
     Example:
         >>> dm = PruneDataModule(tokenizer="smollm2", calibration_samples=4)  # doctest: +SKIP
@@ -201,7 +202,7 @@ class PruneDataModule(LightningDataModule):
         generation_cache: str = "pruner_cache/generated",
         generation_batch_size: int = 16,
         generation_temperature: float = 1.0,
-        generation_top_p: float = 0.95,
+        generation_top_p: float = 1.0,
         reconstruction_source: str | None = None,
         reconstruction_samples: int = 256,
         reconstruction_seq_len: int = 128,
@@ -368,6 +369,7 @@ class PruneDataModule(LightningDataModule):
         return dict(seed=hp.seed + seed_offset, cache_dir=hp.generation_cache,
                     fingerprint=plan.model["fingerprint"] if plan is not None else None,
                     chunk_size=hp.get("generation_batch_size", 16),
+                    # a checkpoint from before these options sampled at (1.0, 0.95)
                     temperature=hp.get("generation_temperature", 1.0), top_p=hp.get("generation_top_p", 0.95))
 
     def _generate(self, n: int, seq_len: int, seed_offset: int) -> torch.Tensor:

@@ -146,7 +146,7 @@ def _generate_chunk(model, tokenizer, chunk: int, seed: int, size: int, seq_len:
 
 def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: int = 0,
                      cache_dir: str | Path | None = None, chunk_size: int = 8, temperature: float = 1.0,
-                     top_p: float = 0.95, rank: int = 0, world_size: int = 1, progress: bool = False,
+                     top_p: float = 1.0, rank: int = 0, world_size: int = 1, progress: bool = False,
                      read_all: bool = True, fingerprint: str | None = None,
                      allow_generation: bool = True) -> torch.Tensor:
     """``num_samples`` sequences of ``seq_len`` tokens sampled from ``model``, as a LongTensor

@@ -62,7 +62,8 @@ def test_the_30_minute_recipe_is_the_default_with_a_larger_budget():
     assert data["reconstruction_samples"] > base["reconstruction_samples"]
     # the default's generated windows are a prefix of this one's: the text of chunk c depends only on
     # the model, the seed, the window length and the chunk size (pruner.generated), all shared
-    text_keys = ("seed", "reconstruction_seq_len", "generation_batch_size", "generation_cache")
+    text_keys = ("seed", "reconstruction_seq_len", "generation_batch_size", "generation_cache",
+                 "generation_temperature", "generation_top_p")
     assert [data[k] for k in text_keys] == [base[k] for k in text_keys]
     assert longer["model"]["model"] == default["model"]["model"]
     recovery_steps = longer["trainer"]["max_steps"] - data["calibration_samples"]
