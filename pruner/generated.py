@@ -91,14 +91,16 @@ class NucleusSampler(LogitsProcessor):
             chosen = inverse_cdf_draw(probs)
         else:
             top, index = probs.topk(min(self.candidates, probs.shape[-1]), dim=-1)  # (B, k), most likely first
-            in_nucleus = (top.cumsum(-1) - top) < self.top_p  # the mass before a token is below top_p
-            chosen = index.gather(1, inverse_cdf_draw(top * in_nucleus)[:, None])[:, 0]
+            chosen = self._draw(top, index)
             wide = top.sum(-1) < self.top_p  # rows whose nucleus reaches beyond the k candidates
             if wide.any():
-                ranked, order = probs[wide].sort(dim=-1, descending=True)  # (b, V)
-                in_nucleus = (ranked.cumsum(-1) - ranked) < self.top_p
-                chosen[wide] = order.gather(1, inverse_cdf_draw(ranked * in_nucleus)[:, None])[:, 0]
+                chosen[wide] = self._draw(*probs[wide].sort(dim=-1, descending=True))  # (b, V) ranked in full
         return torch.full_like(scores, float("-inf")).scatter_(1, chosen[:, None], 0.0)
+
+    def _draw(self, ranked: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """One token per row from the nucleus of ``ranked`` (probabilities, descending; ``index``: their ids)."""
+        in_nucleus = (ranked.cumsum(-1) - ranked) < self.top_p  # the mass before a token is below top_p
+        return index.gather(1, inverse_cdf_draw(ranked * in_nucleus)[:, None])[:, 0]
 
 
 def inverse_cdf_draw(weights: torch.Tensor) -> torch.Tensor:
