@@ -5,7 +5,8 @@ writes the text and, with distillation, also grades the pruned model on it. Samp
 chunks of ``chunk_size`` sequences, each chunk generated under its own seed, so a sample's
 content depends only on (model, seed, seq_len, chunk_size, temperature, top_p) — not on how
 many processes generate or in which order. By default the text is drawn from the model's whole
-distribution (``top_p = 1``), which pruned better than the truncated 0.95 (docs/results.md). Each finished chunk is written atomically to the cache folder
+distribution (``top_p = 1``), which pruned better than the truncated 0.95 (docs/results.md).
+Each finished chunk is written atomically to the cache folder
 (``cache_dir/<key>/chunk00012.json``): an interrupted run resumes where it stopped, and ranks
 of a multi-process run generate disjoint chunks into the same folder (which must then be on
 a shared filesystem).
