@@ -74,7 +74,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child, args.steps, args.warmup, args.threads)), flush=True)
         return
-    print("| allocator | round | s / step | minor page faults / step | system s / step | peak RSS |\n|---|---|---|---|---|---|")
+    print("| allocator | round | s / step | minor page faults / step | system s / step | peak RSS |\n"
+          "|---|---|---|---|---|---|")
     for r in range(args.rounds):
         for mode in MODES:
             row = run_child(__file__, ["--child", mode, "--steps", str(args.steps), "--warmup", str(args.warmup),
