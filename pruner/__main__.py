@@ -20,7 +20,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-SUBCOMMANDS = ("fit", "validate", "test")  # the Lightning ones
+from pruner.lightning_modules.cli import SUBCOMMANDS  # the Lightning ones; the module imports no Lightning at load
+
 USAGE = (
     "usage: pruner {fit,validate,test} --config CONFIG.yaml [--print_config] [--key value ...]\n"
     "       pruner evaluate [options]   (see `pruner evaluate --help`)\n"
