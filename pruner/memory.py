@@ -14,9 +14,10 @@ most 32 MiB) afresh and unmaps it on free, so each step touches hundreds of thou
 pages: on SmolLM2's distillation step (4 x 128 tokens, 2 cores) about 0.5 M minor page faults
 and 1.3-1.7 s of system time a step. ``keep_freed_memory`` turns mmap and automatic trimming
 off, so freed blocks are reused: 1-7 K faults a step, 1.1-1.9x faster steps and the default
-recipe in 7 min 52 s instead of 9 min 59 s (the same model), for 0.3-0.5 GB more resident
-memory (docs/results.md, "Page faults"). ``python -m pruner fit|validate|test|evaluate`` calls
-it on machines without a GPU (``PRUNER_KEEP_FREED_MEMORY=0`` leaves glibc's defaults).
+recipe of the time (48 steps) in 7 min 52 s instead of 9 min 59 s (the same model), for 0.3-0.5
+GB more resident memory (docs/results.md, "Page faults"). ``python -m pruner
+fit|validate|test|evaluate`` calls it on machines without a GPU (``PRUNER_KEEP_FREED_MEMORY=0``
+leaves glibc's defaults).
 
 Example:
     >>> release_freed_memory() in (True, False)
