@@ -83,8 +83,15 @@ def _looks_like_path(source: str) -> bool:
 
 def _local_path(source: str, what: str, instead: str = "an existing file or a hub dataset name") -> Path | None:
     """The existing local path for ``source``, None for a hub name; raises for a missing path."""
+    if "\n" in source or len(source) > 1024:  # the text itself passed where its name belongs
+        raise PrunerError(f"{what}: got {len(source)} characters of text where a file, folder or dataset "
+                          "name belongs; pass the text as a list of documents instead, e.g. [text]")
     path = Path(source).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as err:  # e.g. a name longer than the filesystem allows
+        raise PrunerError(f"{what}: {source[:80]!r} is not a usable path ({err.strerror}); pass {instead}") from err
+    if exists:
         return path
     if _looks_like_path(source):
         raise FileNotFoundError(

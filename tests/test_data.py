@@ -81,6 +81,11 @@ def test_calibration_errors(tok, tmp_path):
     empty.mkdir()
     with pytest.raises(PrunerError, match="has no .txt files"):
         D.calibration_samples(str(empty), tok)
+    # the text itself where its name belongs: a clear error, not the OS's "File name too long"
+    with pytest.raises(PrunerError, match=r"characters of text where a file.*\[text\]"):
+        D.calibration_samples("Chapter 1\n" + "It was a dark night. " * 200, tok)
+    with pytest.raises(PrunerError, match="is not a usable path"):
+        D.calibration_samples("x" * 1000 + ".txt", tok)
 
 
 def test_hub_calibration_is_streamed_and_shuffled(tok, monkeypatch):
