@@ -83,13 +83,16 @@ def _looks_like_path(source: str) -> bool:
 
 def _local_path(source: str, what: str, instead: str = "an existing file or a hub dataset name") -> Path | None:
     """The existing local path for ``source``, None for a hub name; raises for a missing path."""
-    if "\n" in source or len(source) > 1024:  # the text itself passed where its name belongs
-        raise PrunerError(f"{what}: got {len(source)} characters of text where a file, folder or dataset "
-                          "name belongs; pass the text as a list of documents instead, e.g. [text]")
+    text_instead = PrunerError(f"{what}: got {len(source)} characters of text where a file, folder or dataset "
+                               f"name belongs; pass {instead}")
+    if "\n" in source:  # the text itself passed where its name belongs
+        raise text_instead
     path = Path(source).expanduser()
     try:
         exists = path.exists()
     except OSError as err:  # e.g. a name longer than the filesystem allows
+        if len(source) > 1024:
+            raise text_instead from err
         raise PrunerError(f"{what}: {source[:80]!r} is not a usable path ({err.strerror}); pass {instead}") from err
     if exists:
         return path
@@ -98,6 +101,8 @@ def _local_path(source: str, what: str, instead: str = "an existing file or a hu
             f"{what} not found: {source} (relative paths are resolved from the current "
             f"directory {os.getcwd()}); pass {instead}"
         )
+    if len(source) > 1024:  # no hub name is this long: text again
+        raise text_instead
     return None
 
 
@@ -176,7 +181,8 @@ def read_texts(source: str) -> list[str]:
         raise PrunerError("the calibration source is an empty string: give 'builtin', a .txt file or folder, or a "
                           "hub dataset name")
     path = _local_path(source, "calibration text",
-                       "an existing .txt file or folder, 'builtin', or a hub dataset name")
+                       "an existing .txt file or folder, 'builtin', a hub dataset name, or the documents as a "
+                       "list of strings")
     if path is None:
         stream = load_hub_dataset(source, "train", streaming=True).shuffle(seed=0, buffer_size=10_000)
         # Hub corpora such as BookCorpus are one sentence per row: join rows into documents.

@@ -82,10 +82,12 @@ def test_calibration_errors(tok, tmp_path):
     with pytest.raises(PrunerError, match="has no .txt files"):
         D.calibration_samples(str(empty), tok)
     # the text itself where its name belongs: a clear error, not the OS's "File name too long"
-    with pytest.raises(PrunerError, match=r"characters of text where a file.*\[text\]"):
+    with pytest.raises(PrunerError, match=r"characters of text where a file.*or the documents as a list of strings"):
         D.calibration_samples("Chapter 1\n" + "It was a dark night. " * 200, tok)
     with pytest.raises(PrunerError, match="is not a usable path"):
         D.calibration_samples("x" * 1000 + ".txt", tok)
+    with pytest.raises(PrunerError, match="1260 characters of text where"):
+        D.calibration_samples("It was a dark night. " * 60, tok)  # one line of prose
 
 
 def test_hub_calibration_is_streamed_and_shuffled(tok, monkeypatch):
