@@ -71,6 +71,10 @@ ALPACA_PROMPT_NO_INPUT = (
 # ----------------------------------------------------------------------------- sources
 
 
+# Far longer than any hub dataset name: a source this long that is no path is text, not a name.
+_LONGEST_NAME = 1024
+
+
 def _looks_like_path(source: str) -> bool:
     """Hub names are ``name`` or ``org/name``; anything else that does not exist is a typo'd
     path, which must fail as a missing file rather than as an obscure hub lookup."""
@@ -82,17 +86,20 @@ def _looks_like_path(source: str) -> bool:
 
 
 def _local_path(source: str, what: str, instead: str = "an existing file or a hub dataset name") -> Path | None:
-    """The existing local path for ``source``, None for a hub name; raises for a missing path."""
-    text_instead = PrunerError(f"{what}: got {len(source)} characters of text where a file, folder or dataset "
-                               f"name belongs; pass {instead}")
-    if "\n" in source:  # the text itself passed where its name belongs
-        raise text_instead
+    """The existing local path for ``source``, None for a hub name; raises for a missing path, and
+    for the text itself passed where its name belongs (a newline, or longer than any hub name and no path)."""
+    def text_instead() -> PrunerError:
+        return PrunerError(f"{what}: got {len(source)} characters of text where a file, folder or dataset "
+                           f"name belongs; pass {instead}")
+
+    if "\n" in source:
+        raise text_instead()
     path = Path(source).expanduser()
     try:
         exists = path.exists()
     except OSError as err:  # e.g. a name longer than the filesystem allows
-        if len(source) > 1024:
-            raise text_instead from err
+        if len(source) > _LONGEST_NAME:
+            raise text_instead() from err
         raise PrunerError(f"{what}: {source[:80]!r} is not a usable path ({err.strerror}); pass {instead}") from err
     if exists:
         return path
@@ -101,8 +108,8 @@ def _local_path(source: str, what: str, instead: str = "an existing file or a hu
             f"{what} not found: {source} (relative paths are resolved from the current "
             f"directory {os.getcwd()}); pass {instead}"
         )
-    if len(source) > 1024:  # no hub name is this long: text again
-        raise text_instead
+    if len(source) > _LONGEST_NAME:
+        raise text_instead()
     return None
 
 

@@ -68,7 +68,7 @@ def test_the_30_minute_recipe_is_the_default_with_a_larger_budget():
     assert longer["model"]["model"] == default["model"]["model"]
     recovery_steps = longer["trainer"]["max_steps"] - data["calibration_samples"]
     available = data["recovery_epochs"] * data["recovery_max_records"] // data["micro_batch_size"]
-    # at least twice the default's distillation, and never more steps than the text has windows
+    # at least twice the default's distillation, and never more steps than the text has micro-batches
     assert 2 * (default["trainer"]["max_steps"] - base["calibration_samples"]) <= recovery_steps <= available
 
 
