@@ -303,6 +303,23 @@ def _down_proj_statistics(model, down: str):
     return collector
 
 
+def test_gram_collector_sums_the_input_products_in_fp64():
+    from pruner.reconstruction import GramCollector
+
+    model = tiny_causal_lm("llama")
+    down = "model.layers.1.mlp.down_proj"
+    inputs = []
+    handle = model.get_submodule(down).register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    collector = _down_proj_statistics(model, down)
+    handle.remove()
+    x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]).double()  # (tokens, in)
+    assert collector.tokens[down] == x.shape[0] == 8 * 32
+    assert collector.grams[down].dtype == torch.float64
+    exact = x.T @ x
+    # fp32 products (on CPU) within 1e-6 of the matrix's scale; fp16/bf16 ones would be ~1e-3 off
+    torch.testing.assert_close(collector.grams[down], exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
+
+
 def test_reconstruction_solves_the_normal_equations():
     from pruner.reconstruction import compensate
 
