@@ -110,7 +110,12 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
             parts.append(generated)
         extra = torch.cat(parts)  # (Gutenberg + generated windows, reconstruct_seq_len)
         collector = GramCollector(dense, consumers(structure))  # every layer: allocations differ
-        collect_inputs(dense, [extra[i : i + 8] for i in range(0, len(extra), 8)], collector)
+        text = [extra[i : i + 8] for i in range(0, len(extra), 8)]
+        collect_inputs(dense, text, collector)
+        if args.mlp_selection == "obs-fisher":  # as prune(): the first --fisher-samples windows run backward
+            from pruner.api import collect_output_fisher
+
+            collect_output_fisher(dense, text, collector, args.fisher_samples)
     obs_damping = args.damping if args.obs_damping is None else args.obs_damping
     results = []
     print(f"\ncalibration seed {seed}\n| criterion | allocation | removed | params | PPL | x dense |\n"
@@ -135,10 +140,11 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
                 from pruner.reconstruction import select_heads_obs
 
                 plan = select_heads_obs(plan, structure, model, collector, obs_damping)
-            if args.mlp_selection == "obs":
+            if args.mlp_selection in ("obs", "obs-fisher"):
                 from pruner.reconstruction import select_mlp_obs
 
-                plan = select_mlp_obs(plan, structure, model, collector, obs_damping)
+                plan = select_mlp_obs(plan, structure, model, collector, obs_damping,
+                                      fisher_weighted=args.mlp_selection == "obs-fisher")
             refit = None
             if collector is not None:
                 from pruner.reconstruction import compensate
@@ -183,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention-selection", default="score", choices=["score", "measured", "obs"],
                    help="measured: re-choose which heads / KV groups go by calibration loss (pruner.refine); obs: by "
                         "greedy block OBS on the reconstruction statistics (needs --reconstruct-samples)")
-    p.add_argument("--mlp-selection", default="score", choices=["score", "obs"],
+    p.add_argument("--mlp-selection", default="score", choices=["score", "obs", "obs-fisher"],
                    help="obs: re-choose which MLP channels go by greedy OBS on the reconstruction statistics "
-                        "(needs --reconstruct-samples)")
+                        "(needs --reconstruct-samples); obs-fisher: with the output error weighted by the loss's "
+                        "diagonal Fisher on the first --fisher-samples reconstruction windows")
+    p.add_argument("--fisher-samples", type=int, default=16, help="windows run backward for --mlp-selection obs-fisher")
     p.add_argument("--calibration-source", default="gutenberg", choices=["gutenberg", "wikitext-heldout"],
                    help="text of the calibration and reconstruction windows: ../shared/data/gutenberg (the "
                         "protocol), or WikiText-2 test text past the evaluated --max-tokens (in-domain, disjoint "
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="draw the generated text with each calibration seed (default: seed 0 for every seed)")
     p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
-    if "obs" in (args.mlp_selection, args.attention_selection) and not args.reconstruct_samples:
+    if (args.mlp_selection.startswith("obs") or args.attention_selection == "obs") and not args.reconstruct_samples:
         p.error("--mlp-selection/--attention-selection obs need --reconstruct-samples N (they use the reconstruction "
                 "statistics)")
     torch.manual_seed(0)

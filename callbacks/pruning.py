@@ -130,8 +130,12 @@ class StructuralPruneCallback(pl.Callback):
             has any, else from the calibration batches (too few on the paper's budget: the
             refit then needs ``reconstruct_damping`` about 0.1; see docs/results.md).
         reconstruct_damping: the refit's ridge term, relative to the mean input energy.
-        mlp_selection: which MLP channels a layer loses: score (the paper) or obs (greedy
-            Optimal Brain Surgeon on the refit's statistics; needs reconstruct).
+        mlp_selection: which MLP channels a layer loses: score (the paper), obs (greedy
+            Optimal Brain Surgeon on the refit's statistics; needs reconstruct) or obs-fisher
+            (the same with each output weighted by the loss's diagonal Fisher, from backward
+            passes over ``fisher_samples`` sequences of the refit's text at the prune step).
+        fisher_samples: sequences (all ranks together) of the refit's text that run backward for
+            obs-fisher: the datamodule's reconstruction batches, else the calibration batches.
         seed: seed of the random criterion, of structure probing and of the LoRA weights.
 
     Callback options:
@@ -202,7 +206,8 @@ class StructuralPruneCallback(pl.Callback):
         iterative_steps: int = 1,
         reconstruct: bool = False,
         reconstruct_damping: float = 0.1,
-        mlp_selection: Literal["score", "obs"] = "score",
+        mlp_selection: Literal["score", "obs", "obs-fisher"] = "score",
+        fisher_samples: int = 16,
         seed: int = 0,
         calibration_batches: int | None = None,
         prune_at_step: int | None = None,
@@ -228,6 +233,7 @@ class StructuralPruneCallback(pl.Callback):
             round_to=round_to, uniform=uniform, iterative_steps=iterative_steps, seed=seed,
             attention_selection=attention_selection,
             reconstruct=reconstruct, reconstruct_damping=reconstruct_damping, mlp_selection=mlp_selection,
+            fisher_samples=fisher_samples,
         )
         self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                                  target_modules=tuple(lora_target_modules)
@@ -410,13 +416,15 @@ class StructuralPruneCallback(pl.Callback):
                 "(FSDP2) gradients are averaged over ranks before any rank sees them: use criterion element1 "
                 "(the paper's default) or vector, or strategy: ddp"
             )
-        if self.config.measures_attention or self.config.iterative_steps > 1:
+        if self.config.measures_attention or self.config.iterative_steps > 1 or \
+                self.config.mlp_selection == "obs-fisher":
             what = ("attention_selection='measured'" if self.config.measures_attention
-                    else f"iterative_steps={self.config.iterative_steps}")
+                    else f"iterative_steps={self.config.iterative_steps}" if self.config.iterative_steps > 1
+                    else "mlp_selection='obs-fisher'")
             raise PrunerError(
                 f"{what} is not supported under ModelParallelStrategy (FSDP2): it would run forward/backward "
-                "passes on the gathered, unsharded model; use attention_selection: score and iterative_steps: 1, "
-                "or strategy: ddp"
+                "passes on the gathered, unsharded model; use attention_selection: score, iterative_steps: 1 and "
+                "mlp_selection: obs (or score), or strategy: ddp"
             )
 
     def _resolve_calibration_batches(self, trainer: pl.Trainer) -> int:
@@ -523,7 +531,8 @@ class StructuralPruneCallback(pl.Callback):
 
     @property
     def _keeps_inputs(self) -> bool:
-        return self.config.measures_attention or self.config.iterative_steps > 1
+        fisher_from_calibration = self.config.mlp_selection == "obs-fisher" and not self._reconstruction_batches
+        return self.config.measures_attention or self.config.iterative_steps > 1 or fisher_from_calibration
 
     @property
     def _prune_at(self) -> int:
@@ -547,9 +556,10 @@ class StructuralPruneCallback(pl.Callback):
             check_inputs(inputs, model.config, f"calibration batch {self._calibrated_batches}")
             self._tokens_per_sample = int(inputs["input_ids"].shape[-1])
         elif self._keeps_inputs:
+            what = ("attention_selection=measured" if self.config.measures_attention else "iterative_steps > 1"
+                    if self.config.iterative_steps > 1 else "mlp_selection=obs-fisher without reconstruction text")
             raise PrunerError(
-                f"{'attention_selection=measured' if self.config.measures_attention else 'iterative_steps > 1'} "
-                "runs the calibration batches again itself, which needs dict batches holding 'input_ids' (and "
+                f"{what} runs the calibration batches again itself, which needs dict batches holding 'input_ids' (and "
                 f"optionally 'attention_mask', 'labels'); got {type(batch).__name__}"
             )
         if self._keeps_inputs:  # kept (a few KB) for the measured choice / later iterative steps
@@ -616,6 +626,8 @@ class StructuralPruneCallback(pl.Callback):
         collector = self._collector
         if self._reconstruction_batches:  # before the FSDP2 gather: every rank runs its share
             collector = self._collect_reconstruction(model, self._structure)
+        if collector is not None and self.config.mlp_selection == "obs-fisher":
+            self._collect_fisher(trainer, model, collector)
         est.load_state(self._reduced_importance(trainer, est.state()))
         vectors = est.vectors()
         if self._sharded:  # every rank scored only its own shards: the sum is the full score
@@ -687,15 +699,22 @@ class StructuralPruneCallback(pl.Callback):
         from pruner.reconstruction import GramCollector
 
         names = [n for n in local.names if n in local.grams]
+        fisher = [n for n in names if n in local.fisher]  # obs-fisher's output statistics
         out = GramCollector(model, names)
         if names:  # (the same on every rank: nothing the plan prunes was reached otherwise)
+            def count(n: int, like: torch.Tensor) -> torch.Tensor:
+                return torch.tensor(float(n), dtype=torch.float64, device=like.device)
+
             tensors = {f"g::{n}": local.grams[n] for n in names}
-            tensors.update({f"t::{n}": torch.tensor(float(local.tokens[n]), dtype=torch.float64,
-                                                    device=local.grams[n].device) for n in names})
+            tensors.update({f"t::{n}": count(local.tokens[n], local.grams[n]) for n in names})
+            tensors.update({f"f::{n}": local.fisher[n] for n in fisher})
+            tensors.update({f"ft::{n}": count(local.fisher_tokens[n], local.fisher[n]) for n in fisher})
             summed = all_reduce_dict(trainer.strategy, tensors)
             device = next(model.parameters()).device
             out.grams = {n: summed[f"g::{n}"].to(device) for n in names}
             out.tokens = {n: int(summed[f"t::{n}"]) for n in names}
+            out.fisher = {n: summed[f"f::{n}"].to(device) for n in fisher}
+            out.fisher_tokens = {n: int(summed[f"ft::{n}"]) for n in fisher}
         return out
 
     def _collect_reconstruction(self, model: nn.Module, structure):
@@ -707,6 +726,14 @@ class StructuralPruneCallback(pl.Callback):
         collector = GramCollector(model, consumers(structure, self.config))
         collect_inputs(model, self._reconstruction_batches, collector)
         return collector
+
+    def _collect_fisher(self, trainer: pl.Trainer, model: nn.Module, collector) -> None:
+        """obs-fisher: this rank's share of ``fisher_samples`` run backward, from its refit text
+        (or its kept calibration batches), into ``collector.fisher`` (summed over ranks later)."""
+        from pruner.api import collect_output_fisher
+
+        text = self._reconstruction_batches or self._kept_batches(model)
+        collect_output_fisher(model, text, collector, -(-self.config.fisher_samples // trainer.world_size))
 
     def _kept_batches(self, model: nn.Module) -> list[dict[str, torch.Tensor]]:
         device = next(model.parameters()).device
@@ -725,6 +752,8 @@ class StructuralPruneCallback(pl.Callback):
                                       reduce=lambda state: all_reduce_dict(trainer.strategy, state))
         if cfg.reconstruct and self._reconstruction_batches:  # the partly pruned model on the refit text
             collector = self._collect_reconstruction(model, structure)
+        if collector is not None and cfg.mlp_selection == "obs-fisher":
+            self._collect_fisher(trainer, model, collector)
         if collector is not None:
             collector = self._reduced_grams(trainer, collector, model)
         return vectors, collector

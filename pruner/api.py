@@ -34,7 +34,7 @@ from .selection import in_range
 
 Reduce = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # sums every tensor over ranks
 
-__all__ = ["check_inputs", "collect_inputs", "compose", "count_parameters", "estimate_importance", "families_for", "finish_plan",
+__all__ = ["check_inputs", "collect_inputs", "collect_output_fisher", "compose", "count_parameters", "estimate_importance", "families_for", "finish_plan",
            "make_plan", "package_version", "prune", "step_config"]
 
 
@@ -207,6 +207,64 @@ def collect_inputs(model: nn.Module, batches: list, collector: GramCollector, pr
         model.train(was_training)
 
 
+def collect_output_fisher(model: nn.Module, batches: list, collector: GramCollector, max_samples: int) -> None:
+    """Backward passes of the next-token loss over the first ``max_samples`` sequences of
+    ``batches``, down to the outputs of ``collector``'s modules, for ``mlp_selection="obs-fisher"``:
+    ``collector.fisher[name] += Σ_tokens (∂L/∂y)²`` per output ``y`` of each module, ``L`` the loss
+    summed over the predicted tokens. The gradients are taken with respect to those outputs only:
+    no weight gradient is computed and no ``.grad`` changes.
+
+    Example:
+        >>> from pruner.testing import tiny_causal_lm
+        >>> model = tiny_causal_lm("llama")
+        >>> collector = GramCollector(model, ["model.layers.1.mlp.down_proj"])
+        >>> collect_output_fisher(model, [torch.randint(0, 100, (4, 16))], collector, max_samples=2)
+        >>> collector.fisher_tokens["model.layers.1.mlp.down_proj"]  # 2 sequences of 16 tokens
+        32
+    """
+    device = next(model.parameters()).device
+    embed = model.get_input_embeddings()
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda module, args, out, name=name: outputs.__setitem__(name, out)) for name in collector.names]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in batches:
+            if seen >= max_samples:
+                break
+            batch = _as_batch(batch, device)
+            take = min(max_samples - seen, batch["input_ids"].shape[0])
+            part = {k: v[:take] for k, v in batch.items()}
+            with torch.enable_grad():
+                # embeddings that need a gradient: a graph to the outputs even where weights are frozen
+                embeds = embed(part["input_ids"]).detach().requires_grad_()  # (B, T, d)
+                logits = model(inputs_embeds=embeds, attention_mask=part.get("attention_mask")).logits  # (B, T, V)
+                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), part["labels"][:, 1:].flatten(),
+                                                   ignore_index=-100, reduction="sum")
+                if not torch.isfinite(loss):
+                    raise PrunerError("the loss of the Fisher passes is NaN/inf: check the refit's text and the "
+                                      "model's dtype, or use mlp_selection='obs'")
+                names = [name for name in collector.names if name in outputs]
+                grads = torch.autograd.grad(loss, [outputs[name] for name in names], allow_unused=True)
+            mask = part.get("attention_mask")
+            tokens = int(mask.sum()) if mask is not None else part["input_ids"].numel()
+            for name, grad in zip(names, grads):
+                if grad is None:  # the output does not reach the loss
+                    continue
+                sq = grad.detach().reshape(-1, grad.shape[-1]).double().square().sum(0)  # (out,)
+                collector.fisher[name] = sq if name not in collector.fisher else collector.fisher[name].add_(sq)
+                collector.fisher_tokens[name] = collector.fisher_tokens.get(name, 0) + tokens
+            outputs.clear()
+            del logits, loss, grads
+            seen += take
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 def families_for(structure: ModelStructure, cfg: PruneConfig):
     """The group families whose importance ``cfg`` needs."""
     fams = []
@@ -277,6 +335,9 @@ def prune(
         raise PrunerError("reconstruction_batches is empty: pass input_ids batches, or None to reuse the calibration")
     for i, b in enumerate(extra or []):
         check_inputs(_as_batch(b, "cpu"), model.config, f"reconstruction batch {i}")
+    if not batches and extra is None and cfg.mlp_selection == "obs-fisher":
+        raise PrunerError("mlp_selection='obs-fisher' runs backward passes over the refit's text: pass calibration "
+                          "batches or reconstruction_batches, or use mlp_selection='obs'")
     if not batches and cfg.criterion not in ("l1", "l2", "random"):
         raise PrunerError(f"no calibration batches: criterion {cfg.criterion!r} needs at least one; pass "
                           "input_ids batches, or use a data-free criterion (l1, l2, random)")
@@ -292,6 +353,8 @@ def prune(
                                       max_tokens_per_backward=max_tokens_per_backward)
         if collector is not None and extra is not None:
             collect_inputs(model, extra, collector, progress)
+        if cfg.mlp_selection == "obs-fisher":  # the output Fisher from the refit's text
+            collect_output_fisher(model, extra if extra is not None else batches, collector, cfg.fisher_samples)
         return vectors, collector
 
     plan = prune_steps(model, dense_structure, cfg, StepHooks(estimate=estimate, refine_batches=batches))

@@ -57,10 +57,15 @@ class PruneConfig:
                                            "calibration loss with them masked (forward passes only), 'obs' = greedy "
                                            "block Optimal Brain Surgeon on the reconstruction statistics (needs "
                                            "reconstruct=True)"})
-    mlp_selection: Literal["score", "obs"] = field(
+    mlp_selection: Literal["score", "obs", "obs-fisher"] = field(
         default="score", metadata={"help": "which MLP channels a layer loses (how many comes from the scores): "
                                            "'score' = lowest importance score (the paper), 'obs' = greedy Optimal "
-                                           "Brain Surgeon on the reconstruction statistics (needs reconstruct=True)"})
+                                           "Brain Surgeon on the reconstruction statistics (needs reconstruct=True), "
+                                           "'obs-fisher' = the same with the output error weighted by the loss's "
+                                           "diagonal Fisher (backward passes over fisher_samples of the text)"})
+    fisher_samples: int = field(
+        default=16, metadata={"help": "mlp_selection='obs-fisher': sequences of the refit's text (the reconstruction "
+                                      "batches, else the calibration batches) that also run backward for the Fisher"})
     uniform: bool = field(
         default=False, metadata={"help": "every layer keeps the same numbers of heads, KV heads and MLP channels, so "
                                          "the export is a plain config that vLLM / TGI / TensorRT-LLM load (needs "
@@ -105,17 +110,17 @@ class PruneConfig:
             raise PrunerError(f"reconstruct=True refits o_proj/down_proj after heads or MLP channels go; mode="
                               f"{self.mode!r} removes neither: use mode='block', or reconstruct=False")
         for option, choices, needs in (("attention_selection", ("score", "measured", "obs"), "prune_attention"),
-                                       ("mlp_selection", ("score", "obs"), "prune_mlp")):
+                                       ("mlp_selection", ("score", "obs", "obs-fisher"), "prune_mlp")):
             value = getattr(self, option)
             if not isinstance(value, str) or value not in choices:
                 listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
                 raise PrunerError(f"{option} must be {listed}, got {value!r}")
-            if value == "obs" and not self.reconstruct:
-                raise PrunerError(f"{option}='obs' chooses from the input statistics of the least-squares refit: set "
-                                  f"reconstruct=True (and pass reconstruction_batches for more tokens), or use "
+            if value.startswith("obs") and not self.reconstruct:
+                raise PrunerError(f"{option}={value!r} chooses from the input statistics of the least-squares refit: "
+                                  f"set reconstruct=True (and pass reconstruction_batches for more tokens), or use "
                                   f"{option}='score'")
-            if value == "obs" and not (self.mode == "block" and getattr(self, needs)):
-                raise PrunerError(f"{option}='obs' re-chooses what block mode removes: it needs mode='block' with "
+            if value.startswith("obs") and not (self.mode == "block" and getattr(self, needs)):
+                raise PrunerError(f"{option}={value!r} re-chooses what block mode removes: it needs mode='block' with "
                                   f"{needs}=True")
         if not isinstance(self.head_granularity, str) or self.head_granularity not in ("query", "kv"):
             raise PrunerError(f"head_granularity must be 'query' or 'kv', got {self.head_granularity!r}")
@@ -127,6 +132,8 @@ class PruneConfig:
             check_int("round_to", self.round_to, 1, fix="kept widths become multiples of it, e.g. 1, 8 or 64, or None "
                                                         "(32 for widths of 1024 and more)")
         check_int("iterative_steps", self.iterative_steps, 1, fix="1 prunes in one step")
+        check_int("fisher_samples", self.fisher_samples, 1, fix="sequences run backward for mlp_selection='obs-fisher', "
+                                                                "e.g. 16")
         check_int("seed", self.seed, 0, fix="any non-negative integer, e.g. 0")
         if self.mode == "block" and not (self.prune_attention or self.prune_mlp):
             raise PrunerError("block mode with prune_attention=False and prune_mlp=False removes nothing")

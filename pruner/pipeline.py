@@ -92,8 +92,9 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
                                              all_reduce=hooks.all_reduce)
             if cfg.attention_selection == "obs":  # the config guarantees reconstruct, hence the statistics
                 step_plan = select_heads_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
-            if cfg.mlp_selection == "obs":
-                step_plan = select_mlp_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
+            if cfg.mlp_selection in ("obs", "obs-fisher"):
+                step_plan = select_mlp_obs(step_plan, structure, model, collector, cfg.reconstruct_damping,
+                                           fisher_weighted=cfg.mlp_selection == "obs-fisher")
             if hooks.check is not None:
                 hooks.check(step_plan, structure)
             if step == 1 and hooks.before_surgery is not None:

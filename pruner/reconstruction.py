@@ -37,6 +37,10 @@ class GramCollector:
         self.model, self.names = model, module_names
         self.grams: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
+        # mlp_selection="obs-fisher": per output of each module, the summed squared gradient of
+        # the text's loss (fp64, (out,)) and the tokens summed over (api.collect_output_fisher)
+        self.fisher: dict[str, torch.Tensor] = {}
+        self.fisher_tokens: dict[str, int] = {}
         self._handles: list = []
 
     def attach(self) -> None:
@@ -197,7 +201,7 @@ def _obs_start(model: nn.Module, collector: GramCollector, name: str, damping: f
 
 @torch.no_grad()
 def select_mlp_obs(plan: Plan, structure: ModelStructure, model: nn.Module, collector: GramCollector,
-                   damping: float = 0.1) -> Plan:
+                   damping: float = 0.1, fisher_weighted: bool = False) -> Plan:
     """Re-chooses WHICH MLP channels each layer loses; how many stays as ``plan`` says.
 
     Greedy Optimal Brain Surgeon on the consumer's (down_proj's) input statistics, as in ZipLM /
@@ -207,6 +211,13 @@ def select_mlp_obs(plan: Plan, structure: ModelStructure, model: nn.Module, coll
     ``W`` and ``H⁻¹`` are downdated (rank one, lazily: :func:`greedy_obs`) and the next one is
     chosen, until the layer has lost as many channels as the plan says. Unlike an importance score, this accounts for the
     refit that :func:`compensate` computes afterwards. Returns a new plan (group records updated).
+
+    ``fisher_weighted`` (``mlp_selection="obs-fisher"``): the output error is measured in the
+    loss's metric instead, each output ``o`` of the consumer weighted by ``F_o``, the mean squared
+    gradient of the text's loss with respect to it (``collector.fisher``, a diagonal Fisher): the
+    cost of a channel becomes ``Σ_o F_o W[o, j]² / [H⁻¹]_jj``, so errors in the directions the
+    rest of the model is sensitive to count more. The refit is the same for every row weighting
+    (each output row is fitted on its own); only which channels go changes.
     """
     from .refine import consumer_columns
 
@@ -222,10 +233,20 @@ def select_mlp_obs(plan: Plan, structure: ModelStructure, model: nn.Module, coll
                               f"{cols.shape[1]}; use mlp_selection='score'")
         n_remove = info.mlp.num_channels - len(lp.mlp_channels_kept)
         h_inv, w = _obs_start(model, collector, name, damping, cols[:, 0])  # (n, n), (out, n): channel order
+        if fisher_weighted:
+            w *= output_weights(collector, name).sqrt()[:, None]  # rows of W in the loss's metric
         alive = greedy_obs(h_inv, w, n_remove)
         lp.mlp_channels_kept = alive.nonzero().flatten().tolist()
     sync_group_records(new)
     return new
+
+
+def output_weights(collector: GramCollector, name: str) -> torch.Tensor:
+    """The mean squared loss gradient per output of consumer ``name`` (fp64, (out,))."""
+    if name not in collector.fisher or not collector.fisher_tokens.get(name):
+        raise PrunerError(f"no output Fisher statistics for {name}: mlp_selection='obs-fisher' needs backward passes "
+                          "of the refit text (pruner.api.collect_output_fisher) before choosing")
+    return collector.fisher[name] / collector.fisher_tokens[name]
 
 
 @torch.no_grad()

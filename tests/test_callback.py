@@ -361,7 +361,10 @@ TEXT = {"reconstruction_source": "builtin", "reconstruction_samples": 6, "recons
     (dict(target_sparsity=0.2, global_ranking=True, iterative_steps=2), {}),
     (dict(pruning_ratio=0.5, attention_selection="obs", mlp_selection="obs"), TEXT),
     (dict(target_sparsity=0.2, global_ranking=True, iterative_steps=2), TEXT),
-], ids=["obs", "iterative", "obs-reconstruction-text", "iterative-reconstruction-text"])
+    (dict(pruning_ratio=0.5, mlp_selection="obs-fisher", fisher_samples=3), {}),
+    (dict(pruning_ratio=0.5, mlp_selection="obs-fisher", fisher_samples=3), TEXT),
+], ids=["obs", "iterative", "obs-reconstruction-text", "iterative-reconstruction-text", "obs-fisher",
+        "obs-fisher-reconstruction-text"])
 def test_reconstruction_in_the_callback_matches_pruner_prune(options, data_options, tiny_dir, tmp_path):
     import pruner
     from pruner.lightning_modules.causal_lm import CausalLMModule
@@ -511,6 +514,7 @@ def test_prune_at_step_calibrates_on_the_batches_just_before_it(tiny_dir, tmp_pa
     (dict(criterion="element2"), "needs per-sample gradients.*use criterion element1"),
     (dict(criterion="mix"), "needs per-sample gradients.*or strategy: ddp"),
     (dict(attention_selection="measured"), "'measured' is not supported under ModelParallelStrategy"),
+    (dict(reconstruct=True, mlp_selection="obs-fisher"), "'obs-fisher' is not supported.*mlp_selection: obs"),
 ])
 def test_fsdp2_refuses_what_sharded_gradients_cannot_give(tiny_dir, options, message):
     from lightning.pytorch.strategies import ModelParallelStrategy

@@ -251,6 +251,8 @@ BAD = [
     (dict(pruning_ratio=0.2, mlp_selection="obs"), "set reconstruct=True"),
     (dict(pruning_ratio=0.2, mlp_selection="obs", reconstruct=True, prune_mlp=False), "prune_mlp=True"),
     (dict(pruning_ratio=0.2, mlp_selection="best"), "mlp_selection must be"),
+    (dict(pruning_ratio=0.2, mlp_selection="obs-fisher"), "'obs-fisher' chooses from the input statistics"),
+    (dict(pruning_ratio=0.2, mlp_selection="obs-fisher", reconstruct=True, fisher_samples=0), "fisher_samples must be"),
     (dict(pruning_ratio=0.2, attention_selection="obs"), "set reconstruct=True"),
     (dict(pruning_ratio=0.2, attention_selection="obs", reconstruct=True, prune_attention=False), "prune_attention=True"),
     (dict(pruning_ratio=0.2, attention_selection="best"), "'score', 'measured' or 'obs'"),
@@ -401,6 +403,68 @@ def test_obs_mlp_selection_is_the_greedy_least_refit_error_choice():
         gone.append(min(errors, key=errors.get))
     assert set(range(48)) - set(chosen.layers[1].mlp_channels_kept) == set(gone)
     assert chosen.layers[0].mlp_channels_kept is None and chosen.layers[2].mlp_channels_kept is None
+
+
+def test_output_fisher_is_the_squared_loss_gradient_at_each_output():
+    from pruner.api import collect_output_fisher
+    from pruner.reconstruction import GramCollector
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm("llama")
+    names = ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    batches = [torch.randint(0, 100, (3, 16)), torch.randint(0, 100, (3, 16))]
+    collector = GramCollector(model, names)
+    collect_output_fisher(model, batches, collector, max_samples=4)  # all of batch 0, one row of batch 1
+    assert all(p.grad is None for p in model.parameters())  # gradients of the outputs only
+    # the reference: the summed next-token loss of those 4 rows, backward, the outputs' gradients
+    x = torch.cat([batches[0], batches[1][:1]])  # (4, 16)
+    outputs = {}
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outputs.__setitem__(n, o))
+               for n in names]
+    logits = model(x).logits
+    handles[0].remove(), handles[1].remove()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+    grads = torch.autograd.grad(loss, [outputs[n] for n in names])
+    for name, grad in zip(names, grads):
+        assert collector.fisher_tokens[name] == 4 * 16
+        torch.testing.assert_close(collector.fisher[name], grad.double().square().sum((0, 1)), rtol=1e-4, atol=1e-12)
+    assert collector.fisher[names[0]].gt(0).all()
+
+
+def test_fisher_weighted_obs_measures_the_error_in_the_loss_metric():
+    from pruner.errors import PrunerError
+    from pruner.reconstruction import greedy_obs, select_mlp_obs
+
+    model = tiny_causal_lm("llama", intermediate_size=48)
+    s = discover(model)
+    down = "model.layers.1.mlp.down_proj"
+    collector = _down_proj_statistics(model, down)
+    keep = list(range(0, 48, 2)) + [1, 3, 5]  # the plan's count: 27 of 48
+    plan = Plan([pruner.LayerPlan(i, mlp_channels_kept=keep if i == 1 else None) for i in range(3)])
+    out = model.get_submodule(down).out_features
+    chosen = {}
+    for tag, weights in {"uniform": torch.full((out,), 3.0), "row 5 only": torch.eye(out)[5] + 0.0}.items():
+        collector.fisher, collector.fisher_tokens = {down: weights.double() * 10}, {down: 10}
+        chosen[tag] = select_mlp_obs(plan, s, model, collector, damping=0.1, fisher_weighted=True).layers[1]
+    unweighted = select_mlp_obs(plan, s, model, collector, damping=0.1).layers[1]
+    # equal weights change nothing; all weight on one output: OBS of that output row alone
+    assert chosen["uniform"].mlp_channels_kept == unweighted.mlp_channels_kept
+    g = collector.grams[down] / collector.tokens[down]
+    h_inv = torch.linalg.inv(g + 0.1 * g.diagonal().mean() * torch.eye(48, dtype=torch.float64))
+    w = model.get_submodule(down).weight.detach().double()  # (out, 48): channel j is column j here
+    alone = greedy_obs(h_inv, w[5:6].clone(), 48 - 27).nonzero().flatten().tolist()
+    assert chosen["row 5 only"].mlp_channels_kept == alone != unweighted.mlp_channels_kept
+    collector.fisher = {}
+    with pytest.raises(PrunerError, match="no output Fisher statistics"):
+        select_mlp_obs(plan, s, model, collector, damping=0.1, fisher_weighted=True)
+
+
+def test_obs_fisher_needs_text_to_run_backward():
+    from pruner.errors import PrunerError
+
+    with pytest.raises(PrunerError, match="'obs-fisher' runs backward passes"):
+        pruner.prune(tiny_causal_lm("llama"), [], pruning_ratio=0.2, criterion="l2", reconstruct=True,
+                     mlp_selection="obs-fisher")
 
 
 def test_obs_mlp_selection_keeps_the_counts_and_is_the_greedy_rechoice():
