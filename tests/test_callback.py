@@ -430,12 +430,17 @@ def test_ddp_two_processes_sum_importance_and_match_one_process(tiny_dir, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, data", [("ddp", {}), ("fsdp2", {}), ("ddp", TEXT), ("fsdp2", TEXT)],
-                         ids=["ddp", "fsdp2", "ddp-reconstruction-text", "fsdp2-reconstruction-text"])
-def test_reconstruction_statistics_are_summed_over_ranks(strategy, data, tiny_dir, tmp_path):
+@pytest.mark.parametrize("strategy, data, selection", [
+    ("ddp", {}, {}), ("fsdp2", {}, {}), ("ddp", TEXT, {}), ("fsdp2", TEXT, {}),
+    # obs-fisher over every window (8 calibration / 6 refit windows): each rank runs its own share backward
+    ("ddp", {}, {"mlp_selection": "obs-fisher", "fisher_samples": 8}),
+    ("ddp", TEXT, {"mlp_selection": "obs-fisher", "fisher_samples": 6}),
+], ids=["ddp", "fsdp2", "ddp-reconstruction-text", "fsdp2-reconstruction-text", "ddp-obs-fisher",
+        "ddp-obs-fisher-reconstruction-text"])
+def test_reconstruction_statistics_are_summed_over_ranks(strategy, data, selection, tiny_dir, tmp_path):
     _alpaca(tmp_path / "alpaca.json")
     callback = {"pruning_ratio": 0.5, "reconstruct": True, "mlp_selection": "obs", "attach_lora": False,
-                "export_dir": None}
+                "export_dir": None, **selection}
     # with TEXT: 6 refit windows, 3 per rank (forward passes at the prune step), none from calibration
     spec = {"model_dir": str(tiny_dir), "callback": callback, "max_steps": 4, "save_weights": True, "data": data}
     # 8 calibration windows: one process (4 steps of 2 accumulated batches) or 4 per rank; fit ends at the prune step
@@ -446,6 +451,8 @@ def test_reconstruction_statistics_are_summed_over_ranks(strategy, data, tiny_di
     assert_close(r0["weights"], single["weights"], rtol=1e-5, atol=1e-6)
     assert_close(r1["weights"], r0["weights"], rtol=0, atol=0)
     assert r0["plan"]["calibration"].get("reconstruction_tokens") == (6 * 24 if data else None)
+    assert r0["plan"]["settings"]["mlp_selection"] == single["plan"]["settings"]["mlp_selection"] == \
+        callback["mlp_selection"]
 
 
 @pytest.mark.slow
