@@ -31,7 +31,7 @@ def test_recipes_configure_the_callback_like_the_paper():
     # the best pipeline measured within 15 minutes (docs/results.md): MLP channels by OBS + refit, then
     # distillation from the dense model into every weight (no LoRA: at equal time, full fine-tuning won)
     assert (args["prune_attention"], args["global_ranking"], args["reconstruct"], args["mlp_selection"],
-            args["attach_lora"]) == (False, False, True, "obs", False)
+            args["attach_lora"]) == (False, False, True, "obs-fisher", False)
     assert smol["model"]["distillation_alpha"] == 1.0
     # offline: no dataset, no network; the refit's text is the recovery text (written once)
     assert data["calibration_source"] == "builtin" and data["val_source"] == "builtin-heldout"
@@ -183,7 +183,7 @@ def test_oneshot_recipe_refits_on_generated_text_without_training(tmp_path):
     recipe = yaml.safe_load((REPO / "configs" / "smollm2_oneshot.yaml").read_text())
     args = recipe["trainer"]["callbacks"][0]["init_args"]
     assert (args["prune_attention"], args["reconstruct"], args["mlp_selection"], args["attach_lora"]) == (
-        False, True, "obs", False)
+        False, True, "obs-fisher", False)
     assert recipe["data"]["reconstruction_source"] == "generated" and recipe["data"]["recovery_source"] is None
     # a short version: 2 calibration windows, 8 generated windows of 16 tokens for the refit
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
