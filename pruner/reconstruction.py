@@ -56,7 +56,7 @@ class GramCollector:
         def hook(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])  # (tokens, in)
             # On CPU the products run in fp32: about twice as fast as fp64 (2,048 x 1,536 inputs on 2
-            # cores: 0.13 s against 0.28 s plus the cast) and within ~1e-7 of them (SmolLM2's refit:
+            # busy cores: 0.13 s against 0.28 s plus the cast) and within ~1e-7 of them (SmolLM2's refit:
             # the same perplexity to 8 digits); the running sum stays fp64. On a GPU fp64, since its
             # fp32 products may run in TF32 (a 10-bit mantissa).
             x = x.float() if x.device.type == "cpu" else x.double()
