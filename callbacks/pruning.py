@@ -724,7 +724,7 @@ class StructuralPruneCallback(pl.Callback):
         from pruner.reconstruction import GramCollector, consumers
 
         collector = GramCollector(model, consumers(structure, self.config))
-        collect_inputs(model, self._reconstruction_batches, collector)
+        collect_inputs(model, self._reconstruction_batches, collector, stop_early=not self._sharded)
         return collector
 
     def _collect_fisher(self, trainer: pl.Trainer, model: nn.Module, collector) -> None:

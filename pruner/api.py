@@ -191,19 +191,64 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
     return vectors
 
 
+class _StopForward(Exception):
+    """Raised by :class:`_StopAt` once a forward pass has given all its statistics."""
+
+
+class _StopAt:
+    """A forward pre-hook that ends the forward pass at the ``calls``-th call of its module."""
+
+    def __init__(self, calls: int):
+        self.calls, self.seen = calls, 0
+
+    def __call__(self, module: nn.Module, args) -> None:
+        self.seen += 1
+        if self.seen == self.calls:
+            self.seen = 0
+            raise _StopForward
+
+
 @torch.no_grad()
-def collect_inputs(model: nn.Module, batches: list, collector: GramCollector, progress: bool = False) -> None:
-    """Forward passes only: the consumers' input statistics for ``reconstruct``."""
+def collect_inputs(model: nn.Module, batches: list, collector: GramCollector, progress: bool = False,
+                   stop_early: bool = True) -> None:
+    """Forward passes only: the consumers' input statistics for ``reconstruct``.
+
+    ``stop_early``: after the first batch, each forward pass ends at the input of the consumer
+    it reaches last (what follows, e.g. the last layers and the LM head, computes nothing the
+    statistics need: SmolLM2's vocabulary projection alone is a fifth of a forward pass). Pass
+    False where the forward pass must run to its end (FSDP2's hooks reshard there).
+
+    Example:
+        >>> from pruner.testing import tiny_causal_lm
+        >>> model = tiny_causal_lm("llama")
+        >>> collector = GramCollector(model, ["model.layers.0.mlp.down_proj"])
+        >>> collect_inputs(model, [torch.randint(0, 100, (2, 8))] * 2, collector)
+        >>> collector.tokens["model.layers.0.mlp.down_proj"]  # 2 batches of 2 x 8
+        32
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    reached: list[str] = []  # the consumers in the order the first forward pass calls them
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: reached.append(name)) for name in collector.names] if stop_early else []
     collector.attach()
     try:
-        for batch in tqdm(batches, desc="reconstruction inputs", disable=not progress):
+        for i, batch in enumerate(tqdm(batches, desc="reconstruction inputs", disable=not progress)):
             batch = _as_batch(batch, device)
-            model(**{k: v for k, v in batch.items() if k != "labels"})
+            if i == 1 and reached:  # registered after the collector's hooks: it raises once they have summed
+                for h in handles:
+                    h.remove()
+                last = reached[-1]
+                handles = [model.get_submodule(last).register_forward_pre_hook(_StopAt(reached.count(last)))]
+            try:
+                model(**{k: v for k, v in batch.items() if k != "labels"})
+            except _StopForward:
+                pass
     finally:
         collector.detach()
+        for h in handles:
+            h.remove()
         model.train(was_training)
 
 

@@ -322,6 +322,29 @@ def test_gram_collector_sums_the_input_products_in_fp64():
     torch.testing.assert_close(collector.grams[down], exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
 
 
+def test_collect_inputs_stops_each_forward_at_its_last_consumer_with_the_same_statistics():
+    from pruner.api import collect_inputs
+    from pruner.reconstruction import GramCollector
+
+    model = tiny_causal_lm("llama")
+    names = ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+    batches = [torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    head_calls = []
+    handle = model.lm_head.register_forward_hook(lambda m, a, o: head_calls.append(1))
+    full, early = GramCollector(model, names), GramCollector(model, names)
+    collect_inputs(model, batches, full, stop_early=False)
+    assert len(head_calls) == 3
+    collect_inputs(model, batches, early)
+    handle.remove()
+    assert len(head_calls) == 3 + 1  # only the first batch ran to the LM head
+    for name in names:
+        assert early.tokens[name] == full.tokens[name] == 3 * 2 * 16
+        torch.testing.assert_close(early.grams[name], full.grams[name], rtol=0, atol=0)
+    assert not model.get_submodule(names[1])._forward_pre_hooks  # every hook removed
+    out = model(batches[0]).logits  # and the model runs whole again
+    assert out.shape == (2, 16, model.config.vocab_size)
+
+
 def test_reconstruction_solves_the_normal_equations():
     from pruner.reconstruction import compensate
 

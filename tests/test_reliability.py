@@ -886,6 +886,7 @@ def test_of_two_concurrent_exports_to_a_new_folder_one_wins_and_the_other_raises
         folder, go, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
         original = io._put_in_place
         def wait_then_place(tmp, target, overwrite):  # both writers reach the rename together
+            (go.parent / f"ready{seed}").write_text("ready")
             while not go.exists():
                 time.sleep(0.01)
             original(tmp, target, overwrite)
@@ -900,14 +901,18 @@ def test_of_two_concurrent_exports_to_a_new_folder_one_wins_and_the_other_raises
     folder, go = tmp_path / "model", tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "writer.py"), str(folder), str(go), str(seed)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
-    time.sleep(15)  # both load and write their temporary folders, then wait at the rename
+    ready = [tmp_path / f"ready{seed}" for seed in (1, 2)]
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    while not all(r.exists() for r in ready):  # both have written their temporary folders (slow under load)
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
     go.write_text("go")
     outs = [p.communicate(timeout=SUBPROCESS_TIMEOUT)[0] for p in procs]
     assert sorted(o.split()[0] for o in outs) == ["LOST", "WON"], outs
     assert "was written by someone else" in next(o for o in outs if o.startswith("LOST"))
     winner = 1 if outs[0].startswith("WON") else 2
     torch.testing.assert_close(pruner.load_pretrained(folder).state_dict(), tiny_causal_lm("llama", seed=winner).state_dict())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "model", "writer.py"]  # no temporary folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "model", "ready1", "ready2", "writer.py"]  # no temporary folder
 
 
 def test_exports_get_the_permissions_of_the_umask(tmp_path):
