@@ -216,7 +216,8 @@ def collect_inputs(model: nn.Module, batches: list, collector: GramCollector, pr
     ``stop_early``: after the first batch, each forward pass ends at the input of the consumer
     it reaches last (what follows, e.g. the last layers and the LM head, computes nothing the
     statistics need: SmolLM2's vocabulary projection alone is a fifth of a forward pass). Pass
-    False where the forward pass must run to its end (FSDP2's hooks reshard there).
+    False where the forward pass must run to its end (under FSDP2 each module reshards its
+    parameters in a hook after its forward).
 
     Example:
         >>> from pruner.testing import tiny_causal_lm
