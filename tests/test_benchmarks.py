@@ -55,6 +55,8 @@ def test_recovery_trainable_kinds_train_what_they_name():
     from pruner.testing import tiny_causal_lm
 
     model = tiny_causal_lm(num_hidden_layers=6)
+    every = recovery_trainable.trainable_parameters(model, "all")
+    assert len(every) == len(list(model.parameters())) and model.get_input_embeddings().weight.requires_grad
     full = recovery_trainable.trainable_parameters(model, "full")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert len(full) == len(names) and not any("embed_tokens" in n or "lm_head" in n for n in names)
