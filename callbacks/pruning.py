@@ -416,11 +416,8 @@ class StructuralPruneCallback(pl.Callback):
                 "(FSDP2) gradients are averaged over ranks before any rank sees them: use criterion element1 "
                 "(the paper's default) or vector, or strategy: ddp"
             )
-        if self.config.measures_attention or self.config.iterative_steps > 1 or \
-                self.config.mlp_selection == "obs-fisher":
-            what = ("attention_selection='measured'" if self.config.measures_attention
-                    else f"iterative_steps={self.config.iterative_steps}" if self.config.iterative_steps > 1
-                    else "mlp_selection='obs-fisher'")
+        what = self._own_passes(fisher_on_text_too=True)
+        if what is not None:
             raise PrunerError(
                 f"{what} is not supported under ModelParallelStrategy (FSDP2): it would run forward/backward "
                 "passes on the gathered, unsharded model; use attention_selection: score, iterative_steps: 1 and "
@@ -529,10 +526,23 @@ class StructuralPruneCallback(pl.Callback):
 
     # ------------------------------------------------------------------ calibration
 
+    def _own_passes(self, fisher_on_text_too: bool) -> str | None:
+        """The setting that makes this callback run forward/backward passes of its own after
+        calibration (None if none): the measured attention choice, later iterative steps, or
+        obs-fisher's backward passes (counted on the refit text too only if ``fisher_on_text_too``;
+        otherwise only where they rerun the calibration batches)."""
+        cfg = self.config
+        if cfg.measures_attention:
+            return "attention_selection='measured'"
+        if cfg.iterative_steps > 1:
+            return f"iterative_steps={cfg.iterative_steps}"
+        if cfg.mlp_selection == "obs-fisher" and (fisher_on_text_too or not self._reconstruction_batches):
+            return "mlp_selection='obs-fisher'" + ("" if fisher_on_text_too else " without reconstruction text")
+        return None
+
     @property
     def _keeps_inputs(self) -> bool:
-        fisher_from_calibration = self.config.mlp_selection == "obs-fisher" and not self._reconstruction_batches
-        return self.config.measures_attention or self.config.iterative_steps > 1 or fisher_from_calibration
+        return self._own_passes(fisher_on_text_too=False) is not None
 
     @property
     def _prune_at(self) -> int:
@@ -556,10 +566,8 @@ class StructuralPruneCallback(pl.Callback):
             check_inputs(inputs, model.config, f"calibration batch {self._calibrated_batches}")
             self._tokens_per_sample = int(inputs["input_ids"].shape[-1])
         elif self._keeps_inputs:
-            what = ("attention_selection=measured" if self.config.measures_attention else "iterative_steps > 1"
-                    if self.config.iterative_steps > 1 else "mlp_selection=obs-fisher without reconstruction text")
             raise PrunerError(
-                f"{what} runs the calibration batches again itself, which needs dict batches holding 'input_ids' (and "
+                f"{self._own_passes(fisher_on_text_too=False)} runs the calibration batches again itself, which needs dict batches holding 'input_ids' (and "
                 f"optionally 'attention_mask', 'labels'); got {type(batch).__name__}"
             )
         if self._keeps_inputs:  # kept (a few KB) for the measured choice / later iterative steps

@@ -61,6 +61,14 @@ class SGDFinetune(MyFinetune):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+class TupleFinetune(MyFinetune):
+    """Batches as ``(input_ids, labels)`` tuples: the callback cannot run them itself."""
+
+    def training_step(self, batch, batch_idx):
+        input_ids, labels = batch
+        return self.model(input_ids=input_ids, labels=labels).loss
+
+
 class ShardedFinetune(L.LightningModule):
     """FSDP2 as Lightning documents it: the model is built and sharded in ``configure_model``
     (each decoder layer, then the model) on the strategy's data-parallel mesh."""

@@ -23,7 +23,7 @@ from pruner.callbacks import StructuralPruneCallback
 from pruner.errors import PrunerError
 
 from .conftest import SUBPROCESS_TIMEOUT
-from .plain_modules import MyFinetune, NestedFinetune, SGDFinetune
+from .plain_modules import MyFinetune, NestedFinetune, SGDFinetune, TupleFinetune
 
 HERE = Path(__file__).resolve().parent
 
@@ -207,6 +207,26 @@ def test_calibration_count_is_required_without_a_datamodule_that_has_one(model_d
     module = MyFinetune(str(model_dir))
     with pytest.raises(PrunerError, match="pass calibration_batches=N"):
         trainer(tmp_path, [StructuralPruneCallback(pruning_ratio=0.5)], max_steps=3).fit(module, loader(8))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(attention_selection="measured"), "attention_selection='measured' runs the calibration batches again"),
+    (dict(iterative_steps=2), "iterative_steps=2 runs the calibration batches again"),
+    (dict(reconstruct=True, mlp_selection="obs-fisher"),
+     "mlp_selection='obs-fisher' without reconstruction text runs the calibration batches again"),
+    (dict(reconstruct=True, mlp_selection="obs"), None),  # no passes of its own: any batch will do
+])
+def test_tuple_batches_are_refused_only_where_the_callback_reruns_them(model_dir, tmp_path, options, message):
+    ids = torch.stack([s["input_ids"] for s in samples(8)])
+    tuples = DataLoader(list(zip(ids, ids.clone())), batch_size=2)  # batches (input_ids, labels)
+    callback = StructuralPruneCallback(pruning_ratio=0.5, calibration_batches=2, attach_lora=False, **options)
+    fit = trainer(tmp_path, [callback], max_steps=3).fit
+    if message is None:
+        fit(TupleFinetune(str(model_dir)), tuples)
+        assert callback.plan is not None
+    else:
+        with pytest.raises(PrunerError, match=message + r".*dict batches holding 'input_ids'.*got list"):
+            fit(TupleFinetune(str(model_dir)), tuples)
 
 
 def test_a_bad_export_folder_is_refused_before_any_calibration(model_dir, tmp_path):
