@@ -416,12 +416,12 @@ class StructuralPruneCallback(pl.Callback):
                 "(FSDP2) gradients are averaged over ranks before any rank sees them: use criterion element1 "
                 "(the paper's default) or vector, or strategy: ddp"
             )
-        what = self._own_passes(fisher_on_text_too=True)
+        what = self._own_passes(on_gathered_model_only=True)
         if what is not None:
             raise PrunerError(
                 f"{what} is not supported under ModelParallelStrategy (FSDP2): it would run forward/backward "
-                "passes on the gathered, unsharded model; use attention_selection: score, iterative_steps: 1 and "
-                "mlp_selection: obs (or score), or strategy: ddp"
+                "passes on the gathered, unsharded model on every rank; use attention_selection: score (or obs) "
+                "and iterative_steps: 1, or strategy: ddp"
             )
 
     def _resolve_calibration_batches(self, trainer: pl.Trainer) -> int:
@@ -526,23 +526,23 @@ class StructuralPruneCallback(pl.Callback):
 
     # ------------------------------------------------------------------ calibration
 
-    def _own_passes(self, fisher_on_text_too: bool) -> str | None:
-        """The setting that makes this callback run forward/backward passes of its own after
-        calibration (None if none): the measured attention choice, later iterative steps, or
-        obs-fisher's backward passes (counted on the refit text too only if ``fisher_on_text_too``;
-        otherwise only where they rerun the calibration batches)."""
+    def _own_passes(self, on_gathered_model_only: bool = False) -> str | None:
+        """The setting that makes this callback run the calibration batches again itself after
+        calibration (None if none): the measured attention choice and later iterative steps, on the
+        model as pruned so far (under FSDP2 a gathered copy), or, unless ``on_gathered_model_only``,
+        obs-fisher's backward passes where there is no refit text (run before any gather)."""
         cfg = self.config
         if cfg.measures_attention:
             return "attention_selection='measured'"
         if cfg.iterative_steps > 1:
             return f"iterative_steps={cfg.iterative_steps}"
-        if cfg.mlp_selection == "obs-fisher" and (fisher_on_text_too or not self._reconstruction_batches):
-            return "mlp_selection='obs-fisher'" + ("" if fisher_on_text_too else " without reconstruction text")
+        if not on_gathered_model_only and cfg.mlp_selection == "obs-fisher" and not self._reconstruction_batches:
+            return "mlp_selection='obs-fisher' without reconstruction text"
         return None
 
     @property
     def _keeps_inputs(self) -> bool:
-        return self._own_passes(fisher_on_text_too=False) is not None
+        return self._own_passes() is not None
 
     @property
     def _prune_at(self) -> int:
@@ -567,7 +567,7 @@ class StructuralPruneCallback(pl.Callback):
             self._tokens_per_sample = int(inputs["input_ids"].shape[-1])
         elif self._keeps_inputs:
             raise PrunerError(
-                f"{self._own_passes(fisher_on_text_too=False)} runs the calibration batches again itself, which needs dict batches holding 'input_ids' (and "
+                f"{self._own_passes()} runs the calibration batches again itself, which needs dict batches holding 'input_ids' (and "
                 f"optionally 'attention_mask', 'labels'); got {type(batch).__name__}"
             )
         if self._keeps_inputs:  # kept (a few KB) for the measured choice / later iterative steps

@@ -269,10 +269,14 @@ def collect_output_fisher(model: nn.Module, batches: list, collector: GramCollec
         32
     """
     device = next(model.parameters()).device
-    embed = model.get_input_embeddings()
     outputs: dict[str, torch.Tensor] = {}
     handles = [model.get_submodule(name).register_forward_hook(
         lambda module, args, out, name=name: outputs.__setitem__(name, out)) for name in collector.names]
+    # embeddings that need a gradient: a graph to the outputs even where every weight is frozen. A hook
+    # rather than calling the embedding ourselves: under FSDP2 its weight is whole only inside the
+    # model's own forward
+    handles.append(model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: out.detach().requires_grad_()))  # (B, T, d)
     was_training = model.training
     model.eval()
     seen = 0
@@ -284,9 +288,7 @@ def collect_output_fisher(model: nn.Module, batches: list, collector: GramCollec
             take = min(max_samples - seen, batch["input_ids"].shape[0])
             part = {k: v[:take] for k, v in batch.items()}
             with torch.enable_grad():
-                # embeddings that need a gradient: a graph to the outputs even where weights are frozen
-                embeds = embed(part["input_ids"]).detach().requires_grad_()  # (B, T, d)
-                logits = model(inputs_embeds=embeds, attention_mask=part.get("attention_mask")).logits  # (B, T, V)
+                logits = model(input_ids=part["input_ids"], attention_mask=part.get("attention_mask")).logits  # (B, T, V)
                 loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), part["labels"][:, 1:].flatten(),
                                                    ignore_index=-100, reduction="sum")
                 if not torch.isfinite(loss):

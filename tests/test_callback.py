@@ -435,8 +435,11 @@ def test_ddp_two_processes_sum_importance_and_match_one_process(tiny_dir, tmp_pa
     # obs-fisher over every window (8 calibration / 6 refit windows): each rank runs its own share backward
     ("ddp", {}, {"mlp_selection": "obs-fisher", "fisher_samples": 8}),
     ("ddp", TEXT, {"mlp_selection": "obs-fisher", "fisher_samples": 6}),
+    # ... and under FSDP2 through the sharded model, before the gather
+    ("fsdp2", {}, {"mlp_selection": "obs-fisher", "fisher_samples": 8}),
+    ("fsdp2", TEXT, {"mlp_selection": "obs-fisher", "fisher_samples": 6}),
 ], ids=["ddp", "fsdp2", "ddp-reconstruction-text", "fsdp2-reconstruction-text", "ddp-obs-fisher",
-        "ddp-obs-fisher-reconstruction-text"])
+        "ddp-obs-fisher-reconstruction-text", "fsdp2-obs-fisher", "fsdp2-obs-fisher-reconstruction-text"])
 def test_reconstruction_statistics_are_summed_over_ranks(strategy, data, selection, tiny_dir, tmp_path):
     _alpaca(tmp_path / "alpaca.json")
     callback = {"pruning_ratio": 0.5, "reconstruct": True, "mlp_selection": "obs", "attach_lora": False,
@@ -521,7 +524,7 @@ def test_prune_at_step_calibrates_on_the_batches_just_before_it(tiny_dir, tmp_pa
     (dict(criterion="element2"), "needs per-sample gradients.*use criterion element1"),
     (dict(criterion="mix"), "needs per-sample gradients.*or strategy: ddp"),
     (dict(attention_selection="measured"), "'measured' is not supported under ModelParallelStrategy"),
-    (dict(reconstruct=True, mlp_selection="obs-fisher"), "'obs-fisher' is not supported.*mlp_selection: obs"),
+    (dict(iterative_steps=2), "iterative_steps=2 is not supported.*iterative_steps: 1"),
 ])
 def test_fsdp2_refuses_what_sharded_gradients_cannot_give(tiny_dir, options, message):
     from lightning.pytorch.strategies import ModelParallelStrategy

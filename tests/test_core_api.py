@@ -452,6 +452,12 @@ def test_output_fisher_is_the_squared_loss_gradient_at_each_output():
         assert collector.fisher_tokens[name] == 4 * 16
         torch.testing.assert_close(collector.fisher[name], grad.double().square().sum((0, 1)), rtol=1e-4, atol=1e-12)
     assert collector.fisher[names[0]].gt(0).all()
+    # every weight frozen (the graph starts at the embeddings' output): the same statistics
+    frozen = GramCollector(model.requires_grad_(False), names)
+    collect_output_fisher(model, batches, frozen, max_samples=4)
+    for name in names:
+        torch.testing.assert_close(frozen.fisher[name], collector.fisher[name], rtol=1e-6, atol=1e-12)
+    assert not model(x).logits.requires_grad  # and no hook is left that would make it need a gradient
 
 
 def test_fisher_weighted_obs_measures_the_error_in_the_loss_metric():
