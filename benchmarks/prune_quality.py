@@ -28,6 +28,8 @@ import torch
 import pruner
 from pruner.api import estimate_importance, make_plan
 from pruner.config import PruneConfig
+from pruner.pipeline import choose_within
+from pruner.reconstruction import compensate
 from pruner import selection
 from pruner.data import calibration_samples
 from pruner.eval.perplexity import load_wikitext2_rows, perplexity, tokenize_rows
@@ -56,6 +58,32 @@ ALLOCATIONS = {
 def allocation_config(base: PruneConfig, allocation: str) -> PruneConfig:
     """``base`` (criterion, target, layers) with the fields of the named allocation on top."""
     return PruneConfig(**{**base.to_dict(), **ALLOCATIONS[allocation]})
+
+
+def selection_config(cfg: PruneConfig, attention_selection: str, mlp_selection: str, damping: float | None,
+                     fisher_samples: int) -> PruneConfig:
+    """``cfg`` (an allocation) with the choice within layers and the refit: ``damping`` None = no
+    refit. An allocation that keeps every head keeps ``attention_selection='obs'`` out of it."""
+    if attention_selection == "obs" and not cfg.prune_attention:
+        attention_selection = "score"
+    return PruneConfig(**{**cfg.to_dict(), "attention_selection": attention_selection, "mlp_selection": mlp_selection,
+                          "reconstruct": damping is not None, "reconstruct_damping": damping or 0.1,
+                          "fisher_samples": fisher_samples})
+
+
+def prune_copy(dense, structure, vectors, cfg: PruneConfig, total: int, collector, batches: list[torch.Tensor],
+               obs_damping: float | None = None, refcredit: bool = False):
+    """A pruned copy of ``dense`` and its plan: ``pruner.prune``'s steps (selection, the choice
+    within layers, the refit) from importance ``vectors`` and input statistics ``collector``
+    computed once for every allocation."""
+    with reference_crediting(structure) if refcredit else contextlib.nullcontext():
+        plan = make_plan(structure, vectors, cfg, total)
+    model = copy.deepcopy(dense)
+    plan = choose_within(plan, structure, model, cfg, collector, [{"input_ids": b} for b in batches],
+                         obs_damping=obs_damping)
+    refit = compensate(plan, structure, model, collector, cfg.reconstruct_damping) if collector is not None else None
+    pruner.apply_plan(plan, model, structure, refit=refit)  # refit: {weight: W'_K}
+    return model, plan
 
 
 @contextlib.contextmanager
@@ -116,7 +144,6 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
             from pruner.api import collect_output_fisher
 
             collect_output_fisher(dense, text, collector, args.fisher_samples)
-    obs_damping = args.damping if args.obs_damping is None else args.obs_damping
     results = []
     print(f"\ncalibration seed {seed}\n| criterion | allocation | removed | params | PPL | x dense |\n"
           "|---|---|---|---|---|---|", flush=True)
@@ -127,30 +154,10 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
         vectors = estimate_importance(copy.deepcopy(dense), batches, structure, base)
         importance_s = time.time() - t
         for allocation in args.allocations.split(","):
-            cfg = allocation_config(base, allocation)
-            refcredit = allocation == "ratio-kv-refcredit"
-            with reference_crediting(structure) if refcredit else contextlib.nullcontext():
-                plan = make_plan(structure, vectors, cfg, total)
-            model = copy.deepcopy(dense)
-            if args.attention_selection == "measured":
-                from pruner.refine import refine_attention
-
-                plan = refine_attention(model, structure, plan, [{"input_ids": b} for b in batches])
-            if args.attention_selection == "obs" and cfg.prune_attention:
-                from pruner.reconstruction import select_heads_obs
-
-                plan = select_heads_obs(plan, structure, model, collector, obs_damping)
-            if args.mlp_selection in ("obs", "obs-fisher"):
-                from pruner.reconstruction import select_mlp_obs
-
-                plan = select_mlp_obs(plan, structure, model, collector, obs_damping,
-                                      fisher_weighted=args.mlp_selection == "obs-fisher")
-            refit = None
-            if collector is not None:
-                from pruner.reconstruction import compensate
-
-                refit = compensate(plan, structure, model, collector, args.damping)  # {weight: W'_K}
-            pruner.apply_plan(plan, model, structure, refit=refit)
+            cfg = selection_config(allocation_config(base, allocation), args.attention_selection, args.mlp_selection,
+                                   args.damping if collector is not None else None, args.fisher_samples)
+            model, plan = prune_copy(dense, structure, vectors, cfg, total, collector, batches, args.obs_damping,
+                                     refcredit=allocation == "ratio-kv-refcredit")
             ppl = perplexity(model, tok, rows, max_tokens=args.max_tokens)
             zs = zeroshot(model)
             after = pruner.count_parameters(model)

@@ -87,14 +87,8 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
             vectors, collector = first if step == 1 and first is not None else hooks.estimate(model, structure,
                                                                                               step_cfg)
             step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
-            if cfg.measures_attention and hooks.refine_batches:
-                step_plan = refine_attention(model, structure, step_plan, hooks.refine_batches,
-                                             all_reduce=hooks.all_reduce)
-            if cfg.attention_selection == "obs":  # the config guarantees reconstruct, hence the statistics
-                step_plan = select_heads_obs(step_plan, structure, model, collector, cfg.reconstruct_damping)
-            if cfg.mlp_selection in ("obs", "obs-fisher"):
-                step_plan = select_mlp_obs(step_plan, structure, model, collector, cfg.reconstruct_damping,
-                                           fisher_weighted=cfg.mlp_selection == "obs-fisher")
+            step_plan = choose_within(step_plan, structure, model, cfg, collector, hooks.refine_batches,
+                                      hooks.all_reduce)
             if hooks.check is not None:
                 hooks.check(step_plan, structure)
             if step == 1 and hooks.before_surgery is not None:
@@ -126,6 +120,39 @@ def make_plan(structure: ModelStructure, vectors, cfg: PruneConfig, total_params
     plan.settings = cfg.to_dict()
     if cfg.uniform:
         check_uniform(plan, structure)
+    return plan
+
+
+def choose_within(plan: Plan, structure: ModelStructure, model: nn.Module, cfg: PruneConfig,
+                  collector: GramCollector | None, refine_batches: list[dict] | None = None,
+                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  obs_damping: float | None = None) -> Plan:
+    """Which heads and MLP channels go, at the counts ``plan`` removes in each layer: re-chosen by
+    the calibration loss (``attention_selection='measured'``, given ``refine_batches``) or by
+    greedy OBS on ``collector``'s statistics (``'obs'``; MLP ``'obs'``/``'obs-fisher'``), else
+    ``plan``'s own choice by score. ``obs_damping``: OBS's ridge term, by default the refit's
+    (``cfg.reconstruct_damping``). Nothing in ``model`` changes.
+
+    Example:
+        >>> import torch
+        >>> from pruner.api import estimate_importance
+        >>> from pruner.testing import tiny_causal_lm
+        >>> model = tiny_causal_lm("llama")
+        >>> structure = discover(model)
+        >>> cfg = PruneConfig(pruning_ratio=0.5, prune_attention=False)
+        >>> vectors = estimate_importance(model, [torch.randint(3, 120, (1, 12))], structure, cfg)
+        >>> plan = make_plan(structure, vectors, cfg, count_parameters(model))
+        >>> choose_within(plan, structure, model, cfg, None) is plan  # 'score': the plan's own choice
+        True
+    """
+    if cfg.measures_attention and refine_batches:
+        plan = refine_attention(model, structure, plan, refine_batches, all_reduce=all_reduce)
+    damping = cfg.reconstruct_damping if obs_damping is None else obs_damping
+    if cfg.attention_selection == "obs":  # the config guarantees reconstruct, hence the statistics
+        plan = select_heads_obs(plan, structure, model, collector, damping)
+    if cfg.mlp_selection in ("obs", "obs-fisher"):
+        plan = select_mlp_obs(plan, structure, model, collector, damping,
+                              fisher_weighted=cfg.mlp_selection == "obs-fisher")
     return plan
 
 
@@ -235,4 +262,4 @@ def compose(base: Plan, step: Plan, dense: ModelStructure) -> Plan:
     return Plan(layers, hidden)
 
 
-__all__ = ["StepHooks", "compose", "finish_plan", "make_plan", "package_version", "prune_steps", "step_config"]
+__all__ = ["StepHooks", "choose_within", "compose", "finish_plan", "make_plan", "package_version", "prune_steps", "step_config"]

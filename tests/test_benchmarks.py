@@ -39,6 +39,44 @@ def test_prune_quality_allocations_resolve_as_named(name):
         assert (cfg.target_sparsity, cfg.pruning_ratio) == (None, 0.33)
 
 
+@pytest.mark.parametrize("allocation, attention_selection, mlp_selection", [
+    ("local-mlp", "score", "score"), ("local-mlp", "score", "obs-fisher"), ("local-kv", "obs", "obs")])
+def test_prune_quality_prunes_as_pruner_prune_does(allocation, attention_selection, mlp_selection):
+    """The script scores once and prunes a copy per allocation; each copy must be the model
+    ``pruner.prune`` makes with the same settings, windows and refit text."""
+    import copy
+
+    import torch
+    from torch.testing import assert_close
+
+    import pruner
+    from pruner.api import collect_inputs, collect_output_fisher, estimate_importance
+    from pruner.reconstruction import GramCollector, consumers
+    from pruner.testing import tiny_causal_lm
+
+    torch.manual_seed(0)
+    dense = tiny_causal_lm("llama")
+    batches = [torch.randint(3, 120, (1, 16)) for _ in range(4)]
+    text = [torch.randint(3, 120, (4, 24)) for _ in range(3)]
+    structure, total = pruner.discover(dense), pruner.count_parameters(dense)
+    base = PruneConfig(criterion="element1", target_sparsity=0.2)
+    cfg = prune_quality.selection_config(prune_quality.allocation_config(base, allocation), attention_selection,
+                                         mlp_selection, damping=0.01, fisher_samples=4)
+    collector = GramCollector(dense, consumers(structure))  # as the script: every layer, once
+    collect_inputs(dense, text, collector)
+    if mlp_selection == "obs-fisher":
+        collect_output_fisher(dense, text, collector, cfg.fisher_samples)
+    vectors = estimate_importance(copy.deepcopy(dense), batches, structure, base)
+    before = copy.deepcopy(dense.state_dict())
+    model, plan = prune_quality.prune_copy(dense, structure, vectors, cfg, total, collector, batches)
+    assert_close(dense.state_dict(), before, rtol=0, atol=0)  # a copy was pruned
+    reference = copy.deepcopy(dense)
+    expected = pruner.prune(reference, batches, reconstruction_batches=text, **cfg.to_dict())
+    assert plan.to_dict()["layers"] == expected.to_dict()["layers"]
+    assert pruner.count_parameters(model) < total
+    assert_close(model.state_dict(), reference.state_dict(), rtol=1e-6, atol=1e-7)
+
+
 recovery_trainable = _load("recovery_trainable")
 
 
