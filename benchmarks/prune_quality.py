@@ -66,9 +66,9 @@ def selection_config(cfg: PruneConfig, attention_selection: str, mlp_selection: 
     refit. An allocation that keeps every head keeps ``attention_selection='obs'`` out of it."""
     if attention_selection == "obs" and not cfg.prune_attention:
         attention_selection = "score"
+    refit = {"reconstruct": True, "reconstruct_damping": damping} if damping is not None else {"reconstruct": False}
     return PruneConfig(**{**cfg.to_dict(), "attention_selection": attention_selection, "mlp_selection": mlp_selection,
-                          "reconstruct": damping is not None, "reconstruct_damping": damping or 0.1,
-                          "fisher_samples": fisher_samples})
+                          "fisher_samples": fisher_samples, **refit})
 
 
 def prune_copy(dense, structure, vectors, cfg: PruneConfig, total: int, collector, batches: list[torch.Tensor],
