@@ -942,24 +942,33 @@ class StructuralPruneCallback(pl.Callback):
 
     def _rebuild(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
         """The checkpoint's structure on the freshly built dense model: the plan applied, LoRA
-        attached (its values come from the checkpoint)."""
+        attached (its values come from the checkpoint). A distilling module gets its teacher
+        first, from the freshly built dense model: the calibration batches move no weight, so it
+        is the model the interrupted fit kept just before surgery."""
+        if state.get("pruned"):
+            self._keep_teacher(pl_module, _checkpointed_model(pl_module, state))
         rebuild_structure(pl_module, state, self.lora)
+
+
+def _checkpointed_model(pl_module: nn.Module, state: dict[str, Any]) -> nn.Module:
+    """The causal LM a callback state's plan applies to, inside ``pl_module``."""
+    from pruner.models import find_causal_lm
+
+    path = state.get("model_path")
+    if path is None:
+        return find_causal_lm(pl_module)[1]
+    return pl_module.get_submodule(path) if path else pl_module
 
 
 def rebuild_structure(pl_module: nn.Module, state: dict[str, Any], lora: LoraSettings | None = None) -> None:
     """Applies a callback state's plan (and LoRA) to the dense causal LM inside ``pl_module``."""
     from pruner.lora import attach_lora, has_lora
-    from pruner.models import find_causal_lm
     from pruner.plan import Plan
     from pruner.surgery import apply_plan
 
     if not state.get("pruned"):
         return
-    path = state.get("model_path")
-    if path is None:
-        model = find_causal_lm(pl_module)[1]
-    else:
-        model = pl_module.get_submodule(path) if path else pl_module
+    model = _checkpointed_model(pl_module, state)
     apply_plan(Plan.from_dict(state["plan"]), model, check_fingerprint=False)
     if state.get("lora") and not has_lora(model):
         settings = lora or LoraSettings(**{**state["settings"]["lora"],

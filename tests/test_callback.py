@@ -297,9 +297,12 @@ def test_fit_that_ends_before_the_prune_step_warns_and_exports_nothing(tiny_dir,
 
 
 @pytest.mark.slow
-def test_resume_after_pruning_in_a_new_process_continues_like_an_uninterrupted_run(tiny_dir, tmp_path):
+@pytest.mark.parametrize("module", [{}, {"distillation_alpha": 0.5}], ids=["lora-ce", "lora-distillation"])
+def test_resume_after_pruning_in_a_new_process_continues_like_an_uninterrupted_run(tiny_dir, tmp_path, module):
+    # With distillation the resumed process has no dense model left to copy: the callback keeps
+    # the teacher from the freshly built module before it rebuilds the pruned structure.
     _alpaca(tmp_path / "alpaca.json")
-    base = {"model_dir": str(tiny_dir), "calibration_samples": 4}
+    base = {"model_dir": str(tiny_dir), "calibration_samples": 4, "module": module}
     (full,) = run_in_subprocess(tmp_path, {**base}, "full")
     n = full["step"]
     assert n == 4 + 4 * 4  # 4 calibration batches + 4 epochs of 4 recovery batches
@@ -312,6 +315,8 @@ def test_resume_after_pruning_in_a_new_process_continues_like_an_uninterrupted_r
     assert_close([resumed["losses"][i] for i in range(7, n)], [full["losses"][i] for i in range(7, n)],
                  rtol=1e-5, atol=1e-6)
     assert_close(resumed["lora"], full["lora"], rtol=1e-5, atol=1e-6)
+    if module:
+        assert_close(resumed["teacher"], full["teacher"], rtol=0, atol=0)
 
 
 @pytest.mark.slow
