@@ -57,6 +57,12 @@ class CausalLMModule(LightningModule):
         teacher: model to distil from when there is no pruning step in this fit (for example
             fine-tuning an exported pruned folder); None = the dense model the callback keeps.
         teacher_dtype: ``"bfloat16"`` halves the teacher's memory; ``"auto"`` = ``dtype``.
+        teacher_states: on text the dense model writes itself (``PruneDataModule(recovery_source=
+            "generated")``), take the teacher's logits from what its output layer received while
+            it wrote the text (cached beside it) instead of a teacher forward pass at every step:
+            the callback then keeps only the dense output layer, not a copy of the whole model.
+            The same loss to rounding; about a fifth of a CPU step less (docs/results.md). Models
+            whose logits are not that layer's output (e.g. soft-capped) fall back to the forward.
         trust_remote_code: let transformers run modelling code shipped in the model folder
             (only for folders you trust; pruner exports never need it).
 
@@ -85,6 +91,7 @@ class CausalLMModule(LightningModule):
         distillation_top_k: int | None = None,
         teacher: str | None = None,
         teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
+        teacher_states: bool = True,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
@@ -113,7 +120,8 @@ class CausalLMModule(LightningModule):
         if lr_schedule not in ("constant", "linear"):
             raise PrunerError(f"`CausalLMModule(lr_schedule={lr_schedule!r})`: use 'constant' or 'linear'")
         check_int("`CausalLMModule(warmup_steps)`", warmup_steps, 0, fix="0 = no warm-up")
-        for name, value in (("attach_lora_at_start", attach_lora_at_start), ("trust_remote_code", trust_remote_code)):
+        for name, value in (("attach_lora_at_start", attach_lora_at_start), ("trust_remote_code", trust_remote_code),
+                            ("teacher_states", teacher_states)):
             if not isinstance(value, bool):
                 raise PrunerError(f"`CausalLMModule({name}={value!r})` must be true or false")
         defaults = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target_modules": DEFAULT_LORA_TARGETS}
@@ -165,9 +173,10 @@ class CausalLMModule(LightningModule):
 
     # The teacher is deliberately NOT a registered submodule: it must not be wrapped by DDP or
     # sharded by FSDP, show up in parameters() (the optimizer), or be saved in checkpoints.
-    def _set_teacher(self, model: torch.nn.Module) -> None:
+    def _set_teacher(self, model: torch.nn.Module, output_layer_only: bool = False) -> None:
         model.eval().requires_grad_(False)
         object.__setattr__(self, "_teacher", model)
+        object.__setattr__(self, "_teacher_is_output_layer", output_layer_only)
 
     @property
     def teacher(self) -> torch.nn.Module | None:
@@ -179,8 +188,22 @@ class CausalLMModule(LightningModule):
         """Whether recovery distils (the pruning callback then keeps the dense model)."""
         return self.hparams.get("distillation_alpha", 0.0) > 0.0
 
+    @property
+    def wants_teacher_states(self) -> bool:
+        """Whether recovery batches of generated text should carry the dense model's states
+        (``PruneDataModule`` reads this): distillation from the dense model itself, not sharded
+        by FSDP2 (whose output layer holds only a shard of its weight outside the forward pass)."""
+        hp = self.hparams
+        return (self.wants_teacher and hp.get("teacher") is None and hp.get("teacher_states", False)
+                and self.device_mesh is None)
+
+    def _data_has_teacher_states(self) -> bool:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        return getattr(datamodule, "teacher_states", None) is not None
+
     def keep_teacher(self, model: torch.nn.Module) -> None:
-        """Keeps a frozen copy of ``model`` (the dense model, just before pruning) as teacher.
+        """Keeps a frozen copy of ``model`` (the dense model, just before pruning) as teacher;
+        only of its output layer when the recovery batches carry its states.
 
         Example:
             >>> module.keep_teacher(module.hf_model)  # doctest: +SKIP
@@ -189,7 +212,10 @@ class CausalLMModule(LightningModule):
         """
         import copy
 
-        self._set_teacher(copy.deepcopy(model).to(self._teacher_dtype()))
+        only_head = self.wants_teacher_states and self._data_has_teacher_states()
+        if only_head:
+            model = model.get_output_embeddings()  # a copy of the tied weight, not the embedding itself
+        self._set_teacher(copy.deepcopy(model).to(self._teacher_dtype()), output_layer_only=only_head)
 
     def configure_model(self) -> None:
         """Loads the weights once (Lightning calls this hook for every fit/validate/test)."""
@@ -291,7 +317,7 @@ class CausalLMModule(LightningModule):
         if next(teacher.parameters()).device != out.logits.device:
             teacher.to(out.logits.device)  # unregistered: the strategy does not move it
         with torch.no_grad():
-            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            t_logits = self._teacher_logits(teacher, batch, self.__dict__.get("_teacher_is_output_layer", False))
         hp = self.hparams
         parts = distillation_loss(out.logits, t_logits, batch["labels"], hp.distillation_alpha,
                                   hp.distillation_temperature, hp.distillation_top_k)
@@ -299,6 +325,21 @@ class CausalLMModule(LightningModule):
         self.log("train_kl", parts.kl, batch_size=n)
         self.log("train_ce", parts.ce, batch_size=n)
         return parts.loss
+
+    @staticmethod
+    def _teacher_logits(teacher: torch.nn.Module, batch: dict[str, torch.Tensor],
+                        output_layer_only: bool) -> torch.Tensor:
+        """(B, T, V) from the teacher's forward pass, or (B, T-1, V) from its output layer
+        applied to the batch's ``teacher_states`` (B, T-1, H)."""
+        states = batch.get("teacher_states")
+        if states is None:
+            if output_layer_only:
+                raise PrunerError("the teacher kept is the dense output layer alone, but this batch carries no "
+                                  "teacher_states: distil on PruneDataModule's generated text, or set "
+                                  "CausalLMModule(teacher_states=False)")
+            return teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        head = teacher if output_layer_only else teacher.get_output_embeddings()
+        return head(states.to(next(head.parameters()).dtype))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self(**batch)

@@ -25,7 +25,12 @@ windows are written by the dense model before calibration (no dataset needed).
 Lightning counts the calibration batches in ``global_step`` too: ``trainer.max_steps`` =
 ``calibration_batches`` + recovery steps.
 
-Every batch is a dict of ``input_ids``, ``attention_mask``, ``labels`` (-100 = no loss).
+Every batch is a dict of ``input_ids``, ``attention_mask``, ``labels`` (-100 = no loss). With
+``generated`` recovery text and a module whose ``wants_teacher_states`` is true (``CausalLMModule``
+when it distils from the dense model), recovery batches also carry ``teacher_states``
+``(B, T-1, hidden)``: what the dense model's output layer received at each position while it
+wrote the text, cached beside it, so that the teacher's logits cost one matrix product instead
+of a forward pass. Any other module never sees that key.
 
 Resuming mid-pass (``--ckpt_path``): the train loader is stateful for Lightning (it has
 ``state_dict``/``load_state_dict``), so a checkpoint records how many batches of the pass the
@@ -53,6 +58,9 @@ DEFAULT_GENERATED_SAMPLES = 256
 # seed offsets from ``seed``: recovery text +1, generated recovery +2, reconstruction +3
 RECOVERY_SEED, GENERATED_RECOVERY_SEED, RECONSTRUCTION_SEED = 1, 2, 3
 STREAM_INDEX = "stream_index"  # bookkeeping key of train batches, removed before the model sees them
+# Recovery batches' key for the dense model's output-layer inputs saved while it wrote the text
+# (modules with ``wants_teacher_states`` only): the teacher's logits without its forward pass.
+TEACHER_STATES = "teacher_states"
 
 
 def _is_plain_text(source: str) -> bool:
@@ -90,8 +98,9 @@ class _TrainStream(IterableDataset):
     """Calibration batches, then recovery micro-batches (already sharded for this rank)."""
 
     def __init__(self, calibration: torch.Tensor, recovery: list[dict], micro_batch_size: int,
-                 epochs: int, seed: int, pad_id: int, rank: int, world: int) -> None:
-        self.calibration, self.recovery = calibration, recovery
+                 epochs: int, seed: int, pad_id: int, rank: int, world: int,
+                 teacher_states: torch.Tensor | None = None) -> None:
+        self.calibration, self.recovery, self.teacher_states = calibration, recovery, teacher_states
         self.mbs, self.epochs, self.seed, self.pad_id = micro_batch_size, epochs, seed, pad_id
         self.rank, self.world = rank, world
         self.batches_per_epoch = (len(recovery) // micro_batch_size) // world if recovery else 0
@@ -113,7 +122,10 @@ class _TrainStream(IterableDataset):
             for b in range(self.batches_per_epoch):
                 if index >= skip:
                     start = (b * self.world + self.rank) * self.mbs
-                    batch = pad_collate([self.recovery[i] for i in order[start : start + self.mbs]], self.pad_id)
+                    chosen = order[start : start + self.mbs]
+                    batch = pad_collate([self.recovery[i] for i in chosen], self.pad_id)
+                    if self.teacher_states is not None:  # (mbs, T-1, H): the teacher's logits, before its head
+                        batch[TEACHER_STATES] = self.teacher_states[chosen]
                     yield {**batch, STREAM_INDEX: index}
                 index += 1
 
@@ -240,6 +252,7 @@ class PruneDataModule(LightningDataModule):
         self.tokenizer = None
         self.calibration: torch.Tensor | None = None
         self.recovery: list[dict] | None = None
+        self.teacher_states: torch.Tensor | None = None  # (records, cutoff_len - 1, hidden), generated text only
         self.val_windows: torch.Tensor | None = None
         self.reconstruction: torch.Tensor | None = None  # this rank's reconstruction windows
         self._rank, self._world = 0, 1
@@ -372,44 +385,67 @@ class PruneDataModule(LightningDataModule):
                     # a checkpoint from before these options sampled at (1.0, 0.95)
                     temperature=hp.get("generation_temperature", 1.0), top_p=hp.get("generation_top_p", 0.95))
 
-    def _generate(self, n: int, seq_len: int, seed_offset: int) -> torch.Tensor:
+    def _generate(self, n: int, seq_len: int, seed_offset: int,
+                  save_states: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``n`` windows the dense model writes (every rank generates its share of the chunks
-        into the shared cache, then all read all of them); needs the trainer's module."""
-        from pruner.generated import generate_samples
+        into the shared cache, then all read all of them), and with ``save_states`` their
+        teacher states (None when the cache lacks some: a resumed run cannot compute them);
+        needs the trainer's module."""
+        from pruner.generated import generate_samples, read_states
+        from pruner.plan import model_fingerprint
 
         model, plan = self._pruning_state()
         kwargs = self._generation_kwargs(seed_offset, plan)
         allow = plan is None  # a pruned model must not write it (resumed run: read the dense model's cache)
         tok = self._get_tokenizer()
         generate_samples(model, tok, n, seq_len, rank=self._rank, world_size=self._world, read_all=False,
-                         allow_generation=allow, progress=self._rank == 0, **kwargs)
+                         allow_generation=allow, progress=self._rank == 0, save_states=save_states and allow,
+                         **kwargs)
         if self.trainer is not None:
             self.trainer.strategy.barrier("pruner-generated")
-        return generate_samples(model, tok, n, seq_len, allow_generation=False, **kwargs)
+        windows = generate_samples(model, tok, n, seq_len, allow_generation=False, **kwargs)
+        if not save_states:
+            return windows, None
+        fingerprint = kwargs.pop("fingerprint") or model_fingerprint(model)
+        return windows, read_states(n, seq_len, fingerprint=fingerprint, **kwargs)
 
-    def _generated_recovery(self) -> list[dict]:
-        """Recovery windows the dense model writes itself (the stream shards the batches)."""
+    def _wants_teacher_states(self) -> bool:
+        """Whether the module distils from the dense model and takes its teacher's logits as
+        output-layer inputs saved while the text is written (``module.wants_teacher_states``),
+        and the dense model's logits are that layer's output (checked once, on its own text)."""
+        from pruner.generated import output_layer_reproduces_logits
+
+        module = self._trainer_module()
+        if not getattr(module, "wants_teacher_states", False):
+            return False
+        model, plan = self._pruning_state()
+        return plan is not None or output_layer_reproduces_logits(model)  # resumed: the cache says
+
+    def _generated_recovery(self) -> tuple[list[dict], torch.Tensor | None]:
+        """Recovery windows the dense model writes itself (the stream shards the batches), and
+        their teacher states when the module takes them."""
         hp = self.hparams
         # the refit's generated text, when it has the recovery's window length, serves both (its
         # cached chunks are reused: the text is written once, which halves the generation time)
         shared = hp.get("reconstruction_source") == GENERATED and hp.reconstruction_seq_len == hp.cutoff_len
-        windows = self._generate(hp.recovery_max_records or DEFAULT_GENERATED_SAMPLES, hp.cutoff_len,
-                                 RECONSTRUCTION_SEED if shared else GENERATED_RECOVERY_SEED)
-        return [{k: v.tolist() for k, v in window_batch(w).items()} for w in windows]
+        windows, states = self._generate(hp.recovery_max_records or DEFAULT_GENERATED_SAMPLES, hp.cutoff_len,
+                                         RECONSTRUCTION_SEED if shared else GENERATED_RECOVERY_SEED,
+                                         save_states=self._wants_teacher_states())
+        return [{k: v.tolist() for k, v in window_batch(w).items()} for w in windows], states
 
     def train_dataloader(self) -> DataLoader:
         if self.calibration is None:
             self.setup("fit")
         if self.hparams.recovery_source == GENERATED and not self.recovery:
-            self.recovery = self._generated_recovery()
+            self.recovery, self.teacher_states = self._generated_recovery()
         hp = self.hparams
         if hp.get("reconstruction_source") == GENERATED and self.reconstruction is None \
                 and self._pruning_state()[1] is None:  # resumed after pruning: the refit is done, no text needed
             self.reconstruction = self._shard(self._generate(hp.reconstruction_samples, hp.reconstruction_seq_len,
-                                                             RECONSTRUCTION_SEED))
+                                                             RECONSTRUCTION_SEED)[0])
         stream = _TrainStream(self.calibration, self.recovery or [], self.hparams.micro_batch_size,
                               self.hparams.recovery_epochs, self.hparams.seed, self.pad_id,
-                              self._rank, self._world)
+                              self._rank, self._world, self.teacher_states)
         self._train_loader = _ResumableLoader(stream)
         return self._train_loader
 

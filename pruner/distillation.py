@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .errors import PrunerError
+
 IGNORE_INDEX = -100
 
 
@@ -58,11 +60,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """Distillation loss of causal-LM logits ``(B, T, V)`` against ``labels (B, T)``.
 
     Logits at position t predict the label at t+1 (the same shift as HF's loss); positions
-    whose next label is -100 are ignored. With ``top_k`` the teacher distribution is its
-    softmax over its k largest logits, and the student is scored on those k tokens."""
+    whose next label is -100 are ignored. ``teacher_logits`` may also be ``(B, T-1, V)``:
+    positions 0..T-2 only (the teacher states cached with generated text have no last one).
+    With ``top_k`` the teacher distribution is its softmax over its k largest logits, and the
+    student is scored on those k tokens."""
     check_distillation_args(alpha, temperature, top_k)
     s = student_logits[:, :-1].float()  # (B, T-1, V)
-    t = teacher_logits[:, :-1].float().detach()
+    if teacher_logits.shape[1] not in (s.shape[1], s.shape[1] + 1) or teacher_logits.shape[::2] != s.shape[::2]:
+        raise PrunerError(f"teacher logits {tuple(teacher_logits.shape)} do not match the student's "
+                          f"{tuple(student_logits.shape)}: give (B, T, V) or (B, T-1, V) of the same batch")
+    t = teacher_logits[:, : s.shape[1]].float().detach()
     target = labels[:, 1:]  # (B, T-1)
     mask = target != IGNORE_INDEX
     n = mask.sum().clamp_min(1)

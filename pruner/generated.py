@@ -21,7 +21,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
 import os
 import random
@@ -123,9 +125,86 @@ def inverse_cdf_draw(weights: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, point, right=True)[:, 0]
 
 
+class OutputLayerInputs:
+    """Records what the output layer (``model.get_output_embeddings()``) receives, call by call:
+    the teacher states of ``save_states``. A context manager; ``states()`` concatenates the
+    calls along the sequence, ``(B, total tokens, hidden)``."""
+
+    def __init__(self, model) -> None:
+        self.head, self.calls = model.get_output_embeddings(), []
+        if self.head is None:
+            raise PrunerError(f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None): "
+                              "its teacher states cannot be saved; distil with the teacher's forward pass instead")
+
+    def __enter__(self) -> OutputLayerInputs:
+        self.handle = self.head.register_forward_pre_hook(lambda module, args: self.calls.append(args[0].detach()))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+    def states(self) -> torch.Tensor:
+        return torch.cat(self.calls, dim=1)
+
+
+@torch.no_grad()
+def output_layer_reproduces_logits(model, tokens: int = 8) -> bool:
+    """Whether ``model``'s logits are its output layer applied to that layer's input, so that a
+    teacher's logits can be recomputed from saved states (False for models that post-process
+    them, e.g. Gemma 2's soft-capping or Cohere's logit scale). One forward pass of ``tokens``.
+
+    Example:
+        >>> from pruner.testing import tiny_causal_lm
+        >>> output_layer_reproduces_logits(tiny_causal_lm("llama"))
+        True
+    """
+    if model.get_output_embeddings() is None:
+        return False
+    device = next(model.parameters()).device
+    ids = torch.arange(tokens, device=device)[None] % model.config.vocab_size  # (1, tokens)
+    was_training = model.training
+    model.eval()
+    try:
+        with OutputLayerInputs(model) as inputs:
+            logits = model(input_ids=ids).logits.float()
+        recomputed = model.get_output_embeddings()(inputs.states()).float()
+    finally:
+        model.train(was_training)
+    if recomputed.shape != logits.shape:
+        return False
+    # fp32 agrees to rounding; bf16 to its 8-bit mantissa (post-processing moves logits far more)
+    tolerance = 1e-3 if logits.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 3e-2
+    return bool((recomputed - logits).abs().max() <= tolerance * logits.abs().max().clamp_min(1.0))
+
+
+@torch.no_grad()
+def _states_of_windows(model, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """The output layer's inputs over full ``windows (N, T)``, positions 0..T-2: ``(N, T-1, H)``."""
+    device = next(model.parameters()).device
+    out = []
+    for batch in windows.split(batch_size):
+        with OutputLayerInputs(model) as inputs:
+            model(input_ids=batch.to(device))
+        out.append(inputs.states()[:, :-1].cpu())
+    return torch.cat(out)
+
+
+def _save_states(path: Path, states: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    save_file({"states": states.contiguous()}, tmp)
+    os.replace(tmp, path)
+
+
+def _states_path(chunk_path: Path) -> Path:
+    return chunk_path.with_name(chunk_path.stem + ".states.safetensors")
+
+
 @torch.no_grad()
 def _generate_chunk(model, tokenizer, chunk: int, seed: int, size: int, seq_len: int, temperature: float,
-                    top_p: float) -> list[list[int]]:
+                    top_p: float, save_states: bool = False) -> tuple[list[list[int]], torch.Tensor | None]:
     rng = random.Random(seed * 1_000_003 + chunk)
     prompts = [rng.choice(PROMPTS) for _ in range(size)]
     side = tokenizer.padding_side
@@ -136,23 +215,35 @@ def _generate_chunk(model, tokenizer, chunk: int, seed: int, size: int, seq_len:
         tokenizer.padding_side = side
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # With save_states the prompt's positions must reach the output layer too (transformers
+    # passes logits_to_keep=1 to the prompt's forward pass otherwise; 0 keeps them all).
+    extra = {"logits_to_keep": 0} if save_states and "logits_to_keep" in inspect.signature(model.forward).parameters \
+        else {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            (OutputLayerInputs(model) if save_states else contextlib.nullcontext()) as inputs:
         torch.manual_seed(seed * 1_000_003 + chunk)
         out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                              do_sample=False, logits_processor=LogitsProcessorList([NucleusSampler(temperature, top_p)]),
-                             max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=pad)
-    samples = []
-    for row, mask in zip(out.tolist(), enc["attention_mask"].tolist()):
-        start = len(mask) - sum(mask)  # drop the left padding
-        samples.append(row[start : start + seq_len])
-    return samples
+                             max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=pad, **extra)
+    starts = [len(mask) - sum(mask) for mask in enc["attention_mask"].tolist()]  # the left padding
+    samples = [row[start : start + seq_len] for row, start in zip(out.tolist(), starts)]
+    if not save_states:
+        return samples, None
+    # the prompt's forward pass, then one per new token but the last: every position but the last
+    states = inputs.states()  # (size, prompt + seq_len - 1, H)
+    if states.shape[1] != out.shape[1] - 1:
+        raise PrunerError(f"{type(model).__name__}'s output layer saw {states.shape[1]} positions while writing "
+                          f"{out.shape[1]} tokens: its teacher states cannot be saved; distil with the teacher's "
+                          "forward pass (CausalLMModule(teacher_states=False))")
+    # a window's position t predicts its token t + 1: positions 0..seq_len-2 of each window
+    return samples, torch.stack([states[r, start : start + seq_len - 1] for r, start in enumerate(starts)]).cpu()
 
 
 def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: int = 0,
                      cache_dir: str | Path | None = None, chunk_size: int = 8, temperature: float = 1.0,
                      top_p: float = 1.0, rank: int = 0, world_size: int = 1, progress: bool = False,
                      read_all: bool = True, fingerprint: str | None = None,
-                     allow_generation: bool = True) -> torch.Tensor:
+                     allow_generation: bool = True, save_states: bool = False) -> torch.Tensor:
     """``num_samples`` sequences of ``seq_len`` tokens sampled from ``model``, as a LongTensor
     ``(num_samples, seq_len)``. This process generates the chunks ``c`` with
     ``c % world_size == rank`` that are not cached yet; with ``read_all`` (call after a barrier
@@ -160,7 +251,13 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
 
     ``fingerprint`` names the model that wrote (or must write) the cache, by default
     ``model``'s own; a resumed run whose model is already pruned passes the dense model's
-    fingerprint with ``allow_generation=False``: the text must come from the cache."""
+    fingerprint with ``allow_generation=False``: the text must come from the cache.
+
+    ``save_states`` (needs ``cache_dir``) also writes, beside each of this process's chunks,
+    what the output layer received at each window's positions 0..seq_len-2 while the text was
+    written (``chunk00012.states.safetensors``, in the model's dtype): the teacher's logits for
+    distillation without a teacher forward pass (:func:`read_states`). A chunk already cached
+    without them gets them from one forward pass of the model over its text."""
     from .checks import check_int, check_model, check_number
 
     check_model(model)
@@ -171,6 +268,9 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
     check_number("top_p", top_p, 0.0, 1.0, low_open=True, fix="e.g. 0.95")
     check_int("chunk_size", chunk_size, 1)
     check_int("seed", seed, 0)
+    if save_states and cache_dir is None:
+        raise PrunerError("generate_samples(save_states=True) writes the states beside the cached text: give "
+                          "cache_dir")
     folder = None
     if cache_dir is not None:
         key = cache_key(fingerprint or model_fingerprint(model), seed, seq_len, chunk_size, temperature, top_p)
@@ -185,12 +285,18 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
         for c in tqdm(mine, desc="generating text", disable=not progress):
             path = folder / f"chunk{c:05d}.json" if folder is not None else None
             if path is not None and path.is_file():
+                if save_states and allow_generation and not _states_path(path).is_file():
+                    ids = torch.tensor(json.loads(path.read_text())["ids"])
+                    _save_states(_states_path(path), _states_of_windows(model, ids))
                 continue
             if not allow_generation:
                 raise PrunerError(f"generated recovery chunk {c} is not in the cache {folder}, and this model can no "
                                   "longer write it (it is already pruned): restore the cache folder or start over")
-            chunks[c] = _generate_chunk(model, tokenizer, c, seed, chunk_size, seq_len, temperature, top_p)
+            chunks[c], states = _generate_chunk(model, tokenizer, c, seed, chunk_size, seq_len, temperature, top_p,
+                                                save_states)
             if path is not None:
+                if states is not None:  # before the text: a chunk whose text is cached is complete
+                    _save_states(_states_path(path), states)
                 _write_atomic(path, {"chunk": c, "ids": chunks[c]})
     finally:
         model.train(was_training)
@@ -207,3 +313,26 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
     if read_all:
         rows = rows[:num_samples]
     return torch.tensor(rows, dtype=torch.long)
+
+
+def read_states(num_samples: int, seq_len: int, *, fingerprint: str, seed: int = 0, cache_dir: str | Path,
+                chunk_size: int = 8, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor | None:
+    """The teacher states that ``generate_samples(..., save_states=True)`` cached beside the
+    text of these settings, ``(num_samples, seq_len - 1, hidden)``, or None when a chunk has
+    none (cached by a run without ``save_states``, or written by a model whose states were not
+    wanted). ``fingerprint``: the model that wrote the text (``pruner.plan.model_fingerprint``).
+
+    Example:
+        >>> states = read_states(256, 128, fingerprint=fp, cache_dir="pruner_cache/generated")  # doctest: +SKIP
+        >>> logits = dense.get_output_embeddings()(states[:4])  # doctest: +SKIP
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(cache_dir) / cache_key(fingerprint, seed, seq_len, chunk_size, temperature, top_p)
+    parts = []
+    for c in range(-(-num_samples // chunk_size)):
+        path = _states_path(folder / f"chunk{c:05d}.json")
+        if not path.is_file():
+            return None
+        parts.append(load_file(str(path))["states"])
+    return torch.cat(parts)[:num_samples]

@@ -71,6 +71,15 @@ def test_kl_matches_a_hand_computation_with_temperature_and_mask():
     assert not torch.isclose(distillation_loss(s, t, labels, alpha, T, top_k=2).kl, expected_kl)
 
 
+def test_teacher_logits_without_the_last_position_give_the_same_loss():
+    s, t, labels = torch.randn(2, 7, 13), torch.randn(2, 7, 13), _labels()
+    whole = distillation_loss(s, t, labels, alpha=0.6, temperature=2.0)
+    shifted = distillation_loss(s, t[:, :-1], labels, alpha=0.6, temperature=2.0)  # what cached states give
+    assert_close(shifted.loss, whole.loss, rtol=0, atol=0)
+    with pytest.raises(PrunerError, match=r"teacher logits \(2, 5, 13\) do not match the student's \(2, 7, 13\)"):
+        distillation_loss(s, t[:, :-2], labels)
+
+
 def test_bad_distillation_arguments(tiny_dir):
     from pruner.lightning_modules.causal_lm import CausalLMModule
 
@@ -180,6 +189,46 @@ def test_generated_samples_are_seeded_cached_and_independent_of_rank_count(tiny_
     with pytest.raises(PrunerError, match="chunk 2 is not in the cache"):
         generate_samples(model, tok, 10, 12, seed=3, cache_dir=tmp_path / "a", chunk_size=4,
                          allow_generation=False)
+
+
+def test_states_saved_while_writing_give_the_teachers_logits(tiny_dir, tmp_path):
+    from pruner.generated import read_states
+    from pruner.plan import model_fingerprint
+
+    model, tok = tiny_causal_lm("llama", vocab_size=len(_tok(tiny_dir))), _tok(tiny_dir)
+    settings = dict(seed=3, cache_dir=tmp_path / "a", chunk_size=4)
+    ids = generate_samples(model, tok, 10, 12, save_states=True, **settings)
+    states = read_states(10, 12, fingerprint=model_fingerprint(model), **settings)
+    assert states.shape == (10, 11, 64) and states.dtype == torch.float32
+    with torch.no_grad():  # the output layer on the saved states = the logits of a forward pass over the text
+        assert_close(model.get_output_embeddings()(states), model(input_ids=ids).logits[:, :-1], rtol=1e-4, atol=1e-4)
+    # text cached without states gets them from a forward pass: the same to rounding, the text unchanged
+    assert torch.equal(generate_samples(model, tok, 10, 12, **{**settings, "cache_dir": tmp_path / "b"}), ids)
+    assert read_states(10, 12, fingerprint=model_fingerprint(model), **{**settings, "cache_dir": tmp_path / "b"}) is None
+    assert torch.equal(generate_samples(model, tok, 10, 12, save_states=True, **{**settings, "cache_dir": tmp_path / "b"}),
+                       ids)
+    assert_close(read_states(10, 12, fingerprint=model_fingerprint(model), **{**settings, "cache_dir": tmp_path / "b"}),
+                 states, rtol=1e-4, atol=1e-5)
+    # a pruned model (allow_generation=False) never writes states: a chunk without them gives None
+    (folder,) = (tmp_path / "b").iterdir()
+    (folder / "chunk00001.states.safetensors").unlink()
+    generate_samples(model, tok, 10, 12, save_states=True, allow_generation=False, **{**settings, "cache_dir": tmp_path / "b"})
+    assert read_states(10, 12, fingerprint=model_fingerprint(model), **{**settings, "cache_dir": tmp_path / "b"}) is None
+    with pytest.raises(PrunerError, match="writes the states beside the cached text: give cache_dir"):
+        generate_samples(model, tok, 4, 12, save_states=True)
+
+
+def test_logits_post_processed_after_the_output_layer_are_detected():
+    import transformers as tf
+
+    from pruner.generated import output_layer_reproduces_logits
+
+    assert output_layer_reproduces_logits(tiny_causal_lm("llama"))
+    assert output_layer_reproduces_logits(tiny_causal_lm("qwen2"))
+    config = tf.Gemma2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, vocab_size=128, final_logit_softcapping=2.0)
+    torch.manual_seed(0)
+    assert not output_layer_reproduces_logits(tf.Gemma2ForCausalLM(config).eval())  # tanh soft-capping
 
 
 def _nucleus_frequencies(sampler: NucleusSampler, probs: torch.Tensor, draws: int) -> torch.Tensor:
@@ -301,6 +350,47 @@ def test_generated_text_of_the_refit_is_the_recovery_text_when_windows_match(tin
                               allow_generation=False)
     assert recovery == cached.tolist()
 
+def _recovery_fit(tiny_dir, tmp_path, name, **module_args):
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    class Batches(L.Callback):
+        def __init__(self):
+            self.losses, self.keys = [], []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+            self.keys.append(sorted(batch))
+
+    L.seed_everything(0, verbose=False)
+    module = CausalLMModule(str(tiny_dir), learning_rate=1e-2, **module_args)
+    data = PruneDataModule(calibration_samples=2, calibration_seq_len=16, recovery_source="generated",
+                           recovery_max_records=8, cutoff_len=24, micro_batch_size=4, recovery_epochs=2,
+                           generation_cache=str(tmp_path / name))
+    record = Batches()
+    _trainer(tmp_path, [StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, verbose=False), record]).fit(
+        module, data)
+    return module, record
+
+
+def test_distillation_from_teacher_states_follows_the_teacher_forward(tiny_dir, tmp_path):
+    with_states, states_run = _recovery_fit(tiny_dir, tmp_path, "states", distillation_alpha=0.5)
+    forward, forward_run = _recovery_fit(tiny_dir, tmp_path, "forward", distillation_alpha=0.5, teacher_states=False)
+    assert_close(states_run.losses, forward_run.losses, rtol=1e-5, atol=1e-6)
+    assert_close(dict(with_states.hf_model.named_parameters()), dict(forward.hf_model.named_parameters()),
+                 rtol=1e-4, atol=1e-5)
+    # recovery batches carry the states; the teacher kept is the dense output layer alone
+    assert states_run.keys[-1] == ["attention_mask", "input_ids", "labels", "teacher_states"]
+    assert forward_run.keys[-1] == ["attention_mask", "input_ids", "labels"]
+    assert isinstance(with_states.teacher, torch.nn.Linear)
+    assert_close(with_states.teacher.weight, forward.teacher.get_output_embeddings().weight, rtol=0, atol=0)
+    assert with_states.teacher.weight.data_ptr() != with_states.hf_model.get_output_embeddings().weight.data_ptr()
+    assert sum(p.numel() for p in forward.teacher.parameters()) > 3 * with_states.teacher.weight.numel()
+    # without distillation no module sees the key (a plain module's model would reject it)
+    _, plain_run = _recovery_fit(tiny_dir, tmp_path, "plain")
+    assert plain_run.keys[-1] == ["attention_mask", "input_ids", "labels"]
+
+
 @pytest.mark.slow
 def test_ddp_distillation_on_generated_text_keeps_ranks_identical(tiny_dir, tmp_path):
     _alpaca(tmp_path / "alpaca.json")
@@ -312,7 +402,7 @@ def test_ddp_distillation_on_generated_text_keeps_ranks_identical(tiny_dir, tmp_
     assert r0["plan"] == r1["plan"] and r0["plan"] is not None
     assert r0["recovery"] == r1["recovery"] and len(r0["recovery"]) == 8
     assert_close(r0["lora"], r1["lora"], rtol=0, atol=0)
-    assert r0["teacher"] is not None and r0["teacher"]["model.layers.0.mlp.up_proj.weight"].shape[0] == 64
+    assert r0["teacher"] is not None and set(r0["teacher"]) == {"weight"}  # teacher states: the output layer alone
     (single,) = run_in_subprocess(tmp_path, {**spec, "devices": 1, "strategy": "auto"}, "single")
     assert single["recovery"] == r0["recovery"]  # the same text whatever the rank count
 
