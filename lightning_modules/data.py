@@ -412,7 +412,7 @@ class PruneDataModule(LightningDataModule):
     def _wants_teacher_states(self) -> bool:
         """Whether the module distils from the dense model and takes its teacher's logits as
         output-layer inputs saved while the text is written (``module.wants_teacher_states``),
-        and the dense model's logits are that layer's output (checked once, on its own text)."""
+        and the dense model's logits are that layer's output (one short forward pass checks)."""
         from pruner.generated import output_layer_reproduces_logits
 
         module = self._trainer_module()

@@ -83,6 +83,7 @@ def main(spec: dict) -> None:
                 "teacher": {n: p.detach().clone() for n, p in module.teacher.named_parameters()}
                 if getattr(module, "teacher", None) is not None else None, "plan": prune.plan.to_dict() if prune.plan else None,
                 "vectors": prune.vectors, "step": trainer.global_step,
+                "teacher_states": getattr(data, "teacher_states", None) is not None,
                 "lora": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                          for n, p in module.named_parameters() if "lora_" in n},
                 "perplexity": dict(prune.perplexity),
@@ -297,12 +298,18 @@ def test_fit_that_ends_before_the_prune_step_warns_and_exports_nothing(tiny_dir,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("module", [{}, {"distillation_alpha": 0.5}], ids=["lora-ce", "lora-distillation"])
-def test_resume_after_pruning_in_a_new_process_continues_like_an_uninterrupted_run(tiny_dir, tmp_path, module):
+@pytest.mark.parametrize("module, data", [
+    ({}, {}), ({"distillation_alpha": 0.5}, {}),
+    ({"distillation_alpha": 0.5}, {"recovery_source": "generated", "recovery_max_records": 8, "cutoff_len": 24})],
+    ids=["lora-ce", "lora-distillation", "distillation-from-cached-teacher-states"])
+def test_resume_after_pruning_in_a_new_process_continues_like_an_uninterrupted_run(tiny_dir, tmp_path, module, data):
     # With distillation the resumed process has no dense model left to copy: the callback keeps
-    # the teacher from the freshly built module before it rebuilds the pruned structure.
+    # the teacher from the freshly built module before it rebuilds the pruned structure. On
+    # generated text the resumed run reads the teacher states from the cache the first one wrote.
     _alpaca(tmp_path / "alpaca.json")
-    base = {"model_dir": str(tiny_dir), "calibration_samples": 4, "module": module}
+    if data:
+        data = {**data, "generation_cache": str(tmp_path / "cache")}
+    base = {"model_dir": str(tiny_dir), "calibration_samples": 4, "module": module, "data": data}
     (full,) = run_in_subprocess(tmp_path, {**base}, "full")
     n = full["step"]
     assert n == 4 + 4 * 4  # 4 calibration batches + 4 epochs of 4 recovery batches
@@ -315,8 +322,10 @@ def test_resume_after_pruning_in_a_new_process_continues_like_an_uninterrupted_r
     assert_close([resumed["losses"][i] for i in range(7, n)], [full["losses"][i] for i in range(7, n)],
                  rtol=1e-5, atol=1e-6)
     assert_close(resumed["lora"], full["lora"], rtol=1e-5, atol=1e-6)
-    if module:
+    if module and not data:
         assert_close(resumed["teacher"], full["teacher"], rtol=0, atol=0)
+    if data:  # the uninterrupted run kept the output layer alone; the resumed one reads the states too
+        assert set(full["teacher"]) == {"weight"} and resumed["teacher_states"] and full["teacher_states"]
 
 
 @pytest.mark.slow
