@@ -151,7 +151,7 @@ class OutputLayerInputs:
 def output_layer_reproduces_logits(model, tokens: int = 8) -> bool:
     """Whether ``model``'s logits are its output layer applied to that layer's input, so that a
     teacher's logits can be recomputed from saved states (False for models that post-process
-    them, e.g. Gemma 2's soft-capping or Cohere's logit scale). One forward pass of ``tokens``.
+    them, e.g. Gemma 2's soft-capping). One forward pass of ``tokens``.
 
     Example:
         >>> from pruner.testing import tiny_causal_lm
