@@ -180,7 +180,7 @@ class CausalLMModule(LightningModule):
 
     @property
     def teacher(self) -> torch.nn.Module | None:
-        """The frozen model distilled from, or None."""
+        """The frozen model distilled from (its output layer alone with teacher states), or None."""
         return self.__dict__.get("_teacher")
 
     @property
