@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics.text import Perplexity
 
 from pruner.errors import PrunerError
+from pruner.lightning_modules.data import TEACHER_STATES  # the recovery batches' key the data module fills
 from pruner.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS  # a tuple: jsonargparse prints it as a list
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -331,7 +332,7 @@ class CausalLMModule(LightningModule):
                         output_layer_only: bool) -> torch.Tensor:
         """(B, T, V) from the teacher's forward pass, or (B, T-1, V) from its output layer
         applied to the batch's ``teacher_states`` (B, T-1, H)."""
-        states = batch.get("teacher_states")
+        states = batch.get(TEACHER_STATES)
         if states is None:
             if output_layer_only:
                 raise PrunerError("the teacher kept is the dense output layer alone, but this batch carries no "
