@@ -36,6 +36,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from .errors import PrunerError
 from .plan import model_fingerprint
+from .sharding import is_sharded
 
 # Openers across registers (narrative, expository, instructional, dialogue), so that the
 # generated text is not one genre. Changing this list changes the cache key.
@@ -243,6 +244,22 @@ def _generate_chunk(model, tokenizer, chunk: int, seed: int, size: int, seq_len:
     return samples, torch.stack([states[r, start : start + seq_len - 1] for r, start in enumerate(starts)]).cpu()
 
 
+def _dealt_chunks(folder: Path | None, n_chunks: int, rank: int, world_size: int) -> list[int]:
+    """The chunks this rank writes through a model sharded by FSDP2, in order. Every forward pass
+    of such a model is a collective, so every rank must make as many ``generate`` calls as the
+    others: rank 0's list of the chunks not cached yet is broadcast and dealt out in rounds, and a
+    rank left without one in the last round writes the first of them again and throws it away
+    (given as ``-1 - chunk``)."""
+    import torch.distributed as dist
+
+    todo = [c for c in range(n_chunks) if folder is None or not _chunk_path(folder, c).is_file()]
+    box = [todo]
+    dist.broadcast_object_list(box, src=0)  # rank 0's view: another rank may already see its first chunk written
+    todo = box[0]
+    rounds = -(-len(todo) // world_size)
+    return [todo[i] if (i := r * world_size + rank) < len(todo) else -1 - todo[0] for r in range(rounds)]
+
+
 def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: int = 0,
                      cache_dir: str | Path | None = None, chunk_size: int = 8, temperature: float = 1.0,
                      top_p: float = 1.0, rank: int = 0, world_size: int = 1, progress: bool = False,
@@ -251,7 +268,10 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
     """``num_samples`` sequences of ``seq_len`` tokens sampled from ``model``, as a LongTensor
     ``(num_samples, seq_len)``. This process generates the chunks ``c`` with
     ``c % world_size == rank`` that are not cached yet; with ``read_all`` (call after a barrier
-    when several processes generate) it returns every sample, else only its own chunks'.
+    when several processes generate) it returns every sample, else only its own chunks'. Through
+    a model sharded by FSDP2 every rank must call it (its forward passes are collectives): the
+    chunks not cached yet are then dealt out in turn, so that every rank makes as many forward
+    passes as the others whatever the chunk count or the cache holds.
 
     ``fingerprint`` names the model that wrote (or must write) the cache, by default
     ``model``'s own; a resumed run whose model is already pruned passes the dense model's
@@ -281,21 +301,36 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
         folder = Path(cache_dir) / key
         folder.mkdir(parents=True, exist_ok=True)
     n_chunks = -(-num_samples // chunk_size)
-    mine = [c for c in range(n_chunks) if c % world_size == rank]
+    if not allow_generation:  # every rank checks every chunk: all of them stop here, none waits for the others
+        absent = [c for c in range(n_chunks) if folder is None or not _chunk_path(folder, c).is_file()]
+        if absent:
+            raise PrunerError(f"generated recovery chunk {absent[0]} is not in the cache {folder}, and this call may "
+                              "not write it (a model already pruned, or a rank reading what all ranks wrote): restore "
+                              "the cache folder or start over; with several processes the folder must be on a "
+                              "filesystem all of them share")
+    sharded = world_size > 1 and is_sharded(model)
+    if sharded and save_states:
+        raise PrunerError("generate_samples(save_states=True) cannot record teacher states through a model sharded "
+                          "by FSDP2 (its output layer's weight is a shard outside the forward pass): distil with the "
+                          "teacher's forward pass (CausalLMModule(teacher_states=False))")
+    if sharded:
+        mine = _dealt_chunks(folder, n_chunks, rank, world_size)
+    else:
+        mine = [c for c in range(n_chunks) if c % world_size == rank]
     chunks: dict[int, list[list[int]]] = {}
     was_training = model.training
     model.eval()
     try:
         for c in tqdm(mine, desc="generating text", disable=not progress):
+            if c < 0:  # sharded: a chunk written and thrown away keeps this rank's collectives in step
+                _generate_chunk(model, tokenizer, -c - 1, seed, chunk_size, seq_len, temperature, top_p)
+                continue
             path = _chunk_path(folder, c) if folder is not None else None
             if path is not None and path.is_file():
                 if save_states and allow_generation and not _states_path(path).is_file():
                     ids = torch.tensor(json.loads(path.read_text())["ids"])
                     _save_states(_states_path(path), _states_of_windows(model, ids))
                 continue
-            if not allow_generation:
-                raise PrunerError(f"generated recovery chunk {c} is not in the cache {folder}, and this model can no "
-                                  "longer write it (it is already pruned): restore the cache folder or start over")
             chunks[c], states = _generate_chunk(model, tokenizer, c, seed, chunk_size, seq_len, temperature, top_p,
                                                 save_states)
             if path is not None:
@@ -304,7 +339,7 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
                 _write_atomic(path, {"chunk": c, "ids": chunks[c]})
     finally:
         model.train(was_training)
-    wanted = range(n_chunks) if read_all else mine
+    wanted = range(n_chunks) if read_all else [c for c in mine if c >= 0]
     rows: list[list[int]] = []
     for c in wanted:
         if c not in chunks:

@@ -151,14 +151,17 @@ class Plan:
 
 def model_fingerprint(model) -> str:
     """A cheap, deterministic fingerprint of a model: parameter names, shapes and the first
-    values of each, rounded to bfloat16 so that the same weights in fp32, bf16 or fp16 agree."""
+    values of each, rounded to bfloat16 so that the same weights in fp32, bf16 or fp16 agree.
+    A model sharded by FSDP2 gets its unsharded copy's fingerprint (each parameter is gathered
+    in turn: collective, every rank must call it)."""
     import torch
 
     h = hashlib.sha256()
     for name, p in model.named_parameters():
         h.update(name.encode())
         h.update(str(tuple(p.shape)).encode())
-        flat = p.detach().reshape(-1)
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p  # a DTensor's first values may sit on any rank
+        flat = full.detach().reshape(-1)
         h.update(flat[: min(8, flat.numel())].to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 

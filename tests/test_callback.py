@@ -507,6 +507,34 @@ def test_fsdp2_two_processes_score_shards_and_match_one_process(criterion, tiny_
     assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_fsdp2_writes_generated_text_like_one_process_whatever_the_cache_holds(tiny_dir, tmp_path):
+    """Every forward pass of a sharded model is a collective: ranks must make as many generate
+    calls as each other. 4 chunks, the first already cached: 3 left for 2 ranks (it hung before)."""
+    from transformers import AutoModelForCausalLM
+
+    from pruner.data import load_tokenizer
+    from pruner.generated import generate_samples
+    from pruner.lightning_modules.data import RECONSTRUCTION_SEED
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir), load_tokenizer(str(tiny_dir))
+    cache = tmp_path / "cache"
+    written = generate_samples(model, tok, 8, 16, seed=RECONSTRUCTION_SEED, chunk_size=2)  # no cache
+    generate_samples(model, tok, 2, 16, seed=RECONSTRUCTION_SEED, chunk_size=2, cache_dir=cache)  # chunk 0 only
+    # the default recipe's data: the refit's text serves as the recovery text too
+    data = {"recovery_source": "generated", "reconstruction_source": "generated", "recovery_max_records": 8,
+            "reconstruction_samples": 8, "reconstruction_seq_len": 16, "cutoff_len": 16,
+            "generation_batch_size": 2, "generation_cache": str(cache)}
+    callback = {"pruning_ratio": 0.5, "reconstruct": True, "mlp_selection": "obs", "export_dir": None}
+    r0, r1 = run_in_subprocess(tmp_path, {"model_dir": str(tiny_dir), "callback": callback, "data": data,
+                                          "max_steps": 6, "devices": 2, "strategy": "fsdp2"}, "fsdp2")
+    (folder,) = cache.iterdir()  # the sharded model has the dense model's fingerprint: one cache key
+    assert sorted(p.name for p in folder.glob("chunk*.json")) == [f"chunk{c:05d}.json" for c in range(4)]
+    for run in (r0, r1):
+        assert torch.equal(torch.tensor([w["input_ids"] for w in run["recovery"]]), written)
+    assert r0["step"] == r1["step"] == 6 and r0["plan"]["calibration"]["reconstruction_tokens"] == 8 * 16
+
+
 def test_prune_at_step_calibrates_on_the_batches_just_before_it(tiny_dir, tmp_path):
     from pruner.lightning_modules.causal_lm import CausalLMModule
     from pruner.lightning_modules.data import PruneDataModule
