@@ -310,9 +310,11 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
                               "filesystem all of them share")
     sharded = world_size > 1 and is_sharded(model)
     if sharded and save_states:
-        raise PrunerError("generate_samples(save_states=True) cannot record teacher states through a model sharded "
-                          "by FSDP2 (its output layer's weight is a shard outside the forward pass): distil with the "
-                          "teacher's forward pass (CausalLMModule(teacher_states=False))")
+        # the states of cached chunks would take forward passes on some ranks only (a hang), and a
+        # teacher made of the output layer alone would hold a shard of its weight
+        raise PrunerError("generate_samples(save_states=True) does not record teacher states through a model "
+                          "sharded by FSDP2: distil with the teacher's forward pass "
+                          "(CausalLMModule(teacher_states=False)), or write the text with one process")
     if sharded:
         mine = _dealt_chunks(folder, n_chunks, rank, world_size)
     else:

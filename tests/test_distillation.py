@@ -191,6 +191,49 @@ def test_generated_samples_are_seeded_cached_and_independent_of_rank_count(tiny_
                          allow_generation=False)
 
 
+SHARDED_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from pruner.errors import PrunerError
+from pruner.generated import generate_samples
+from pruner.plan import model_fingerprint
+from pruner.testing import tiny_causal_lm
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = tiny_causal_lm("llama")
+dense = model_fingerprint(model)
+for layer in model.model.layers:
+    fully_shard(layer, mesh=init_device_mesh("cpu", (1,)))
+fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+assert type(model.model.embed_tokens.weight).__name__ == "DTensor"
+print("fingerprint", model_fingerprint(model) == dense)
+try:
+    generate_samples(model, None, 4, 8, cache_dir=sys.argv[1], world_size=2, save_states=True)
+except PrunerError as err:
+    print("refused", err)
+dist.destroy_process_group()
+"""
+
+
+def test_a_sharded_model_keeps_its_fingerprint_and_records_no_states(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    (tmp_path / "sharded.py").write_text(SHARDED_SCRIPT)
+    proc = subprocess.run([sys.executable, str(tmp_path / "sharded.py"), str(tmp_path / "cache"), port],
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the generated text's cache key: a sharded model names the same text as its unsharded copy
+    assert "fingerprint True" in proc.stdout, proc.stdout
+    assert "refused generate_samples(save_states=True) does not record teacher states through a model sharded" \
+        in proc.stdout, proc.stdout
+
+
 def test_states_saved_while_writing_give_the_teachers_logits(tiny_dir, tmp_path):
     from pruner.generated import read_states
     from pruner.plan import model_fingerprint
