@@ -396,6 +396,8 @@ class PruneDataModule(LightningDataModule):
 
         model, plan = self._pruning_state()
         kwargs = self._generation_kwargs(seed_offset, plan)
+        # once for the three calls below (under FSDP2 it gathers every parameter)
+        kwargs["fingerprint"] = kwargs["fingerprint"] or model_fingerprint(model)
         allow = plan is None  # a pruned model must not write it (resumed run: read the dense model's cache)
         tok = self._get_tokenizer()
         generate_samples(model, tok, n, seq_len, rank=self._rank, world_size=self._world, read_all=False,
@@ -406,8 +408,7 @@ class PruneDataModule(LightningDataModule):
         windows = generate_samples(model, tok, n, seq_len, allow_generation=False, **kwargs)
         if not save_states:
             return windows, None
-        fingerprint = kwargs.pop("fingerprint") or model_fingerprint(model)
-        return windows, read_states(n, seq_len, fingerprint=fingerprint, **kwargs)
+        return windows, read_states(n, seq_len, **kwargs)
 
     def _wants_teacher_states(self) -> bool:
         """Whether the module distils from the dense model and takes its teacher's logits as

@@ -244,6 +244,10 @@ def _generate_chunk(model, tokenizer, chunk: int, seed: int, size: int, seq_len:
     return samples, torch.stack([states[r, start : start + seq_len - 1] for r, start in enumerate(starts)]).cpu()
 
 
+def _uncached_chunks(folder: Path | None, n_chunks: int) -> list[int]:
+    return [c for c in range(n_chunks) if folder is None or not _chunk_path(folder, c).is_file()]
+
+
 def _dealt_chunks(folder: Path | None, n_chunks: int, rank: int, world_size: int) -> list[int]:
     """The chunks this rank writes through a model sharded by FSDP2, in order. Every forward pass
     of such a model is a collective, so every rank must make as many ``generate`` calls as the
@@ -252,8 +256,7 @@ def _dealt_chunks(folder: Path | None, n_chunks: int, rank: int, world_size: int
     (given as ``-1 - chunk``)."""
     import torch.distributed as dist
 
-    todo = [c for c in range(n_chunks) if folder is None or not _chunk_path(folder, c).is_file()]
-    box = [todo]
+    box = [_uncached_chunks(folder, n_chunks)]
     dist.broadcast_object_list(box, src=0)  # rank 0's view: another rank may already see its first chunk written
     todo = box[0]
     rounds = -(-len(todo) // world_size)
@@ -302,8 +305,7 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
         folder.mkdir(parents=True, exist_ok=True)
     n_chunks = -(-num_samples // chunk_size)
     if not allow_generation:  # every rank checks every chunk: all of them stop here, none waits for the others
-        absent = [c for c in range(n_chunks) if folder is None or not _chunk_path(folder, c).is_file()]
-        if absent:
+        if absent := _uncached_chunks(folder, n_chunks):
             raise PrunerError(f"generated recovery chunk {absent[0]} is not in the cache {folder}, and this call may "
                               "not write it (a model already pruned, or a rank reading what all ranks wrote): restore "
                               "the cache folder or start over; with several processes the folder must be on a "
@@ -315,7 +317,7 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
         raise PrunerError("generate_samples(save_states=True) does not record teacher states through a model "
                           "sharded by FSDP2: distil with the teacher's forward pass "
                           "(CausalLMModule(teacher_states=False)), or write the text with one process")
-    if sharded:
+    if sharded and allow_generation:  # (nothing to write otherwise: every chunk is cached, checked above)
         mine = _dealt_chunks(folder, n_chunks, rank, world_size)
     else:
         mine = [c for c in range(n_chunks) if c % world_size == rank]
