@@ -3,9 +3,11 @@ defaults: ``global_ranking``/``head_granularity`` default to None and resolve by
 once turned every "local" row of ``benchmarks/prune_quality.py`` into a global one unnoticed."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from pruner.config import PruneConfig
 
@@ -124,3 +126,52 @@ def test_generation_speed_samplers_write_the_requested_tokens(sampler, top_p, tm
     out = generation_speed.write_chunk(model, tokenizer, sampler, size=3, tokens=5, top_p=top_p)
     assert out.shape == (3, 5)
     assert not (out == tokenizer.eos_token_id).any()  # min_new_tokens held under both samplers
+
+
+gpu_recipe = _load("gpu_recipe")
+
+
+def test_gpu_recipe_writes_alpaca_records_the_data_module_reads(tmp_path):
+    from pruner.data import alpaca_records
+
+    gpu_recipe.write_alpaca(tmp_path / "alpaca.json", 40)
+    records = alpaca_records(str(tmp_path / "alpaca.json"))
+    assert len(records) == 40
+    assert all(r["instruction"] and r["output"] and not r["input"] for r in records)
+    # consecutive sentences: each answer goes on with the next record's instruction
+    assert all(a["output"].startswith(b["instruction"]) for a, b in zip(records, records[1:]))
+
+
+def test_gpu_recipe_stage_marks_are_lines_the_callback_prints_in_order(tmp_path, caplog):
+    # the benchmark times its stages by these lines: a reworded message would silently drop a stage
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from pruner.callbacks import StructuralPruneCallback
+    from pruner.lightning_modules.testing import save_tiny_llama
+
+    from .plain_modules import MyFinetune
+
+    folder = save_tiny_llama(tmp_path / "model")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 300, (12, 16), generator=g)
+    rows = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()} for x in ids]
+
+    class Data(L.LightningDataModule):  # the callback reports perplexities on a datamodule's val batches
+        def train_dataloader(self):
+            return DataLoader(rows, batch_size=2)
+
+        def val_dataloader(self):
+            return DataLoader(rows[:2], batch_size=2)
+
+    callback = StructuralPruneCallback(pruning_ratio=0.5, calibration_batches=2, export_dir=str(tmp_path / "export"))
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[callback])
+    with caplog.at_level("INFO"):
+        trainer.fit(MyFinetune(str(folder)), datamodule=Data())
+    lines = [r.getMessage() for r in caplog.records]
+    found = [next((i for i, line in enumerate(lines) if re.search(pattern, line)), None)
+             for _, pattern in gpu_recipe.STAGES]
+    assert None not in found, list(zip(gpu_recipe.STAGES, found, strict=True))
+    assert found == sorted(found)
