@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from pruner.eval.cli import main
 from pruner.eval.testing import CORPUS, tiny_llama, tiny_tokenizer
@@ -42,6 +43,17 @@ def test_end_to_end(workspace, capsys):
     assert results["models"]["dense"]["wikitext2_ppl"] > 1
     assert (out / "report.md").is_file()
     assert (out / "plan_heads.png").is_file()  # plan.json found next to the pruned model
+    # --device auto: the CPU on a machine without a GPU, said in the results and under the speed table
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert results["meta"]["device"] == expected and f"On {expected}: batch 1" in printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_a_gpu_asked_for_on_a_machine_without_one_is_refused_before_loading(workspace, capsys):
+    code = main(["--model", str(workspace / "dense"), "--device", "cuda", "--output", str(workspace / "never")])
+    err = capsys.readouterr().err
+    assert code == 2 and "sees no GPU" in err and "--device cpu" in err
+    assert not (workspace / "never").exists()
 
 
 @pytest.mark.parametrize(
@@ -51,6 +63,8 @@ def test_end_to_end(workspace, capsys):
         (["--zeroshot-dir", "/nonexistent", "--tasks", "piqa"], "piqa.jsonl"),
         (["--plan", "/nonexistent/plan.json"], "plan.json"),
         (["--zeroshot-dir", "hub", "--tasks", "nosuchtask"], "nosuchtask"),
+        (["--device", "gpu0"], "'gpu0' is not a device"),
+        (["--device", "mps"], "runs on cpu or cuda"),
     ],
 )
 def test_bad_inputs_one_line_exit_2(workspace, capsys, extra, needle):

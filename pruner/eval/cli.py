@@ -44,9 +44,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip the latency / memory measurement")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (0: no generations)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="auto",
+                   help="where the models run: auto (a GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--output", default="eval_report", help="report folder (default: %(default)s)")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     return p
+
+
+def resolve_device(name: str):
+    """The ``torch.device`` that ``--device`` names ("auto": the first GPU when torch sees one);
+    a ValueError naming the fix for anything else, or for a GPU that torch cannot see.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: evaluation runs on cpu or cuda (auto picks one)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: torch {torch.__version__} sees no GPU; use --device cpu, or install "
+                             "a CUDA build of torch")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> dict | None:
@@ -67,6 +97,7 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> dict | None:
                          "raise --max-tokens or lower --seq-len")
     if args.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {args.dtype!r} is not supported: use float32, bfloat16 or float16")
+    resolve_device(args.device)
     if not tasks:
         raise ValueError("--tasks is empty: name at least one task, e.g. --tasks piqa,arc_easy")
     for name in [args.model, *args.compare]:
@@ -114,10 +145,12 @@ def run(args: argparse.Namespace) -> int:
     rows = None
     if args.wikitext:
         rows = load_wikitext2_rows(None if args.wikitext == "hub" else args.wikitext)
+    device = resolve_device(args.device)
     taken: set[str] = set()
     models = {}
     for name in [args.model, *args.compare]:
-        models[_label(name, taken)] = load_model(name, dtype=args.dtype)
+        model, tokenizer = load_model(name, dtype=args.dtype)
+        models[_label(name, taken)] = (model.to(device), tokenizer)  # every model stays there: they are compared
     results = compare(
         models,
         wikitext=rows,
@@ -133,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend,
         progress=args.progress,
     )
+    results["meta"]["device"] = str(device)
     written = write_report(results, args.output, plan=plan)
     print(format_tables(results))
     gens = format_generations(results)
