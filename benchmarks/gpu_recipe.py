@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPES = {  # LLaMA-7B (MHA, the paper's model) and a tiny one of the same family for dry runs
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000),
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=32, num_attention_heads=8,
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=32, num_attention_heads=8,
                  num_key_value_heads=8, vocab_size=512),
 }
 # the fit's lines that end a stage (regular expressions on its output), in order
@@ -62,10 +62,10 @@ def write_model(folder: Path, shape: str, device: str) -> float:
 
     start = time.perf_counter()
     save_tiny_llama(folder, vocab_size=512)  # the tokenizer (and a tiny model, replaced below)
-    config = LlamaConfig.from_pretrained(folder)
-    for key, value in SHAPES[shape].items():
-        setattr(config, key, value)
-    config.max_position_embeddings = 2048
+    tiny = LlamaConfig.from_pretrained(folder)
+    # a new config, not the tiny one with its sizes overwritten: head_dim is derived when it is built
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=2048, rms_norm_eps=1e-5,
+                         pad_token_id=tiny.pad_token_id, bos_token_id=tiny.bos_token_id, eos_token_id=tiny.eos_token_id)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)

@@ -131,6 +131,19 @@ def test_generation_speed_samplers_write_the_requested_tokens(sampler, top_p, tm
 gpu_recipe = _load("gpu_recipe")
 
 
+def test_gpu_recipe_writes_a_model_of_the_shape_it_names(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    gpu_recipe.write_model(tmp_path, "tiny", "cpu")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    shape = gpu_recipe.SHAPES["tiny"]
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.weight.shape == (shape["hidden_size"], shape["hidden_size"])  # head_dim follows the shape
+    assert mlp.up_proj.weight.shape == (shape["intermediate_size"], shape["hidden_size"])
+    assert len(model.model.layers) == shape["num_hidden_layers"] and model.config.vocab_size == shape["vocab_size"]
+    assert model.dtype == torch.bfloat16
+
+
 def test_gpu_recipe_writes_alpaca_records_the_data_module_reads(tmp_path):
     from pruner.data import alpaca_records
 
