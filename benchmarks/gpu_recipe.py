@@ -16,7 +16,7 @@ recipe: the hub checkpoint (a random model of its shape written to disk first), 
 builtin calibration text), Alpaca-cleaned (an Alpaca-format JSON of builtin text, ``--records``
 records: one pass), WikiText-2 (builtin-heldout for the callback's perplexities).
 
-Stages are timed by when the fit prints its lines (model loaded, pruned, recovery done,
+Stages are timed by when the fit prints its lines (pruned, recovered perplexity,
 exported); the GPU memory column is the most ``nvidia-smi`` showed in use while the fit ran
 (sampled every 100 ms: it includes PyTorch's cached blocks). Then ``python -m pruner evaluate``
 compares the dense folder with the export (parameters, MACs per token, prefill and generation
