@@ -122,6 +122,41 @@ def check_dtype(value):
     return dtype
 
 
+def check_device(name: str, value, allow_auto: bool = False):
+    """A CPU or CUDA device that torch can use here, as ``torch.device``: refuses, before any model
+    loads, a name that is not a device, another device type, and a GPU that torch cannot see
+    (a CPU build of torch, or ``cuda:3`` on a machine with two). ``"auto"`` (when allowed) is the
+    first GPU when torch sees one, else the CPU.
+
+    Example:
+        >>> check_device("device", "cpu")
+        device(type='cpu')
+        >>> check_device("device", "gpu0")
+        Traceback (most recent call last):
+        ...
+        pruner.errors.PrunerError: device 'gpu0' is not a device: use 'cpu', 'cuda' or 'cuda:N'
+    """
+    import torch
+
+    choices = ("'auto', " if allow_auto else "") + "'cpu', 'cuda' or 'cuda:N'"
+    if allow_auto and value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise PrunerError(f"{name} {value!r} is not a device: use {choices}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise PrunerError(f"{name} {value!r}: pruner runs models on the CPU or a CUDA GPU; use {choices}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise PrunerError(f"{name} {value!r}: torch {torch.__version__} sees no GPU; use 'cpu', or install a "
+                              "CUDA build of torch")
+        if device.index is not None and device.index >= count:
+            raise PrunerError(f"{name} {value!r}: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
 def current_umask() -> int:
     """The process's umask (read by setting and restoring it): files this package creates with
     ``mkstemp``/``mkdtemp`` (0600/0700) get ``0o666 & ~umask`` like any other file."""

@@ -23,7 +23,7 @@ import transformers
 from torch import nn
 
 from . import export_shapes
-from .checks import check_dtype, check_model, current_umask, existing_ancestor
+from .checks import check_device, check_dtype, check_model, current_umask, existing_ancestor
 from .errors import PrunerError
 from .plan import Plan
 
@@ -359,10 +359,7 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | str | None = None, 
     if dtype is not None:
         dtype = check_dtype(dtype)
     if device is not None:
-        try:
-            torch.device(device)
-        except (RuntimeError, TypeError):
-            raise PrunerError(f"device={device!r} is not a device: use 'cpu', 'cuda', 'cuda:0', ...") from None
+        device = check_device("device", device)
     if not isinstance(folder, (str, os.PathLike)):
         raise PrunerError(f"the model folder must be a path, got {type(folder).__name__}")
     folder = Path(folder).expanduser()

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 import pruner
+import pruner.io
+from pruner.checks import check_device
+from pruner.errors import PrunerError
 from pruner.testing import tiny_causal_lm
 
 from .conftest import SUBPROCESS_TIMEOUT, have_shared_data, needs_smollm2
@@ -154,3 +157,25 @@ def test_smollm2_prune_export_reload(tmp_path):
     text, count = out.stdout.strip().splitlines()[-2:]
     assert int(count) == plan.params["after"]
     assert text.startswith("'The capital of France is") and len(text) > 30
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_a_gpu_that_torch_cannot_see_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    model = tiny_causal_lm("llama")
+    pruner.save_pretrained(model, tmp_path / "export")
+    read = []
+    monkeypatch.setattr(pruner.io, "_check_folder", lambda folder: read.append(folder))
+    with pytest.raises(PrunerError, match="sees no GPU; use 'cpu'"):
+        pruner.load_pretrained(tmp_path / "export", device="cuda")
+    assert read == []  # refused before the folder was read
+
+
+def test_check_device_names_the_gpus_torch_sees(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("device", "cuda:1") == torch.device("cuda:1")
+    assert check_device("--device", "auto", allow_auto=True) == torch.device("cuda")
+    with pytest.raises(PrunerError, match=r"--device 'cuda:2': torch sees 2 GPU\(s\), cuda:0 to cuda:1"):
+        check_device("--device", "cuda:2")
+    with pytest.raises(PrunerError, match="'auto' is not a device"):
+        check_device("device", "auto")  # only where the caller allows it

@@ -52,7 +52,7 @@ def test_end_to_end(workspace, capsys):
 def test_a_gpu_asked_for_on_a_machine_without_one_is_refused_before_loading(workspace, capsys):
     code = main(["--model", str(workspace / "dense"), "--device", "cuda", "--output", str(workspace / "never")])
     err = capsys.readouterr().err
-    assert code == 2 and "sees no GPU" in err and "--device cpu" in err
+    assert code == 2 and "sees no GPU" in err and "use 'cpu'" in err
     assert not (workspace / "never").exists()
 
 
@@ -64,7 +64,7 @@ def test_a_gpu_asked_for_on_a_machine_without_one_is_refused_before_loading(work
         (["--plan", "/nonexistent/plan.json"], "plan.json"),
         (["--zeroshot-dir", "hub", "--tasks", "nosuchtask"], "nosuchtask"),
         (["--device", "gpu0"], "'gpu0' is not a device"),
-        (["--device", "mps"], "runs on cpu or cuda"),
+        (["--device", "mps"], "on the CPU or a CUDA GPU"),
     ],
 )
 def test_bad_inputs_one_line_exit_2(workspace, capsys, extra, needle):

@@ -78,6 +78,16 @@ def test_tables(results):
     assert f"{removed:.1%}" in text
 
 
+def test_the_speed_caption_names_the_device_and_warns_of_a_shared_cpu_only_there(results):
+    def caption(device):
+        text = format_tables({**results, "meta": {**results.get("meta", {}), "device": device}})
+        (line,) = [row for row in text.splitlines() if row.startswith("On ")]
+        return line
+
+    assert caption("cpu").startswith("On cpu: batch 1") and "shared CPU" in caption("cpu")
+    assert caption("cuda").startswith("On cuda: batch 1") and "shared CPU" not in caption("cuda")
+
+
 def test_a_model_alone_shows_no_removed_fraction(results):
     alone = {**results, "models": {"pruned": results["models"]["pruned"]}}
     quality = format_tables(alone).split("Perplexity:")[0]  # the quality table

@@ -505,7 +505,7 @@ CASES = [
     Case("load-int8", lambda c: pruner.load_pretrained(c.exported(), dtype=torch.int8), PrunerError,
          "dtype=torch.int8 is not a floating-point dtype", "'bfloat16'"),
     Case("load-bad-device", lambda c: pruner.load_pretrained(c.exported(), device="gpu0"), PrunerError,
-         "device='gpu0' is not a device", "'cuda:0'"),
+         "device 'gpu0' is not a device", "'cuda:N'"),
     Case("plan-load-none", lambda c: pruner.Plan.load(None), PrunerError, "the plan path must be a path",
          "plan.json"),
     Case("plan-save-missing-folder", lambda c: pruner.prune(tiny_causal_lm("llama"), _batches(), pruning_ratio=0.5)

@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from pruner.checks import check_device, check_writable_folder
 from pruner.eval.zeroshot import HUB_TASKS, LOCAL_TASKS
 
 EXIT_USAGE = 2
@@ -51,38 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_device(name: str):
-    """The ``torch.device`` that ``--device`` names ("auto": the first GPU when torch sees one);
-    a ValueError naming the fix for anything else, or for a GPU that torch cannot see.
-
-    Example:
-        >>> resolve_device("cpu")
-        device(type='cpu')
-    """
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: evaluation runs on cpu or cuda (auto picks one)")
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {name}: torch {torch.__version__} sees no GPU; use --device cpu, or install "
-                             "a CUDA build of torch")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {name}: torch sees {count} GPU(s), cuda:0 to cuda:{count - 1}")
-    return device
-
-
-def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> dict | None:
-    """Fails fast, before any model is loaded: numbers out of range, paths that do not exist,
-    zero-shot files that do not parse, a report folder that cannot be written, a plan that does
-    not parse. Returns the plan for the plots (``--plan``, or plan.json of a ``--compare``)."""
+def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> tuple[dict | None, torch.device]:
+    """Fails fast, before any model is loaded: numbers out of range, a device torch cannot use,
+    paths that do not exist, zero-shot files that do not parse, a report folder that cannot be
+    written, a plan that does not parse. Returns the plan for the plots (``--plan``, or plan.json
+    of a ``--compare``) and the device the models will run on."""
     from pruner.eval.zeroshot import load_items
     from pruner.models import resolve_model_source
 
@@ -97,7 +71,7 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> dict | None:
                          "raise --max-tokens or lower --seq-len")
     if args.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {args.dtype!r} is not supported: use float32, bfloat16 or float16")
-    resolve_device(args.device)
+    device = check_device("--device", args.device, allow_auto=True)
     if not tasks:
         raise ValueError("--tasks is empty: name at least one task, e.g. --tasks piqa,arc_easy")
     for name in [args.model, *args.compare]:
@@ -114,17 +88,15 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> dict | None:
             if not path.is_file():
                 raise FileNotFoundError(f"zero-shot task file not found: {path}")
             load_items(path, args.limit)  # parses and checks the items the run will score
-    from pruner.checks import check_writable_folder
-
     check_writable_folder("--output", args.output, "give a folder for the report that you can write to")
     from pruner.plan import Plan
 
     if args.plan:
-        return Plan.load(args.plan).to_dict()  # FileNotFoundError / PrunerError naming the file
+        return Plan.load(args.plan).to_dict(), device  # FileNotFoundError / PrunerError naming the file
     for folder in args.compare:
         if (Path(folder).expanduser() / "plan.json").is_file():
-            return Plan.load(Path(folder).expanduser() / "plan.json").to_dict()
-    return None
+            return Plan.load(Path(folder).expanduser() / "plan.json").to_dict(), device
+    return None, device
 
 
 def _label(name: str, taken: set[str]) -> str:
@@ -141,11 +113,10 @@ def run(args: argparse.Namespace) -> int:
     from pruner.models import load_model
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    plan = _check_inputs(args, tasks)
+    plan, device = _check_inputs(args, tasks)
     rows = None
     if args.wikitext:
         rows = load_wikitext2_rows(None if args.wikitext == "hub" else args.wikitext)
-    device = resolve_device(args.device)
     taken: set[str] = set()
     models = {}
     for name in [args.model, *args.compare]:

@@ -208,12 +208,13 @@ def format_tables(results: dict) -> str:
                  _fmt(e["prefill_tokens_per_s"], 0), _fmt(e["generate_tokens_per_s"], 1),
                  _fmt(e["decode_tokens_per_s"], 1), _fmt(e.get("weights_mb"), 1),
                  _fmt(e["peak_memory_mb"], 1)] for n, e in eff]
+        device = results.get("meta", {}).get("device", "cpu")
+        # a CPU is often shared with other work (CI, a laptop): its speeds only compare within one run
+        caveat = " (on a shared CPU, compare speeds only within one run)" if device == "cpu" else ""
         parts += ["\n## Efficiency\n", _table(header, rows),
-                  f"\nOn {results.get('meta', {}).get('device', 'cpu')}: batch {e0['batch_size']}, prompt "
-                  f"{e0['seq_len']} tokens, {e0['new_tokens']} "
-                  "greedy new tokens with KV cache; medians of repeated runs (on a shared CPU, "
-                  "compare speeds only within one run). Peak extra: memory above the loaded "
-                  "model during the first `generate` call (CPU: RSS, approximate)."]
+                  f"\nOn {device}: batch {e0['batch_size']}, prompt {e0['seq_len']} tokens, {e0['new_tokens']} "
+                  f"greedy new tokens with KV cache; medians of repeated runs{caveat}. Peak extra: memory above "
+                  "the loaded model during the first `generate` call (CPU: RSS, approximate)."]
     return "\n".join(parts)
 
 
