@@ -17,9 +17,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pruner.checks import check_device, check_writable_folder
 from pruner.eval.zeroshot import HUB_TASKS, LOCAL_TASKS
+
+if TYPE_CHECKING:
+    import torch
 
 EXIT_USAGE = 2
 
