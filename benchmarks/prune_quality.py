@@ -61,21 +61,23 @@ def allocation_config(base: PruneConfig, allocation: str) -> PruneConfig:
 
 
 def selection_config(cfg: PruneConfig, attention_selection: str, mlp_selection: str, damping: float | None,
-                     fisher_samples: int) -> PruneConfig:
-    """``cfg`` (an allocation) with the choice within layers and the refit: ``damping`` None = no
-    refit. An allocation that keeps every head keeps ``attention_selection='obs'`` out of it."""
+                     fisher_samples: int, regional_epochs: int = 0, regional_lr: float = 1e-3) -> PruneConfig:
+    """``cfg`` (an allocation) with the choice within layers, the refit and the regional fit:
+    ``damping`` None = no refit. An allocation that keeps every head keeps
+    ``attention_selection='obs'`` out of it."""
     if attention_selection == "obs" and not cfg.prune_attention:
         attention_selection = "score"
-    refit = {"reconstruct": True, "reconstruct_damping": damping} if damping is not None else {"reconstruct": False}
+    refit = {"reconstruct": True, "reconstruct_damping": damping, "regional_epochs": regional_epochs,
+             "regional_lr": regional_lr} if damping is not None else {"reconstruct": False}
     return PruneConfig(**{**cfg.to_dict(), "attention_selection": attention_selection, "mlp_selection": mlp_selection,
                           "fisher_samples": fisher_samples, **refit})
 
 
 def prune_copy(dense, structure, vectors, cfg: PruneConfig, total: int, collector, batches: list[torch.Tensor],
-               obs_damping: float | None = None, refcredit: bool = False):
+               obs_damping: float | None = None, refcredit: bool = False, text: list[torch.Tensor] | None = None):
     """A pruned copy of ``dense`` and its plan: ``pruner.prune``'s steps (selection, the choice
-    within layers, the refit) from importance ``vectors`` and input statistics ``collector``
-    computed once for every allocation."""
+    within layers, the refit, the regional fit on ``text``) from importance ``vectors`` and input
+    statistics ``collector`` (with the dense layer outputs) computed once for every allocation."""
     with reference_crediting(structure) if refcredit else contextlib.nullcontext():
         plan = make_plan(structure, vectors, cfg, total)
     model = copy.deepcopy(dense)
@@ -83,6 +85,12 @@ def prune_copy(dense, structure, vectors, cfg: PruneConfig, total: int, collecto
                          obs_damping=obs_damping)
     refit = compensate(plan, structure, model, collector, cfg.reconstruct_damping) if collector is not None else None
     pruner.apply_plan(plan, model, structure, refit=refit)  # refit: {weight: W'_K}
+    if cfg.regional_epochs:
+        from pruner.regional import regional_fit
+        from pruner.surgery import Transaction
+
+        plan.calibration["regional"] = regional_fit(model, structure, cfg, [{"input_ids": b} for b in text],
+                                                    collector.outputs, Transaction())
     return model, plan
 
 
@@ -125,7 +133,7 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
     """Every criterion x allocation on the calibration windows of ``seed``: a table and its rows."""
     samples = windows(args.samples, args.seq_len, seed)
     batches = [samples[i : i + 1] for i in range(len(samples))]
-    collector = None
+    collector = text = None
     if args.reconstruct_samples:
         from pruner.api import collect_inputs
         from pruner.reconstruction import GramCollector, consumers
@@ -137,7 +145,11 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
         if generated is not None:
             parts.append(generated)
         extra = torch.cat(parts)  # (Gutenberg + generated windows, reconstruct_seq_len)
-        collector = GramCollector(dense, consumers(structure))  # every layer: allocations differ
+        from pruner.regional import target_modules
+
+        layer_range = PruneConfig(target_sparsity=args.target, attention_layers=layers, mlp_layers=layers)
+        outputs = target_modules(structure, layer_range) if args.regional_epochs else None  # the dense layer outputs
+        collector = GramCollector(dense, consumers(structure), outputs)  # every layer: allocations differ
         text = [extra[i : i + 8] for i in range(0, len(extra), 8)]
         collect_inputs(dense, text, collector)
         if args.mlp_selection == "obs-fisher":  # as prune(): the first --fisher-samples windows run backward
@@ -155,15 +167,16 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
         importance_s = time.time() - t
         for allocation in args.allocations.split(","):
             cfg = selection_config(allocation_config(base, allocation), args.attention_selection, args.mlp_selection,
-                                   args.damping if collector is not None else None, args.fisher_samples)
+                                   args.damping if collector is not None else None, args.fisher_samples,
+                                   args.regional_epochs, args.regional_lr)
             model, plan = prune_copy(dense, structure, vectors, cfg, total, collector, batches, args.obs_damping,
-                                     refcredit=allocation == "ratio-kv-refcredit")
+                                     refcredit=allocation == "ratio-kv-refcredit", text=text)
             ppl = perplexity(model, tok, rows, max_tokens=args.max_tokens)
             zs = zeroshot(model)
             after = pruner.count_parameters(model)
             row = {"seed": seed, "criterion": criterion, "allocation": allocation, "removed_fraction": 1 - after / total,
                    "params": after, "ppl": ppl, "ratio": ppl / dense_ppl, "importance_seconds": importance_s,
-                   "zeroshot": zs,
+                   "zeroshot": zs, "regional": plan.calibration.get("regional"),
                    "heads": [len(lp.heads_kept) if lp.heads_kept is not None else None for lp in plan.layers],
                    "mlp": [len(lp.mlp_channels_kept) if lp.mlp_channels_kept is not None else None for lp in plan.layers]}
             results.append(row)
@@ -201,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(needs --reconstruct-samples); obs-fisher: with the output error weighted by the loss's "
                         "diagonal Fisher on the first --fisher-samples reconstruction windows")
     p.add_argument("--fisher-samples", type=int, default=16, help="windows run backward for --mlp-selection obs-fisher")
+    p.add_argument("--regional-epochs", type=int, default=0,
+                   help="after the refit, fit each pruned MLP to the dense layer output for this many epochs over the "
+                        "reconstruction text (pruner.regional; needs --reconstruct-samples)")
+    p.add_argument("--regional-lr", type=float, default=1e-3, help="AdamW rate of --regional-epochs")
     p.add_argument("--calibration-source", default="gutenberg", choices=["gutenberg", "wikitext-heldout"],
                    help="text of the calibration and reconstruction windows: ../shared/data/gutenberg (the "
                         "protocol), or WikiText-2 test text past the evaluated --max-tokens (in-domain, disjoint "
@@ -218,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="draw the generated text with each calibration seed (default: seed 0 for every seed)")
     p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
+    if args.regional_epochs and not args.reconstruct_samples:
+        p.error("--regional-epochs fits on the reconstruction text: give --reconstruct-samples N")
     if (args.mlp_selection.startswith("obs") or args.attention_selection == "obs") and not args.reconstruct_samples:
         p.error("--mlp-selection/--attention-selection obs need --reconstruct-samples N (they use the reconstruction "
                 "statistics)")

@@ -136,6 +136,11 @@ class StructuralPruneCallback(pl.Callback):
             passes over ``fisher_samples`` sequences of the refit's text at the prune step).
         fisher_samples: sequences (all ranks together) of the refit's text that run backward for
             obs-fisher: the datamodule's reconstruction batches, else the calibration batches.
+        regional_epochs: after the refit, train each pruned layer's MLP alone for this many
+            epochs over the datamodule's ``reconstruction_batches()`` (needed) so that the layer
+            gives the dense layer's output, layer by layer (``pruner.regional``); 0 = off. Under
+            DDP / FSDP2 each rank steps through its own text, gradients summed over ranks.
+        regional_lr: AdamW learning rate of the regional fit.
         seed: seed of the random criterion, of structure probing and of the LoRA weights.
 
     Callback options:
@@ -208,6 +213,8 @@ class StructuralPruneCallback(pl.Callback):
         reconstruct_damping: float = 0.1,
         mlp_selection: Literal["score", "obs", "obs-fisher"] = "score",
         fisher_samples: int = 16,
+        regional_epochs: int = 0,
+        regional_lr: float = 1e-3,
         seed: int = 0,
         calibration_batches: int | None = None,
         prune_at_step: int | None = None,
@@ -233,7 +240,7 @@ class StructuralPruneCallback(pl.Callback):
             round_to=round_to, uniform=uniform, iterative_steps=iterative_steps, seed=seed,
             attention_selection=attention_selection,
             reconstruct=reconstruct, reconstruct_damping=reconstruct_damping, mlp_selection=mlp_selection,
-            fisher_samples=fisher_samples,
+            fisher_samples=fisher_samples, regional_epochs=regional_epochs, regional_lr=regional_lr,
         )
         self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                                  target_modules=tuple(lora_target_modules)
@@ -406,6 +413,12 @@ class StructuralPruneCallback(pl.Callback):
                 f"the datamodule has reconstruction_source={dm_hparams['reconstruction_source']!r}, text for the "
                 "least-squares refit, but StructuralPruneCallback(reconstruct=False) would not use it: set "
                 "reconstruct: true, or data.reconstruction_source: null"
+            )
+        if self.config.regional_epochs and not callable(getattr(trainer.datamodule, "reconstruction_batches", None)):
+            raise PrunerError(
+                "StructuralPruneCallback(regional_epochs=...) fits the pruned MLPs on the refit's text, which comes "
+                "from the datamodule's reconstruction_batches() (input_ids batches): give the datamodule that method "
+                "(PruneDataModule: data.reconstruction_source), or set regional_epochs: 0"
             )
         self._install_resume_hook(trainer, pl_module)
 
@@ -593,6 +606,10 @@ class StructuralPruneCallback(pl.Callback):
         est.attach()
         self._estimator = est
         self._reconstruction_batches = self._datamodule_reconstruction(trainer)
+        if self.config.regional_epochs and not self._reconstruction_batches:
+            raise PrunerError("StructuralPruneCallback(regional_epochs=...): the datamodule's reconstruction_batches() "
+                              "gave no batch on this rank: give it text (data.reconstruction_source), or set "
+                              "regional_epochs: 0")
         if self.config.reconstruct and not self._reconstruction_batches:  # the calibration batches feed the refit
             from pruner.reconstruction import GramCollector, consumers
 
@@ -651,7 +668,8 @@ class StructuralPruneCallback(pl.Callback):
                           refine_batches=self._kept_batches(model),
                           all_reduce=lambda t: trainer.strategy.reduce(t.to(pl_module.device), reduce_op="sum").cpu(),
                           check=lambda plan, structure: self._check_step_plan(trainer, plan, structure),
-                          before_surgery=lambda dense: self._keep_teacher(pl_module, dense))
+                          before_surgery=lambda dense: self._keep_teacher(pl_module, dense),
+                          regional_batches=self._regional_batches(model))
         plan = prune_steps(model, self._structure, self.config, hooks, first=(vectors, collector))
         calibration = {"batches": self._calibrated_batches * trainer.world_size, "samples": est.num_samples,
                        "tokens_per_sample": self._tokens_per_sample, "world_size": trainer.world_size}
@@ -683,6 +701,11 @@ class StructuralPruneCallback(pl.Callback):
                 f"parameters ({p['removed_fraction']:.1%} removed); trainable now "
                 f"{sum(q.numel() for q in pl_module.parameters() if q.requires_grad):,}"
             )
+            fit = self.plan.calibration.get("regional")
+            if fit and fit["layers"]:
+                before, after = (sum(fit[k]) / len(fit[k]) for k in ("error_before", "error_after"))
+                rank_zero_info(f"StructuralPruneCallback: regional fit of {len(fit['layers'])} MLPs: mean relative "
+                               f"error {before:.4f} -> {after:.4f} in {fit['seconds']:.0f} s")
 
     def _reduced_importance(self, trainer: pl.Trainer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The estimator's accumulators summed over ranks, corrected for Lightning's
@@ -708,7 +731,8 @@ class StructuralPruneCallback(pl.Callback):
 
         names = [n for n in local.names if n in local.grams]
         fisher = [n for n in names if n in local.fisher]  # obs-fisher's output statistics
-        out = GramCollector(model, names)
+        out = GramCollector(model, names, local.output_modules)
+        out.outputs = local.outputs  # regional_epochs: this rank's dense layer outputs, on its own text
         if names:  # (the same on every rank: nothing the plan prunes was reached otherwise)
             def count(n: int, like: torch.Tensor) -> torch.Tensor:
                 return torch.tensor(float(n), dtype=torch.float64, device=like.device)
@@ -731,7 +755,10 @@ class StructuralPruneCallback(pl.Callback):
         from pruner.api import collect_inputs
         from pruner.reconstruction import GramCollector, consumers
 
-        collector = GramCollector(model, consumers(structure, self.config))
+        from pruner.regional import target_modules
+
+        outputs = target_modules(structure, self.config) if self.config.regional_epochs else None
+        collector = GramCollector(model, consumers(structure, self.config), outputs)
         collect_inputs(model, self._reconstruction_batches, collector, stop_early=not self._sharded)
         return collector
 
@@ -742,6 +769,13 @@ class StructuralPruneCallback(pl.Callback):
 
         text = self._reconstruction_batches or self._kept_batches(model)
         collect_output_fisher(model, text, collector, -(-self.config.fisher_samples // trainer.world_size))
+
+    def _regional_batches(self, model: nn.Module) -> list[dict[str, torch.Tensor]]:
+        """regional_epochs: this rank's refit text on ``model``'s device, in the order its statistics ran."""
+        if not self.config.regional_epochs:
+            return []
+        device = next(model.parameters()).device
+        return [{"input_ids": b.to(device)} for b in self._reconstruction_batches]
 
     def _kept_batches(self, model: nn.Module) -> list[dict[str, torch.Tensor]]:
         device = next(model.parameters()).device

@@ -30,6 +30,7 @@ from .memory import release_freed_memory
 from .pipeline import StepHooks, compose, finish_plan, make_plan, package_version, prune_steps, step_config
 from .plan import Plan, model_fingerprint
 from .reconstruction import GramCollector, consumers
+from .regional import target_modules
 from .selection import in_range
 
 Reduce = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # sums every tensor over ranks
@@ -196,12 +197,12 @@ class _StopForward(Exception):
 
 
 class _StopAt:
-    """A forward pre-hook that ends the forward pass at the ``calls``-th call of its module."""
+    """A forward hook (pre or post) that ends the forward pass at the ``calls``-th call of its module."""
 
     def __init__(self, calls: int):
         self.calls, self.seen = calls, 0
 
-    def __call__(self, module: nn.Module, args) -> None:
+    def __call__(self, module: nn.Module, args, *output) -> None:
         self.seen += 1
         if self.seen == self.calls:
             self.seen = 0
@@ -215,7 +216,8 @@ def collect_inputs(model: nn.Module, batches: list, collector: GramCollector, pr
 
     ``stop_early``: after the first batch, each forward pass ends at the input of the consumer
     it reaches last (what follows, e.g. the last layers and the LM head, computes nothing the
-    statistics need: SmolLM2's vocabulary projection alone is a fifth of a forward pass). Pass
+    statistics need: SmolLM2's vocabulary projection alone is a fifth of a forward pass; with
+    ``collector.output_modules`` at the output of the last of those it reaches). Pass
     False where the forward pass must run to its end (under FSDP2 each module reshards its
     parameters in a hook after its forward).
 
@@ -230,9 +232,13 @@ def collect_inputs(model: nn.Module, batches: list, collector: GramCollector, pr
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    reached: list[str] = []  # the consumers in the order the first forward pass calls them
+    # the consumers (inputs) and recorded modules (outputs) in the order the first forward pass reaches them
+    reached: list[tuple[str, bool]] = []
     handles = [model.get_submodule(name).register_forward_pre_hook(
-        lambda module, args, name=name: reached.append(name)) for name in collector.names] if stop_early else []
+        lambda module, args, name=name: reached.append((name, False))) for name in collector.names] if stop_early else []
+    handles += [model.get_submodule(name).register_forward_hook(
+        lambda module, args, out, name=name: reached.append((name, True)))
+        for name in collector.output_modules] if stop_early else []
     collector.attach()
     try:
         for i, batch in enumerate(tqdm(batches, desc="reconstruction inputs", disable=not progress)):
@@ -240,8 +246,9 @@ def collect_inputs(model: nn.Module, batches: list, collector: GramCollector, pr
             if i == 1 and reached:  # registered after the collector's hooks: it raises once they have summed
                 for h in handles:
                     h.remove()
-                last = reached[-1]
-                handles = [model.get_submodule(last).register_forward_pre_hook(_StopAt(reached.count(last)))]
+                last, at_output = reached[-1]
+                module, stop = model.get_submodule(last), _StopAt(reached.count(reached[-1]))
+                handles = [module.register_forward_hook(stop) if at_output else module.register_forward_pre_hook(stop)]
             try:
                 model(**{k: v for k, v in batch.items() if k != "labels"})
             except _StopForward:
@@ -352,7 +359,8 @@ def prune(
     ``attention_layers`` / ``mlp_layers``: half-open layer ranges. Further options are the
     fields of :class:`pruner.config.PruneConfig` (``layers``, ``head_granularity``,
     ``global_ranking``, ``max_layer_ratio``, ``round_to``, ``iterative_steps``, ``seed``,
-    ``reconstruct``, ``reconstruct_damping``, ``attention_selection``, ``mlp_selection``).
+    ``reconstruct``, ``reconstruct_damping``, ``attention_selection``, ``mlp_selection``,
+    ``regional_epochs``, ``regional_lr``).
     ``reconstruction_batches``: with ``reconstruct``, the inputs whose statistics the refit uses
     (forward passes only, so many more tokens than the calibration batches are affordable);
     None = the calibration batches. ``max_tokens_per_backward``: calibration batches run in
@@ -395,7 +403,8 @@ def prune(
     fingerprint = model_fingerprint(model)
 
     def estimate(model: nn.Module, structure: ModelStructure, step_cfg: PruneConfig):
-        collector = GramCollector(model, consumers(structure, cfg)) if cfg.reconstruct else None
+        outputs = target_modules(structure, cfg) if cfg.regional_epochs else None  # the regional fit's targets
+        collector = GramCollector(model, consumers(structure, cfg), outputs) if cfg.reconstruct else None
         vectors = estimate_importance(model, batches, structure, step_cfg, progress,
                                       collector if extra is None else None,
                                       max_tokens_per_backward=max_tokens_per_backward)
@@ -405,7 +414,9 @@ def prune(
             collect_output_fisher(model, extra if extra is not None else batches, collector, cfg.fisher_samples)
         return vectors, collector
 
-    plan = prune_steps(model, dense_structure, cfg, StepHooks(estimate=estimate, refine_batches=batches))
+    text = [_as_batch(b, device) for b in extra] if extra is not None else batches  # what the statistics pass runs
+    hooks = StepHooks(estimate=estimate, refine_batches=batches, regional_batches=text if cfg.regional_epochs else [])
+    plan = prune_steps(model, dense_structure, cfg, hooks)
     calibration = {"batches": len(batches), "samples": sum(b["input_ids"].shape[0] for b in batches),
                    "tokens_per_sample": int(batches[0]["input_ids"].shape[1]) if batches else 0}
     if extra is not None:

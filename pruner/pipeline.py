@@ -38,6 +38,7 @@ from .memory import release_freed_memory
 from .plan import LayerPlan, Plan
 from .reconstruction import GramCollector, compensate, select_heads_obs, select_mlp_obs
 from .refine import refine_attention
+from .regional import check_residual_mlp, fitted_layers, regional_fit
 from .selection import candidate_pools, mark_removed, select_units, units_to_plan
 from .surgery import Transaction, apply_plan
 
@@ -59,6 +60,8 @@ class StepHooks:
             changes (e.g. that every rank chose the same plan).
         before_surgery: called once with the dense model, just before the first weights change
             (e.g. to keep a distillation teacher).
+        regional_batches: with ``regional_epochs``, the batches (dicts on the model's device) the
+            statistics pass ran, in order: the collector's recorded dense outputs are theirs.
     """
 
     estimate: Estimate
@@ -66,6 +69,7 @@ class StepHooks:
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     check: Callable[[Plan, ModelStructure], None] | None = None
     before_surgery: Callable[[nn.Module], None] | None = None
+    regional_batches: list[dict] = field(default_factory=list)
 
 
 def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneConfig, hooks: StepHooks,
@@ -78,6 +82,9 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
     plan: Plan | None = None
     records: list[dict] = []
     structure = dense_structure
+    if cfg.regional_epochs:
+        check_regional(model, dense_structure, cfg, hooks.regional_batches)
+    regional = None
     tx = Transaction()
     try:
         for step in range(1, cfg.iterative_steps + 1):
@@ -95,6 +102,10 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
                 hooks.before_surgery(model)
             refit = compensate(step_plan, structure, model, collector, cfg.reconstruct_damping) if collector else None
             apply_plan(step_plan, model, structure, refit=refit, transaction=tx)
+            if cfg.regional_epochs:  # one step only (the config checks it): the stream is the dense model's
+                regional = regional_fit(model, structure, cfg, hooks.regional_batches, collector.outputs, tx,
+                                        hooks.all_reduce)
+                collector.outputs.clear()
             records = step_plan.groups
             plan = step_plan if plan is None else compose(plan, step_plan, dense_structure)
     except BaseException:
@@ -104,7 +115,20 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
     release_freed_memory()  # the dense tensors the surgery replaced
     assert plan is not None
     plan.groups = records
+    if regional is not None:
+        plan.calibration["regional"] = regional
     return plan
+
+
+def check_regional(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, batches: list[dict]) -> None:
+    """Before anything runs: ``regional_epochs`` has the refit's text, and the model's decoder
+    layers add their MLP's output to the residual stream (one short forward pass)."""
+    if not batches:
+        raise PrunerError("regional_epochs fits the pruned MLPs on the refit's text, but no text batches were given: "
+                          "pass reconstruction_batches (or calibration batches), or set regional_epochs=0")
+    layers = fitted_layers(structure, cfg)
+    if layers:
+        check_residual_mlp(model, structure, layers[0], batches[0])
 
 
 def make_plan(structure: ModelStructure, vectors, cfg: PruneConfig, total_params: int) -> Plan:
@@ -208,7 +232,8 @@ def finish_plan(plan: Plan, pruned_model: nn.Module, dense_structure: ModelStruc
     plan.settings = cfg.to_dict()
     plan.params = {"before": total_before, "after": total_after, "removed": total_before - total_after,
                    "removed_fraction": (total_before - total_after) / total_before}
-    plan.calibration = calibration
+    plan.calibration = {**calibration, **({"regional": plan.calibration["regional"]}
+                                          if "regional" in plan.calibration else {})}
     plan.pruner_version = package_version()
     return plan
 
@@ -262,4 +287,4 @@ def compose(base: Plan, step: Plan, dense: ModelStructure) -> Plan:
     return Plan(layers, hidden)
 
 
-__all__ = ["StepHooks", "choose_within", "compose", "finish_plan", "make_plan", "package_version", "prune_steps", "step_config"]
+__all__ = ["StepHooks", "check_regional", "choose_within", "compose", "finish_plan", "make_plan", "package_version", "prune_steps", "step_config"]

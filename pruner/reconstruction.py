@@ -31,12 +31,16 @@ from .surgery import removed_slices
 
 
 class GramCollector:
-    """Accumulates ``Σ x xᵀ`` of the inputs of the given linear modules (forward pre-hooks)."""
+    """Accumulates ``Σ x xᵀ`` of the inputs of the given linear modules (forward pre-hooks) and,
+    for ``regional_epochs``, keeps the outputs of ``output_modules`` (decoder layers) of every
+    forward pass, on the CPU, in order: ``outputs[name]`` = [(B, T, d) per pass]."""
 
-    def __init__(self, model: nn.Module, module_names: list[str]):
+    def __init__(self, model: nn.Module, module_names: list[str], output_modules: list[str] | None = None):
         self.model, self.names = model, module_names
+        self.output_modules = list(output_modules or [])
         self.grams: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
+        self.outputs: dict[str, list[torch.Tensor]] = {}
         # mlp_selection="obs-fisher": per output of each module, the summed squared gradient of
         # the text's loss (fp64, (out,)) and the tokens summed over (api.collect_output_fisher)
         self.fisher: dict[str, torch.Tensor] = {}
@@ -46,6 +50,8 @@ class GramCollector:
     def attach(self) -> None:
         for name in self.names:
             self._handles.append(self.model.get_submodule(name).register_forward_pre_hook(self._hook(name)))
+        for name in self.output_modules:
+            self._handles.append(self.model.get_submodule(name).register_forward_hook(self._output_hook(name)))
 
     def detach(self) -> None:
         for h in self._handles:
@@ -63,6 +69,14 @@ class GramCollector:
             g = (x.T @ x).double()  # (in, in)
             self.grams[name] = g if name not in self.grams else self.grams[name].add_(g)
             self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+
+        return hook
+
+    def _output_hook(self, name: str):
+        def hook(module, args, out):
+            out = out[0] if isinstance(out, (tuple, list)) else out  # (B, T, d)
+            # on the CPU: a 7B model's 28 pruned layers x 32,768 tokens are 7.5 GB in bf16
+            self.outputs.setdefault(name, []).append(out.detach().to("cpu", copy=True))
 
         return hook
 

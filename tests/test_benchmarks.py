@@ -41,9 +41,10 @@ def test_prune_quality_allocations_resolve_as_named(name):
         assert (cfg.target_sparsity, cfg.pruning_ratio) == (None, 0.33)
 
 
-@pytest.mark.parametrize("allocation, attention_selection, mlp_selection", [
-    ("local-mlp", "score", "score"), ("local-mlp", "score", "obs-fisher"), ("local-kv", "obs", "obs")])
-def test_prune_quality_prunes_as_pruner_prune_does(allocation, attention_selection, mlp_selection):
+@pytest.mark.parametrize("allocation, attention_selection, mlp_selection, regional_epochs", [
+    ("local-mlp", "score", "score", 0), ("local-mlp", "score", "obs-fisher", 0), ("local-kv", "obs", "obs", 0),
+    ("local-mlp", "score", "obs", 2)])
+def test_prune_quality_prunes_as_pruner_prune_does(allocation, attention_selection, mlp_selection, regional_epochs):
     """The script scores once and prunes a copy per allocation; each copy must be the model
     ``pruner.prune`` makes with the same settings, windows and refit text."""
     import copy
@@ -63,18 +64,22 @@ def test_prune_quality_prunes_as_pruner_prune_does(allocation, attention_selecti
     structure, total = pruner.discover(dense), pruner.count_parameters(dense)
     base = PruneConfig(criterion="element1", target_sparsity=0.2)
     cfg = prune_quality.selection_config(prune_quality.allocation_config(base, allocation), attention_selection,
-                                         mlp_selection, damping=0.01, fisher_samples=4)
-    collector = GramCollector(dense, consumers(structure))  # as the script: every layer, once
+                                         mlp_selection, damping=0.01, fisher_samples=4,
+                                         regional_epochs=regional_epochs)
+    outputs = [info.path for info in structure.layers] if regional_epochs else None  # the dense layer outputs
+    collector = GramCollector(dense, consumers(structure), outputs)  # as the script: every layer, once
     collect_inputs(dense, text, collector)
     if mlp_selection == "obs-fisher":
         collect_output_fisher(dense, text, collector, cfg.fisher_samples)
     vectors = estimate_importance(copy.deepcopy(dense), batches, structure, base)
     before = copy.deepcopy(dense.state_dict())
-    model, plan = prune_quality.prune_copy(dense, structure, vectors, cfg, total, collector, batches)
+    model, plan = prune_quality.prune_copy(dense, structure, vectors, cfg, total, collector, batches, text=text)
     assert_close(dense.state_dict(), before, rtol=0, atol=0)  # a copy was pruned
     reference = copy.deepcopy(dense)
     expected = pruner.prune(reference, batches, reconstruction_batches=text, **cfg.to_dict())
     assert plan.to_dict()["layers"] == expected.to_dict()["layers"]
+    assert plan.calibration.get("regional", {}).get("error_after") == expected.calibration.get("regional", {}).get(
+        "error_after")
     assert pruner.count_parameters(model) < total
     assert_close(model.state_dict(), reference.state_dict(), rtol=1e-6, atol=1e-7)
 

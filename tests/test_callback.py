@@ -377,8 +377,9 @@ TEXT = {"reconstruction_source": "builtin", "reconstruction_samples": 6, "recons
     (dict(target_sparsity=0.2, global_ranking=True, iterative_steps=2), TEXT),
     (dict(pruning_ratio=0.5, mlp_selection="obs-fisher", fisher_samples=3), {}),
     (dict(pruning_ratio=0.5, mlp_selection="obs-fisher", fisher_samples=3), TEXT),
+    (dict(pruning_ratio=0.5, mlp_selection="obs", regional_epochs=2), TEXT),
 ], ids=["obs", "iterative", "obs-reconstruction-text", "iterative-reconstruction-text", "obs-fisher",
-        "obs-fisher-reconstruction-text"])
+        "obs-fisher-reconstruction-text", "regional"])
 def test_reconstruction_in_the_callback_matches_pruner_prune(options, data_options, tiny_dir, tmp_path):
     import pruner
     from pruner.lightning_modules.causal_lm import CausalLMModule
@@ -468,6 +469,27 @@ def test_reconstruction_statistics_are_summed_over_ranks(strategy, data, selecti
     assert_close(r0["weights"], single["weights"], rtol=1e-5, atol=1e-6)
     assert_close(r1["weights"], r0["weights"], rtol=0, atol=0)
     assert r0["plan"]["calibration"].get("reconstruction_tokens") == (6 * 24 if data else None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_the_regional_fit_sums_its_gradients_over_ranks(strategy, tiny_dir, tmp_path):
+    _alpaca(tmp_path / "alpaca.json")
+    callback = {"pruning_ratio": 0.5, "reconstruct": True, "mlp_selection": "obs", "regional_epochs": 3,
+                "attach_lora": False, "export_dir": None}
+    spec = {"model_dir": str(tiny_dir), "callback": callback, "max_steps": 4, "save_weights": True, "data": TEXT}
+    (single,) = run_in_subprocess(tmp_path, {**spec, "accumulate": 2}, "single")
+    r0, r1 = run_in_subprocess(tmp_path, {**spec, "devices": 2, "strategy": strategy}, strategy)
+    # the same plan and one model: every rank stepped with the gradients summed over both
+    assert r0["plan"] == r1["plan"] and r0["plan"]["layers"] == single["plan"]["layers"]
+    assert_close(r1["weights"], r0["weights"], rtol=0, atol=0)
+    report = r0["plan"]["calibration"]["regional"]
+    assert report["layers"] == [lp["index"] for lp in r0["plan"]["layers"]]  # every layer prunes MLP channels
+    assert all(a < b for a, b in zip(report["error_after"], report["error_before"]))
+    # 144 refit tokens: one step an epoch, all of them (one process) or each rank's 72 (the mean of the two
+    # ranks' gradients is the whole text's), so the ranks fit what one process fits
+    assert_close(report["error_before"], single["plan"]["calibration"]["regional"]["error_before"], rtol=1e-4, atol=0)
+    assert_close(r0["weights"], single["weights"], rtol=1e-4, atol=1e-5)
     assert r0["plan"]["settings"]["mlp_selection"] == single["plan"]["settings"]["mlp_selection"] == \
         callback["mlp_selection"]
 

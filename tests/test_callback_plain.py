@@ -334,3 +334,51 @@ def test_two_processes_give_the_plan_and_weights_of_one(model_dir, tmp_path, str
     assert r0["step"] == single["step"] == 5
     assert_close(r0["weights"], r1["weights"], rtol=0, atol=0)  # one model on both ranks
     assert_close(r0["weights"], single["weights"], rtol=1e-4, atol=1e-6)
+
+
+class TextData(L.LightningDataModule):
+    """A user's own datamodule: train batches, and the refit's text through ``reconstruction_batches()``."""
+
+    def __init__(self, text: list[torch.Tensor] | None) -> None:
+        super().__init__()
+        self.text = text
+
+    def train_dataloader(self) -> DataLoader:
+        return loader(8)
+
+    def val_dataloader(self) -> DataLoader:
+        return loader(4, seed=1)
+
+    def reconstruction_batches(self) -> list[torch.Tensor]:
+        return self.text
+
+
+REGIONAL = dict(pruning_ratio=0.5, reconstruct=True, reconstruct_damping=0.01, mlp_selection="obs", regional_epochs=2)
+
+
+def test_a_users_datamodule_feeds_the_regional_fit_like_pruner_prune(model_dir, tmp_path):
+    text = [torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    module = MyFinetune(str(model_dir))
+    prune = StructuralPruneCallback(calibration_batches=2, attach_lora=False, verbose=False, **REGIONAL)
+    trainer(tmp_path, [prune], max_steps=2).fit(module, datamodule=TextData(text))  # ends at the prune step
+    dense = AutoModelForCausalLM.from_pretrained(model_dir)
+    reference = pruner.prune(dense, [b for _, b in zip(range(2), loader(8))], reconstruction_batches=text, **REGIONAL)
+    assert prune.plan.to_dict()["layers"] == reference.to_dict()["layers"]
+    report = prune.plan.calibration["regional"]
+    assert report["layers"] == [0, 1, 2] and report == {**reference.calibration["regional"], "seconds": report["seconds"]}
+    assert_close(module.model.state_dict(), dense.state_dict(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("data, message", [
+    (None, r"fits the pruned MLPs on the refit's text, which comes from the datamodule's reconstruction_batches\(\)"),
+    (TextData([]), r"reconstruction_batches\(\) gave no batch on this rank"),
+])
+def test_regional_without_text_is_refused_before_any_weight_changes(model_dir, tmp_path, data, message):
+    module = MyFinetune(str(model_dir))
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    prune = StructuralPruneCallback(calibration_batches=2, attach_lora=False, verbose=False, **REGIONAL)
+    fit = trainer(tmp_path, [prune], max_steps=2).fit
+    with pytest.raises(PrunerError, match=message):
+        fit(module, loader(8)) if data is None else fit(module, datamodule=data)
+    assert prune.plan is None
+    assert all(torch.equal(v, before[k]) for k, v in module.model.state_dict().items())
