@@ -15,7 +15,8 @@ from pruner.plan import Plan
 
 REPORT_SETTINGS = ("criterion", "aggregation", "mode", "target_sparsity", "pruning_ratio", "global_ranking",
                    "head_granularity", "prune_attention", "prune_mlp", "attention_selection", "mlp_selection",
-                   "round_to", "reconstruct", "reconstruct_damping")  # the plan settings the report lists
+                   "round_to", "reconstruct", "reconstruct_damping", "regional_epochs",
+                   "regional_lr")  # the plan settings the report lists
 LABELS = {"dense": "dense (before pruning)", "pruned": "pruned, before recovery", "recovered": "after recovery"}
 
 
@@ -36,6 +37,14 @@ def pruning_report(plan: Plan, perplexity: dict[str, float], recovery_steps: int
         lines += ["No validation data (data.val_source): perplexity not measured.", ""]
     s = plan.settings
     shown = {**s, "round_to": "auto" if s.get("round_to", 1) is None else s.get("round_to")}  # None: 32 for wide layers
+    calibration = {k: v for k, v in plan.calibration.items() if k != "regional"}
     lines += ["Settings: " + ", ".join(f"{k}={shown[k]}" for k in REPORT_SETTINGS if k in s),
-              f"Calibration: {plan.calibration}", "", "The exact plan is in plan.json."]
+              f"Calibration: {calibration}"]
+    fit = plan.calibration.get("regional")
+    if fit and fit.get("layers"):
+        before, after = (sum(fit[k]) / len(fit[k]) for k in ("error_before", "error_after"))
+        lines.append(f"Regional fit: the MLPs of {len(fit['layers'])} layers ({fit['layers'][0]}..{fit['layers'][-1]}), "
+                     f"mean relative error to the dense layer outputs {before:.4f} -> {after:.4f}, "
+                     f"{fit['seconds']:.0f} s (per layer: plan.json)")
+    lines += ["", "The exact plan is in plan.json."]
     return "\n".join(lines) + "\n"

@@ -148,8 +148,14 @@ def check_residual_mlp(model: nn.Module, structure: ModelStructure, layer_index:
     layer, mlp = model.get_submodule(info.path), model.get_submodule(info.mlp.module)
     short = {k: v[:1, :16] for k, v in batch.items() if torch.is_tensor(v)}
     ((hidden, kwargs),) = capture_layer_inputs(model, layer, [short])
+    if hidden.dtype != torch.float32 and info.mlp.module.startswith(info.path + "."):
+        # in fp32 on a copy of the layer: bf16's rounding of the stream would swamp the MLP's share
+        layer = copy.deepcopy(layer).float()
+        mlp = layer.get_submodule(info.mlp.module[len(info.path) + 1:])
+        hidden, kwargs = hidden.float(), _as_float(kwargs)
     was_training = model.training
     model.eval()  # no dropout between the two runs
+    layer.eval()
     try:
         once, _, y = run_layer(layer, mlp, hidden, kwargs)
         twice, _, _ = run_layer(layer, mlp, hidden, kwargs, scale_mlp=2.0)
@@ -161,6 +167,17 @@ def check_residual_mlp(model: nn.Module, structure: ModelStructure, layer_index:
                           f"output; {info.path} is not (doubling its MLP's output moves the layer's output by a "
                           f"different amount, relative error {error:.2g}: a norm after the MLP?): set "
                           "regional_epochs=0")
+
+
+def _as_float(value):
+    """``value`` with every floating tensor in it (dicts, tuples, lists) cast to fp32."""
+    if torch.is_tensor(value):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _as_float(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_as_float(v) for v in value)
+    return value
 
 
 def _global_sum(value: torch.Tensor, all_reduce: AllReduce | None) -> torch.Tensor:
@@ -297,6 +314,9 @@ def _walk(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, layers:
         before, after = before / max(energy, 1e-30), after / max(energy, 1e-30)
         if after < before:  # kept only where it helps (the same decision on every rank: global sums)
             _install(mlp, fitted, transaction)
+            if new.dtype != torch.float32:  # the stream the installed (e.g. bf16) weights really give
+                with torch.no_grad():
+                    new = torch.cat([mlp(part) for part in x.split(4096)])
             y = new
         report["layers"].append(index)
         report["error_before"].append(before)

@@ -652,6 +652,22 @@ def test_export_carries_a_report_with_perplexity_before_and_after_pruning_and_re
     assert "mlp_selection=score, round_to=auto, reconstruct=False" in report  # the settings that shape the result
 
 
+def test_the_report_summarises_the_regional_fit():
+    from pruner.callbacks.report import pruning_report
+    from pruner.plan import LayerPlan, Plan
+
+    fit = {"layers": [4, 5, 6], "error_before": [0.3, 0.5, 0.4], "error_after": [0.2, 0.4, 0.3], "epochs": 2,
+           "lr": 1e-3, "seconds": 171.2}
+    plan = Plan([LayerPlan(0)], params={"before": 100, "after": 80, "removed": 20, "removed_fraction": 0.2},
+                settings={"reconstruct": True, "regional_epochs": 2, "regional_lr": 1e-3},
+                calibration={"batches": 10, "regional": fit})
+    report = pruning_report(plan, {}, recovery_steps=0)
+    assert "Settings: reconstruct=True, regional_epochs=2, regional_lr=0.001" in report
+    assert "Calibration: {'batches': 10}" in report  # the per-layer lists stay in plan.json
+    assert ("Regional fit: the MLPs of 3 layers (4..6), mean relative error to the dense layer outputs 0.4000 -> "
+            "0.3000, 171 s") in report
+
+
 def test_measured_attention_selection_in_the_callback_matches_pruner_prune(tiny_dir, tmp_path):
     import pruner
     from pruner.lightning_modules.causal_lm import CausalLMModule

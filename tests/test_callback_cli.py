@@ -183,8 +183,8 @@ def test_oneshot_recipe_refits_on_generated_text_without_training(tmp_path):
 
     recipe = yaml.safe_load((REPO / "configs" / "smollm2_oneshot.yaml").read_text())
     args = recipe["trainer"]["callbacks"][0]["init_args"]
-    assert (args["prune_attention"], args["reconstruct"], args["mlp_selection"], args["attach_lora"]) == (
-        False, True, "obs-fisher", False)
+    assert (args["prune_attention"], args["reconstruct"], args["mlp_selection"], args["attach_lora"],
+            args["regional_epochs"]) == (False, True, "obs-fisher", False, 2)
     assert recipe["data"]["reconstruction_source"] == "generated" and recipe["data"]["recovery_source"] is None
     # a short version: 2 calibration windows, 8 generated windows of 16 tokens for the refit
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -205,6 +205,10 @@ def test_oneshot_recipe_refits_on_generated_text_without_training(tmp_path):
     exported = pruner.load_pretrained(export).state_dict()
     dense, _ = pruner.load_model("smollm2")
     pruner.apply_plan(plan, dense)
-    plain = dense.state_dict()  # the refit changed down_proj; nothing else moved (no training)
+    plain = dense.state_dict()  # the refit and the regional fit changed the pruned MLPs; nothing else moved
     changed = {k for k in plain if not torch.equal(plain[k], exported[k])}
-    assert changed and all(k.endswith("mlp.down_proj.weight") for k in changed), sorted(changed)[:5]
+    assert changed and all(k.split(".")[2] in {str(i) for i in range(4, 28)} and ".mlp." in k for k in changed), \
+        sorted(changed)[:5]
+    assert any(k.endswith("up_proj.weight") for k in changed)  # the regional fit trains gate and up too
+    fit = plan.calibration["regional"]
+    assert fit["layers"] == list(range(4, 28)) and sum(fit["error_after"]) < sum(fit["error_before"])

@@ -215,3 +215,14 @@ def test_a_model_left_in_train_mode_is_fitted_without_dropout():
         results.append((plan.calibration["regional"]["error_after"], model.state_dict()))
     assert results[0][0] == results[1][0]
     assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+
+
+def test_a_bfloat16_model_is_fitted_in_fp32_and_keeps_its_dtype():
+    text = _text()
+    model = tiny_causal_lm("llama").to(torch.bfloat16)
+    plan = pruner.prune(model, text[:2], reconstruction_batches=text, regional_epochs=2, **COMMON)
+    report = plan.calibration["regional"]
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert report["layers"] == [0, 1, 2] and sum(report["error_after"]) < sum(report["error_before"])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=text[0]).logits).all()
