@@ -89,7 +89,7 @@ def capture_layer_inputs(model: nn.Module, layer: nn.Module, batches: list[dict]
 
     def catch(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items()}))
+        captured.append((hidden.detach(), dict(kwargs)))
         raise _StopForward
 
     handle = layer.register_forward_pre_hook(catch, with_kwargs=True)
