@@ -184,7 +184,7 @@ def test_oneshot_recipe_refits_on_generated_text_without_training(tmp_path):
     recipe = yaml.safe_load((REPO / "configs" / "smollm2_oneshot.yaml").read_text())
     args = recipe["trainer"]["callbacks"][0]["init_args"]
     assert (args["prune_attention"], args["reconstruct"], args["mlp_selection"], args["attach_lora"],
-            args["regional_epochs"]) == (False, True, "obs-fisher", False, 2)
+            args["regional_epochs"]) == (False, True, "obs-fisher", False, 4)
     assert recipe["data"]["reconstruction_source"] == "generated" and recipe["data"]["recovery_source"] is None
     # a short version: 2 calibration windows, 8 generated windows of 16 tokens for the refit
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
