@@ -1010,15 +1010,20 @@ def rebuild_structure(pl_module: nn.Module, state: dict[str, Any], lora: LoraSet
         attach_lora(model, settings)
 
 
-def load_pruned_checkpoint(pl_module: pl.LightningModule, checkpoint_path: str | Path) -> pl.LightningModule:
+def load_pruned_checkpoint(pl_module: pl.LightningModule, checkpoint: str | Path | dict) -> pl.LightningModule:
     """Loads a checkpoint of a pruning fit into a freshly built (dense) ``pl_module`` without a
     Trainer: the pruned (+ LoRA) structure is rebuilt from the callback state, then the weights
-    load. Returns ``pl_module``.
+    load. Returns ``pl_module``. ``checkpoint``: a ``.ckpt`` path, read as tensors and plain data
+    only (:func:`pruner.io.read_checkpoint`: nothing in the file runs), or a dict already loaded.
 
     Example:
         >>> module = load_pruned_checkpoint(MyFinetune(), "checkpoints/last.ckpt")  # doctest: +SKIP
     """
-    checkpoint = torch.load(Path(checkpoint_path).expanduser(), map_location="cpu", weights_only=False)
+    from pruner.io import read_checkpoint
+
+    checkpoint_path = checkpoint if not isinstance(checkpoint, dict) else "the checkpoint dict"
+    if not isinstance(checkpoint, dict):
+        checkpoint = read_checkpoint(checkpoint)
     states = [s for k, s in (checkpoint.get("callbacks") or {}).items() if k.startswith("StructuralPruneCallback")]
     if not states:
         raise PrunerError(f"{checkpoint_path} holds no StructuralPruneCallback state: it was not written by a pruning "

@@ -964,6 +964,35 @@ def test_loading_an_export_never_runs_its_modeling_file(tmp_path):
     assert out.stdout.split() == ["3", "PrunedLlamaForCausalLM", "PrunedLlamaForCausalLM"]  # warned each time
 
 
+class _RunsCode:
+    """Unpickling this calls ``open(marker, 'w')``: what a hostile checkpoint can do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tiny_dir, tmp_path):
+    from pruner.callbacks import load_pruned_checkpoint
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "callbacks": {"StructuralPruneCallback": {"pruned": True}},
+                "hyper_parameters": _RunsCode(marker)}, crafted)
+    with pytest.raises(PrunerError, match=r"objects other than tensors.*never unpickles.*weights_only=False"):
+        load_pruned_checkpoint(CausalLMModule(str(tiny_dir)), crafted)
+    assert not marker.exists()
+    not_a_checkpoint = tmp_path / "config.yaml"
+    not_a_checkpoint.write_text("trainer: {max_steps: 1}\n")
+    with pytest.raises(PrunerError, match="is not a torch checkpoint"):
+        load_pruned_checkpoint(CausalLMModule(str(tiny_dir)), not_a_checkpoint)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_pruned_checkpoint(CausalLMModule(str(tiny_dir)), tmp_path / "missing.ckpt")
+
+
 # ----------------------------------------------------------------------------- kill during export
 
 KILL_SCRIPT = textwrap.dedent('''
