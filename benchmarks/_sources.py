@@ -15,7 +15,7 @@ def calibration_source() -> str:
 
 def wikitext2_rows() -> list[str]:
     """WikiText-2 raw test rows (the paper's perplexity set), else the builtin held-out rows."""
-    from pruner.data import HELDOUT, eval_text_rows
+    from pruner.data import eval_text_rows, HELDOUT
 
     wiki = DATA / "wikitext2_raw" / "wiki.test.raw"
     return eval_text_rows(str(wiki) if wiki.is_file() else HELDOUT)

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from pruner.eval.perplexity import load_wikitext2_rows, perplexity
+from pruner.data import load_wikitext2_rows
+from pruner.eval.perplexity import perplexity
 from pruner.eval.zeroshot import LOCAL_TASKS, evaluate_zeroshot, lm_eval_version
-from pruner.models import load_model
+from pruner.io import load_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EXTERNAL_PPL = 56.35  # shared/baselines.md: dense, transformers 4.43 and 5.24 agree

@@ -1,6 +1,6 @@
 """How fast the dense model writes its own recovery / refit text: transformers' top-p sampling
 (``generate(do_sample=True, top_p=...)``, which sorts the whole vocabulary and draws one random
-number per entry at every step) against ``pruner.generated.NucleusSampler`` (the same nucleus,
+number per entry at every step) against ``pruner.data.generated.NucleusSampler`` (the same nucleus,
 ranked among the top 1,024 tokens, drawn by a logits processor under greedy decoding).
 
     python benchmarks/generation_speed.py --chunks 16,64 --tokens 48 --top-p 0.95,1.0 --rounds 2
@@ -21,7 +21,7 @@ import torch
 from transformers import LogitsProcessorList
 
 import pruner
-from pruner.generated import PROMPTS, NucleusSampler
+from pruner.data.generated import NucleusSampler, PROMPTS
 
 SAMPLERS = ("transformers", "nucleus")
 

@@ -58,7 +58,7 @@ def write_model(folder: Path, shape: str, device: str) -> float:
     """A random LLaMA of ``shape`` in bf16 with an offline byte-level tokenizer; seconds taken."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pruner.lightning_modules.testing import save_tiny_llama
+    from pruner.testing import save_tiny_llama
 
     start = time.perf_counter()
     save_tiny_llama(folder, vocab_size=512)  # the tokenizer (and a tiny model, replaced below)

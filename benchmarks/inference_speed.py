@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
     import pruner
-    from pruner.api import estimate_importance, make_plan
+    from pruner.loop import estimate_importance, make_plan
     from pruner.config import PruneConfig
     from pruner.data import calibration_samples
     from pruner.eval.efficiency import measure_latency

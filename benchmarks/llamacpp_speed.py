@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import pruner
     from pruner.data import calibration_samples, eval_windows
-    from pruner.models import SMOLLM2_GGUF, smollm2_folder
+    from pruner.io.models import smollm2_folder, SMOLLM2_GGUF
 
     dense, tok = pruner.load_model("smollm2")
     rows = wikitext2_rows()

@@ -23,7 +23,7 @@ not carry into the next):
    allocation) and surgery planning (the removed index sets of every tensor).
 3. ``obs``: greedy OBS over SmolLM2's MLP channels (down_proj's real input statistics from the
    calibration text, 649 of 1536 channels removed as the 20 % plan does), the blocked
-   ``pruner.reconstruction.greedy_obs`` against the eager rank-one downdate of both matrices at
+   ``pruner.refit.obs.greedy_obs`` against the eager rank-one downdate of both matrices at
    every step (as it was written before): seconds per layer, and whether the channels agree.
 4. ``--torch-pruning``: Torch-Pruning's Taylor importance on the same model and data.
 
@@ -74,7 +74,7 @@ def one_smollm2(n: int, layout: str, what: str) -> dict:
     import torch
 
     import pruner
-    from pruner.api import families_for
+    from pruner.loop import families_for
     from pruner.config import PruneConfig
     from pruner.eval.efficiency import peak_memory, weights_bytes
 
@@ -84,7 +84,7 @@ def one_smollm2(n: int, layout: str, what: str) -> dict:
         model(batches[0][:1])
     row = {"part": "smollm2", "samples": n, "layout": layout, "threads": torch.get_num_threads()}
     if what in ("floor", "floor-micro"):
-        from pruner.api import MICRO_BATCH_TOKENS
+        from pruner.batches import MICRO_BATCH_TOKENS
 
         scored = {m.param for f in families_for(pruner.discover(model), PruneConfig(**PRUNE)) for m in f.members}
         for name, p in model.named_parameters():
@@ -124,10 +124,10 @@ def one_shape(shape: str) -> dict:
     import torch
 
     import pruner
-    from pruner.api import families_for
+    from pruner.loop import families_for
     from pruner.config import PruneConfig
-    from pruner.pipeline import make_plan
-    from pruner.surgery import removed_slices
+    from pruner.loop import make_plan
+    from pruner.structure import removed_slices
 
     model = meta_llama(shape)
     start = time.perf_counter()
@@ -154,7 +154,8 @@ def one_obs(layers: int) -> dict:
     import torch
 
     import pruner
-    from pruner.reconstruction import GramCollector, greedy_obs, greedy_obs_eager
+    from pruner.refit import GramCollector, greedy_obs
+    from pruner.refit.obs import greedy_obs_eager
 
     model, tok = pruner.load_model("smollm2")
     samples = _calibration(tok, 10)

@@ -26,13 +26,14 @@ from pathlib import Path
 import torch
 
 import pruner
-from pruner.api import estimate_importance, make_plan
+from pruner.loop import estimate_importance, make_plan
 from pruner.config import PruneConfig
-from pruner.pipeline import choose_within
-from pruner.reconstruction import compensate
+from pruner.loop import choose_within
+from pruner.refit import compensate
 from pruner import selection
 from pruner.data import calibration_samples
-from pruner.eval.perplexity import load_wikitext2_rows, perplexity, tokenize_rows
+from pruner.data import load_wikitext2_rows, tokenize_rows
+from pruner.eval.perplexity import perplexity
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 REFERENCE_SPLIT = dict(global_ranking=False, head_granularity="kv", target_sparsity=None, pruning_ratio=0.33,
@@ -86,8 +87,8 @@ def prune_copy(dense, structure, vectors, cfg: PruneConfig, total: int, collecto
     refit = compensate(plan, structure, model, collector, cfg.reconstruct_damping) if collector is not None else None
     pruner.apply_plan(plan, model, structure, refit=refit)  # refit: {weight: W'_K}
     if cfg.regional_epochs:
-        from pruner.regional import regional_fit
-        from pruner.surgery import Transaction
+        from pruner.refit import regional_fit
+        from pruner.structure import Transaction
 
         plan.calibration["regional"] = regional_fit(model, structure, cfg, [{"input_ids": b} for b in text],
                                                     collector.outputs, Transaction())
@@ -135,8 +136,8 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
     batches = [samples[i : i + 1] for i in range(len(samples))]
     collector = text = None
     if args.reconstruct_samples:
-        from pruner.api import collect_inputs
-        from pruner.reconstruction import GramCollector, consumers
+        from pruner.refit import collect_inputs
+        from pruner.refit import consumers, GramCollector
 
         parts = []
         if args.reconstruct_source in ("calibration", "both"):
@@ -145,7 +146,7 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
         if generated is not None:
             parts.append(generated)
         extra = torch.cat(parts)  # (Gutenberg + generated windows, reconstruct_seq_len)
-        from pruner.regional import target_modules
+        from pruner.refit import target_modules
 
         layer_range = PruneConfig(target_sparsity=args.target, attention_layers=layers, mlp_layers=layers)
         outputs = target_modules(structure, layer_range) if args.regional_epochs else None  # the dense layer outputs
@@ -153,7 +154,7 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
         text = [extra[i : i + 8] for i in range(0, len(extra), 8)]
         collect_inputs(dense, text, collector)
         if args.mlp_selection == "obs-fisher":  # as prune(): the first --fisher-samples windows run backward
-            from pruner.api import collect_output_fisher
+            from pruner.refit import collect_output_fisher
 
             collect_output_fisher(dense, text, collector, args.fisher_samples)
     results = []
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zeroshot-limit", type=int, default=0,
                    help="also score the first N items of PIQA / ARC-Easy / BoolQ (0 = perplexity only)")
     p.add_argument("--attention-selection", default="score", choices=["score", "measured", "obs"],
-                   help="measured: re-choose which heads / KV groups go by calibration loss (pruner.refine); obs: by "
+                   help="measured: re-choose which heads / KV groups go by calibration loss (pruner.selection.measured); obs: by "
                         "greedy block OBS on the reconstruction statistics (needs --reconstruct-samples)")
     p.add_argument("--mlp-selection", default="score", choices=["score", "obs", "obs-fisher"],
                    help="obs: re-choose which MLP channels go by greedy OBS on the reconstruction statistics "
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fisher-samples", type=int, default=16, help="windows run backward for --mlp-selection obs-fisher")
     p.add_argument("--regional-epochs", type=int, default=0,
                    help="after the refit, fit each pruned MLP to the dense layer output for this many epochs over the "
-                        "reconstruction text (pruner.regional; needs --reconstruct-samples)")
+                        "reconstruction text (pruner.refit.regional; needs --reconstruct-samples)")
     p.add_argument("--regional-lr", type=float, default=1e-3, help="AdamW rate of --regional-epochs")
     p.add_argument("--calibration-source", default="gutenberg", choices=["gutenberg", "wikitext-heldout"],
                    help="text of the calibration and reconstruction windows: ../shared/data/gutenberg (the "
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                         "from what is scored)")
     p.add_argument("--reconstruct-source", default="calibration", choices=["calibration", "generated", "both"],
                    help="text of the reconstruction windows: that of --calibration-source, text the dense model "
-                        "generates itself (pruner.generated; cached under --cache-dir; --generated-samples "
+                        "generates itself (pruner.data.generated; cached under --cache-dir; --generated-samples "
                         "windows), or both")
     p.add_argument("--cache-dir", default="outputs/generated", help="cache of generated text")
     p.add_argument("--generated-samples", type=int, default=None,
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     def generated_text(seed: int) -> torch.Tensor | None:
         if not args.reconstruct_samples or args.reconstruct_source not in ("generated", "both"):
             return None
-        from pruner.generated import generate_samples
+        from pruner.data.generated import generate_samples
 
         return generate_samples(dense, tok, args.generated_samples or args.reconstruct_samples,
                                 args.reconstruct_seq_len, seed=seed if args.vary_generated else 0,

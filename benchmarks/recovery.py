@@ -76,7 +76,8 @@ def run_variant(name: str, args, cache: Path) -> tuple:
 
 
 def evaluate(model, tok, args) -> dict:
-    from pruner.eval.perplexity import load_wikitext2_rows, perplexity
+    from pruner.data import load_wikitext2_rows
+    from pruner.eval.perplexity import perplexity
     from pruner.eval.zeroshot import evaluate_zeroshot
 
     rows = load_wikitext2_rows(DATA / "wikitext2_raw" / "wiki.test.raw")

@@ -79,8 +79,8 @@ def pruned_start(dense, tok, text: torch.Tensor, folder: Path):
 
 
 def distil(model, dense, text: torch.Tensor, kind: str, lr: float, seconds: float, batch: int) -> int:
-    from pruner.distillation import distillation_loss
-    from pruner.lora import LoraSettings, attach_lora, merge_lora
+    from pruner.recovery import distillation_loss
+    from pruner.recovery import attach_lora, LoraSettings, merge_lora
 
     if kind == "lora":
         attach_lora(model, LoraSettings())
@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     variants = parse_variants(args.variants)
     import pruner
-    from pruner.eval.perplexity import load_wikitext2_rows, perplexity
-    from pruner.generated import generate_samples
+    from pruner.data import load_wikitext2_rows
+    from pruner.eval.perplexity import perplexity
+    from pruner.data.generated import generate_samples
 
     work = Path(args.workdir)
     rows = load_wikitext2_rows(DATA / "wikitext2_raw" / "wiki.test.raw")

@@ -40,7 +40,7 @@ def one(hidden: int, layers: int) -> dict:
     import transformers as tf
 
     import pruner
-    from pruner.api import estimate_importance, families_for
+    from pruner.loop import estimate_importance, families_for
     from pruner.config import PruneConfig
     from pruner.eval.efficiency import peak_memory, weights_bytes
 

@@ -30,7 +30,7 @@ MODES = ("glibc defaults", "keep_freed_memory")
 def measure(mode: str, steps: int, warmup: int, threads: int) -> dict:
     """Runs in the child process: ``steps`` timed distillation steps in ``mode``."""
     import pruner
-    from pruner.distillation import distillation_loss
+    from pruner.recovery import distillation_loss
     from pruner.memory import keep_freed_memory
 
     if mode == MODES[1] and not keep_freed_memory():

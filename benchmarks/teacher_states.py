@@ -4,7 +4,7 @@
 
 On text the dense model writes itself, ``CausalLMModule(teacher_states=True)`` takes the
 teacher's logits from what the dense output layer received while the text was written
-(``pruner.generated``: ``generate_samples(..., save_states=True)``) instead of running the dense
+(``pruner.data.generated``: ``generate_samples(..., save_states=True)``) instead of running the dense
 model at every step. This prints, for SmolLM2-135M pruned to the default recipe's shape (MLP
 channels only, 896 of 1,536 kept in layers 4-27; the kept channels are the first ones: the time
 does not depend on which), one distillation step of ``--batch`` x ``--seq-len`` tokens (every
@@ -57,10 +57,10 @@ def main() -> None:
     if args.steps < 3 or args.rounds < 1 or args.batch < 1 or args.seq_len < 2 or args.chunk < 0:
         raise SystemExit("--steps >= 3, --rounds >= 1, --batch >= 1, --seq-len >= 2 and --chunk >= 0")
     torch.set_num_threads(args.threads)
-    from pruner.distillation import distillation_loss
-    from pruner.generated import OutputLayerInputs, generate_samples, read_states
-    from pruner.models import load_model
-    from pruner.plan import model_fingerprint
+    from pruner.recovery import distillation_loss
+    from pruner.data.generated import generate_samples, OutputLayerInputs, read_states
+    from pruner.io import load_model
+    from pruner.structure import model_fingerprint
 
     dense, tok = load_model("smollm2")
     dense.eval().requires_grad_(False)

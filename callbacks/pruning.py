@@ -15,7 +15,7 @@ A fit with the callback:
    accumulate importance, and the optimizers' steps are paused, so no weight moves, whatever
    the optimizer (``callbacks/calibration.py`` says how ``global_step`` and schedulers behave);
 3. the prune step, after the last calibration batch: the accumulators are summed over ranks
-   (one all-reduce), the plan is selected by :func:`pruner.pipeline.prune_steps` (the loop
+   (one all-reduce), the plan is selected by :func:`pruner.loop.steps.prune_steps` (the loop
    ``pruner.prune`` runs too; every rank must agree) and removed in place from the same model
    object, LoRA is attached in place (peft; base weights frozen), and the optimizers,
    schedulers and DDP wrapper are rebuilt from the module's ``configure_optimizers``;
@@ -78,7 +78,7 @@ from typing_extensions import override
 
 from pruner.config import PruneConfig
 from pruner.errors import PrunerError
-from pruner.lora import DEFAULT_TARGETS, LoraSettings
+from pruner.recovery import DEFAULT_TARGETS, LoraSettings
 
 from .calibration import PausedOptimizers, batch_samples, model_inputs
 from .distributed import (all_reduce_dict, check_ranks_agree, data_parallel_mesh, is_fsdp_module,
@@ -138,7 +138,7 @@ class StructuralPruneCallback(pl.Callback):
             obs-fisher: the datamodule's reconstruction batches, else the calibration batches.
         regional_epochs: after the refit, train each pruned layer's MLP alone for this many
             epochs over the datamodule's ``reconstruction_batches()`` (needed) so that the layer
-            gives the dense layer's output, layer by layer (``pruner.regional``); 0 = off. Under
+            gives the dense layer's output, layer by layer (``pruner.refit.regional``); 0 = off. Under
             DDP / FSDP2 each rank steps through its own text, gradients summed over ranks.
         regional_lr: AdamW learning rate of the regional fit.
         seed: seed of the random criterion, of structure probing and of the LoRA weights.
@@ -278,7 +278,7 @@ class StructuralPruneCallback(pl.Callback):
         self.report_perplexity = report_perplexity
         self.verbose = verbose
         self.perplexity: dict[str, float] = {}  # "dense", "pruned", "recovered" on the validation data
-        self.plan = None  # pruner.plan.Plan once pruned (also after resuming)
+        self.plan = None  # pruner.structure.Plan once pruned (also after resuming)
         self.vectors: dict | None = None  # the importance vectors the plan was selected from
         self.export_path: Path | None = None  # the folder written at the end of fit
         self.model_path: str | None = None  # where the causal LM sits in the module ("" = the module)
@@ -365,7 +365,7 @@ class StructuralPruneCallback(pl.Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from pruner.plan import Plan
+        from pruner.structure import Plan
 
         self._check_resumable(state_dict)
         self._pruned = bool(state_dict["pruned"])
@@ -459,7 +459,7 @@ class StructuralPruneCallback(pl.Callback):
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Finds the model and, unless resumed after pruning, checks it and discovers its
         structure; all before the first calibration batch."""
-        from pruner.models import find_causal_lm
+        from pruner.io import find_causal_lm
 
         if self._pruned:  # resumed: the structure was rebuilt before the weights loaded
             self.model_path = self.model_path if self.model_path is not None else \
@@ -474,7 +474,8 @@ class StructuralPruneCallback(pl.Callback):
     def _check_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Module) -> None:
         from peft import PeftModel
 
-        from pruner.lora import has_lora, missing_targets
+        from pruner.recovery import has_lora
+        from pruner.recovery.lora import missing_targets
 
         if has_lora(model) or any(isinstance(m, PeftModel) for m in pl_module.modules()):
             raise PrunerError(
@@ -524,12 +525,12 @@ class StructuralPruneCallback(pl.Callback):
                               "MiB free: free some space or choose another export_dir")
 
     def _inspect_dense_model(self, trainer: pl.Trainer, model: nn.Module) -> None:
-        from pruner.discovery import discover
-        from pruner.eval.efficiency import count_parameters
-        from pruner.plan import model_fingerprint
+        from pruner.structure import discover
+        from pruner.structure import count_parameters
+        from pruner.structure import model_fingerprint
 
         if self._sharded:  # discovery probes layers with real tensors: work on a gathered copy
-            from pruner.sharding import unsharded_copy
+            from pruner.distributed.gather import unsharded_copy
 
             model = unsharded_copy(model)
         self._structure = discover(model, seed=self.config.seed)
@@ -569,7 +570,7 @@ class StructuralPruneCallback(pl.Callback):
         return pl_module.get_submodule(self.model_path) if self.model_path else pl_module
 
     def _calibration_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        from pruner.api import check_inputs
+        from pruner.batches import check_inputs
 
         if self._estimator is None:
             self._start_calibration(trainer, pl_module)
@@ -590,7 +591,7 @@ class StructuralPruneCallback(pl.Callback):
         self._calibrated_batches += 1
 
     def _start_calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from pruner.api import families_for
+        from pruner.loop import families_for
         from pruner.importance import ImportanceEstimator
 
         unwrap_ddp(trainer)
@@ -611,7 +612,7 @@ class StructuralPruneCallback(pl.Callback):
                               "gave no batch on this rank: give it text (data.reconstruction_source), or set "
                               "regional_epochs: 0")
         if self.config.reconstruct and not self._reconstruction_batches:  # the calibration batches feed the refit
-            from pruner.reconstruction import GramCollector, consumers
+            from pruner.refit import consumers, GramCollector
 
             self._collector = GramCollector(model, consumers(self._structure, self.config))
             if "grams" in self._pending:
@@ -639,8 +640,8 @@ class StructuralPruneCallback(pl.Callback):
     # ------------------------------------------------------------------ the prune step
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from pruner.models import replace_submodule
-        from pruner.pipeline import StepHooks, finish_plan, prune_steps
+        from pruner.io.models import replace_submodule
+        from pruner.loop import finish_plan, prune_steps, StepHooks
 
         if self._estimator is None:
             raise PrunerError("no calibration batch was seen before the prune step")
@@ -659,7 +660,7 @@ class StructuralPruneCallback(pl.Callback):
             vectors = all_reduce_dict(trainer.strategy, vectors)
         self.vectors = vectors  # per-index saliences, summed over ranks (small: no model-sized tensor)
         if self._sharded:  # gather the shards into an ordinary CPU model; sharded again below
-            from pruner.sharding import unsharded_copy
+            from pruner.distributed.gather import unsharded_copy
 
             model = unsharded_copy(model)
         if collector is not None:
@@ -682,7 +683,7 @@ class StructuralPruneCallback(pl.Callback):
         self._calibration_inputs, self._reconstruction_batches = [], []
         model.train()
         if self._sharded:
-            from pruner.sharding import build_skeleton
+            from pruner.distributed.gather import build_skeleton
 
             self._pruned_skeleton = build_skeleton(model)
         else:
@@ -727,7 +728,7 @@ class StructuralPruneCallback(pl.Callback):
     def _reduced_grams(trainer: pl.Trainer, local, model: nn.Module):
         """``local``'s input statistics summed over ranks (fp64), as a collector for ``model``
         (the module the refit changes: under FSDP2 the gathered copy)."""
-        from pruner.reconstruction import GramCollector
+        from pruner.refit import GramCollector
 
         names = [n for n in local.names if n in local.grams]
         fisher = [n for n in names if n in local.fisher]  # obs-fisher's output statistics
@@ -752,10 +753,10 @@ class StructuralPruneCallback(pl.Callback):
     def _collect_reconstruction(self, model: nn.Module, structure):
         """The refit's statistics of ``model`` from forward passes over this rank's
         reconstruction batches (under FSDP2 through the sharded model's own hooks)."""
-        from pruner.api import collect_inputs
-        from pruner.reconstruction import GramCollector, consumers
+        from pruner.refit import collect_inputs
+        from pruner.refit import consumers, GramCollector
 
-        from pruner.regional import target_modules
+        from pruner.refit import target_modules
 
         outputs = target_modules(structure, self.config) if self.config.regional_epochs else None
         collector = GramCollector(model, consumers(structure, self.config), outputs)
@@ -765,7 +766,7 @@ class StructuralPruneCallback(pl.Callback):
     def _collect_fisher(self, trainer: pl.Trainer, model: nn.Module, collector) -> None:
         """obs-fisher: this rank's share of ``fisher_samples`` run backward, from its refit text
         (or its kept calibration batches), into ``collector.fisher`` (summed over ranks later)."""
-        from pruner.api import collect_output_fisher
+        from pruner.refit import collect_output_fisher
 
         text = self._reconstruction_batches or self._kept_batches(model)
         collect_output_fisher(model, text, collector, -(-self.config.fisher_samples // trainer.world_size))
@@ -784,8 +785,8 @@ class StructuralPruneCallback(pl.Callback):
     def _estimate_on(self, trainer: pl.Trainer, model: nn.Module, structure, cfg: PruneConfig):
         """Steps 2..N: importance of the partly pruned ``model`` on this rank's kept calibration
         batches, summed over ranks, and with ``reconstruct`` the refit's statistics of it."""
-        from pruner.api import estimate_importance
-        from pruner.reconstruction import GramCollector, consumers
+        from pruner.loop import estimate_importance
+        from pruner.refit import consumers, GramCollector
 
         collector = None
         if cfg.reconstruct and not self._reconstruction_batches:  # statistics from the calibration batches
@@ -802,7 +803,7 @@ class StructuralPruneCallback(pl.Callback):
 
     def _check_step_plan(self, trainer: pl.Trainer, plan, structure) -> None:
         """Before a step's weights change: every rank chose this plan, and LoRA targets survive it."""
-        from pruner.lora import missing_targets
+        from pruner.recovery.lora import missing_targets
 
         check_ranks_agree(trainer, plan)
         if not self.attach_lora:
@@ -825,7 +826,7 @@ class StructuralPruneCallback(pl.Callback):
     def _attach_lora(self, model: nn.Module) -> None:
         if not self.attach_lora:
             return
-        from pruner.lora import attach_lora
+        from pruner.recovery import attach_lora
 
         # seeded adapters: the same on every rank and world size, whatever ran before
         with torch.random.fork_rng(devices=[]):
@@ -839,7 +840,7 @@ class StructuralPruneCallback(pl.Callback):
         if callable(shard):
             shard()
             return
-        from pruner.discovery import find_layer_stack
+        from pruner.structure import find_layer_stack
 
         shard_causal_lm(model, find_layer_stack(model)[0], data_parallel_mesh(pl_module))
 
@@ -877,7 +878,7 @@ class StructuralPruneCallback(pl.Callback):
         if self.export_dir is None:
             return
         from pruner.io import save_pretrained
-        from pruner.lora import has_lora, merge_lora
+        from pruner.recovery import has_lora, merge_lora
 
         self._measure(trainer, pl_module, "recovered")
         if self._sharded:
@@ -898,7 +899,7 @@ class StructuralPruneCallback(pl.Callback):
 
     def _export_tokenizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         if isinstance(self.tokenizer, (str, Path)):
-            from pruner.data import load_tokenizer
+            from pruner.io import load_tokenizer
 
             return load_tokenizer(str(self.tokenizer))
         if self.tokenizer is not None:
@@ -912,8 +913,8 @@ class StructuralPruneCallback(pl.Callback):
     def _gather_for_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule):
         """FSDP2: the trained shards gathered into an ordinary pruned model with LoRA merged, on
         rank 0 only (the other ranks join the gathers and return None)."""
-        from pruner.lora import attach_lora, merge_lora
-        from pruner.sharding import full_state_dict, materialize, skeleton_from
+        from pruner.recovery import attach_lora, merge_lora
+        from pruner.distributed.gather import full_state_dict, materialize, skeleton_from
 
         sharded = self.model(pl_module)
         state = full_state_dict(sharded, keep=trainer.is_global_zero)
@@ -986,7 +987,7 @@ class StructuralPruneCallback(pl.Callback):
 
 def _checkpointed_model(pl_module: nn.Module, state: dict[str, Any]) -> nn.Module:
     """The causal LM a callback state's plan applies to, inside ``pl_module``."""
-    from pruner.models import find_causal_lm
+    from pruner.io import find_causal_lm
 
     path = state.get("model_path")
     if path is None:
@@ -996,9 +997,9 @@ def _checkpointed_model(pl_module: nn.Module, state: dict[str, Any]) -> nn.Modul
 
 def rebuild_structure(pl_module: nn.Module, state: dict[str, Any], lora: LoraSettings | None = None) -> None:
     """Applies a callback state's plan (and LoRA) to the dense causal LM inside ``pl_module``."""
-    from pruner.lora import attach_lora, has_lora
-    from pruner.plan import Plan
-    from pruner.surgery import apply_plan
+    from pruner.recovery import attach_lora, has_lora
+    from pruner.structure import Plan
+    from pruner.structure import apply_plan
 
     if not state.get("pruned"):
         return

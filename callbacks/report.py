@@ -2,7 +2,7 @@
 moments the callback measures it, and the settings that shaped the result.
 
 Example:
-    >>> from pruner.plan import LayerPlan, Plan
+    >>> from pruner.structure import LayerPlan, Plan
     >>> plan = Plan([LayerPlan(0)], params={"before": 100, "after": 80, "removed": 20, "removed_fraction": 0.2},
     ...             settings={"criterion": "element1"}, pruner_version="0.1.0")
     >>> print(pruning_report(plan, {"dense": 10.0}, recovery_steps=5).splitlines()[8])
@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from pruner.plan import Plan
+from pruner.structure import Plan
 
 REPORT_SETTINGS = ("criterion", "aggregation", "mode", "target_sparsity", "pruning_ratio", "global_ranking",
                    "head_granularity", "prune_attention", "prune_mlp", "attention_selection", "mlp_selection",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -21,7 +21,7 @@ from torchmetrics.text import Perplexity
 
 from pruner.errors import PrunerError
 from pruner.lightning_modules.data import TEACHER_STATES  # the recovery batches' key the data module fills
-from pruner.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS  # a tuple: jsonargparse prints it as a list
+from pruner.recovery import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS  # a tuple: jsonargparse prints it as a list
 _MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 
 
@@ -49,7 +49,7 @@ class CausalLMModule(LightningModule):
         warmup_steps: first steps at a rate rising linearly to ``learning_rate`` (either schedule;
             step i of w runs at (i + 1) / (w + 1) of it).
         distillation_alpha: weight of the distillation term in recovery,
-            ``alpha · KL(teacher ‖ student) · T² + (1 − alpha) · CE`` (``pruner.distillation``);
+            ``alpha · KL(teacher ‖ student) · T² + (1 − alpha) · CE`` (``pruner.recovery.distillation``);
             0 = plain next-token loss. The teacher is the dense model, which the pruning callback
             keeps (frozen) just before it removes groups; that costs one more copy of the dense
             weights (in ``teacher_dtype``) and one logits tensor per step.
@@ -100,7 +100,7 @@ class CausalLMModule(LightningModule):
             raise PrunerError(
                 f"`CausalLMModule(dtype={dtype!r})` is not supported: use 'auto', 'float32' or 'bfloat16'"
             )
-        from pruner.lora import LoraSettings
+        from pruner.recovery import LoraSettings
 
         try:
             LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
@@ -134,14 +134,14 @@ class CausalLMModule(LightningModule):
 
             rank_zero_warn(f"CausalLMModule: {changed} only apply with attach_lora_at_start=True (a plain LoRA "
                            "fine-tune); with StructuralPruneCallback, LoRA is the callback's: set its lora_* options")
-        from pruner.distillation import check_distillation_args
+        from pruner.recovery.distillation import check_distillation_args
 
         try:
             check_distillation_args(distillation_alpha, distillation_temperature, distillation_top_k)
         except ValueError as e:
             raise PrunerError(f"`CausalLMModule`: {e}") from None
         if teacher is not None:
-            from pruner.models import resolve_model_source
+            from pruner.io import resolve_model_source
 
             resolve_model_source(teacher)  # FileNotFoundError now, not when the weights load
         if teacher is not None and distillation_alpha == 0.0:
@@ -150,7 +150,7 @@ class CausalLMModule(LightningModule):
         if teacher_dtype not in ("auto", "float32", "bfloat16"):
             raise PrunerError(f"`CausalLMModule(teacher_dtype={teacher_dtype!r})`: use 'auto', 'float32' or 'bfloat16'")
         self.save_hyperparameters()
-        from pruner.data import load_tokenizer  # raises FileNotFoundError for a bad path, early
+        from pruner.io import load_tokenizer  # raises FileNotFoundError for a bad path, early
 
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.lm: torch.nn.Module | None = None  # the HF model (LoRA layers, when attached, sit inside it)
@@ -222,7 +222,7 @@ class CausalLMModule(LightningModule):
         """Loads the weights once (Lightning calls this hook for every fit/validate/test)."""
         if self.lm is not None:
             return
-        from pruner.models import load_model
+        from pruner.io import load_model
 
         hp = self.hparams
         model, _ = load_model(hp.model, dtype=self._resolve_dtype(), trust_remote_code=hp.trust_remote_code)
@@ -245,7 +245,7 @@ class CausalLMModule(LightningModule):
         parallelization), and by the pruning callback for the pruned model; override it for
         tensor parallelism."""
         from pruner.callbacks.distributed import data_parallel_mesh, shard_causal_lm
-        from pruner.discovery import find_layer_stack
+        from pruner.structure import find_layer_stack
 
         model = self.hf_model
         shard_causal_lm(model, find_layer_stack(model)[0], data_parallel_mesh(self))
@@ -261,13 +261,13 @@ class CausalLMModule(LightningModule):
     @property
     def has_lora(self) -> bool:
         """Whether LoRA adapters are attached."""
-        from pruner.lora import has_lora
+        from pruner.recovery import has_lora
 
         return self.lm is not None and has_lora(self.lm)
 
     def lora_settings(self):
-        """The ``pruner.lora.LoraSettings`` of this module's LoRA hyper-parameters."""
-        from pruner.lora import LoraSettings
+        """The ``pruner.recovery.lora.LoraSettings`` of this module's LoRA hyper-parameters."""
+        from pruner.recovery import LoraSettings
 
         hp = self.hparams
         return LoraSettings(r=hp.lora_r, alpha=hp.lora_alpha, dropout=hp.lora_dropout,
@@ -282,7 +282,7 @@ class CausalLMModule(LightningModule):
             >>> module.has_lora  # doctest: +SKIP
             True
         """
-        from pruner.lora import attach_lora
+        from pruner.recovery import attach_lora
 
         attach_lora(self.hf_model, self.lora_settings())
 
@@ -295,7 +295,7 @@ class CausalLMModule(LightningModule):
             >>> module.has_lora  # doctest: +SKIP
             False
         """
-        from pruner.lora import merge_lora
+        from pruner.recovery import merge_lora
 
         merge_lora(self.hf_model)
 
@@ -312,7 +312,7 @@ class CausalLMModule(LightningModule):
             # (during the pruning callback's calibration there is no teacher yet: plain next-token loss)
             self.log("train_loss", out.loss, prog_bar=True, batch_size=n)
             return out.loss
-        from pruner.distillation import distillation_loss
+        from pruner.recovery import distillation_loss
 
         teacher = self.teacher
         if next(teacher.parameters()).device != out.logits.device:

@@ -12,7 +12,7 @@ start with the calibration batches again):
      records in micro-batches of ``micro_batch_size`` (right-padded, prompt tokens masked).
      Plain text (``builtin``, a ``.txt`` file or folder) gives language-modelling windows of
      ``cutoff_len`` tokens; ``generated`` gives windows the dense model samples itself
-     (data-free recovery, ``pruner.generated``; cached under ``generation_cache``), made when
+     (data-free recovery, ``pruner.data.generated``; cached under ``generation_cache``), made when
      the train loader is first built, i.e. before calibration, while the model is still dense.
      Without ``recovery_source`` the loader yields the calibration batches only.
 
@@ -53,7 +53,7 @@ from pruner import data as D
 from pruner.errors import PrunerError
 
 DEFAULT_TEXT_RECOVERY_WINDOWS = 1000  # plain-text recovery without recovery_max_records
-GENERATED = "generated"  # recovery_source: text the dense model writes itself (pruner.generated)
+GENERATED = "generated"  # recovery_source: text the dense model writes itself (pruner.data.generated)
 DEFAULT_GENERATED_SAMPLES = 256
 # seed offsets from ``seed``: recovery text +1, generated recovery +2, reconstruction +3
 RECOVERY_SEED, GENERATED_RECOVERY_SEED, RECONSTRUCTION_SEED = 1, 2, 3
@@ -186,7 +186,7 @@ class PruneDataModule(LightningDataModule):
         generation_batch_size: sequences generated together (one cached chunk); part of the
             cache key, since sampling in a batch draws random numbers in batch order.
         generation_temperature, generation_top_p: how the dense model samples that text
-            (``pruner.generated.NucleusSampler``): temperature > 0 and nucleus mass in (0, 1];
+            (``pruner.data.generated.NucleusSampler``): temperature > 0 and nucleus mass in (0, 1];
             top_p 1 (the default) draws from the model's whole distribution, which gave better
             pruned models than 0.95 (docs/results.md). Part of the cache key.
 
@@ -365,7 +365,7 @@ class PruneDataModule(LightningDataModule):
         """(the causal LM, its pruning plan or None): through the trainer's pruning callback
         when there is one (it knows where the model is and whether it is pruned yet)."""
         from pruner.callbacks import StructuralPruneCallback
-        from pruner.models import find_causal_lm
+        from pruner.io import find_causal_lm
 
         module = self._trainer_module()
         if module is None:
@@ -391,8 +391,8 @@ class PruneDataModule(LightningDataModule):
         into the shared cache, then all read all of them), and with ``save_states`` their
         teacher states (None when the cache lacks some: a resumed run cannot compute them);
         needs the trainer's module."""
-        from pruner.generated import generate_samples, read_states
-        from pruner.plan import model_fingerprint
+        from pruner.data.generated import generate_samples, read_states
+        from pruner.structure import model_fingerprint
 
         model, plan = self._pruning_state()
         kwargs = self._generation_kwargs(seed_offset, plan)
@@ -414,7 +414,7 @@ class PruneDataModule(LightningDataModule):
         """Whether the module distils from the dense model and takes its teacher's logits as
         output-layer inputs saved while the text is written (``module.wants_teacher_states``),
         and the dense model's logits are that layer's output (one short forward pass checks)."""
-        from pruner.generated import output_layer_reproduces_logits
+        from pruner.data.generated import output_layer_reproduces_logits
 
         module = self._trainer_module()
         if not getattr(module, "wants_teacher_states", False):

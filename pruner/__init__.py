@@ -1,5 +1,10 @@
 """pruner: structural pruning of LLaMA-class causal LMs (LLM-Pruner) for PyTorch / Lightning.
 
+The subpackages follow the pipeline: ``structure`` (groups, plan, surgery) -> ``importance``
+(criteria, estimator) -> ``selection`` -> ``refit`` (least squares, OBS, regional fit) ->
+``loop`` (``prune`` and the :class:`~pruner.loop.PruneSession` it shares with the Lightning
+callback); ``io``, ``data``, ``recovery``, ``distributed`` and ``eval`` serve them.
+
 Example:
     >>> import pruner  # doctest: +SKIP
     >>> model, tokenizer = pruner.load_model("smollm2")  # doctest: +SKIP
@@ -8,20 +13,18 @@ Example:
     >>> pruner.save_pretrained(model, "smollm2-pruned", tokenizer=tokenizer, plan=plan)  # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
-
-from .api import count_parameters, estimate_importance, prune
+from .version import __version__
+from . import moved  # old module paths (pruner.api, pruner.io.models, ...) still import, with a warning
 from .config import PruneConfig
-from .discovery import ModelStructure, discover
-from .io import load_pretrained, save_pretrained
-from .gguf_export import export_gguf
 from .errors import PlanMismatchError, PrunerError, UnsupportedArchitectureError
-from .models import load_model
-from .plan import LayerPlan, Plan
-from .surgery import apply_plan, mask_plan
+from .io import export_gguf, load_model, load_pretrained, save_pretrained
+from .loop import estimate_importance, prune
+from .structure import LayerPlan, ModelStructure, Plan, apply_plan, count_parameters, discover, mask_plan
+
+moved.install()
 
 __all__ = [
     "LayerPlan", "ModelStructure", "Plan", "PlanMismatchError", "PruneConfig", "PrunerError",
-    "UnsupportedArchitectureError", "apply_plan", "count_parameters", "discover", "estimate_importance",
+    "UnsupportedArchitectureError", "__version__", "apply_plan", "count_parameters", "discover", "estimate_importance",
     "export_gguf", "load_model", "load_pretrained", "mask_plan", "prune", "save_pretrained",
 ]

@@ -2,7 +2,7 @@
 
     pruner fit|validate|test --config configs/X.yaml [--print_config] [--key value ...]
     pruner evaluate ...        (zero-shot / perplexity evaluation: ``pruner.eval.cli``)
-    pruner export-gguf FOLDER OUT.gguf [--dtype f16|q8_0|...]   (``pruner.gguf_export``)
+    pruner export-gguf FOLDER OUT.gguf [--dtype f16|q8_0|...]   (``pruner.io.gguf``)
 
 Run as a program on a machine without a GPU, ``fit``, ``validate``, ``test`` and ``evaluate``
 first make glibc keep freed memory for reuse (``pruner.memory.keep_freed_memory``: the same
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = evaluate_main(argv[1:])
         return status if isinstance(status, int) else 0
     if argv and argv[0] == "export-gguf":
-        from pruner.gguf_export import main as export_main
+        from pruner.io.gguf import main as export_main
 
         return export_main(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from .aggregation import check_aggregation
 from .checks import check_bool, check_fraction, check_int, check_number
 from .errors import PrunerError
-from .importance import check_criterion
+from .importance.aggregation import check_aggregation
+from .importance.criteria import check_criterion
 
 MODES = ("block", "channel", "layer")
 

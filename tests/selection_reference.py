@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from pruner.config import PruneConfig
-from pruner.discovery import ModelStructure
+from pruner.structure import ModelStructure
 from pruner.errors import PrunerError
 from pruner.importance import family_scores
-from pruner.plan import LayerPlan, Plan
+from pruner.structure import LayerPlan, Plan
 
 
 @dataclass

@@ -53,8 +53,9 @@ def test_prune_quality_prunes_as_pruner_prune_does(allocation, attention_selecti
     from torch.testing import assert_close
 
     import pruner
-    from pruner.api import collect_inputs, collect_output_fisher, estimate_importance
-    from pruner.reconstruction import GramCollector, consumers
+    from pruner.loop import estimate_importance
+    from pruner.refit import collect_inputs, collect_output_fisher
+    from pruner.refit import consumers, GramCollector
     from pruner.testing import tiny_causal_lm
 
     torch.manual_seed(0)
@@ -96,7 +97,7 @@ def test_recovery_trainable_variants_parse_or_name_the_fix():
 
 
 def test_recovery_trainable_kinds_train_what_they_name():
-    from pruner.lora import LoraSettings, attach_lora
+    from pruner.recovery import attach_lora, LoraSettings
     from pruner.testing import tiny_causal_lm
 
     model = tiny_causal_lm(num_hidden_layers=6)
@@ -122,8 +123,8 @@ generation_speed = _load("generation_speed")
 @pytest.mark.parametrize("top_p", [0.95, 1.0])
 @pytest.mark.parametrize("sampler", generation_speed.SAMPLERS)
 def test_generation_speed_samplers_write_the_requested_tokens(sampler, top_p, tmp_path):
-    from pruner.data import load_tokenizer
-    from pruner.lightning_modules.testing import save_tiny_llama
+    from pruner.io import load_tokenizer
+    from pruner.testing import save_tiny_llama
     from pruner.testing import tiny_causal_lm
 
     tokenizer = load_tokenizer(str(save_tiny_llama(tmp_path)))
@@ -166,7 +167,7 @@ def test_gpu_recipe_stage_marks_are_lines_the_callback_prints_in_order(tmp_path,
     from torch.utils.data import DataLoader
 
     from pruner.callbacks import StructuralPruneCallback
-    from pruner.lightning_modules.testing import save_tiny_llama
+    from pruner.testing import save_tiny_llama
 
     from .plain_modules import MyFinetune
 

@@ -99,7 +99,7 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from pruner.lightning_modules.testing import save_tiny_llama
+    from pruner.testing import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
@@ -535,8 +535,8 @@ def test_fsdp2_writes_generated_text_like_one_process_whatever_the_cache_holds(t
     calls as each other. 4 chunks, the first already cached: 3 left for 2 ranks (it hung before)."""
     from transformers import AutoModelForCausalLM
 
-    from pruner.data import load_tokenizer
-    from pruner.generated import generate_samples
+    from pruner.io import load_tokenizer
+    from pruner.data.generated import generate_samples
     from pruner.lightning_modules.data import RECONSTRUCTION_SEED
 
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir), load_tokenizer(str(tiny_dir))
@@ -654,7 +654,7 @@ def test_export_carries_a_report_with_perplexity_before_and_after_pruning_and_re
 
 def test_the_report_summarises_the_regional_fit():
     from pruner.callbacks.report import pruning_report
-    from pruner.plan import LayerPlan, Plan
+    from pruner.structure import LayerPlan, Plan
 
     fit = {"layers": [4, 5, 6], "error_before": [0.3, 0.5, 0.4], "error_after": [0.2, 0.4, 0.3], "epochs": 2,
            "lr": 1e-3, "seconds": 171.2}

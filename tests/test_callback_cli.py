@@ -61,7 +61,7 @@ def test_the_30_minute_recipe_is_the_default_with_a_larger_budget():
     data, base = longer["data"], default["data"]
     assert data["reconstruction_samples"] > base["reconstruction_samples"]
     # the default's generated windows are a prefix of this one's: the text of chunk c depends only on
-    # the model, the seed, the window length and the chunk size (pruner.generated), all shared
+    # the model, the seed, the window length and the chunk size (pruner.data.generated), all shared
     text_keys = ("seed", "reconstruction_seq_len", "generation_batch_size", "generation_cache",
                  "generation_temperature", "generation_top_p")
     assert [data[k] for k in text_keys] == [base[k] for k in text_keys]
@@ -94,7 +94,7 @@ RECIPES = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from pruner.lightning_modules.testing import save_tiny_llama
+    from pruner.testing import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 

@@ -38,7 +38,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from pruner.lightning_modules.testing import save_tiny_llama
+    from pruner.testing import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 

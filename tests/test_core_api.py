@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import pruner
-from pruner.aggregation import aggregate
-from pruner.api import estimate_importance, families_for
+from pruner.importance import aggregate
+from pruner.loop import estimate_importance, families_for
 from pruner.config import PruneConfig
-from pruner.discovery import discover
-from pruner.importance import ImportanceEstimator, family_scores
-from pruner.plan import Plan
+from pruner.structure import discover
+from pruner.importance import family_scores, ImportanceEstimator
+from pruner.structure import Plan
 from pruner.testing import tiny_causal_lm
 
 
@@ -295,7 +295,7 @@ def test_reconstruction_refits_kept_columns_to_the_dense_output():
 
 def _down_proj_statistics(model, down: str):
     """A GramCollector that has seen 8 random sequences of 32 tokens at ``down``'s input."""
-    from pruner.reconstruction import GramCollector
+    from pruner.refit import GramCollector
 
     collector = GramCollector(model, [down])
     collector.attach()
@@ -306,7 +306,6 @@ def _down_proj_statistics(model, down: str):
 
 
 def test_gram_collector_sums_the_input_products_in_fp64():
-    from pruner.reconstruction import GramCollector
 
     model = tiny_causal_lm("llama")
     down = "model.layers.1.mlp.down_proj"
@@ -323,8 +322,8 @@ def test_gram_collector_sums_the_input_products_in_fp64():
 
 
 def test_collect_inputs_stops_each_forward_at_its_last_consumer_with_the_same_statistics():
-    from pruner.api import collect_inputs
-    from pruner.reconstruction import GramCollector
+    from pruner.refit import collect_inputs
+    from pruner.refit import GramCollector
 
     model = tiny_causal_lm("llama")
     names = ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
@@ -346,7 +345,7 @@ def test_collect_inputs_stops_each_forward_at_its_last_consumer_with_the_same_st
 
 
 def test_reconstruction_solves_the_normal_equations():
-    from pruner.reconstruction import compensate
+    from pruner.refit import compensate
 
     model = tiny_causal_lm("llama")
     s = discover(model)
@@ -390,7 +389,7 @@ def _obs_rechoice(dense, batches, plan, kind: str, damping: float):
     """What OBS selection makes of the score-chosen ``plan``, computed directly: the statistics of
     the dense model's inputs on ``batches`` (what prune's calibration passes collect), then
     select_mlp_obs / select_heads_obs, whose greedy choices the tests above check by brute force."""
-    from pruner.reconstruction import GramCollector, consumers, select_heads_obs, select_mlp_obs
+    from pruner.refit import consumers, GramCollector, select_heads_obs, select_mlp_obs
 
     structure = discover(dense)
     collector = GramCollector(dense, consumers(structure))
@@ -403,7 +402,7 @@ def _obs_rechoice(dense, batches, plan, kind: str, damping: float):
     return select(plan, structure, dense, collector, damping)
 
 def test_obs_mlp_selection_is_the_greedy_least_refit_error_choice():
-    from pruner.reconstruction import select_mlp_obs
+    from pruner.refit import select_mlp_obs
 
     model = tiny_causal_lm("llama", intermediate_size=48)
     s = discover(model)
@@ -429,8 +428,8 @@ def test_obs_mlp_selection_is_the_greedy_least_refit_error_choice():
 
 
 def test_output_fisher_is_the_squared_loss_gradient_at_each_output():
-    from pruner.api import collect_output_fisher
-    from pruner.reconstruction import GramCollector
+    from pruner.refit import collect_output_fisher
+    from pruner.refit import GramCollector
 
     torch.manual_seed(0)
     model = tiny_causal_lm("llama")
@@ -462,7 +461,7 @@ def test_output_fisher_is_the_squared_loss_gradient_at_each_output():
 
 def test_fisher_weighted_obs_measures_the_error_in_the_loss_metric():
     from pruner.errors import PrunerError
-    from pruner.reconstruction import greedy_obs, select_mlp_obs
+    from pruner.refit import greedy_obs, select_mlp_obs
 
     model = tiny_causal_lm("llama", intermediate_size=48)
     s = discover(model)
@@ -518,7 +517,7 @@ def test_obs_mlp_selection_keeps_the_counts_and_is_the_greedy_rechoice():
 
 @pytest.mark.parametrize("granularity", ["query", "kv"])
 def test_obs_head_selection_is_the_greedy_least_refit_error_choice(granularity):
-    from pruner.reconstruction import select_heads_obs
+    from pruner.refit import select_heads_obs
 
     # 6 query heads of 16: 2 KV groups of 3 (query: 2 heads leave every group) or 3 groups of 2 (kv: 2 groups go)
     n_kv = 2 if granularity == "query" else 3

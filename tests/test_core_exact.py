@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import pruner
-from pruner.discovery import discover
-from pruner.plan import LayerPlan, Plan
-from pruner.surgery import apply_plan, mask_plan
+from pruner.structure import discover
+from pruner.structure import LayerPlan, Plan
+from pruner.structure import apply_plan, mask_plan
 from pruner.testing import ARCHITECTURES, tiny_causal_lm
 
 

@@ -164,7 +164,7 @@ def test_a_gpu_that_torch_cannot_see_is_refused_before_the_model_loads(tmp_path,
     model = tiny_causal_lm("llama")
     pruner.save_pretrained(model, tmp_path / "export")
     read = []
-    monkeypatch.setattr(pruner.io, "_check_folder", lambda folder: read.append(folder))
+    monkeypatch.setattr(pruner.io.pretrained, "_check_folder", lambda folder: read.append(folder))
     with pytest.raises(PrunerError, match="sees no GPU; use 'cpu'"):
         pruner.load_pretrained(tmp_path / "export", device="cuda")
     assert read == []  # refused before the folder was read

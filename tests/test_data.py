@@ -19,7 +19,7 @@ needs_shared = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from pruner.lightning_modules.testing import save_tiny_llama
+    from pruner.testing import save_tiny_llama
 
     return D.load_tokenizer(str(save_tiny_llama(tmp_path_factory.mktemp("tiny"))))
 
@@ -145,7 +145,7 @@ def test_script_hub_datasets_load_from_their_parquet_conversion(tok, monkeypatch
     assert out.shape == (2, 32)
     assert [c.get("revision") for c in calls] == [None, "refs/convert/parquet"]
     assert calls[1]["path"] == "bookcorpus/bookcorpus" and calls[1]["data_dir"] == "plain_text"
-    from pruner.eval.perplexity import load_ptb_rows
+    from pruner.data import load_ptb_rows
 
     calls = _script_refusing_datasets(monkeypatch, {"sentence": ["a b c"]})
     assert load_ptb_rows(None) == ["a b c"]

@@ -1,9 +1,8 @@
-"""Distillation recovery (pruner.distillation, CausalLMModule, the callback keeping the dense
-teacher) and data-free recovery text (pruner.generated, PruneDataModule 'generated')."""
+"""Distillation recovery (pruner.recovery.distillation, CausalLMModule, the callback keeping the dense
+teacher) and data-free recovery text (pruner.data.generated, PruneDataModule 'generated')."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -13,9 +12,9 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from pruner.callbacks import StructuralPruneCallback
-from pruner.distillation import distillation_loss
+from pruner.recovery import distillation_loss
 from pruner.errors import PrunerError
-from pruner.generated import NucleusSampler, generate_samples, inverse_cdf_draw
+from pruner.data.generated import generate_samples, inverse_cdf_draw, NucleusSampler
 from pruner.testing import tiny_causal_lm
 
 from .conftest import SUBPROCESS_TIMEOUT
@@ -24,7 +23,7 @@ from .test_callback import _alpaca, _trainer, run_in_subprocess
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from pruner.lightning_modules.testing import save_tiny_llama
+    from pruner.testing import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
@@ -165,7 +164,7 @@ def test_callback_keeps_the_dense_teacher_and_distillation_pulls_the_student_to_
 
 
 def _tok(tiny_dir):
-    from pruner.data import load_tokenizer
+    from pruner.io import load_tokenizer
 
     return load_tokenizer(str(tiny_dir))
 
@@ -196,8 +195,8 @@ import os, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from pruner.errors import PrunerError
-from pruner.generated import generate_samples
-from pruner.plan import model_fingerprint
+from pruner.data.generated import generate_samples
+from pruner.structure import model_fingerprint
 from pruner.testing import tiny_causal_lm
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group("gloo", rank=0, world_size=1)
@@ -235,8 +234,8 @@ def test_a_sharded_model_keeps_its_fingerprint_and_records_no_states(tmp_path):
 
 
 def test_states_saved_while_writing_give_the_teachers_logits(tiny_dir, tmp_path):
-    from pruner.generated import read_states
-    from pruner.plan import model_fingerprint
+    from pruner.data.generated import read_states
+    from pruner.structure import model_fingerprint
 
     model, tok = tiny_causal_lm("llama", vocab_size=len(_tok(tiny_dir))), _tok(tiny_dir)
     settings = dict(seed=3, cache_dir=tmp_path / "a", chunk_size=4)
@@ -264,7 +263,7 @@ def test_states_saved_while_writing_give_the_teachers_logits(tiny_dir, tmp_path)
 def test_logits_post_processed_after_the_output_layer_are_detected():
     import transformers as tf
 
-    from pruner.generated import output_layer_reproduces_logits
+    from pruner.data.generated import output_layer_reproduces_logits
 
     assert output_layer_reproduces_logits(tiny_causal_lm("llama"))
     assert output_layer_reproduces_logits(tiny_causal_lm("qwen2"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pruner.eval.cli import main
-from pruner.eval.testing import CORPUS, tiny_llama, tiny_tokenizer
+from pruner.testing import CORPUS, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def workspace(tmp_path_factory):
     (root / "zs").mkdir()
     items = [{"query": "Question : the cat ?", "choices": ["yes", "no the dog"], "gold": k % 2} for k in range(4)]
     (root / "zs" / "toy.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
-    from pruner.plan import LayerPlan, Plan
+    from pruner.structure import LayerPlan, Plan
 
     Plan([LayerPlan(0, heads_kept=[0, 1])], model={"num_attention_heads": 4}).save(root / "pruned" / "plan.json")
     return root

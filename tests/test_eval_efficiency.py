@@ -4,17 +4,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from pruner.eval.efficiency import (
-    attention_heads,
-    count_parameters,
-    macs_per_token,
-    measure_latency,
-    peak_memory,
-    weights_bytes,
-)
-from pruner.eval.testing import shrink_layer, tiny_llama
+from pruner.eval.efficiency import attention_heads, macs_per_token, measure_latency, weights_bytes
+from pruner.structure import count_parameters
+from pruner.testing import shrink_layer, tiny_llama
 
 from .conftest import SUBPROCESS_TIMEOUT
 

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruner.eval.perplexity import load_ptb_rows, load_wikitext2_rows, perplexity, tokenize_rows
-from pruner.eval.testing import CORPUS, tiny_llama, tiny_tokenizer
+from pruner.data import load_ptb_rows, load_wikitext2_rows, tokenize_rows
+from pruner.eval.perplexity import perplexity
+from pruner.testing import CORPUS, tiny_llama, tiny_tokenizer
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_raw" / "wiki.test.raw"
 ROWS = [s + "\n" for s in CORPUS] * 6  # ~500 word-level tokens

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pruner.eval.report import compare, format_tables, generate_samples, plot_plan, write_report
-from pruner.eval.testing import CORPUS, shrink_layer, tiny_llama, tiny_tokenizer
+from pruner.testing import CORPUS, shrink_layer, tiny_llama, tiny_tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

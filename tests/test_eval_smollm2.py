@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruner.eval.perplexity import load_wikitext2_rows, perplexity, tokenize_rows
+from pruner.data import load_wikitext2_rows, tokenize_rows
+from pruner.eval.perplexity import perplexity
 from pruner.eval.zeroshot import evaluate_zeroshot, lm_eval_version
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -27,7 +28,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from pruner.models import load_model
+    from pruner.io import load_model
 
     return load_model("smollm2")
 

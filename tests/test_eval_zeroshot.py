@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruner.eval.testing import tiny_llama, tiny_tokenizer
+from pruner.testing import tiny_llama, tiny_tokenizer
 from pruner.eval.zeroshot import (
     continuation_logprobs,
     encode_pair,

@@ -1,7 +1,6 @@
 """GGUF export: layouts, checks before writing, and the file run by a real llama.cpp
 (llama-cpp-python; those tests skip where it is absent, CI installs it)."""
 
-import copy
 import importlib.util
 import subprocess
 import sys
@@ -11,7 +10,9 @@ import pytest
 import torch
 
 import pruner
-from pruner.gguf_export import describe, export_gguf, pre_tokenizer_name, rotary_permutation
+import pruner.io.gguf
+from pruner.io import export_gguf
+from pruner.io.gguf import describe, pre_tokenizer_name, rotary_permutation
 from pruner.testing import tiny_causal_lm
 
 from .conftest import SUBPROCESS_TIMEOUT, needs_smollm2
@@ -137,7 +138,7 @@ def test_qwen2_is_written_with_its_biases_permuted_like_its_rows():
     model = _qwen2(uneven=True)
     layout = describe(model)
     assert layout.architecture == "deci" and layout.qkv_bias
-    tensors = dict(pruner.gguf_export._tensors(model, layout))
+    tensors = dict(pruner.io.gguf._tensors(model, layout))
     attn = model.model.layers[1].self_attn
     assert torch.equal(tensors["blk.1.attn_q.bias"], rotary_permutation(attn.q_proj.bias, layout.heads[1]))
     assert torch.equal(tensors["blk.1.attn_k.bias"], rotary_permutation(attn.k_proj.bias, layout.kv_heads[1]))
@@ -153,7 +154,7 @@ def test_sliding_window_qwen2_is_refused(tmp_path):
 
 
 def test_unmerged_lora_is_refused(tmp_path):
-    from pruner.lora import LoraSettings, attach_lora
+    from pruner.recovery import attach_lora, LoraSettings
 
     model = _tiny()
     attach_lora(model, LoraSettings(r=2))
@@ -188,7 +189,7 @@ def test_existing_file_is_kept_unless_overwrite(tmp_path):
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):
-    import pruner.gguf_export as ge
+    import pruner.io.gguf as ge
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -227,8 +228,8 @@ def test_bad_dtype_and_missing_tokenizer_are_refused(tmp_path):
 def test_smollm2_tokenizer_is_named_as_llama_cpp_names_it_and_copied_from_its_gguf(tmp_path):
     import gguf
 
-    from pruner.data import load_tokenizer
-    from pruner.models import SMOLLM2_GGUF, smollm2_folder
+    from pruner.io import load_tokenizer
+    from pruner.io.models import smollm2_folder, SMOLLM2_GGUF
 
     assert pre_tokenizer_name(load_tokenizer("smollm2")) == "smollm"
     model = _tiny(vocab_size=49152)

@@ -17,7 +17,7 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from pruner.lightning_modules.testing import save_tiny_llama
+    from pruner.testing import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 

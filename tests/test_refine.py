@@ -1,4 +1,4 @@
-"""Measured choice of attention removals (pruner.refine): same sizes, lower calibration loss,
+"""Measured choice of attention removals (pruner.selection.measured): same sizes, lower calibration loss,
 weights untouched, and the exhaustive choice is the brute-force optimum."""
 
 import itertools
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import pruner
-from pruner.api import estimate_importance, make_plan
+from pruner.loop import estimate_importance, make_plan
 from pruner.config import PruneConfig
-from pruner.refine import refine_attention
+from pruner.selection import refine_attention
 from pruner.testing import tiny_causal_lm
 
 

@@ -7,11 +7,11 @@ import torch
 from torch.testing import assert_close
 
 import pruner
-from pruner import regional
-from pruner.api import collect_inputs
-from pruner.discovery import discover
+from pruner.refit import regional
+from pruner.refit import collect_inputs
+from pruner.structure import discover
 from pruner.errors import PrunerError
-from pruner.reconstruction import GramCollector
+from pruner.refit import GramCollector
 from pruner.testing import tiny_causal_lm
 
 COMMON = dict(pruning_ratio=0.5, prune_attention=False, reconstruct=True, reconstruct_damping=0.01)

@@ -34,7 +34,7 @@ def _batches(n: int = 2, seed: int = 0) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    from pruner.lightning_modules.testing import save_tiny_llama
+    from pruner.testing import save_tiny_llama
 
     return save_tiny_llama(tmp_path_factory.mktemp("tiny"))
 
@@ -59,7 +59,7 @@ class Ctx:
         self.tracked.append((self.model, _state(self.model)))
 
     def tokenizer(self):
-        from pruner.data import load_tokenizer
+        from pruner.io import load_tokenizer
 
         return load_tokenizer(str(self.tiny_dir))
 
@@ -231,7 +231,7 @@ def _zeroshot(c: Ctx, text: str, limit=None):
 
 
 def _per_sample(c: Ctx):
-    from pruner.discovery import discover
+    from pruner.structure import discover
     from pruner.importance import ImportanceEstimator
 
     fams = [discover(c.model).layers[0].mlp.channels]
@@ -337,7 +337,7 @@ def _datamodule(**kw):
 
 def _lora_settings(**kw):
     def run(c: Ctx):
-        from pruner.lora import LoraSettings
+        from pruner.recovery import LoraSettings
 
         return LoraSettings(**kw)
 
@@ -518,7 +518,7 @@ CASES = [
          "calibration source must be 'builtin', a file or folder path", "a list of texts"),
     Case("calibration-source-empty", lambda c: calibration_samples("", c.tokenizer(), 4, 16), PrunerError,
          "the calibration source is an empty string", "give 'builtin'"),
-    Case("generate-temperature", lambda c: __import__("pruner.generated", fromlist=["g"]).generate_samples(
+    Case("generate-temperature", lambda c: __import__("pruner.data.generated", fromlist=["g"]).generate_samples(
         c.model, c.tokenizer(), 2, 8, temperature=-1.0), PrunerError, "temperature must be a finite number > 0",
          "1.0 samples the model's own distribution"),
     Case("perplexity-window", lambda c: __import__("pruner.eval.perplexity", fromlist=["p"]).perplexity(
@@ -828,7 +828,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.parametrize("where", ["_set_attention_sizes", "_remove_layers", "_shrink_hidden"])
 def test_a_failure_in_the_middle_of_surgery_leaves_the_model_as_it_was(where, monkeypatch):
-    import pruner.surgery as surgery
+    import pruner.structure.surgery as surgery
 
     model = tiny_causal_lm("llama")
     weights, config = _state(model)
@@ -854,7 +854,7 @@ def test_a_failure_in_the_middle_of_surgery_leaves_the_model_as_it_was(where, mo
 
 
 def test_a_failing_second_step_undoes_the_first(monkeypatch):
-    import pruner.pipeline as pipeline
+    import pruner.loop.steps as pipeline
 
     model = tiny_causal_lm("llama")
     weights, _ = _state(model)
@@ -881,7 +881,7 @@ def test_of_two_concurrent_exports_to_a_new_folder_one_wins_and_the_other_raises
     script = textwrap.dedent('''
         import sys, time
         from pathlib import Path
-        import pruner, pruner.io as io
+        import pruner, pruner.io.pretrained as io
         from pruner.testing import tiny_causal_lm
         folder, go, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
         original = io._put_in_place
@@ -940,8 +940,8 @@ def test_home_folders_are_expanded(tmp_path, monkeypatch):
 def test_loading_an_export_never_runs_its_modeling_file(tmp_path):
     model = tiny_causal_lm("llama")
     plan = pruner.prune(model, _batches(), target_sparsity=0.2, global_ranking=True)  # uneven widths: auto_map
-    from pruner.data import load_tokenizer
-    from pruner.lightning_modules.testing import save_tiny_llama
+    from pruner.io import load_tokenizer
+    from pruner.testing import save_tiny_llama
 
     tokenizer = load_tokenizer(str(save_tiny_llama(tmp_path / "tok")))
     folder = pruner.save_pretrained(model, tmp_path / "export", plan=plan, tokenizer=tokenizer)
@@ -999,7 +999,7 @@ KILL_SCRIPT = textwrap.dedent('''
     import sys, time
     from pathlib import Path
     import pruner
-    from pruner.plan import Plan
+    from pruner.structure import Plan
     from pruner.testing import tiny_causal_lm
 
     folder, marker, seed = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import pruner
-from pruner.api import families_for
+from pruner.loop import families_for
 from pruner.config import PruneConfig
-from pruner.discovery import discover
-from pruner.pipeline import make_plan
-from pruner.reconstruction import greedy_obs, greedy_obs_eager
+from pruner.structure import discover
+from pruner.loop import make_plan
+from pruner.refit import greedy_obs
+from pruner.refit.obs import greedy_obs_eager
 from pruner.testing import tiny_causal_lm
 
 from . import selection_reference as reference

@@ -14,7 +14,6 @@ is skipped. Bad paths end with a one-line error and exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,7 +61,7 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> tuple[dict | No
     written, a plan that does not parse. Returns the plan for the plots (``--plan``, or plan.json
     of a ``--compare``) and the device the models will run on."""
     from pruner.eval.zeroshot import load_items
-    from pruner.models import resolve_model_source
+    from pruner.io import resolve_model_source
 
     for flag, value, minimum in (("--limit", args.limit, 1), ("--max-tokens", args.max_tokens, 2),
                                  ("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1),
@@ -93,7 +92,7 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> tuple[dict | No
                 raise FileNotFoundError(f"zero-shot task file not found: {path}")
             load_items(path, args.limit)  # parses and checks the items the run will score
     check_writable_folder("--output", args.output, "give a folder for the report that you can write to")
-    from pruner.plan import Plan
+    from pruner.structure import Plan
 
     if args.plan:
         return Plan.load(args.plan).to_dict(), device  # FileNotFoundError / PrunerError naming the file
@@ -112,9 +111,9 @@ def _label(name: str, taken: set[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pruner.eval.perplexity import load_wikitext2_rows
+    from pruner.data import load_wikitext2_rows
     from pruner.eval.report import compare, format_generations, format_tables, write_report
-    from pruner.models import load_model
+    from pruner.io import load_model
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     plan, device = _check_inputs(args, tasks)

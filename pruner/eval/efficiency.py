@@ -5,8 +5,9 @@ Every size is read from the modules themselves (``nn.Linear`` shapes, each atten
 layers have different numbers of heads or MLP channels are measured correctly.
 
 Example:
-    >>> from pruner.eval.efficiency import count_parameters, macs_per_token
-    >>> from pruner.eval.testing import tiny_llama
+    >>> from pruner.eval.efficiency import macs_per_token
+    >>> from pruner.structure import count_parameters
+    >>> from pruner.testing import tiny_llama
     >>> model = tiny_llama(vocab_size=62)
     >>> count_parameters(model), macs_per_token(model, seq_len=64)
     (69696, 81792)
@@ -23,14 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters; tied weights (shared tensors) are counted once."""
-    from pruner.checks import check_model
-
-    check_model(model)
-    # model.parameters() already de-duplicates shared Parameters (tied embeddings).
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+from ..structure import count_parameters  # noqa: F401  (pruner.eval.efficiency's too: tied weights counted once)
 
 
 def weights_bytes(model: nn.Module) -> int:

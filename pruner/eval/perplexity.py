@@ -6,7 +6,8 @@ tokens (the incomplete last window is dropped); the perplexity is ``exp`` of the
 log-likelihood over the ``seq_len - 1`` predicted tokens of every window.
 
 Example:
-    >>> from pruner.eval.perplexity import load_wikitext2_rows, perplexity  # doctest: +SKIP
+    >>> from pruner.data import load_wikitext2_rows
+    >>> from pruner.eval.perplexity import perplexity  # doctest: +SKIP
     >>> rows = load_wikitext2_rows("../shared/data/wikitext2_raw/wiki.test.raw")  # doctest: +SKIP
     >>> perplexity(model, tokenizer, rows, seq_len=128, max_tokens=32768)  # doctest: +SKIP
     56.35...
@@ -15,63 +16,11 @@ Example:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
-from pruner.errors import PrunerError
-
-
-def _raw_lines_to_rows(path: str | Path) -> list[str]:
-    """Rows of a raw WikiText file laid out like the Hugging Face ``wikitext`` test split."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        # The hub rows keep each line's newline and turn blank lines into "" (see
-        # shared/data/README.md); getting this wrong changes the tokens and the perplexity.
-        lines = f.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the file does not start another row
-    return [line + "\n" if line.strip() else "" for line in lines]
-
-
-def load_wikitext2_rows(path: str | Path | None = None) -> list[str]:
-    """WikiText-2 raw test rows: from a local ``wiki.test.raw`` or, when ``path`` is None, from
-    the hub (``wikitext`` / ``wikitext-2-raw-v1``, test split; needs internet once)."""
-    if path is not None:
-        return _raw_lines_to_rows(path)
-    from pruner.hub import load_hub_dataset
-
-    return list(load_hub_dataset("wikitext-2-raw-v1", "test")["text"])
-
-
-def load_ptb_rows(path: str | Path | None = None, split: str = "test") -> list[str]:
-    """Penn Treebank sentences: one per non-blank line of a local file (e.g. ``ptb.test.txt``,
-    stripped) or, when ``path`` is None, the hub ``ptb_text_only`` ``split``'s ``sentence`` field.
-
-    Note: the LLM-Pruner reference code evaluates PTB on the *validation* split
-    (``split="validation"``); the test split is the default here.
-    """
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"text file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    from pruner.hub import load_hub_dataset
-
-    return list(load_hub_dataset("ptb", split)["sentence"])
-
-
-def tokenize_rows(tokenizer, rows: list[str], max_tokens: int | None = None) -> torch.Tensor:
-    """The token ids of ``"\\n\\n".join(rows)`` without special tokens, shape ``(n_tokens,)``."""
-    text = "\n\n".join(rows)
-    # verbose=False: the whole test set is far longer than model_max_length, on purpose.
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    return torch.tensor(ids, dtype=torch.long)
+from ..data.evaluation import load_ptb_rows, load_wikitext2_rows, tokenize_rows  # noqa: F401  (pruner.eval's API)
+from ..errors import PrunerError
 
 
 @torch.no_grad()

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
-from pruner.eval.efficiency import count_parameters, efficiency
-from pruner.eval.perplexity import load_wikitext2_rows, perplexity
+from pruner.eval.efficiency import efficiency
+from pruner.structure import count_parameters
+from pruner.data import load_wikitext2_rows
+from pruner.eval.perplexity import perplexity
 from pruner.eval.zeroshot import LOCAL_TASKS, evaluate_zeroshot, lm_eval_version
 
 DEFAULT_PROMPTS = [

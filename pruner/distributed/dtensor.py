@@ -1,0 +1,48 @@
+"""DTensor helpers (FSDP2 / tensor parallel): whether a model is sharded, a rank's shard of a
+tensor, and where that shard sits in the full tensor. Plain ``torch.distributed``, no Lightning.
+
+Example:
+    >>> import torch
+    >>> local_tensor(torch.ones(2)).tolist(), shard_offset(torch.ones(2), 0)
+    ([1.0, 1.0], None)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed support
+        return None
+    return DTensor
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is a DTensor (sharded by FSDP2 or tensor parallel)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise)."""
+    dtensor = _dtensor_type()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def shard_offset(t: torch.Tensor, dim: int) -> int | None:
+    """Where this rank's shard of ``t`` starts along ``dim`` in the full tensor; None when ``dim``
+    is not sharded (the shard then holds the whole extent of ``dim``)."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(t, dtensor):
+        return None
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not any(isinstance(p, Shard) and p.dim == dim for p in t.placements):
+        return None
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return int(offset[dim])

@@ -1,0 +1,90 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): full copies of sharded models, and pruned
+skeletons to load them into.
+
+Structural surgery needs whole weights, so a sharded model is gathered into an ordinary
+(unsharded) copy, pruned, and sharded again by the caller. Gathering is a collective: every rank
+must call these functions in the same order. Plain ``torch.distributed``, no Lightning.
+
+Example:
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+    >>> from pruner.distributed.dtensor import is_sharded
+    >>> is_sharded(model)
+    False
+    >>> copy = unsharded_copy(model)  # works on plain models too (a deep copy through meta)
+    >>> bool((copy.model.embed_tokens.weight == model.model.embed_tokens.weight).all())
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..structure import shapes
+from ..structure.spec import base_class, clean_config, shape_spec
+from .dtensor import local_tensor
+
+
+def full_state_dict(model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model`` as a full CPU tensor (tied weights once per name).
+
+    Collective for sharded tensors: all ranks must call it. ``keep=False`` takes part in the
+    gathers without keeping anything (ranks that do not need the copy), so the extra memory on
+    those ranks is one tensor at a time."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if keep:
+            out[name] = full.detach().to("cpu", copy=True)
+    return out
+
+
+def build_skeleton(model: nn.Module) -> tuple[type, object, dict]:
+    """(class, clean config, shape spec) that rebuild ``model``'s architecture, pruned widths
+    included, with :func:`skeleton_from`. ``model`` must be a plain (non-peft) HF model;
+    sharded is fine (DTensor shapes are the full shapes)."""
+    cfg = clean_config(model)
+    return base_class(model), cfg, shape_spec(model, cfg)
+
+
+def skeleton_from(base: type, cfg, spec: dict) -> nn.Module:
+    """An HF model of class ``base`` with the widths of ``spec``, on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = base(copy.deepcopy(cfg))
+    shapes.apply_shape_spec(model, spec)
+    return model
+
+
+@torch.no_grad()
+def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor], buffers_from: nn.Module) -> nn.Module:
+    """Loads full tensors into a meta ``skeleton`` (whose parameter names match ``state``), takes
+    the non-persistent buffers (e.g. rotary ``inv_freq``, which state dicts omit) from
+    ``buffers_from``, and re-ties tied embeddings."""
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    own = dict(skeleton.named_buffers())
+    for name, buf in buffers_from.named_buffers():
+        if name in own and own[name].is_meta:
+            module_name, _, attr = name.rpartition(".")
+            module = skeleton.get_submodule(module_name) if module_name else skeleton
+            module._buffers[attr] = local_tensor(buf).detach().to("cpu", copy=True)
+    still_meta = [n for n, t in [*skeleton.named_parameters(), *skeleton.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"could not materialize {still_meta[:3]}: no tensor for them in the state dict")
+    tie = getattr(skeleton, "tie_weights", None)
+    if tie is not None and getattr(getattr(skeleton, "config", None), "tie_word_embeddings", False):
+        tie()
+    return skeleton
+
+
+def unsharded_copy(model: nn.Module) -> nn.Module:
+    """An ordinary CPU copy of an HF model (sharded by FSDP2 or not), same dtype and widths.
+    Collective when sharded: every rank must call it; every rank gets the copy."""
+    base, cfg, spec = build_skeleton(model)
+    state = full_state_dict(model)
+    copy_ = materialize(skeleton_from(base, cfg, spec), state, model)
+    copy_.train(model.training)
+    return copy_

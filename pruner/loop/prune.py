@@ -1,0 +1,117 @@
+"""``pruner.prune``: calibration -> importance -> selection -> exact removal, in one call.
+
+Example:
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> _ = torch.manual_seed(0)
+    >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    >>> batches = [torch.randint(0, 128, (2, 16)) for _ in range(2)]
+    >>> plan = prune(model, batches, target_sparsity=0.2, global_ranking=True)
+    >>> round(plan.params["removed_fraction"], 2)  # of ALL parameters, embeddings included
+    0.2
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from ..batches import MICRO_BATCH_TOKENS, as_batch, check_inputs
+from ..checks import check_int, check_model
+from ..config import PruneConfig
+from ..errors import PrunerError
+from ..refit.regional import target_modules
+from ..refit.statistics import GramCollector, collect_inputs, collect_output_fisher, consumers
+from ..structure import ModelStructure, Plan, count_parameters, discover, model_fingerprint
+from .calibration import estimate_importance
+from .steps import StepHooks, finish_plan, prune_steps
+
+
+def prune(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    criterion: str = "element1",
+    aggregation: str = "sum",
+    mode: str = "block",
+    target_sparsity: float | None = None,
+    pruning_ratio: float | None = None,
+    attention_layers: tuple[int, int] | None = None,
+    mlp_layers: tuple[int, int] | None = None,
+    progress: bool = False,
+    reconstruction_batches: Iterable | None = None,
+    max_tokens_per_backward: int | None = MICRO_BATCH_TOKENS,
+    **more,
+) -> Plan:
+    """Prunes ``model`` in place and returns the :class:`Plan` (indices of the dense model).
+
+    ``batches``: input_ids tensors (B, T) or dicts holding ``input_ids``. ``target_sparsity``:
+    fraction of total parameters to remove; ``pruning_ratio``: the paper's per-structure ratio.
+    ``attention_layers`` / ``mlp_layers``: half-open layer ranges. Further options are the
+    fields of :class:`pruner.config.PruneConfig` (``layers``, ``head_granularity``,
+    ``global_ranking``, ``max_layer_ratio``, ``round_to``, ``iterative_steps``, ``seed``,
+    ``reconstruct``, ``reconstruct_damping``, ``attention_selection``, ``mlp_selection``,
+    ``regional_epochs``, ``regional_lr``).
+    ``reconstruction_batches``: with ``reconstruct``, the inputs whose statistics the refit uses
+    (forward passes only, so many more tokens than the calibration batches are affordable);
+    None = the calibration batches. ``max_tokens_per_backward``: calibration batches run in
+    backward passes of at most this many tokens (whole samples; the scores are the whole
+    batch's), which bounds the memory; None = one backward per batch.
+    Every argument is checked before the model is touched, and a failure at any later point
+    leaves the model as it was.
+    """
+    check_model(model)
+    if max_tokens_per_backward is not None:
+        check_int("max_tokens_per_backward", max_tokens_per_backward, 1, fix="or None for one backward per batch")
+    if batches is None or isinstance(batches, (str, bytes, dict)) or not hasattr(batches, "__iter__"):
+        raise PrunerError(f"batches must be an iterable of calibration batches (input_ids tensors or dicts), got "
+                          f"{type(batches).__name__}: e.g. [pruner.data.calibration_samples(...)]")
+    unknown = set(more) - set(PruneConfig.__dataclass_fields__)
+    if unknown:
+        raise PrunerError(f"unknown prune() option(s) {sorted(unknown)}; valid: {sorted(PruneConfig.__dataclass_fields__)}")
+    cfg = PruneConfig(criterion=criterion, aggregation=aggregation, mode=mode, target_sparsity=target_sparsity,
+                      pruning_ratio=pruning_ratio, attention_layers=attention_layers, mlp_layers=mlp_layers, **more)
+    device = next(model.parameters()).device
+    batches = [as_batch(b, device) for b in batches]  # validated and normalised once, up front
+    for i, b in enumerate(batches):
+        check_inputs(b, model.config, f"calibration batch {i}")
+    extra = list(reconstruction_batches) if reconstruction_batches is not None else None
+    if extra is not None and not cfg.reconstruct:
+        raise PrunerError("reconstruction_batches are only used with reconstruct=True: set it, or drop them")
+    if extra is not None and not extra:
+        raise PrunerError("reconstruction_batches is empty: pass input_ids batches, or None to reuse the calibration")
+    for i, b in enumerate(extra or []):
+        check_inputs(as_batch(b, "cpu"), model.config, f"reconstruction batch {i}")
+    if not batches and extra is None and cfg.mlp_selection == "obs-fisher":
+        raise PrunerError("mlp_selection='obs-fisher' runs backward passes over the refit's text: pass calibration "
+                          "batches or reconstruction_batches, or use mlp_selection='obs'")
+    if not batches and cfg.criterion not in ("l1", "l2", "random"):
+        raise PrunerError(f"no calibration batches: criterion {cfg.criterion!r} needs at least one; pass "
+                          "input_ids batches, or use a data-free criterion (l1, l2, random)")
+    dense_structure = discover(model, seed=cfg.seed)
+    cfg.check_model(len(dense_structure.layers))
+    total_before = count_parameters(model)
+    fingerprint = model_fingerprint(model)
+
+    def estimate(model: nn.Module, structure: ModelStructure, step_cfg: PruneConfig):
+        outputs = target_modules(structure, cfg) if cfg.regional_epochs else None  # the regional fit's targets
+        collector = GramCollector(model, consumers(structure, cfg), outputs) if cfg.reconstruct else None
+        vectors = estimate_importance(model, batches, structure, step_cfg, progress,
+                                      collector if extra is None else None,
+                                      max_tokens_per_backward=max_tokens_per_backward)
+        if collector is not None and extra is not None:
+            collect_inputs(model, extra, collector, progress)
+        if cfg.mlp_selection == "obs-fisher":  # the output Fisher from the refit's text
+            collect_output_fisher(model, extra if extra is not None else batches, collector, cfg.fisher_samples)
+        return vectors, collector
+
+    text = [as_batch(b, device) for b in extra] if extra is not None else batches  # what the statistics pass runs
+    hooks = StepHooks(estimate=estimate, refine_batches=batches, regional_batches=text if cfg.regional_epochs else [])
+    plan = prune_steps(model, dense_structure, cfg, hooks)
+    calibration = {"batches": len(batches), "samples": sum(b["input_ids"].shape[0] for b in batches),
+                   "tokens_per_sample": int(batches[0]["input_ids"].shape[1]) if batches else 0}
+    if extra is not None:
+        calibration["reconstruction_tokens"] = sum(as_batch(b, "cpu")["input_ids"].numel() for b in extra)
+    return finish_plan(plan, model, dense_structure, fingerprint, total_before, cfg, calibration)
