@@ -6,6 +6,7 @@ Example:
     'block'
 """
 
-from .pruning import StructuralPruneCallback, load_pruned_checkpoint
+from .pruning import StructuralPruneCallback
+from .resume import load_pruned_checkpoint
 
 __all__ = ["StructuralPruneCallback", "load_pruned_checkpoint"]

@@ -4,7 +4,9 @@
 * :func:`check_ranks_agree`: every rank learns whether any rank chose another plan;
 * :func:`unwrap_ddp` / :func:`rebuild_training`: calibration on the bare module, then a new
   ``DistributedDataParallel`` wrapper and new optimizers for the pruned (+ LoRA) parameters;
-* :func:`shard_causal_lm`: FSDP2 (``fully_shard``) of a pruned model, per decoder layer and root.
+* :func:`shard_causal_lm` / :func:`reshard`: FSDP2 (``fully_shard``) of a pruned model, per decoder
+  layer and root, or the module's own ``shard_model()``;
+* :func:`strategy_ranks`: the strategy's collectives as a :class:`pruner.loop.Ranks` for the session.
 
 Single-device strategies make all of these no-ops (their ``reduce`` returns its input).
 
@@ -25,6 +27,8 @@ import torch
 from torch import nn
 
 from pruner.errors import PrunerError
+from pruner.loop import Ranks
+from pruner.structure import find_layer_stack
 
 
 def all_reduce_dict(strategy, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,3 +112,19 @@ def is_fsdp_module(module: nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(module, FSDPModule)
+
+
+def strategy_ranks(trainer: pl.Trainer, device: torch.device) -> Ranks:
+    """The strategy's sums over ranks, as the prune session takes them (identity on one device)."""
+    return Ranks(world_size=trainer.world_size, reduce=lambda tensors: all_reduce_dict(trainer.strategy, tensors),
+                 all_reduce=lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu())
+
+
+def reshard(pl_module: pl.LightningModule, model: nn.Module) -> None:
+    """FSDP2 of the pruned ``model``: the module's own ``shard_model()`` if it has one, else per
+    decoder layer + root on the module's data-parallel mesh."""
+    shard = getattr(pl_module, "shard_model", None)
+    if callable(shard):
+        shard()
+        return
+    shard_causal_lm(model, find_layer_stack(model)[0], data_parallel_mesh(pl_module))

@@ -1,5 +1,5 @@
 """``report.md`` of a pruning fit: parameters before/after, validation perplexity at the three
-moments the callback measures it, and the settings that shaped the result.
+moments the callback measures it (:func:`measure_perplexity`), and the settings that shaped the result.
 
 Example:
     >>> from pruner.structure import LayerPlan, Plan
@@ -11,6 +11,12 @@ Example:
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from pruner.eval.perplexity import loader_perplexity
 from pruner.structure import Plan
 
 REPORT_SETTINGS = ("criterion", "aggregation", "mode", "target_sparsity", "pruning_ratio", "global_ranking",
@@ -48,3 +54,22 @@ def pruning_report(plan: Plan, perplexity: dict[str, float], recovery_steps: int
                      f"{fit['seconds']:.0f} s (per layer: plan.json)")
     lines += ["", "The exact plan is in plan.json."]
     return "\n".join(lines) + "\n"
+
+
+def measure_perplexity(trainer: pl.Trainer, model: nn.Module, device: torch.device, when: str) -> float | None:
+    """Validation perplexity of ``model`` now (every rank computes the same), on the datamodule's
+    validation batches when they are dicts holding ``input_ids``; None where there are none.
+    Under FSDP2 ``model`` is the root of the sharding, whose hooks gather its weights."""
+    dm = trainer.datamodule
+    if dm is None or not callable(getattr(dm, "val_dataloader", None)):
+        return None
+    loader = dm.val_dataloader()
+    if not loader:
+        return None
+    first = next(iter(loader), None)
+    if not isinstance(first, dict) or not torch.is_tensor(first.get("input_ids")):
+        if when == "dense":
+            rank_zero_info("StructuralPruneCallback: the validation batches are not dicts holding 'input_ids': "
+                           "no perplexity report (report_perplexity: false silences this)")
+        return None
+    return loader_perplexity(model, loader, device)

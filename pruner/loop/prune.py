@@ -22,11 +22,9 @@ from ..batches import MICRO_BATCH_TOKENS, as_batch, check_inputs
 from ..checks import check_int, check_model
 from ..config import PruneConfig
 from ..errors import PrunerError
-from ..refit.regional import target_modules
-from ..refit.statistics import GramCollector, collect_inputs, collect_output_fisher, consumers
-from ..structure import ModelStructure, Plan, count_parameters, discover, model_fingerprint
-from .calibration import estimate_importance
-from .steps import StepHooks, finish_plan, prune_steps
+from ..importance import CRITERIA
+from ..structure import Plan
+from .session import PruneSession
 
 
 def prune(
@@ -87,31 +85,11 @@ def prune(
     if not batches and extra is None and cfg.mlp_selection == "obs-fisher":
         raise PrunerError("mlp_selection='obs-fisher' runs backward passes over the refit's text: pass calibration "
                           "batches or reconstruction_batches, or use mlp_selection='obs'")
-    if not batches and cfg.criterion not in ("l1", "l2", "random"):
+    needs_data = CRITERIA[cfg.criterion].needs_gradients or CRITERIA[cfg.criterion].needs_activations
+    if not batches and needs_data:
+        data_free = sorted(n for n, c in CRITERIA.items() if not (c.needs_gradients or c.needs_activations))
         raise PrunerError(f"no calibration batches: criterion {cfg.criterion!r} needs at least one; pass "
-                          "input_ids batches, or use a data-free criterion (l1, l2, random)")
-    dense_structure = discover(model, seed=cfg.seed)
-    cfg.check_model(len(dense_structure.layers))
-    total_before = count_parameters(model)
-    fingerprint = model_fingerprint(model)
-
-    def estimate(model: nn.Module, structure: ModelStructure, step_cfg: PruneConfig):
-        outputs = target_modules(structure, cfg) if cfg.regional_epochs else None  # the regional fit's targets
-        collector = GramCollector(model, consumers(structure, cfg), outputs) if cfg.reconstruct else None
-        vectors = estimate_importance(model, batches, structure, step_cfg, progress,
-                                      collector if extra is None else None,
-                                      max_tokens_per_backward=max_tokens_per_backward)
-        if collector is not None and extra is not None:
-            collect_inputs(model, extra, collector, progress)
-        if cfg.mlp_selection == "obs-fisher":  # the output Fisher from the refit's text
-            collect_output_fisher(model, extra if extra is not None else batches, collector, cfg.fisher_samples)
-        return vectors, collector
-
-    text = [as_batch(b, device) for b in extra] if extra is not None else batches  # what the statistics pass runs
-    hooks = StepHooks(estimate=estimate, refine_batches=batches, regional_batches=text if cfg.regional_epochs else [])
-    plan = prune_steps(model, dense_structure, cfg, hooks)
-    calibration = {"batches": len(batches), "samples": sum(b["input_ids"].shape[0] for b in batches),
-                   "tokens_per_sample": int(batches[0]["input_ids"].shape[1]) if batches else 0}
-    if extra is not None:
-        calibration["reconstruction_tokens"] = sum(as_batch(b, "cpu")["input_ids"].numel() for b in extra)
-    return finish_plan(plan, model, dense_structure, fingerprint, total_before, cfg, calibration)
+                          f"input_ids batches, or use a data-free criterion ({', '.join(data_free)})")
+    session = PruneSession(model, cfg, calibration_batches=batches, reconstruction_batches=extra,
+                           max_tokens_per_backward=max_tokens_per_backward, progress=progress)
+    return session.prune(model)
