@@ -105,7 +105,7 @@ class StructuralPruneCallback(pl.Callback):
         prune_attention: block mode: prune attention heads.
         prune_mlp: block mode: prune MLP channels.
         global_ranking: rank groups across layers by score per parameter; None = True with
-            target_sparsity (the best allocation measured), False with pruning_ratio or uniform.
+            target_sparsity, False with pruning_ratio or uniform.
         max_layer_ratio: global ranking: at most this fraction of a layer's groups goes.
         attention_selection: which heads / KV groups a layer loses: score (the paper),
             measured (calibration loss with them masked, on the calibration batches this
@@ -123,8 +123,8 @@ class StructuralPruneCallback(pl.Callback):
         reconstruct: refit the kept input columns of o_proj / down_proj by ridge least squares
             so that each pruned layer reproduces the dense layer's output (no training). The
             input statistics come from the datamodule's ``reconstruction_batches()`` when it
-            has any, else from the calibration batches (too few on the paper's budget: the
-            refit then needs ``reconstruct_damping`` about 0.1; see docs/results.md).
+            has any, else from the calibration batches (few tokens: a larger
+            ``reconstruct_damping``).
         reconstruct_damping: the refit's ridge term, relative to the mean input energy.
         mlp_selection: which MLP channels a layer loses: score (the paper), obs (greedy
             Optimal Brain Surgeon on the refit's statistics; needs reconstruct) or obs-fisher

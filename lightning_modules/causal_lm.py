@@ -62,7 +62,7 @@ class CausalLMModule(LightningModule):
             "generated")``), take the teacher's logits from what its output layer received while
             it wrote the text (cached beside it) instead of a teacher forward pass at every step:
             the callback then keeps only the dense output layer, not a copy of the whole model.
-            The same loss to rounding; about a fifth of a CPU step less (docs/results.md). Models
+            The same loss to rounding, without a teacher forward per step. Models
             whose logits are not that layer's output (e.g. soft-capped) fall back to the forward.
         trust_remote_code: let transformers run modelling code shipped in the model folder
             (only for folders you trust; pruner exports never need it).

@@ -187,8 +187,7 @@ class PruneDataModule(LightningDataModule):
             cache key, since sampling in a batch draws random numbers in batch order.
         generation_temperature, generation_top_p: how the dense model samples that text
             (``pruner.data.generated.NucleusSampler``): temperature > 0 and nucleus mass in (0, 1];
-            top_p 1 (the default) draws from the model's whole distribution, which gave better
-            pruned models than 0.95 (docs/results.md). Part of the cache key.
+            top_p 1 (the default) draws from the model's whole distribution. Part of the cache key.
 
     Example:
         >>> dm = PruneDataModule(tokenizer="smollm2", calibration_samples=4)  # doctest: +SKIP

@@ -6,7 +6,7 @@
 
 Run as a program on a machine without a GPU, ``fit``, ``validate``, ``test`` and ``evaluate``
 first make glibc keep freed memory for reuse (``pruner.memory.keep_freed_memory``: the same
-model, steps 1.1-1.9x faster; ``PRUNER_KEEP_FREED_MEMORY=0`` turns it off).
+model, faster steps; ``PRUNER_KEEP_FREED_MEMORY=0`` turns it off).
 
 Example:
     >>> from pruner.__main__ import main  # doctest: +SKIP
@@ -32,7 +32,7 @@ USAGE = (
 def tune_allocator_for_cpu_steps() -> bool:
     """``pruner.memory.keep_freed_memory`` on a machine without a GPU, where the training and
     evaluation steps run on the CPU and glibc would page in their large tensors afresh at every
-    step (1.1-1.9x slower steps, docs/results.md); True when it was applied. Left alone with a
+    step (slower steps, docs/results.md); True when it was applied. Left alone with a
     GPU (the host would keep what model loading frees) and when ``PRUNER_KEEP_FREED_MEMORY=0``."""
     if os.environ.get("PRUNER_KEEP_FREED_MEMORY", "") == "0":
         return False

@@ -82,8 +82,7 @@ class PruneConfig:
     regional_epochs: int = field(
         default=0, metadata={"help": "after the refit, train each pruned layer's MLP alone for this many epochs over "
                                      "the refit's text so that the layer gives the dense layer's output again, layer "
-                                     "by layer on the pruned model's own stream (0 = off; needs reconstruct=True; "
-                                     "SmolLM2 -20 %: 2 epochs took 1.86x to 1.75x dense perplexity, 4 to 1.73x)"})
+                                     "by layer on the pruned model's own stream (0 = off; needs reconstruct=True)"})
     regional_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of regional_epochs"})
     iterative_steps: int = field(default=1, metadata={"help": "prune in this many steps, re-estimating importance"})
     seed: int = field(default=0, metadata={"help": "seed of the random criterion and probing"})
@@ -165,10 +164,9 @@ class PruneConfig:
                 setattr(self, name, r)
 
     def resolve_allocation_defaults(self) -> None:
-        """``global_ranking`` / ``head_granularity`` left at None become the best allocation measured
-        (SmolLM2, -20 %, element1, 5 calibration seeds, docs/results.md): whole KV groups and MLP
-        channels ranked across layers, 3.17x dense WikiText-2 perplexity against 4.38x for the same
-        fraction in every layer. A ``pruning_ratio`` is the paper's per-layer ratio, and
+        """``global_ranking`` / ``head_granularity`` left at None become the allocation that pruned best
+        in our measurements (docs/results.md): whole KV groups and MLP channels ranked across
+        layers by score per parameter. A ``pruning_ratio`` is the paper's per-layer ratio, and
         ``uniform`` needs equal layers, so both keep a ratio per layer (query heads inside every
         KV group, as the paper).
 
@@ -202,8 +200,8 @@ class PruneConfig:
     def rounding(self, width: int) -> int:
         """The multiple a kept width of ``width`` channels is rounded to: ``round_to``, or for None
         32 when ``width`` is a multiple of 32 of at least 1024 (a 32-channel step is then at most
-        3 % of the layer; measured on SmolLM2 at -20 %: +0.3-0.6 % WikiText-2 perplexity against any
-        width, while multiples of 8 gave 1.49x prefill against 1.18x at any width), else 1.
+        3 % of the layer; whole GGUF quantization blocks and kernel-friendly widths; what it costs
+        and gains: docs/results.md), else 1.
 
         Example:
             >>> PruneConfig(target_sparsity=0.2).rounding(1536), PruneConfig(target_sparsity=0.2).rounding(96)

@@ -3,19 +3,17 @@ between pruning phases, kept for reuse across training steps.
 
 glibc's allocator raises its mmap threshold after the first large free, so later model-sized
 temporaries (gradients, activations, sliced weights) come from the heap, which keeps them
-resident after they are freed: the resident peak of a pruning run then ran 1.4-2.3x the
-weights where the tensors needed 0.9x (benchmarks/prune_cost.py). ``release_freed_memory``
+resident after they are freed, and the resident peak of a pruning run grows well past what the
+tensors need (benchmarks/prune_cost.py). ``release_freed_memory``
 (``malloc_trim(0)``) hands the free heap pages back; it is called between the phases that free
 large temporaries.
 
 A training step is the opposite case: it frees and allocates the same large tensors (logits of
 (B, T, vocab), gradients) again and again. glibc maps every block above its mmap threshold (at
 most 32 MiB) afresh and unmaps it on free, so each step touches hundreds of thousands of new
-pages: on SmolLM2's distillation step (4 x 128 tokens, 2 cores) about 0.5 M minor page faults
-and 1.3-1.7 s of system time a step. ``keep_freed_memory`` turns mmap and automatic trimming
-off, so freed blocks are reused: 1-7 K faults a step, 1.1-1.9x faster steps and the default
-recipe of the time (48 steps) in 7 min 52 s instead of 9 min 59 s (the same model), for 0.3-0.5
-GB more resident memory (docs/results.md, "Page faults"). ``python -m pruner
+pages and spends much of the step in the kernel. ``keep_freed_memory`` turns mmap and
+automatic trimming off, so freed blocks are reused, for somewhat more resident memory
+(docs/results.md, "Page faults", has the figures). ``python -m pruner
 fit|validate|test|evaluate`` calls it on machines without a GPU (``PRUNER_KEEP_FREED_MEMORY=0``
 leaves glibc's defaults).
 

@@ -5,7 +5,7 @@ writes the text and, with distillation, also grades the pruned model on it. Samp
 chunks of ``chunk_size`` sequences, each chunk generated under its own seed, so a sample's
 content depends only on (model, seed, seq_len, chunk_size, temperature, top_p) — not on how
 many processes generate or in which order. By default the text is drawn from the model's whole
-distribution (``top_p = 1``), which pruned better than the truncated 0.95 (docs/results.md).
+distribution (``top_p = 1``; docs/results.md compares it with the truncated 0.95).
 Each finished chunk is written atomically to the cache folder
 (``cache_dir/<key>/chunk00012.json``): an interrupted run resumes where it stopped, and ranks
 of a multi-process run generate disjoint chunks into the same folder (which must then be on
@@ -110,8 +110,8 @@ class NucleusSampler(LogitsProcessor):
 def inverse_cdf_draw(weights: torch.Tensor) -> torch.Tensor:
     """One index per row of ``weights`` (B, V), non-negative, drawn with probability proportional
     to its weight: the first entry whose running sum passes a uniform point of the row's total.
-    Why not ``torch.multinomial``: on SmolLM2's 49,152 tokens at batch 64 it takes 147 ms a step on
-    2 CPU cores, this 3 ms (measured).
+    Why not ``torch.multinomial``: over a large vocabulary it is many times slower on a CPU
+    (``benchmarks/generation_speed.py``).
 
     Example:
         >>> torch.manual_seed(0) and None

@@ -11,12 +11,8 @@ relative: ``mean ||f(x) - y*||² / mean ||y*||²`` over the refit's tokens, mini
 batches of :data:`BATCH_TOKENS` tokens on an fp32 copy of the MLP; the fitted weights replace
 the MLP's only where they lower that error over all tokens.
 
-Measured on SmolLM2-135M at -20 % (``configs/smollm2_oneshot.yaml``: MLP channels by obs-fisher +
-refit on 256 x 128 self-written windows, 5 seeds, docs/results.md): WikiText-2 104.8 (1.86x dense)
--> 98.5 (1.75x) with 2 epochs at 1e-3 and 97.3 (1.73x) with 4 (the recipe), lower on every seed;
-in an experiment, dense MLP outputs as targets (no drift term) gave 102.4 on seed 0 against 96.7,
-and training the whole layer (attention too) for 2 epochs 95.5: no better than the MLP alone for 4,
-which took less time (277 s against 239-243 s).
+What it gains, and the variants tried (targets without the drift term, the whole layer fitted):
+docs/results.md, "Regional reconstruction after the one-shot prune".
 
 Example:
     >>> import torch
