@@ -66,6 +66,7 @@ from torch import nn
 from typing_extensions import override
 
 from pruner.batches import check_inputs
+from pruner.checks import plain
 from pruner.config import PruneConfig
 from pruner.distributed.gather import build_skeleton, unsharded_copy
 from pruner.errors import PrunerError
@@ -225,6 +226,7 @@ class StructuralPruneCallback(pl.Callback):
         self.lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                                  target_modules=tuple(lora_target_modules)
                                  if isinstance(lora_target_modules, (list, tuple)) else lora_target_modules)
+        calibration_batches, prune_at_step = plain(calibration_batches), plain(prune_at_step)
         checks.check_options(calibration_batches, prune_at_step, model_attribute, export_dir, tokenizer,
                              attach_lora=attach_lora, overwrite_export=overwrite_export,
                              report_perplexity=report_perplexity, verbose=verbose)

@@ -22,8 +22,24 @@ def _got(value) -> str:
     return f"got {value!r} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
 
 
+def plain(value):
+    """A NumPy (or other array-library) scalar as the Python number it holds, so that options from
+    ``np.float32(0.2)`` or ``np.int64(2)`` check, compare and serialise like 0.2 and 2; anything
+    else as it is.
+
+    Example:
+        >>> import numpy as np
+        >>> plain(np.float64(0.25)), plain(np.int64(3)), plain("a")
+        (0.25, 3, 'a')
+    """
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == () and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 def is_number(value) -> bool:
     """A real int or float; ``bool`` is not a number here (``True`` would pass as 1)."""
+    value = plain(value)
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -35,7 +51,8 @@ def check_bool(name: str, value) -> bool:
 
 
 def check_int(name: str, value, minimum: int | None = None, fix: str = "") -> int:
-    """An integer (not a bool, not a float such as 2.0) of at least ``minimum``."""
+    """An integer (not a bool, not a float such as 2.0) of at least ``minimum``; returned as a Python int."""
+    value = plain(value)
     if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
         want = "an integer" + (f" >= {minimum}" if minimum is not None else "")
         raise PrunerError(f"{name} must be {want}, {_got(value)}" + (f": {fix}" if fix else ""))
@@ -45,6 +62,7 @@ def check_int(name: str, value, minimum: int | None = None, fix: str = "") -> in
 def check_number(name: str, value, low: float | None = None, high: float | None = None, *,
                  low_open: bool = False, high_open: bool = False, fix: str = "") -> float:
     """A finite number within ``[low, high]`` (an end is excluded when ``*_open``)."""
+    value = plain(value)
     ok = is_number(value) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
@@ -109,6 +127,29 @@ def check_model(value, what: str = "model"):
         raise PrunerError(f"{what} must be a torch.nn.Module (a transformers causal LM), got {type(value).__name__}: "
                           "load it first, e.g. model, tokenizer = pruner.load_model('smollm2')")
     return value
+
+
+def check_finite_weights(model) -> None:
+    """Refuses a model holding NaN/inf weights (a damaged checkpoint, an fp16 overflow), naming the
+    first such parameter, before any pass could blame the data for them.
+
+    Example:
+        >>> import torch
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> with torch.no_grad(): layer.weight[0, 0] = float("nan")
+        >>> check_finite_weights(layer)
+        Traceback (most recent call last):
+        ...
+        pruner.errors.PrunerError: weight holds NaN/inf values: the model itself is broken (a damaged checkpoint, or weights that overflowed in a float16 conversion); load it again in float32 or bfloat16
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                raise PrunerError(f"{name} holds NaN/inf values: the model itself is broken (a damaged checkpoint, or "
+                                  "weights that overflowed in a float16 conversion); load it again in float32 or "
+                                  "bfloat16")
 
 
 def check_dtype(value):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from .checks import check_bool, check_fraction, check_int, check_number
+from .checks import check_bool, check_fraction, check_int, check_number, plain
 from .errors import PrunerError
 from .importance.aggregation import check_aggregation
 from .importance.criteria import check_criterion
@@ -88,6 +88,9 @@ class PruneConfig:
     seed: int = field(default=0, metadata={"help": "seed of the random criterion and probing"})
 
     def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:  # NumPy scalars as Python numbers: checked, compared, saved alike
+            value = getattr(self, name)
+            setattr(self, name, tuple(plain(v) for v in value) if isinstance(value, (list, tuple)) else plain(value))
         for name in ("criterion", "aggregation"):
             if not isinstance(getattr(self, name), str):
                 raise PrunerError(f"{name} must be a name (a string), got {getattr(self, name)!r}")

@@ -128,6 +128,17 @@ class ImportanceEstimator:
                 out[name] = mods[0]
         return out
 
+    def _non_finite(self, name: str, stats) -> PrunerError:
+        """Why ``name``'s saliences are NaN/inf: its weights, its gradients or its inputs."""
+        if not bool(torch.isfinite(stats.weight).all()):
+            return PrunerError(f"{name} holds NaN/inf weights: the model itself is broken (a damaged checkpoint, or "
+                               "weights that overflowed in a float16 conversion); load it again in float32 or bfloat16")
+        if self.criterion.needs_gradients:
+            return PrunerError(f"non-finite gradient (NaN/inf) in {name} during calibration: lower the precision risk "
+                               "(use float32 or bfloat16, not float16) or check the calibration data")
+        return PrunerError(f"non-finite inputs (NaN/inf) reached {name} during calibration: check the calibration "
+                           "data and the model's dtype (float32 or bfloat16, not float16)")
+
     # -- driving -------------------------------------------------------------------------------
     def attach(self) -> None:
         c = self.criterion
@@ -313,11 +324,10 @@ class ImportanceEstimator:
                 # NaN/inf in a running sum survive into every vector computed from it, so the
                 # small vectors are checked instead of the model-sized sums
                 if not bool(torch.isfinite(v).all()):
-                    raise PrunerError(
-                        f"non-finite gradient (NaN/inf) in {name} during calibration: lower the precision risk (use "
-                        "float32 or bfloat16, not float16) or check the calibration data")
-                # sums start at zero (attach), so "never reached" shows as an all-zero vector
-                if criterion.sums_gradients and not self.sharded and not bool(v.any()):
+                    raise self._non_finite(name, stats)
+                # sums start at zero (attach), so "never reached" shows as an all-zero vector; a weight
+                # that is zero itself scores zero whatever its gradient, which is a true score
+                if criterion.sums_gradients and not self.sharded and not bool(v.any()) and bool(stats.weight.any()):
                     raise PrunerError(f"{name} received no gradient during calibration; is it used by the model?")
                 out[(name, dim)] = v
             del element, stats

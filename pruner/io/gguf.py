@@ -48,6 +48,7 @@ from torch import nn
 
 from ..checks import check_bool, check_choice, current_umask, existing_ancestor
 from ..errors import PrunerError
+from ..recovery.lora import check_merged
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # dtype -> (ggml type of 2-D weights, llama.cpp file type); quantized rows hold whole blocks
@@ -113,11 +114,7 @@ def describe(model: nn.Module) -> GGUFLayout:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise PrunerError(f"GGUF export supports model types {', '.join(SUPPORTED_MODEL_TYPES)} (llama.cpp's llama / "
                           f"deci graphs), got {model_type!r}")
-    from ..recovery.lora import has_lora
-
-    if has_lora(model):
-        raise PrunerError("the model still holds LoRA adapters: merge them first (pruner.recovery.lora.merge_lora(model)), "
-                          "or export the merged folder that pruner.save_pretrained wrote")
+    check_merged(model, "export it (or export the merged folder that pruner.save_pretrained wrote)")
     window = getattr(cfg, "sliding_window", None)
     if model_type == "qwen2" and (getattr(cfg, "use_sliding_window", False)
                                   or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())):

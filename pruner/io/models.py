@@ -68,6 +68,24 @@ def is_pruned_export(folder: str | os.PathLike) -> bool:
         return False
 
 
+def refuse_remote_code(folder: str, file_name: str, what: str) -> None:
+    """Refuses, naming it, a local folder whose ``file_name`` maps a class to code shipped in the
+    folder (``auto_map``), which this package runs only with ``trust_remote_code=True``."""
+    import json
+
+    path = Path(folder) / file_name
+    try:
+        auto_map = json.loads(path.read_text()).get("auto_map") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return  # an unreadable file is reported by the loader itself
+    if auto_map:
+        names = auto_map if isinstance(auto_map, dict) else {"auto_map": auto_map}
+        listed = ", ".join(f"{k}: {v}" for k, v in list(names.items())[:2])
+        raise PrunerError(f"the {what} in {folder} is code shipped in the folder ({file_name} maps {listed}), which "
+                          f"pruner does not run unless asked: pass trust_remote_code=True if you trust the folder's "
+                          f"author, or use a {what} without custom code")
+
+
 def load_model(
     name_or_path: str = SMOLLM2_ALIAS,
     dtype: torch.dtype | str = torch.float32,
@@ -169,6 +187,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     source, gguf_file = resolve_model_source(name_or_path)
+    if not trust_remote_code:
+        refuse_remote_code(source, "tokenizer_config.json", "tokenizer")
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
                                             **({"gguf_file": gguf_file} if gguf_file else {}))

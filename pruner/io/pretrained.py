@@ -23,6 +23,7 @@ from torch import nn
 
 from ..checks import check_device, check_dtype, check_model, current_umask, existing_ancestor
 from ..errors import PrunerError
+from ..recovery.lora import check_merged
 from ..structure import Plan, shapes
 from ..structure.spec import base_class, clean_config, shape_spec, uniform_config
 from ..version import package_version
@@ -135,6 +136,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
             raise PrunerError(f"extra file name {name!r} must be a plain file name, not a path")
         if not isinstance(text, str):
             raise PrunerError(f"extra file {name!r} must be given as text (a str), got {type(text).__name__}")
+    check_merged(model, "save it")
     base = base_class(model)
     cfg = clean_config(model)
     uniform_config(model, cfg)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..batches import MICRO_BATCH_TOKENS, as_batch
+from ..checks import check_finite_weights
 from ..config import PruneConfig
 from ..errors import PrunerError
 from ..importance import ImportanceEstimator
@@ -98,6 +99,7 @@ class PruneSession:
                  reconstruction_batches: list | None = None, sharded: bool = False,
                  max_tokens_per_backward: int | None = MICRO_BATCH_TOKENS, progress: bool = False):
         self.config = config
+        check_finite_weights(model)
         self.structure: ModelStructure = discover(model, seed=config.seed)
         config.check_model(len(self.structure.layers))
         self.total_before = count_parameters(model)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..checks import plain
 from ..errors import PrunerError
 
 # LLM-Pruner's targets: every projection of attention and MLP.
@@ -42,6 +43,8 @@ class LoraSettings:
     target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS)
 
     def __post_init__(self) -> None:
+        for name in ("r", "alpha", "dropout"):  # NumPy scalars as Python numbers
+            object.__setattr__(self, name, plain(getattr(self, name)))
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise PrunerError(f"LoRA rank r={self.r!r} must be an integer >= 1 (LLM-Pruner uses 8)")
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha) \
@@ -63,6 +66,13 @@ class LoraSettings:
 
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=list(self.target_modules), bias="none")
+
+
+def check_merged(model: nn.Module, action: str) -> None:
+    """Refuses ``action`` (saving, exporting) on a model that still holds LoRA adapters."""
+    if has_lora(model):
+        raise PrunerError(f"the model still holds LoRA adapters: merge them first "
+                          f"(pruner.recovery.merge_lora(model)), then {action}")
 
 
 def has_lora(model: nn.Module) -> bool:

@@ -365,6 +365,11 @@ def _analyse_layer(index: int, path: str, layer: nn.Module, inputs_multi, inputs
         raise UnsupportedArchitectureError(f"{path} has no nn.Linear modules: nothing to prune")
     probe = _Probe(layer, linears, seed)
     hidden, leaves, inputs_of, out = probe.run(inputs_multi, 1)
+    idle = [n for n in linears if n not in leaves]
+    if idle:  # held by the layer but never called in its forward: nothing tells what it couples to
+        raise UnsupportedArchitectureError(
+            f"{prefix}{idle[0]} is an nn.Linear that {path}'s forward never calls (of {len(idle)} such): pruner cannot "
+            "tell which structure it belongs to; remove it from the layer or call it in forward")
     names = list(linears)
     wrt = [hidden] + [leaves[n] for n in names]
     # writers: linears whose output reaches the layer output (the residual stream)
