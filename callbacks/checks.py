@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from pruner.checks import existing_ancestor
@@ -62,6 +61,10 @@ def check_strategy(trainer: pl.Trainer, cfg: PruneConfig) -> bool:
     sharded by FSDP2 (``ModelParallelStrategy``)."""
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
+    mine = [c for c in trainer.callbacks if type(c).__name__ == "StructuralPruneCallback"]
+    if len(mine) > 1:
+        raise PrunerError(f"trainer.callbacks holds {len(mine)} StructuralPruneCallbacks: one fit prunes once; keep "
+                          "one (prune again in a second fit on the exported model)")
     strategy = trainer.strategy
     sharded = isinstance(strategy, ModelParallelStrategy)
     if sharded:
@@ -167,13 +170,58 @@ def check_model(trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Mo
             "to names of its projections (e.g. [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
             "down_proj]), or attach_lora: false"
         )
-    if trainer.max_steps != -1 and trainer.max_steps < prune_at and trainer.accumulate_grad_batches == 1:
-        rank_zero_warn(
-            f"trainer.max_steps={trainer.max_steps} ends fit before the prune step ({prune_at} batches):"
-            " the model will not be pruned; Lightning counts calibration batches as steps"
-        )
+    check_fit_reaches_prune_step(trainer, prune_at)
     if export_dir is not None and trainer.is_global_zero:
         check_export_space(export_dir, model)
+
+
+def check_fit_reaches_prune_step(trainer: pl.Trainer, prune_at: int) -> None:
+    """``max_steps`` (Lightning counts the calibration batches as steps) and ``max_epochs`` leave
+    room for the prune step: refused now, naming the numbers, rather than a fit that never prunes."""
+    accumulate = trainer.accumulate_grad_batches
+    if trainer.max_steps != -1 and trainer.max_steps * accumulate < prune_at:
+        need = -(-prune_at // accumulate)
+        raise PrunerError(
+            f"trainer.max_steps={trainer.max_steps} ends the fit after {trainer.max_steps * accumulate} train batches, "
+            f"before the prune step after batch {prune_at} (Lightning counts calibration batches as steps"
+            f"{f', {accumulate} batches a step' if accumulate > 1 else ''}): set max_steps to at least {need} plus the "
+            "recovery steps, or lower calibration_batches / prune_at_step")
+    if trainer.max_epochs == 0:
+        raise PrunerError("trainer.max_epochs=0 runs no train batch, so the model would never be pruned: use "
+                          "max_epochs >= 1")
+
+
+def check_epoch_reached_prune_step(batches_seen: int, prune_at: int, stopped: bool = False) -> None:
+    """After the first epoch: it held the prune step (every calibration batch must be in it);
+    ``stopped``: something else ended the fit (early stopping, max_time, ``should_stop``)."""
+    if batches_seen < prune_at and stopped:
+        raise PrunerError(
+            f"fit stopped before the prune step after batch {prune_at} (after {batches_seen} train batches: max_time, "
+            "early stopping or should_stop ended it): the model was not pruned and nothing was exported; let the "
+            "fit run past the prune step")
+    if batches_seen < prune_at:
+        raise PrunerError(
+            f"the first epoch ended after {batches_seen} train batches, before the prune step after batch {prune_at}: "
+            "the model was not pruned (the train loader, an IterableDataset without a length say, yields fewer "
+            "batches per epoch); give it at least that many batches, or lower calibration_batches / prune_at_step")
+
+
+def check_resumable_loader(trainer: pl.Trainer, recorded: int) -> None:
+    """Resuming in the middle of calibration: the train loader must continue where it stopped,
+    or the batches already recorded would be recorded again (Lightning restarts a loader without
+    ``state_dict``/``load_state_dict`` from its first batch)."""
+    loaders = trainer.train_dataloader
+    loaders = list(loaders.values()) if isinstance(loaders, dict) else \
+        list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+    restarts = [type(d).__name__ for d in loaders
+                if not (callable(getattr(d, "state_dict", None)) and callable(getattr(d, "load_state_dict", None)))]
+    if restarts:
+        raise PrunerError(
+            f"this fit resumes in the middle of calibration ({recorded} batches recorded), but its train loader "
+            f"({restarts[0]}) has no state_dict/load_state_dict, so it restarts from its first batch and calibration "
+            "would count those batches twice: give the loader that interface (PruneDataModule's has it, so does "
+            "torchdata's StatefulDataLoader), resume from a checkpoint written after the prune step, or start the "
+            "fit again")
 
 
 def check_export_space(export_dir: str, model: nn.Module) -> None:

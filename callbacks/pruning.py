@@ -61,7 +61,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
@@ -251,6 +251,7 @@ class StructuralPruneCallback(pl.Callback):
         self._paused: PausedOptimizers | None = None
         self._pending: dict[str, Any] = {}  # a checkpoint's session state, until the session exists
         self._counts = {"calibrated_batches": 0, "tokens_per_sample": 0}  # this rank's calibration, once pruned
+        self._first_epoch_batches = 0  # train batches the first epoch has run (it must reach the prune step)
         self._sharded = False  # ModelParallelStrategy (FSDP2)
         self._pruned_skeleton = None  # (class, config, shapes) of the pruned model, for the FSDP2 export
 
@@ -270,6 +271,8 @@ class StructuralPruneCallback(pl.Callback):
         remove_resume_hook(pl_module)
         if not self._pruned:
             checks.check_loader_length(trainer, self._prune_at)
+        if not self._pruned and self.session.batches:  # resumed in the middle of calibration
+            checks.check_resumable_loader(trainer, self.session.batches)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -280,10 +283,19 @@ class StructuralPruneCallback(pl.Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._sharded and self._recording and self._in_calibration(trainer, batch_idx):
+        if trainer.current_epoch == 0:
+            self._first_epoch_batches = batch_idx + 1
+        if self._recording and self._in_calibration(trainer, batch_idx) and not ran_backward(outputs):
+            self.session.discard_last()  # training_step returned None: Lightning ran no backward
+        elif self._sharded and self._recording and self._in_calibration(trainer, batch_idx):
             self.session.accumulate_shards(trainer.world_size)  # FSDP2: read this backward's shards
         if not self._pruned and trainer.current_epoch == 0 and batch_idx == self._prune_at - 1:
             self._prune(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._pruned and trainer.current_epoch == 0:
+            checks.check_epoch_reached_prune_step(self._first_epoch_batches, self._prune_at, trainer.should_stop)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -495,11 +507,11 @@ class StructuralPruneCallback(pl.Callback):
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._pruned:
-            rank_zero_warn(
-                f"StructuralPruneCallback: fit ended before the prune step ({self._prune_at} train batches); the "
-                "model was not pruned and nothing was exported. Raise trainer.max_steps"
-            )
-            return
+            self._stop_calibration()
+            raise PrunerError(
+                f"fit stopped before the prune step after batch {self._prune_at} (at global step {trainer.global_step}: "
+                "max_time, early stopping or should_stop ended it): the model was not pruned and nothing was "
+                "exported; let the fit run past the prune step")
         if self.export_dir is None:
             return
         self._measure(trainer, pl_module, "recovered")
@@ -516,6 +528,14 @@ class StructuralPruneCallback(pl.Callback):
         self.export_path = folder
         if self.verbose:
             rank_zero_info(f"StructuralPruneCallback: exported the pruned model to {self.export_path}")
+
+
+def ran_backward(outputs: Any) -> bool:
+    """Whether a training step's outputs (as Lightning hands them to ``on_train_batch_end``) carry a
+    loss: a step that returned None gives None or ``{}`` and Lightning skips its backward."""
+    if outputs is None:
+        return False
+    return not isinstance(outputs, dict) or outputs.get("loss") is not None
 
 
 def keep_teacher(pl_module: pl.LightningModule, dense: nn.Module) -> None:

@@ -4,6 +4,9 @@
     pruner evaluate ...        (zero-shot / perplexity evaluation: ``pruner.eval.cli``)
     pruner export-gguf FOLDER OUT.gguf [--dtype f16|q8_0|...]   (``pruner.io.gguf``)
 
+Any failure prints one line, ``pruner: error: ...``, and exits non-zero; ``--debug`` anywhere on
+the command line (or ``PRUNER_DEBUG=1``) shows the traceback instead.
+
 Run as a program on a machine without a GPU, ``fit``, ``validate``, ``test`` and ``evaluate``
 first make glibc keep freed memory for reuse (``pruner.memory.keep_freed_memory``: the same
 model, faster steps; ``PRUNER_KEEP_FREED_MEMORY=0`` turns it off).
@@ -50,6 +53,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     (``sys.exit(main())`` when run as a program)."""
     given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # the traceback instead of one line, for every subcommand
+        argv = [a for a in argv if a != "--debug"]
+        os.environ["PRUNER_DEBUG"] = "1"
+        given = argv if given is not None else None
+        if given is None:
+            sys.argv = [sys.argv[0], *argv]
+    try:
+        return _dispatch(argv, given)
+    except Exception as err:  # noqa: BLE001 - the one error path: one line unless debugging
+        if os.environ.get("PRUNER_DEBUG", "") not in ("", "0"):
+            raise
+        from pruner.errors import describe
+
+        sys.stderr.write(f"pruner: error: {' '.join(describe(err).split())}\n")
+        return 1
+
+
+def _dispatch(argv: list[str], given: Sequence[str] | None) -> int:
     run_as_program = given is None  # not main([...]) from Python: the allocator is the whole process's
     if run_as_program and argv and argv[0] in ("evaluate", *SUBCOMMANDS) and "--help" not in argv:
         tune_allocator_for_cpu_steps()

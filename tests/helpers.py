@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import lightning as L
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO / ".." / "shared" / "data"
 
 
 def have_smollm2() -> bool:
@@ -149,3 +151,36 @@ def run_in_subprocess(tmp_path: Path, spec: dict, name: str) -> list[dict]:
         return []
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(spec.get("devices", 1))]
+
+
+class SignalAt(L.Callback):
+    """Sends this process ``signum`` when train batch ``step`` starts (SIGTERM from a scheduler, or
+    SIGINT as Ctrl-C does), for tests of what a fit does when it is stopped."""
+
+    def __init__(self, step: int, signum: int = 15) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.Signals(self.signum))
+
+
+def run_pruner(*args: str, cwd: Path = REPO, timeout: int = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("PRUNER_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "pruner", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("pruner: error:")]
+    assert len(errors) == 1, proc.stderr
+    # Nothing else of ours on stderr but library warnings (which PYTHONWARNINGS silences).
+    assert proc.stderr.strip().splitlines()[-1] == errors[0]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]

@@ -182,7 +182,15 @@ class ImportanceEstimator:
                 f"use calibration batches of one sample, got {num_samples}"
             )
         self.num_samples += num_samples
+        self._last_samples = num_samples
         self._weight = float(num_samples if weight is None else weight)
+
+    def discard_batch(self) -> int:
+        """Uncounts the batch :meth:`begin_batch` announced last, when no backward followed it
+        (nothing was accumulated for it); returns its samples."""
+        samples, self._last_samples = getattr(self, "_last_samples", 0), 0
+        self.num_samples -= samples
+        return samples
 
     def detach(self) -> None:
         for h in self._handles:

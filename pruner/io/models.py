@@ -50,9 +50,11 @@ def resolve_model_source(name_or_path: str) -> tuple[str, str | None]:
         return str(path), None
     if path.exists():
         raise FileNotFoundError(f"{path} is a file, not a model folder (a folder with config.json) or a .gguf file")
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        # Hub names are "org/name"; anything else that does not exist is a mistyped path.
-        raise FileNotFoundError(f"model folder not found: {name_or_path}")
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or \
+            (name_or_path.count("/") == 1 and Path(name_or_path.split("/")[0]).is_dir()):
+        # Hub names are "org/name"; anything else that does not exist (or an "org" that is a local
+        # folder here) is a mistyped path, refused at once rather than after the hub's retries.
+        raise FileNotFoundError(f"model folder not found: {name_or_path} (relative to {Path.cwd()})")
     return name_or_path, None
 
 

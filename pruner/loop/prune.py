@@ -22,9 +22,8 @@ from ..batches import MICRO_BATCH_TOKENS, as_batch, check_inputs
 from ..checks import check_int, check_model
 from ..config import PruneConfig
 from ..errors import PrunerError
-from ..importance import CRITERIA
 from ..structure import Plan
-from .session import PruneSession
+from .session import PruneSession, check_data
 
 
 def prune(
@@ -82,14 +81,7 @@ def prune(
         raise PrunerError("reconstruction_batches is empty: pass input_ids batches, or None to reuse the calibration")
     for i, b in enumerate(extra or []):
         check_inputs(as_batch(b, "cpu"), model.config, f"reconstruction batch {i}")
-    if not batches and extra is None and cfg.mlp_selection == "obs-fisher":
-        raise PrunerError("mlp_selection='obs-fisher' runs backward passes over the refit's text: pass calibration "
-                          "batches or reconstruction_batches, or use mlp_selection='obs'")
-    needs_data = CRITERIA[cfg.criterion].needs_gradients or CRITERIA[cfg.criterion].needs_activations
-    if not batches and needs_data:
-        data_free = sorted(n for n, c in CRITERIA.items() if not (c.needs_gradients or c.needs_activations))
-        raise PrunerError(f"no calibration batches: criterion {cfg.criterion!r} needs at least one; pass "
-                          f"input_ids batches, or use a data-free criterion ({', '.join(data_free)})")
+    check_data(cfg, calibration=bool(batches), reconstruction=bool(extra))
     session = PruneSession(model, cfg, calibration_batches=batches, reconstruction_batches=extra,
                            max_tokens_per_backward=max_tokens_per_backward, progress=progress)
     return session.prune(model)

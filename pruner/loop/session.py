@@ -40,7 +40,7 @@ from ..batches import MICRO_BATCH_TOKENS, as_batch
 from ..checks import check_finite_weights
 from ..config import PruneConfig
 from ..errors import PrunerError
-from ..importance import ImportanceEstimator
+from ..importance import CRITERIA, ImportanceEstimator
 from ..refit.regional import target_modules
 from ..refit.statistics import GramCollector, collect_inputs, collect_output_fisher, consumers
 from ..structure import ModelStructure, Plan, count_parameters, discover, model_fingerprint
@@ -75,6 +75,29 @@ def calibration_reruns(cfg: PruneConfig, has_text: bool = True, gathered_only: b
     if not gathered_only and cfg.mlp_selection == "obs-fisher" and not has_text:
         return "mlp_selection='obs-fisher' without reconstruction text"
     return None
+
+
+def check_data(cfg: PruneConfig, calibration: bool, reconstruction: bool) -> None:
+    """Refuses, before any work, options that the batches at hand cannot honour (rather than
+    skipping them and recording them in the plan as if they had run).
+
+    Example:
+        >>> check_data(PruneConfig(pruning_ratio=0.5, criterion="l1", reconstruct=True), False, False)
+        Traceback (most recent call last):
+        ...
+        pruner.errors.PrunerError: reconstruct=True refits on the inputs of the pruned layers, but no batch was given: pass calibration batches or reconstruction_batches, or set reconstruct=False
+    """
+    criterion = CRITERIA[cfg.criterion]
+    if not calibration and (criterion.needs_gradients or criterion.needs_activations):
+        data_free = sorted(n for n, c in CRITERIA.items() if not (c.needs_gradients or c.needs_activations))
+        raise PrunerError(f"no calibration batches: criterion {cfg.criterion!r} needs at least one; pass "
+                          f"input_ids batches, or use a data-free criterion ({', '.join(data_free)})")
+    if not calibration and cfg.measures_attention:
+        raise PrunerError("attention_selection='measured' chooses heads by the calibration loss, but no calibration "
+                          "batch was given: pass calibration batches, or use attention_selection='score'")
+    if not (calibration or reconstruction) and cfg.reconstruct:
+        raise PrunerError("reconstruct=True refits on the inputs of the pruned layers, but no batch was given: pass "
+                          "calibration batches or reconstruction_batches, or set reconstruct=False")
 
 
 class PruneSession:
@@ -165,6 +188,15 @@ class PruneSession:
         self.estimator.begin_batch(samples)
         self.samples += samples
         self.batches += 1
+
+    def discard_last(self) -> None:
+        """The last recorded batch ran no backward (its ``training_step`` returned None): it is not
+        counted, and not rerun."""
+        samples = self.estimator.discard_batch()
+        self.samples -= samples
+        self.batches -= 1
+        if self.keeps_inputs and self.calibration:
+            self.calibration.pop()
 
     def accumulate_shards(self, world_size: int) -> None:
         """FSDP2: after a calibration backward, this rank's gradient shards into the sums."""

@@ -167,15 +167,16 @@ def test_optimizer_holds_exactly_the_lora_parameters_after_pruning(tiny_dir, tmp
     assert check.ok and check.mlp == 32  # 64 MLP channels, half removed
 
 
-def test_fit_that_ends_before_the_prune_step_warns_and_exports_nothing(tiny_dir, tmp_path):
+def test_a_fit_too_short_for_the_prune_step_is_refused_before_calibration(tiny_dir, tmp_path):
     from pruner.lightning_modules.causal_lm import CausalLMModule
     from pruner.lightning_modules.data import PruneDataModule
 
     prune = StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.5, export_dir=str(tmp_path / "export"), verbose=False)
-    with pytest.warns(UserWarning, match="fit ended before the prune step"):
+    with pytest.raises(PrunerError, match=r"trainer\.max_steps=2 ends the fit after 2 train batches, before the prune "
+                                          r"step after batch 4 .*at least 4 plus the recovery steps"):
         _trainer(tmp_path, [prune], max_steps=2).fit(
             CausalLMModule(str(tiny_dir)), PruneDataModule(calibration_samples=4, calibration_seq_len=16))
-    assert prune.plan is None and not (tmp_path / "export").exists()
+    assert prune.plan is None and prune.session is None and not (tmp_path / "export").exists()
 
 
 @pytest.mark.slow

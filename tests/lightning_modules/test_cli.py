@@ -1,8 +1,6 @@
 """`python -m pruner`: every shipped config parses; bad input is one line, no traceback."""
 
 import importlib.util
-import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -11,28 +9,10 @@ import pytest
 import yaml
 
 from pruner.__main__ import main
-from tests.helpers import SUBPROCESS_TIMEOUT
+from tests.helpers import SUBPROCESS_TIMEOUT, assert_one_line_error, run_pruner as run
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-
-
-def run(*args: str, cwd: Path = REPO, timeout: int = SUBPROCESS_TIMEOUT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("PRUNER_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "pruner", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr + proc.stdout
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("pruner: error:")]
-    assert len(errors) == 1, proc.stderr
-    # Nothing else of ours on stderr but library warnings (which PYTHONWARNINGS silences).
-    assert proc.stderr.strip().splitlines()[-1] == errors[0]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 def test_configs_exist():

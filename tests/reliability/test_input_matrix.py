@@ -231,7 +231,8 @@ CASES = [
          "no document of at least seq_len=64 tokens", "use a longer text or a smaller seq_len"),
     Case("second-order-per-sample", case_per_sample, PrunerError, "'element2' needs per-sample gradients",
          "use calibration batches of one sample"),
-    Case("nan-gradients", case_nan_gradients, PrunerError, "NaN/inf", "check the data and the model's dtype"),
+    Case("nan-weights", case_nan_gradients, PrunerError, "holds NaN/inf values: the model itself is broken",
+         "load it again"),
     # --- architectures
     Case("conv1d-architecture", case_gpt2, UnsupportedArchitectureError, "c_attn: Conv1D projections are not supported",
          "nn.Linear"),
