@@ -250,7 +250,8 @@ def build_cli(argv: Sequence[str] | None, run: bool = True):
 
         def instantiate_trainer(self, **kwargs):
             mine = [c for c in kwargs.get("callbacks") or [] if type(c).__name__ == "StructuralPruneCallback"]
-            mine += [c for c in self.config_init[self.subcommand]["trainer"].get("callbacks") or []
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            mine += [c for c in config["trainer"].get("callbacks") or []
                      if type(c).__name__ == "StructuralPruneCallback" and c not in mine]
             if len(mine) > 1:
                 raise PrunerError(f"trainer.callbacks lists StructuralPruneCallback {len(mine)} times: one fit prunes "

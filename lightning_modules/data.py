@@ -407,7 +407,8 @@ class PruneDataModule(LightningDataModule):
         windows = generate_samples(model, tok, n, seq_len, allow_generation=False, **kwargs)
         if not save_states:
             return windows, None
-        return windows, read_states(n, seq_len, **kwargs)
+        hidden = plan.model["hidden_size"] if plan is not None else model.get_output_embeddings().weight.shape[1]
+        return windows, read_states(n, seq_len, hidden_size=hidden, **kwargs)  # the dense teacher's width
 
     def _wants_teacher_states(self) -> bool:
         """Whether the module distils from the dense model and takes its teacher's logits as

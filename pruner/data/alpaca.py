@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import PrunerError
 from .hub import load_hub_dataset
-from .text import IGNORE_INDEX, local_path
+from .text import IGNORE_INDEX, local_path, read_text_file
 
 ALPACA_PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -44,7 +44,7 @@ def alpaca_records(source: str, max_records: int | None = None) -> list[dict[str
     elif path.is_dir():
         raise PrunerError(f"{path} is a folder: pass the Alpaca JSON file itself")
     else:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(path, "Alpaca data file")
         try:
             records = (
                 [json.loads(line) for line in text.splitlines() if line.strip()]

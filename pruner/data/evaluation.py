@@ -16,7 +16,7 @@ import torch
 
 from ..errors import PrunerError
 from .hub import HUB_ALIASES, load_hub_dataset
-from .text import HELDOUT, builtin_heldout_rows, local_path
+from .text import HELDOUT, builtin_heldout_rows, local_path, read_text_file
 
 
 def _raw_lines_to_rows(path: str | Path) -> list[str]:
@@ -24,10 +24,9 @@ def _raw_lines_to_rows(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        # The hub rows keep each line's newline and turn blank lines into "" (see
-        # shared/data/README.md); getting this wrong changes the tokens and the perplexity.
-        lines = f.read().split("\n")
+    # The hub rows keep each line's newline and turn blank lines into "" (see
+    # shared/data/README.md); getting this wrong changes the tokens and the perplexity.
+    lines = read_text_file(path, "evaluation text").split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the file does not start another row
     return [line + "\n" if line.strip() else "" for line in lines]
@@ -52,8 +51,7 @@ def load_ptb_rows(path: str | Path | None = None, split: str = "test") -> list[s
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"text file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
+        return [line.strip() for line in read_text_file(path, "evaluation text").split("\n") if line.strip()]
     return list(load_hub_dataset("ptb", split)["sentence"])
 
 

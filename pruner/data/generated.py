@@ -36,6 +36,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..distributed.dtensor import is_sharded
 from ..errors import PrunerError
+from ..io.tempfiles import writer_alive
 from ..structure.params import model_fingerprint
 
 # Openers across registers (narrative, expository, instructional, dialogue), so that the
@@ -60,11 +61,61 @@ def cache_key(fingerprint: str, seed: int, seq_len: int, chunk_size: int, temper
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary sibling, then renamed over ``path``: a reader sees the whole
+    file or none, and a failure (a full disk) leaves no partial file behind."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_chunk(path: Path, chunk: int, ids: list[list[int]]) -> None:
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps({"chunk": chunk, "ids": ids})))
+
+
+class CorruptChunk(PrunerError):
+    """A cached chunk of generated text that is not what this package wrote."""
+
+
+def read_chunk(path: Path, chunk: int, rows: int, seq_len: int, vocab_size: int | None) -> list[list[int]]:
+    """The token ids of a cached chunk, checked: whole JSON, its own chunk number, ``rows`` rows of
+    ``seq_len`` ids inside the vocabulary. Raises :class:`CorruptChunk` naming the file and the fault.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "chunk00000.json"
+        >>> _write_chunk(path, 0, [[1, 2, 3]])
+        >>> read_chunk(path, 0, rows=1, seq_len=3, vocab_size=10)
+        [[1, 2, 3]]
+        >>> read_chunk(path, 0, rows=2, seq_len=3, vocab_size=10)
+        Traceback (most recent call last):
+        ...
+        pruner.data.generated.CorruptChunk: ... holds 1 rows, not 2: ...
+    """
+    def corrupt(fault: str) -> CorruptChunk:
+        return CorruptChunk(f"the cached generated text {path} {fault}: it is not what pruner wrote (an interrupted "
+                            "copy, or an edit); delete it and it is written again")
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise corrupt(f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:80]})") from None
+    ids = data.get("ids") if isinstance(data, dict) else None
+    if not isinstance(ids, list) or data.get("chunk") != chunk:
+        raise corrupt(f"is not chunk {chunk} of this text (no 'ids' list, or another chunk number)")
+    if len(ids) != rows:
+        raise corrupt(f"holds {len(ids)} rows, not {rows}")
+    for row in ids:
+        if not isinstance(row, list) or len(row) != seq_len or not all(isinstance(t, int) for t in row):
+            raise corrupt(f"holds a row that is not {seq_len} token ids")
+        if vocab_size is not None and any(t < 0 or t >= vocab_size for t in row):
+            raise corrupt(f"holds token ids outside the model's vocabulary (0..{vocab_size - 1})")
+    return ids
 
 
 class NucleusSampler(LogitsProcessor):
@@ -193,10 +244,7 @@ def _states_of_windows(model, windows: torch.Tensor, batch_size: int = 8) -> tor
 def _save_states(path: Path, states: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    save_file({"states": states.contiguous()}, tmp)
-    os.replace(tmp, path)
+    _write_atomic(path, lambda tmp: save_file({"states": states.contiguous()}, tmp))
 
 
 def _chunk_path(folder: Path, chunk: int) -> Path:
@@ -248,6 +296,26 @@ def _uncached_chunks(folder: Path | None, n_chunks: int) -> list[int]:
     return [c for c in range(n_chunks) if folder is None or not _chunk_path(folder, c).is_file()]
 
 
+def _drop_corrupt_chunks(folder: Path, n_chunks: int, rows: int, seq_len: int, vocab_size: int | None) -> None:
+    """Deletes cached chunks that are not what this package wrote (they are written again),
+    warning once per file, and temporary files of writers that are gone."""
+    import warnings
+
+    for c in range(n_chunks):
+        path = _chunk_path(folder, c)
+        if path.is_file():
+            try:
+                read_chunk(path, c, rows, seq_len, vocab_size)
+            except CorruptChunk as err:
+                warnings.warn(f"{err}: writing it again", stacklevel=3)
+                path.unlink(missing_ok=True)
+                _states_path(path).unlink(missing_ok=True)
+    for tmp in folder.glob(".chunk*.tmp-*"):
+        pid = tmp.name.split(".tmp-")[-1].split("-")[0]
+        if pid.isdigit() and not writer_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def _dealt_chunks(folder: Path | None, n_chunks: int, rank: int, world_size: int) -> list[int]:
     """The chunks this rank writes through a model sharded by FSDP2, in order. Every forward pass
     of such a model is a collective, so every rank must make as many ``generate`` calls as the
@@ -285,7 +353,7 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
     written (``chunk00012.states.safetensors``, in the model's dtype): the teacher's logits for
     distillation without a teacher forward pass (:func:`read_states`). A chunk already cached
     without them gets them from one forward pass of the model over its text."""
-    from ..checks import check_int, check_model, check_number
+    from ..checks import check_int, check_model, check_number, check_writable_folder
 
     check_model(model)
     if not isinstance(num_samples, int) or not isinstance(seq_len, int) or num_samples < 1 or seq_len < 2:
@@ -299,11 +367,15 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
         raise PrunerError("generate_samples(save_states=True) writes the states beside the cached text: give "
                           "cache_dir")
     folder = None
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    n_chunks = -(-num_samples // chunk_size)
     if cache_dir is not None:
+        check_writable_folder("the generated-text cache_dir", cache_dir, fix="give a folder (it is created)")
         key = cache_key(fingerprint or model_fingerprint(model), seed, seq_len, chunk_size, temperature, top_p)
         folder = Path(cache_dir) / key
         folder.mkdir(parents=True, exist_ok=True)
-    n_chunks = -(-num_samples // chunk_size)
+        if allow_generation and rank == 0 and not (world_size > 1 and is_sharded(model)):
+            _drop_corrupt_chunks(folder, n_chunks, chunk_size, seq_len, vocab_size)
     if not allow_generation:  # every rank checks every chunk: all of them stop here, none waits for the others
         if absent := _uncached_chunks(folder, n_chunks):
             raise PrunerError(f"generated recovery chunk {absent[0]} is not in the cache {folder}, and this call may "
@@ -332,7 +404,7 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
             path = _chunk_path(folder, c) if folder is not None else None
             if path is not None and path.is_file():
                 if save_states and allow_generation and not _states_path(path).is_file():
-                    ids = torch.tensor(json.loads(path.read_text())["ids"])
+                    ids = torch.tensor(read_chunk(path, c, chunk_size, seq_len, vocab_size))
                     _save_states(_states_path(path), _states_of_windows(model, ids))
                 continue
             chunks[c], states = _generate_chunk(model, tokenizer, c, seed, chunk_size, seq_len, temperature, top_p,
@@ -340,7 +412,7 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
             if path is not None:
                 if states is not None:  # before the text: a chunk whose text is cached is complete
                     _save_states(_states_path(path), states)
-                _write_atomic(path, {"chunk": c, "ids": chunks[c]})
+                _write_chunk(path, c, chunks[c])
     finally:
         model.train(was_training)
     wanted = range(n_chunks) if read_all else [c for c in mine if c >= 0]
@@ -351,7 +423,7 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
             if path is None or not path.is_file():
                 raise PrunerError(f"generated chunk {c} is missing from {folder}: with several processes the "
                                   "cache folder must be on a filesystem all of them share")
-            chunks[c] = json.loads(path.read_text())["ids"]
+            chunks[c] = read_chunk(path, c, chunk_size, seq_len, vocab_size)
         rows.extend(chunks[c])
     if read_all:
         rows = rows[:num_samples]
@@ -359,7 +431,8 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
 
 
 def read_states(num_samples: int, seq_len: int, *, fingerprint: str, seed: int = 0, cache_dir: str | Path,
-                chunk_size: int = 8, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor | None:
+                chunk_size: int = 8, temperature: float = 1.0, top_p: float = 1.0,
+                hidden_size: int | None = None) -> torch.Tensor | None:
     """The teacher states that ``generate_samples(..., save_states=True)`` cached beside the
     text of these settings, ``(num_samples, seq_len - 1, hidden)``, or None when a chunk has
     none (cached by a run without ``save_states``, or written by a model whose states were not
@@ -369,7 +442,6 @@ def read_states(num_samples: int, seq_len: int, *, fingerprint: str, seed: int =
         >>> states = read_states(256, 128, fingerprint=fp, cache_dir="pruner_cache/generated")  # doctest: +SKIP
         >>> logits = dense.get_output_embeddings()(states[:4])  # doctest: +SKIP
     """
-    from safetensors.torch import load_file
 
     folder = Path(cache_dir) / cache_key(fingerprint, seed, seq_len, chunk_size, temperature, top_p)
     parts = []
@@ -377,5 +449,24 @@ def read_states(num_samples: int, seq_len: int, *, fingerprint: str, seed: int =
         path = _states_path(_chunk_path(folder, c))
         if not path.is_file():
             return None
-        parts.append(load_file(str(path))["states"])
+        parts.append(_read_states_file(path, chunk_size, seq_len, hidden_size))
     return torch.cat(parts)[:num_samples]
+
+
+def _read_states_file(path: Path, rows: int, seq_len: int, hidden_size: int | None) -> torch.Tensor:
+    """One chunk's saved states, checked: ``(rows, seq_len - 1, hidden_size)``, finite."""
+    from safetensors.torch import load_file
+
+    def corrupt(fault: str) -> CorruptChunk:
+        return CorruptChunk(f"the cached teacher states {path} {fault}: delete it (and its chunk) and it is written "
+                            "again, or distil with the teacher's forward pass (CausalLMModule(teacher_states=False))")
+
+    try:
+        states = load_file(str(path)).get("states")
+    except Exception as err:  # noqa: BLE001 - any parse failure: not a file this package wrote whole
+        raise corrupt(f"cannot be read ({type(err).__name__})") from None
+    want = (rows, seq_len - 1, hidden_size if hidden_size is not None else states.shape[-1] if states is not None else 0)
+    if states is None or tuple(states.shape) != want:
+        got = "no 'states' tensor" if states is None else f"shape {tuple(states.shape)}"
+        raise corrupt(f"holds {got}, not {want} (rows, positions, the model's hidden size)")
+    return states

@@ -38,7 +38,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from torch import nn
 from ..checks import check_bool, check_choice, current_umask, existing_ancestor
 from ..errors import PrunerError
 from ..recovery.lora import check_merged
+from .tempfiles import remove_stale, temporary_file
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # dtype -> (ggml type of 2-D weights, llama.cpp file type); quantized rows hold whole blocks
@@ -399,9 +399,8 @@ def export_gguf(model_or_folder, path, dtype: str = "f16", tokenizer=None, overw
     if dtype in LLAMA_CPP_DTYPES:
         _llama_cpp_quantizer()  # refuse before writing anything if the binding is absent
     fields = _tokenizer_fields(tokenizer, layout.vocab)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    remove_stale(target.parent, target.name, magic=b"GGUF")  # what a killed export of this file left
+    tmp = temporary_file(target.parent, target.name, suffix=".tmp")
     try:
         if dtype in LLAMA_CPP_DTYPES:
             half = tmp.with_suffix(".f16.tmp")

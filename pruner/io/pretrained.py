@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from ..checks import check_device, check_dtype, check_model, current_umask, exis
 from ..errors import PrunerError
 from ..recovery.lora import check_merged
 from ..structure import Plan, shapes
+from .integrity import check_config, check_plan, check_shards, check_weight_shapes, config_record, meta_skeleton
+from .tempfiles import MARKER, remove_stale, temporary_folder
 from ..structure.spec import base_class, clean_config, shape_spec, uniform_config
 from ..version import package_version
 
@@ -72,6 +73,8 @@ def check_export_target(folder: str | os.PathLike, overwrite: bool = False) -> P
     if not str(folder).strip():
         raise PrunerError("the export folder is an empty path: give a folder name such as outputs/pruned")
     path = Path(folder).expanduser().absolute()
+    if path.is_symlink():  # a link to an export: the export is replaced where it points, the link stays
+        path = path.resolve()
     cwd = Path.cwd().absolute()
     if path == cwd or path in cwd.parents:
         raise PrunerError(f"the export folder {path} is the current directory or one of its parents: exporting "
@@ -142,8 +145,8 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
     uniform_config(model, cfg)
     spec = shape_spec(model, cfg)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_siblings(folder)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-{os.getpid()}-"))
+    remove_stale(folder.parent, folder.name)  # what a killed export of this folder left
+    tmp = temporary_folder(folder.parent, folder.name)
     try:
         original_config = model.config
         model.config = cfg
@@ -154,7 +157,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
         config_path = tmp / "config.json"
         data = json.loads(config_path.read_text())
         data["architectures"] = [base.__name__]
-        data[EXPORT_MARKER] = {"version": package_version()}
+        data[EXPORT_MARKER] = {"version": package_version(), "config": config_record(data)}
         if spec:
             source = _modeling_source(base)
             (tmp / MODELING_FILE).write_text(source)
@@ -171,6 +174,7 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
             saved.save(tmp / "plan.json")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        (tmp / MARKER).unlink()  # the export is complete: it is no temporary folder any more
         _apply_umask(tmp)
         _put_in_place(tmp, folder, overwrite)
     except BaseException:
@@ -233,25 +237,6 @@ def _put_in_place(tmp: Path, folder: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_stale_siblings(folder: Path) -> None:
-    """Deletes temporary folders that a killed export of ``folder`` left behind (their writer's
-    process is gone); a live concurrent export's folder is left alone."""
-    for path in folder.parent.glob(f".{folder.name}.tmp-*"):
-        pid = path.name[len(f".{folder.name}.tmp-"):].split("-")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # PermissionError: alive, owned by someone else
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _check_folder(folder: Path) -> dict:
     if not folder.is_dir():
         left = sorted(folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
@@ -265,6 +250,7 @@ def _check_folder(folder: Path) -> dict:
     weights = list(folder.glob("*.safetensors"))
     if not weights:
         raise FileNotFoundError(f"no .safetensors weights in {folder}: the export is incomplete")
+    check_shards(folder, weights)
     from safetensors import safe_open
 
     for path in weights:
@@ -291,13 +277,16 @@ def _warn_if_modeling_file_edited(folder: Path, data: dict) -> None:
                       stacklevel=3)
 
 
-def load_pretrained(folder: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None):
+def load_pretrained(folder: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None,
+                    allow_edited_config: bool = False):
     """Loads a folder written by :func:`save_pretrained` (or any plain HF causal LM folder).
 
     Never runs code from the folder: pruned widths are rebuilt by this package's own
-    :mod:`pruner.structure.shapes`. Refuses weights files that miss a tensor of the model, or
-    hold tensors it has no place for (transformers would initialise the missing ones randomly
-    and drop the others without an error)."""
+    :mod:`pruner.structure.shapes`. Refuses weights files that miss a tensor of the model, hold
+    tensors it has no place for or of another shape (transformers would initialise the missing
+    ones randomly and drop the others without an error), a ``config.json`` whose computing keys
+    were edited after the export (unless ``allow_edited_config``), and a ``plan.json`` that does
+    not describe the weights (:mod:`pruner.io.integrity`)."""
     if dtype is not None:
         dtype = check_dtype(dtype)
     if device is not None:
@@ -305,17 +294,27 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | str | None = None, 
     if not isinstance(folder, (str, os.PathLike)):
         raise PrunerError(f"the model folder must be a path, got {type(folder).__name__}")
     folder = Path(folder).expanduser()
+    if not isinstance(allow_edited_config, bool):
+        raise PrunerError(f"allow_edited_config={allow_edited_config!r} must be True or False")
     data = _check_folder(folder)
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    check_config(folder, data, allow_edited_config)
     _warn_if_modeling_file_edited(folder, data)
+    config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if "pruner_shapes" in data:
         base_name = (data.get("architectures") or [None])[0]
         base = getattr(transformers, base_name or "", None)
         if not isinstance(base, type) or not issubclass(base, transformers.PreTrainedModel):
             raise PrunerError(f"{folder}/config.json names architecture {base_name!r}, unknown to transformers "
                               f"{transformers.__version__}")
-        model, info = shapes.pruned_class(base).from_pretrained(folder, output_loading_info=True, **kwargs)
+        model_class = shapes.pruned_class(base)
+        check_weight_shapes(folder, list(folder.glob("*.safetensors")), meta_skeleton(lambda: model_class(config)),
+                            shapes_missing=False)
+        model, info = model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
     else:
+        skeleton = meta_skeleton(lambda: transformers.AutoModelForCausalLM.from_config(config))
+        check_weight_shapes(folder, list(folder.glob("*.safetensors")), skeleton,
+                            shapes_missing=EXPORT_MARKER in data)
         model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True,
                                                                         trust_remote_code=False, **kwargs)
     problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -324,6 +323,7 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | str | None = None, 
                            for k, v in problems.items() if v)
         raise PrunerError(f"the weights in {folder} do not match its config.json ({listed}): the export is "
                           "incomplete or was edited; re-export the model")
+    check_plan(folder, model)
     if device is not None:
         model.to(device)
     return model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -138,9 +139,111 @@ def test_kill_during_export_leaves_the_old_folder_or_nothing(tmp_path):
     _kill_during_export(tmp_path, folder, seed=3)
     assert snapshot(folder) == snap  # the previous export, whole
     torch.testing.assert_close(pruner.load_pretrained(folder).state_dict(), old.state_dict())
-    stale = sorted(p.name for p in tmp_path.glob(".model.tmp-*"))
+    stale = sorted(p.name for p in tmp_path.glob(".model.pruner-tmp-*"))
     assert len(stale) == 1  # the killed writer's temporary folder ...
     new = tiny_causal_lm("llama", seed=4)
     pruner.save_pretrained(new, folder, overwrite=True)
-    assert not list(tmp_path.glob(".model.tmp-*"))  # ... is removed by the next export
+    assert not list(tmp_path.glob(".model.pruner-tmp-*"))  # ... is removed by the next export
     torch.testing.assert_close(pruner.load_pretrained(folder).state_dict(), new.state_dict())
+
+
+# ----------------------------------------------------------------------------- temporary files are named and cleaned by what they are
+
+
+def test_a_users_folder_named_like_an_old_temporary_export_is_never_deleted(tmp_path):
+    for name in (".model.tmp-999999-abc", ".model.pruner-tmp-999999-abc"):  # the writer "pid" is long gone
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("mine")
+    pruner.save_pretrained(tiny_causal_lm("llama"), tmp_path / "model")
+    pruner.save_pretrained(tiny_causal_lm("llama", seed=1), tmp_path / "model", overwrite=True)
+    for name in (".model.tmp-999999-abc", ".model.pruner-tmp-999999-abc"):  # no marker inside: not ours
+        assert (tmp_path / name / "notes.txt").read_text() == "mine"
+
+
+def test_overwriting_an_export_through_a_symlink_keeps_the_link_and_leaves_nothing_behind(tmp_path):
+    real = tmp_path / "exports" / "v1"
+    pruner.save_pretrained(tiny_causal_lm("llama"), real)
+    link = tmp_path / "current"
+    link.symlink_to(real, target_is_directory=True)
+    new = tiny_causal_lm("llama", seed=3)
+    pruner.save_pretrained(new, link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    torch.testing.assert_close(pruner.load_pretrained(link).state_dict(), new.state_dict())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "exports"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["v1"]
+
+
+def test_a_killed_gguf_export_leaves_a_temporary_file_the_next_export_removes(tiny_dir, tmp_path):
+    pytest.importorskip("gguf")
+    model, tokenizer = pruner.load_model(str(tiny_dir))
+    target = tmp_path / "model.gguf"
+    ours = tmp_path / ".model.gguf.pruner-tmp-999999-x.tmp"  # what a killed writer left: a partial GGUF
+    ours.write_bytes(b"GGUF" + b"\0" * 64)
+    theirs = tmp_path / ".model.gguf.pruner-tmp-999998-y.tmp"  # the same name pattern, but not a GGUF file
+    theirs.write_text("a user's file")
+    pruner.export_gguf(model, target, dtype="f32", tokenizer=tokenizer)
+    assert target.is_file() and not ours.exists()
+    assert theirs.read_text() == "a user's file"
+
+
+# ----------------------------------------------------------------------------- exports edited after they were written
+
+
+def _export(tmp_path, **options):
+    model = tiny_causal_lm("llama")
+    plan = pruner.prune(model, [], pruning_ratio=0.5, criterion="l2", **options)
+    return pruner.save_pretrained(model, tmp_path / "export", plan=plan), model
+
+
+@pytest.mark.parametrize("key, value", [("hidden_act", "gelu"), ("rope_parameters", {"rope_theta": 5e5, "rope_type": "default"}),
+                                        ("rms_norm_eps", 0.1)])
+def test_a_config_edited_after_the_export_is_refused_naming_the_key(tmp_path, key, value):
+    folder, model = _export(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    written = config[key]
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PrunerError, match=rf"was edited after pruner exported it \({key}: written {written!r}, now "
+                                          rf"{value!r}\).*allow_edited_config=True"):
+        pruner.load_pretrained(folder)
+    assert getattr(pruner.load_pretrained(folder, allow_edited_config=True).config, key) == value
+    config[key] = written
+    config["use_cache"] = not config.get("use_cache", True)  # a harmless edit passes
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.testing.assert_close(pruner.load_pretrained(folder).state_dict(), model.state_dict())
+
+
+def test_a_plan_that_no_longer_describes_the_weights_is_refused(tmp_path):
+    folder, _ = _export(tmp_path, prune_attention=False)
+    plan = json.loads((folder / "plan.json").read_text())
+    plan["layers"][1]["mlp_channels_kept"] = plan["layers"][1]["mlp_channels_kept"][:-1]  # one channel dropped
+    (folder / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(PrunerError, match=r"plan\.json does not describe the weights beside it: layer 1 keeps 47 in "
+                                          r"mlp_channels_kept, the weights have 48"):
+        pruner.load_pretrained(folder)
+    plan = json.loads((folder / "plan.json").read_text())
+    plan["layers"][1]["mlp_channels_kept"].append(0)
+    plan["params"]["after"] += 1
+    (folder / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(PrunerError, match="it counts .* parameters, the weights hold"):
+        pruner.load_pretrained(folder)
+
+
+def test_an_uneven_export_whose_pruner_shapes_were_removed_says_so(tmp_path):
+    model = tiny_causal_lm("llama")
+    plan = pruner.prune(model, tiny_batches(2), target_sparsity=0.2, global_ranking=True)  # uneven widths
+    folder = pruner.save_pretrained(model, tmp_path / "export", plan=plan)
+    config = json.loads((folder / "config.json").read_text())
+    del config["pruner_shapes"], config["auto_map"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PrunerError, match=r"has no pruner_shapes, the per-layer widths this export needs.*re-export"):
+        pruner.load_pretrained(folder, allow_edited_config=True)
+
+
+def test_a_sharded_folder_without_its_index_names_the_index(tmp_path):
+    folder, _ = _export(tmp_path)
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    os.link(folder / "model-00001-of-00002.safetensors", folder / "model-00002-of-00002.safetensors")
+    with pytest.raises(PrunerError, match=r"holds the weight shards model-0000\d-of-00002\.safetensors \.\.\. but no "
+                                          r"model\.safetensors\.index\.json"):
+        pruner.load_pretrained(folder)
