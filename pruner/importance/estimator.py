@@ -65,7 +65,7 @@ class ImportanceEstimator:
     """
 
     def __init__(self, model: nn.Module, families: list[Family], criterion: str, seed: int = 0,
-                 sharded: bool = False, direct_linear: bool = False):
+                 sharded: bool = False, direct_linear: bool = False, one_pass: bool = False):
         self.model, self.families, self.criterion = model, families, check_criterion(criterion)
         self.seed = seed
         # sharded (FSDP2): gradients arrive already reduce-scattered into each rank's shard, not
@@ -77,6 +77,11 @@ class ImportanceEstimator:
         # the model (no DDP reducer waiting for those weights' .grad, no activation checkpointing
         # re-running the hooks, no autocast changing dtypes between forward and backward).
         self.direct_linear = direct_linear and not sharded
+        # one_pass: the calibration is ONE backward, so each scored weight's gradient is reduced to its
+        # per-index vectors as soon as it is produced and no running sum of model size is kept (4
+        # bytes a scored parameter otherwise); a second backward is refused
+        self.one_pass = one_pass and self.criterion.sums_gradients and not self.criterion.needs_per_sample \
+            and not sharded
         if sharded and self.criterion.needs_per_sample:
             raise PrunerError(
                 f"criterion {criterion!r} needs per-sample gradients, but a sharded (FSDP2) model only "
@@ -108,6 +113,11 @@ class ImportanceEstimator:
         self._handles: list = []
         self._requires_grad: dict[str, bool] = {}
         self._direct: dict[str, nn.Linear] = {}  # canonical name -> the one Linear that uses it
+        self._names: dict[str, list[str]] = {}  # canonical name -> every name of that tensor
+        for name in self.dims:
+            self._names.setdefault(self._canonical[id(self.params[name])], []).append(name)
+        self._reduced: dict[tuple[str, int], torch.Tensor] = {}  # one_pass: vectors already computed
+        self._reduced_tensors: set[str] = set()
 
     def _direct_linears(self) -> dict[str, nn.Linear]:
         """The scored weights whose gradient sum can be formed by hooks on their Linear: plain
@@ -155,7 +165,7 @@ class ImportanceEstimator:
                     self._handles.append(module.register_forward_hook(self._linear_hook(name)))
                 else:
                     self._handles.append(self.params[name].register_post_accumulate_grad_hook(self._grad_hook(name)))
-            if c.sums_gradients:
+            if c.sums_gradients and not self.one_pass:
                 # the running sums are allocated here, in one go, not between the transient
                 # gradients of the first backward (less heap fragmentation on CPU: SmolLM2's
                 # peak RSS went from 744 to 715 MB; most of the rest is glibc keeping freed
@@ -181,6 +191,10 @@ class ImportanceEstimator:
                 f"criterion {self.criterion.name!r} needs per-sample gradients (second-order Fisher term): "
                 f"use calibration batches of one sample, got {num_samples}"
             )
+        if self.one_pass and self.num_samples:
+            raise PrunerError("this estimator reduces its one backward's gradients as they come (one_pass): a "
+                              "second calibration backward cannot be added; run the calibration as one batch, or "
+                              "build the estimator with one_pass=False")
         self.num_samples += num_samples
         self._last_samples = num_samples
         self._weight = float(num_samples if weight is None else weight)
@@ -232,7 +246,9 @@ class ImportanceEstimator:
             # no isfinite() here (a model-sized temporary per tensor per sample): NaN/inf survive
             # summation, so vectors() checks the sums once
             g = grad.detach().float()
-            if self.criterion.sums_gradients:
+            if self.one_pass:  # reduced now, nothing kept
+                self._reduce_now(name, torch.zeros_like(g).add_(g, alpha=self._weight))
+            elif self.criterion.sums_gradients:
                 self._grad_sum[name].add_(g, alpha=self._weight)
             if self.criterion.needs_per_sample:
                 w2g2 = param.detach().float().square() * g.square()  # computed once for every dim
@@ -251,12 +267,16 @@ class ImportanceEstimator:
                 return
 
             def on_output_grad(dy: torch.Tensor) -> None:
-                acc = self._grad_sum[name]  # (out, in) fp32
+                w = module.weight
+                acc = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if self.one_pass \
+                    else self._grad_sum[name]  # (out, in) fp32
                 dy2 = dy.reshape(-1, dy.shape[-1])  # (tokens, out)
                 x2 = x.detach().reshape(-1, x.shape[-1])  # (tokens, in)
                 if dy2.dtype != acc.dtype or x2.dtype != acc.dtype:
                     dy2, x2 = dy2.to(acc.dtype), x2.to(acc.dtype)
                 acc.addmm_(dy2.T, x2, alpha=self._weight)  # acc += weight * dL/dW
+                if self.one_pass:
+                    self._reduce_now(name, acc)
 
             output.register_hook(on_output_grad)
 
@@ -302,21 +322,33 @@ class ImportanceEstimator:
         """Per-index salience vectors ``{(param, dim): (size of dim,)}`` in fp32. ``consume``
         frees each running sum as soon as its vectors are computed (the estimator is spent:
         its state is gone), so memory falls during scoring instead of peaking there."""
-        criterion = self.criterion
-        if criterion.needs_gradients and self.num_samples == 0:
+        if self.criterion.needs_gradients and self.num_samples == 0:
             raise PrunerError("no calibration samples were seen: pass at least one batch before scoring")
+        out = dict(self._reduced)
+        for canon in self._names:
+            if canon in self._reduced_tensors:
+                continue
+            out.update(self._tensor_vectors(canon, self._grad_sum.get(canon)))
+            if consume:
+                self._grad_sum.pop(canon, None)
+        return out
+
+    @torch.no_grad()
+    def _reduce_now(self, canon: str, grad_sum: torch.Tensor) -> None:
+        """one_pass: the tensor's vectors from its only gradient, at once; the gradient is dropped."""
+        self._reduced.update(self._tensor_vectors(canon, grad_sum))
+        self._reduced_tensors.add(canon)
+
+    def _tensor_vectors(self, canon: str, grad_sum: torch.Tensor | None) -> dict[tuple[str, int], torch.Tensor]:
+        """The vectors of every name of one tensor, from what calibration accumulated for it."""
+        criterion = self.criterion
         n = max(self.num_samples, 1)
-        remaining: dict[str, int] = {}
-        for name in self.dims:
-            canon = self._canonical[id(self.params[name])]
-            remaining[canon] = remaining.get(canon, 0) + 1
         out = {}
-        for name, dims in self.dims.items():
-            param = self.params[name]
-            canon = self._canonical[id(param)]
+        for name in self._names[canon]:
+            param, dims = self.params[name], self.dims[name]
             stats = ParameterStatistics(
                 weight=local_tensor(param.detach()).float(),  # sharded: this rank's rows only
-                samples=n, grad_sum=self._grad_sum.get(canon),
+                samples=n, grad_sum=grad_sum,
                 fisher_sums={d: self._fisher[(canon, d)] for d in dims if (canon, d) in self._fisher},
                 input_sq_sum=self._act_sq.get(canon), input_tokens=self._act_tokens.get(canon, 0))
             if criterion.sums_gradients and stats.grad_sum is None:
@@ -339,7 +371,4 @@ class ImportanceEstimator:
                     raise PrunerError(f"{name} received no gradient during calibration; is it used by the model?")
                 out[(name, dim)] = v
             del element, stats
-            remaining[canon] -= 1
-            if consume and not remaining[canon]:
-                self._grad_sum.pop(canon, None)
         return out

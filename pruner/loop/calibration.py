@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..batches import MICRO_BATCH_TOKENS, as_batch, micro_batches
 from ..config import PruneConfig
 from ..errors import PrunerError
-from ..importance import ImportanceEstimator
+from ..importance import CRITERIA, ImportanceEstimator
 from ..memory import release_freed_memory
 from ..refit.statistics import GramCollector
 from ..selection import in_range
@@ -42,7 +42,13 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
     vectors are computed from them (they are not linear in the gradient sums).
     ``max_tokens_per_backward``: each backward runs on at most this many tokens (whole samples),
     so memory does not grow with the calibration batch (the scores are those of the whole
-    batch); None = one backward per batch (faster for large batches, more memory)."""
+    batch); None = one backward per batch (faster for large batches, more memory).
+
+    Memory: several backwards keep one fp32 running sum per scored weight (4 bytes a parameter:
+    27 GB for LLaMA-7B's decoder); when the whole calibration is ONE backward (one batch that
+    fits ``max_tokens_per_backward``, e.g. the paper's 10 x 64 tokens as one batch with
+    ``max_tokens_per_backward=None``), each weight's gradient is reduced to its scores as it is
+    produced and nothing of model size is kept beyond the backward's own activations."""
     if not isinstance(cfg, PruneConfig):
         raise PrunerError(f"cfg must be a pruner.PruneConfig, got {type(cfg).__name__}: e.g. PruneConfig(criterion="
                           f"{cfg!r}, target_sparsity=0.2)" if isinstance(cfg, str) else
@@ -50,11 +56,16 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
     if batches is None or isinstance(batches, (str, bytes, dict)) or not hasattr(batches, "__iter__"):
         raise PrunerError(f"batches must be an iterable of calibration batches, got {type(batches).__name__}")
     families = families_for(structure, cfg)
-    # direct_linear: plain autograd here (the Lightning callback, under DDP/FSDP/autocast, keeps .grad hooks)
-    est = ImportanceEstimator(model, families, cfg.criterion, cfg.seed, direct_linear=True)
-    if cfg.criterion in ("l1", "l2", "random") and collector is None:
-        return est.vectors()
     device = next(model.parameters()).device
+    batches = [as_batch(b, device) for b in batches]
+    passes = sum(len(list(micro_batches(b, CRITERIA[cfg.criterion].needs_per_sample, max_tokens_per_backward)))
+                 for b in batches)
+    # direct_linear: plain autograd here (the Lightning callback, under DDP/FSDP/autocast, keeps .grad hooks);
+    # one_pass: one backward, reduced as it comes (not when ranks must sum the gradients first)
+    est = ImportanceEstimator(model, families, cfg.criterion, cfg.seed, direct_linear=True,
+                              one_pass=passes == 1 and reduce is None)
+    if not (CRITERIA[cfg.criterion].needs_gradients or CRITERIA[cfg.criterion].needs_activations) and collector is None:
+        return est.vectors()
     was_training = model.training
     model.eval()  # no dropout: importance of the deterministic model
     est.attach()
@@ -63,7 +74,6 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
     release_freed_memory()  # what discovery and loading freed: the running sums are allocated now
     try:
         for batch in tqdm(batches, desc="calibration", disable=not progress):
-            batch = as_batch(batch, device)
             for part, samples, weight in micro_batches(batch, est.criterion.needs_per_sample,
                                                         max_tokens_per_backward):
                 est.begin_batch(samples, weight)

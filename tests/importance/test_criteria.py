@@ -7,6 +7,7 @@ import torch
 
 import pruner
 from pruner.config import PruneConfig
+from pruner.errors import PrunerError
 from pruner.importance import ImportanceEstimator, aggregate, family_scores
 from pruner.loop import estimate_importance, families_for
 from pruner.structure import discover
@@ -201,3 +202,38 @@ def test_direct_linear_is_off_under_activation_checkpointing():
     est.attach()
     est.detach()
     assert est._direct == {}
+
+
+@pytest.mark.parametrize("criterion", ["element1", "vector"])
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_one_backward_is_reduced_as_it_comes_with_the_same_scores_and_no_running_sums(criterion, arch):
+    from pruner.loop import families_for
+
+    model = tiny_causal_lm(arch)
+    structure = discover(model)
+    cfg = PruneConfig(pruning_ratio=0.5, criterion=criterion, mode="block")
+    batch = torch.randint(3, 120, (4, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for one_pass in (False, True):
+        est = ImportanceEstimator(model, families_for(structure, cfg), criterion, direct_linear=True,
+                                  one_pass=one_pass)
+        est.attach()
+        est.begin_batch(4)
+        model(input_ids=batch, labels=batch).loss.backward()
+        est.detach()
+        held = [k for k in est.state() if k.startswith("grad::")]
+        assert bool(held) is not one_pass  # one_pass keeps no model-sized running sum
+        results.append(est.vectors())
+        if one_pass:
+            with pytest.raises(PrunerError, match="a second calibration backward cannot be added"):
+                est.begin_batch(4)
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])  # bit for bit
+    # pruner.prune takes that path by itself for one batch in one backward: the plan of those scores
+    from pruner.loop import make_plan
+    from pruner.structure import count_parameters
+
+    expected = make_plan(structure, results[0], cfg, count_parameters(model))
+    one = pruner.prune(tiny_causal_lm(arch), [batch], pruning_ratio=0.5, criterion=criterion,
+                       max_tokens_per_backward=None)
+    assert one.layers == expected.layers
