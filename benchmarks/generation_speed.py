@@ -21,7 +21,7 @@ import torch
 from transformers import LogitsProcessorList
 
 import pruner
-from pruner.data.generated import NucleusSampler, PROMPTS
+from pruner.data.generated import PROMPTS, NucleusSampler, encode_left_padded
 
 SAMPLERS = ("transformers", "nucleus")
 
@@ -30,10 +30,7 @@ SAMPLERS = ("transformers", "nucleus")
 def write_chunk(model, tokenizer, sampler: str, size: int, tokens: int, top_p: float = 0.95,
                 seed: int = 0) -> torch.Tensor:
     """``size`` sequences of ``tokens`` new tokens from the first prompts, with ``sampler``."""
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    enc = tokenizer([PROMPTS[i % len(PROMPTS)] for i in range(size)], return_tensors="pt", padding=True,
-                    add_special_tokens=False)
-    tokenizer.padding_side = side
+    enc = encode_left_padded(tokenizer, [PROMPTS[i % len(PROMPTS)] for i in range(size)])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(seed)
     if sampler == "transformers":

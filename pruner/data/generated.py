@@ -255,17 +255,35 @@ def _states_path(chunk_path: Path) -> Path:
     return chunk_path.with_name(chunk_path.stem + ".states.safetensors")
 
 
+def encode_left_padded(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    """``texts`` tokenized and padded on the left (generation appends on the right), the
+    tokenizer left as it was: a fast tokenizer's call with ``padding=True`` also switches on its
+    backend's padding, which ``save_pretrained`` would write into the export's tokenizer.json."""
+    side = tokenizer.padding_side
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    padding = backend.padding if backend is not None else None
+    tokenizer.padding_side = "left"
+    try:
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+        if backend is not None:
+            if padding is None:
+                backend.no_padding()
+            else:
+                fixed = padding.get("strategy")
+                backend.enable_padding(direction=padding["direction"], pad_id=padding["pad_id"],
+                                       pad_type_id=padding["pad_type_id"], pad_token=padding["pad_token"],
+                                       pad_to_multiple_of=padding["pad_to_multiple_of"],
+                                       length=fixed.get("Fixed") if isinstance(fixed, dict) else None)
+
+
 @torch.no_grad()
 def _generate_chunk(model, tokenizer, chunk: int, seed: int, size: int, seq_len: int, temperature: float,
                     top_p: float, save_states: bool = False) -> tuple[list[list[int]], torch.Tensor | None]:
     rng = random.Random(seed * 1_000_003 + chunk)
     prompts = [rng.choice(PROMPTS) for _ in range(size)]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+    enc = encode_left_padded(tokenizer, prompts)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # With save_states the prompt's positions must reach the output layer too (transformers

@@ -43,6 +43,17 @@ def test_generated_samples_are_seeded_cached_and_independent_of_rank_count(tiny_
                          allow_generation=False)
 
 
+def test_writing_leaves_the_tokenizer_as_it_was(tiny_dir, tmp_path):
+    # padding=True switches a fast tokenizer's backend padding on (left): saved, every later
+    # export's tokenizer.json would pad on the left by default
+    model, tok = tiny_causal_lm("llama", vocab_size=len(_tok(tiny_dir))), _tok(tiny_dir)
+    side, padding = tok.padding_side, tok.backend_tokenizer.padding
+    generate_samples(model, tok, 4, 6, seed=0, chunk_size=4)
+    assert (tok.padding_side, tok.backend_tokenizer.padding) == (side, padding)
+    tok.save_pretrained(tmp_path)
+    assert '"padding": null' in (tmp_path / "tokenizer.json").read_text()
+
+
 SHARDED_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
