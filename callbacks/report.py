@@ -14,6 +14,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from pruner.eval.perplexity import loader_perplexity
@@ -63,6 +64,8 @@ def measure_perplexity(trainer: pl.Trainer, model: nn.Module, device: torch.devi
     dm = trainer.datamodule
     if dm is None or not callable(getattr(dm, "val_dataloader", None)):
         return None
+    if isinstance(dm, pl.LightningDataModule) and not is_overridden("val_dataloader", dm):
+        return None  # the base class's raises MisconfigurationException: a datamodule without validation
     loader = dm.val_dataloader()
     if not loader:
         return None
