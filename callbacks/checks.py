@@ -177,23 +177,30 @@ def check_model(trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Mo
 
 def check_fit_reaches_prune_step(trainer: pl.Trainer, prune_at: int) -> None:
     """``max_steps`` (Lightning counts the calibration batches as steps) and ``max_epochs`` leave
-    room for the prune step: refused now, naming the numbers, rather than a fit that never prunes."""
+    room for the prune step: refused now, naming the numbers, rather than a fit that never prunes.
+    A fit that writes checkpoints may stop short on purpose (a job in time-limited parts): it is
+    resumed with ``ckpt_path``, and its end says so."""
     accumulate = trainer.accumulate_grad_batches
-    if trainer.max_steps != -1 and trainer.max_steps * accumulate < prune_at:
+    if trainer.max_steps != -1 and trainer.max_steps * accumulate < prune_at and trainer.checkpoint_callback is None:
         need = -(-prune_at // accumulate)
         raise PrunerError(
             f"trainer.max_steps={trainer.max_steps} ends the fit after {trainer.max_steps * accumulate} train batches, "
             f"before the prune step after batch {prune_at} (Lightning counts calibration batches as steps"
-            f"{f', {accumulate} batches a step' if accumulate > 1 else ''}): set max_steps to at least {need} plus the "
-            "recovery steps, or lower calibration_batches / prune_at_step")
+            f"{f', {accumulate} batches a step' if accumulate > 1 else ''}) and no checkpoint lets a later fit go on: "
+            f"set max_steps to at least {need} plus the recovery steps, lower calibration_batches / prune_at_step, or "
+            "write checkpoints (ModelCheckpoint) to resume from")
     if trainer.max_epochs == 0:
         raise PrunerError("trainer.max_epochs=0 runs no train batch, so the model would never be pruned: use "
                           "max_epochs >= 1")
 
 
-def check_epoch_reached_prune_step(batches_seen: int, prune_at: int, stopped: bool = False) -> None:
+def check_epoch_reached_prune_step(batches_seen: int, prune_at: int, stopped: bool = False,
+                                   resumable: bool = False) -> None:
     """After the first epoch: it held the prune step (every calibration batch must be in it);
-    ``stopped``: something else ended the fit (early stopping, max_time, ``should_stop``)."""
+    ``stopped``: something else ended the fit (max_steps, early stopping, max_time,
+    ``should_stop``); ``resumable``: it writes checkpoints (the end of fit says what to do)."""
+    if batches_seen < prune_at and stopped and resumable:
+        return
     if batches_seen < prune_at and stopped:
         raise PrunerError(
             f"fit stopped before the prune step after batch {prune_at} (after {batches_seen} train batches: max_time, "

@@ -61,7 +61,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -295,7 +295,9 @@ class StructuralPruneCallback(pl.Callback):
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._pruned and trainer.current_epoch == 0:
-            checks.check_epoch_reached_prune_step(self._first_epoch_batches, self._prune_at, trainer.should_stop)
+            stopped = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+            checks.check_epoch_reached_prune_step(self._first_epoch_batches, self._prune_at, stopped,
+                                                  resumable=trainer.checkpoint_callback is not None)
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -506,6 +508,12 @@ class StructuralPruneCallback(pl.Callback):
                 rank_zero_info(f"StructuralPruneCallback: validation perplexity ({when}): {value:.2f}")
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._pruned and trainer.checkpoint_callback is not None:
+            self._stop_calibration()
+            rank_zero_warn(f"StructuralPruneCallback: fit stopped at step {trainer.global_step}, before the prune step "
+                           f"after batch {self._prune_at}: the model is not pruned yet and nothing was exported; resume "
+                           "from the last checkpoint (ckpt_path) to go on")
+            return
         if not self._pruned:
             self._stop_calibration()
             raise PrunerError(
