@@ -124,8 +124,8 @@ class StructuralPruneCallback(pl.Callback):
         reconstruct: refit the kept input columns of o_proj / down_proj by ridge least squares
             so that each pruned layer reproduces the dense layer's output (no training). The
             input statistics come from the datamodule's ``reconstruction_batches()`` when it
-            has any, else from the calibration batches (few tokens: a larger
-            ``reconstruct_damping``).
+            has any, else from the calibration batches, kept for it (few tokens: a larger
+            ``reconstruct_damping``; they must then be dict batches holding ``input_ids``).
         reconstruct_damping: the refit's ridge term, relative to the mean input energy.
         mlp_selection: which MLP channels a layer loses: score (the paper), obs (greedy
             Optimal Brain Surgeon on the refit's statistics; needs reconstruct) or obs-fisher

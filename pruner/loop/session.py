@@ -36,13 +36,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..batches import MICRO_BATCH_TOKENS, as_batch
+from ..batches import MICRO_BATCH_TOKENS, as_batch, micro_batches
 from ..checks import check_finite_weights
 from ..config import PruneConfig
 from ..errors import PrunerError
 from ..importance import CRITERIA, ImportanceEstimator
-from ..refit.regional import target_modules
-from ..refit.statistics import GramCollector, collect_inputs, collect_output_fisher, consumers
+from ..refit.statistics import GramCollector, collect_output_fisher, consumers
+from ..refit.walk import reduced_statistics
 from ..structure import ModelStructure, Plan, count_parameters, discover, model_fingerprint
 from .calibration import Reduce, estimate_importance, families_for
 from .steps import StepHooks, finish_plan, prune_steps
@@ -74,6 +74,8 @@ def calibration_reruns(cfg: PruneConfig, has_text: bool = True, gathered_only: b
         return f"iterative_steps={cfg.iterative_steps}"
     if not gathered_only and cfg.mlp_selection == "obs-fisher" and not has_text:
         return "mlp_selection='obs-fisher' without reconstruction text"
+    if not gathered_only and cfg.reconstruct and not has_text:
+        return "reconstruct=True without reconstruction text (the refit walks the calibration batches)"
     return None
 
 
@@ -137,7 +139,7 @@ class PruneSession:
         self.samples = sum(b["input_ids"].shape[0] for b in self.calibration)
         self.tokens_per_sample = int(self.calibration[0]["input_ids"].shape[1]) if self.calibration else 0
         self.estimator: ImportanceEstimator | None = None  # recording: the driver runs the passes
-        self.collector: GramCollector | None = None  # the refit's statistics, fed by recorded calibration passes
+        self.runs_calibration = calibration_batches is not None  # pruner.prune: the session runs the batches
         self.vectors: dict | None = None  # the importance vectors step 1 selected from
         self.model: nn.Module | None = None  # the pruned model (under FSDP2 the gathered copy)
         self._pending: dict = {}  # accumulators of a checkpoint, loaded when recording starts
@@ -154,8 +156,8 @@ class PruneSession:
         return calibration_reruns(self.config, has_text=bool(self.reconstruction)) is not None
 
     def start_recording(self, model: nn.Module, reconstruction_batches: list | None = None) -> None:
-        """Hooks the estimator (and, without reconstruction text, the refit's statistics) onto
-        ``model`` for the driver's calibration passes; a checkpoint's accumulators resume here."""
+        """Hooks the estimator onto ``model`` for the driver's calibration passes; a checkpoint's
+        accumulators resume here."""
         cfg = self.config
         if reconstruction_batches is not None:
             self.reconstruction = [as_batch(b, "cpu") for b in reconstruction_batches]
@@ -169,13 +171,6 @@ class PruneSession:
             est.load_state({k: v.to(device) for k, v in self._pending.pop("importance").items()})
         est.attach()
         self.estimator = est
-        if cfg.reconstruct and not self.reconstruction:  # the calibration batches feed the refit
-            self.collector = GramCollector(model, consumers(self.structure, cfg))
-            if "grams" in self._pending:
-                device = next(model.parameters()).device
-                self.collector.grams = {k: v.to(device) for k, v in self._pending.pop("grams").items()}
-                self.collector.tokens = dict(self._pending.pop("gram_tokens", {}))
-            self.collector.attach()
 
     def record(self, inputs: dict[str, torch.Tensor] | None, samples: int) -> None:
         """Call before a calibration batch's backward: ``samples`` in the batch (its loss
@@ -204,14 +199,12 @@ class PruneSession:
 
     def pause(self) -> None:
         """Stops recording (e.g. during validation) until :meth:`resume`."""
-        for recorder in (self.estimator, self.collector):
-            if recorder is not None:
-                recorder.detach()
+        if self.estimator is not None:
+            self.estimator.detach()
 
     def resume(self) -> None:
-        for recorder in (self.estimator, self.collector):
-            if recorder is not None:
-                recorder.attach()
+        if self.estimator is not None:
+            self.estimator.attach()
 
     # ------------------------------------------------------------------ the prune step
 
@@ -235,7 +228,9 @@ class PruneSession:
         calibration = self._on(model, self.calibration)
         hooks = StepHooks(estimate=lambda m, s, c: self.estimate(m, s, c, ranks), refine_batches=calibration,
                           all_reduce=ranks.all_reduce if ranks else None, check=check, before_surgery=before_surgery,
-                          regional_batches=self._on(model, self._refit_text()) if self.config.regional_epochs else [])
+                          text=self._walk_text(model) if self.config.reconstruct else [],
+                          fit_text=self._on(model, self._refit_text()) if self.config.regional_epochs else [],
+                          reduce=ranks.reduce if ranks else None)
         plan = prune_steps(model, self.structure, self.config, hooks, first=first)
         plan = finish_plan(plan, model, self.structure, self.fingerprint, self.total_before, self.config,
                            self.summary(ranks))
@@ -246,19 +241,11 @@ class PruneSession:
     def estimate(self, model: nn.Module, structure: ModelStructure, step_config: PruneConfig,
                  ranks: Ranks | None = None) -> tuple[dict, GramCollector | None]:
         """Importance of ``model`` as it is now on the kept calibration batches (summed over
-        ranks) and, with ``reconstruct``, the refit's statistics of it."""
-        cfg = self.config
-        collector = None
-        if cfg.reconstruct:
-            outputs = target_modules(structure, cfg) if cfg.regional_epochs else None  # the regional fit's targets
-            collector = GramCollector(model, consumers(structure, cfg), outputs)
+        ranks) and, for ``mlp_selection="obs-fisher"``, the loss's output Fisher at the consumers."""
         vectors = estimate_importance(model, self._on(model, self.calibration), structure, step_config, self.progress,
-                                      collector if not self.reconstruction else None,
                                       reduce=ranks.reduce if ranks else None,
                                       max_tokens_per_backward=self.max_tokens_per_backward)
-        if collector is not None:
-            collector = self._refit_statistics(model, collector, ranks, collect=bool(self.reconstruction))
-        return vectors, collector
+        return vectors, self._output_fisher(model, structure, ranks)
 
     def summary(self, ranks: Ranks | None = None) -> dict:
         """The plan's calibration record: batches and samples over all ranks, tokens per sample."""
@@ -272,16 +259,11 @@ class PruneSession:
 
     def _recorded_step(self, model: nn.Module, ranks: Ranks | None, loss_scale: float,
                        unshard: Callable[[nn.Module], nn.Module] | None):
-        """Step 1's (vectors, collector) from the recorded passes, and the model to prune."""
-        est, collector = self.estimator, self.collector
+        """Step 1's (vectors, fisher) from the recorded passes, and the model to prune."""
+        est = self.estimator
         self.pause()
-        self.estimator = self.collector = None
-        if self.reconstruction:  # before any gather: every rank runs its share through the (sharded) model
-            collector = GramCollector(model, consumers(self.structure, self.config),
-                                      target_modules(self.structure, self.config) if self.config.regional_epochs else None)
-            collector = self._refit_statistics(model, collector, None, collect=True)
-        elif collector is not None and self.config.mlp_selection == "obs-fisher":
-            collector = self._refit_statistics(model, collector, None, collect=False)
+        self.estimator = None
+        fisher = self._output_fisher(model, self.structure, None)  # before any gather: through the (sharded) model
         state = self._reduced_importance(est.state(), ranks, loss_scale)
         est.load_state(state)
         self.samples = int(state["num_samples"].item())
@@ -291,26 +273,32 @@ class PruneSession:
         self.vectors = vectors  # per-index saliences, summed over ranks (small: no model-sized tensor)
         if unshard is not None:
             model = unshard(model)
-        if collector is not None and ranks is not None:
-            collector = self._reduced_grams(collector, model, ranks)
-        return (vectors, collector), model
+        if fisher is not None and ranks is not None:
+            fisher = reduced_statistics(fisher, model, ranks.reduce)
+        return (vectors, fisher), model
 
-    def _refit_statistics(self, model: nn.Module, collector: GramCollector, ranks: Ranks | None,
-                          collect: bool) -> GramCollector:
-        """``collector`` filled from the reconstruction text (``collect``), with obs-fisher's
-        output Fisher, summed over ``ranks``."""
-        if collect:
-            collect_inputs(model, self.reconstruction, collector, self.progress, stop_early=not self.sharded)
-        if self.config.mlp_selection == "obs-fisher":  # this rank's share of the sequences
-            world = ranks.world_size if ranks else 1
-            collect_output_fisher(model, self._on(model, self._refit_text()), collector,
-                                  -(-self.config.fisher_samples // world))
-        if ranks is not None:
-            collector = self._reduced_grams(collector, model, ranks)
-        return collector
+    def _output_fisher(self, model: nn.Module, structure: ModelStructure, ranks: Ranks | None) -> GramCollector | None:
+        """obs-fisher: this rank's share of ``fisher_samples`` sequences of the refit's text run
+        backward, the loss's squared gradient at each consumer's outputs (summed over ``ranks``)."""
+        if self.config.mlp_selection != "obs-fisher":
+            return None
+        collector = GramCollector(model, consumers(structure, self.config))
+        world = ranks.world_size if ranks else 1
+        collect_output_fisher(model, self._on(model, self._refit_text()), collector,
+                              -(-self.config.fisher_samples // world))
+        return reduced_statistics(collector, model, ranks.reduce) if ranks is not None else collector
 
     def _refit_text(self) -> list[dict[str, torch.Tensor]]:
         return self.reconstruction or self.calibration
+
+    def _walk_text(self, model: nn.Module) -> list[dict[str, torch.Tensor]]:
+        """The batches the refit walks: the reconstruction text, else the calibration batches
+        split as the session's own calibration passes split them."""
+        if self.reconstruction or not self.runs_calibration:
+            return self._on(model, self._refit_text())
+        per_sample = CRITERIA[self.config.criterion].needs_per_sample
+        return [part for batch in self._on(model, self.calibration)
+                for part, _, _ in micro_batches(batch, per_sample, self.max_tokens_per_backward)]
 
     @staticmethod
     def _on(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
@@ -334,30 +322,6 @@ class PruneSession:
                     out[k] = out[k] * loss_scale**2
         return out
 
-    @staticmethod
-    def _reduced_grams(local: GramCollector, model: nn.Module, ranks: Ranks) -> GramCollector:
-        """``local``'s statistics summed over ranks (fp64), as a collector for ``model`` (the
-        module the refit changes: under FSDP2 the gathered copy)."""
-        names = [n for n in local.names if n in local.grams]
-        fisher = [n for n in names if n in local.fisher]  # obs-fisher's output statistics
-        out = GramCollector(model, names, local.output_modules)
-        out.outputs = local.outputs  # regional_epochs: this rank's dense layer outputs, on its own text
-        if names:  # (the same on every rank: nothing the plan prunes was reached otherwise)
-            def count(n: int, like: torch.Tensor) -> torch.Tensor:
-                return torch.tensor(float(n), dtype=torch.float64, device=like.device)
-
-            tensors = {f"g::{n}": local.grams[n] for n in names}
-            tensors.update({f"t::{n}": count(local.tokens[n], local.grams[n]) for n in names})
-            tensors.update({f"f::{n}": local.fisher[n] for n in fisher})
-            tensors.update({f"ft::{n}": count(local.fisher_tokens[n], local.fisher[n]) for n in fisher})
-            summed = ranks.reduce(tensors)
-            device = next(model.parameters()).device
-            out.grams = {n: summed[f"g::{n}"].to(device) for n in names}
-            out.tokens = {n: int(summed[f"t::{n}"]) for n in names}
-            out.fisher = {n: summed[f"f::{n}"].to(device) for n in fisher}
-            out.fisher_tokens = {n: int(summed[f"ft::{n}"]) for n in fisher}
-        return out
-
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
@@ -367,16 +331,16 @@ class PruneSession:
         if self.estimator is not None:
             state["importance"] = {k: v.detach().cpu() for k, v in self.estimator.state().items()}
             state["calibration_inputs"] = self.calibration
-        if self.collector is not None:  # exact resume of the refit's statistics (fp64, in_features² each)
-            state["grams"] = {k: v.detach().cpu() for k, v in self.collector.grams.items()}
-            state["gram_tokens"] = dict(self.collector.tokens)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Counts and kept batches now; the accumulators when recording starts."""
+        if "grams" in state:
+            raise PrunerError("this checkpoint was written in the middle of calibration by an earlier pruner, which "
+                              "kept the refit's statistics instead of the calibration batches: restart the fit")
         self.batches = int(state.get("calibrated_batches", 0))
         self.tokens_per_sample = int(state.get("tokens_per_sample", 0))
         self.calibration = list(state.get("calibration_inputs", []))
-        self._pending = {k: state[k] for k in ("importance", "grams", "gram_tokens") if k in state}
+        self._pending = {k: state[k] for k in ("importance",) if k in state}
         if "importance" in state:
             self.samples = int(state["importance"]["num_samples"].item())

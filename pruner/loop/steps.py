@@ -1,4 +1,5 @@
-"""The one pruning loop: select -> refine/OBS -> compensate -> remove, in ``iterative_steps``.
+"""The one pruning loop: select -> refine -> (OBS -> refit -> remove -> regional fit, layer by
+layer) or remove, in ``iterative_steps``.
 
 ``pruner.prune`` and ``StructuralPruneCallback`` both run :func:`prune_steps`; they differ only
 in what :class:`StepHooks` supplies: where the importance of a step comes from (calibration
@@ -33,10 +34,10 @@ from torch import nn
 from ..config import PruneConfig
 from ..errors import PrunerError
 from ..memory import release_freed_memory
-from ..refit.least_squares import compensate
 from ..refit.obs import select_heads_obs, select_mlp_obs
-from ..refit.regional import check_residual_mlp, fitted_layers, regional_fit
+from ..refit.regional import check_residual_mlp, fitted_layers
 from ..refit.statistics import GramCollector
+from ..refit.walk import refit_layer_by_layer
 from ..selection import candidate_pools, mark_removed, refine_attention, select_units, units_to_plan
 from ..structure import LayerPlan, ModelStructure, Plan, Transaction, apply_plan, count_parameters, discover
 from ..version import package_version
@@ -49,18 +50,21 @@ class StepHooks:
     """What the caller of :func:`prune_steps` supplies.
 
     Attributes:
-        estimate: ``(model, structure, step_config) -> (vectors, collector)``: the per-index
+        estimate: ``(model, structure, step_config) -> (vectors, fisher)``: the per-index
             importance vectors of the model as it is now (summed over ranks, if any) and, with
-            ``reconstruct``, the refit's input statistics (else None).
+            ``mlp_selection="obs-fisher"``, the loss's output Fisher at each consumer (else None).
         refine_batches: calibration batches (dicts on the model's device) for
             ``attention_selection='measured'``.
-        all_reduce: sums a tensor over ranks (the measured selection's losses); None = one process.
+        all_reduce: sums a tensor over ranks (the measured selection's losses, the regional fit's
+            gradients); None = one process.
+        reduce: sums a dict of tensors over ranks (each layer's refit statistics); None = one process.
         check: called with each step's plan and structure before any weight of that step
             changes (e.g. that every rank chose the same plan).
         before_surgery: called once with the dense model, just before the first weights change
             (e.g. to keep a distillation teacher).
-        regional_batches: with ``regional_epochs``, the batches (dicts on the model's device) the
-            statistics pass ran, in order: the collector's recorded dense outputs are theirs.
+        text: with ``reconstruct``, the refit's batches (dicts on the model's device; this rank's),
+            walked layer by layer (:mod:`pruner.refit.walk`); ``fit_text``: the same tokens batched
+            otherwise for the regional fit (empty: ``text``).
     """
 
     estimate: Estimate
@@ -68,7 +72,9 @@ class StepHooks:
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     check: Callable[[Plan, ModelStructure], None] | None = None
     before_surgery: Callable[[nn.Module], None] | None = None
-    regional_batches: list[dict] = field(default_factory=list)
+    text: list[dict] = field(default_factory=list)
+    fit_text: list[dict] = field(default_factory=list)
+    reduce: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneConfig, hooks: StepHooks,
@@ -82,7 +88,7 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
     records: list[dict] = []
     structure = dense_structure
     if cfg.regional_epochs:
-        check_regional(model, dense_structure, cfg, hooks.regional_batches)
+        check_regional(model, dense_structure, cfg, hooks.text)
     regional = None
     tx = Transaction()
     try:
@@ -90,21 +96,23 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
             step_cfg = step_config(cfg, step, total_before, count_parameters(model))
             if step > 1:
                 structure = discover(model, seed=cfg.seed)
-            vectors, collector = first if step == 1 and first is not None else hooks.estimate(model, structure,
-                                                                                              step_cfg)
+            vectors, fisher = first if step == 1 and first is not None else hooks.estimate(model, structure,
+                                                                                           step_cfg)
             step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
-            step_plan = choose_within(step_plan, structure, model, cfg, collector, hooks.refine_batches,
-                                      hooks.all_reduce)
-            if hooks.check is not None:
+            if cfg.measures_attention and hooks.refine_batches:
+                step_plan = refine_attention(model, structure, step_plan, hooks.refine_batches,
+                                             all_reduce=hooks.all_reduce)
+            if not cfg.reconstruct and hooks.check is not None:
                 hooks.check(step_plan, structure)
             if step == 1 and hooks.before_surgery is not None:
                 hooks.before_surgery(model)
-            refit = compensate(step_plan, structure, model, collector, cfg.reconstruct_damping) if collector else None
-            apply_plan(step_plan, model, structure, refit=refit, transaction=tx)
-            if cfg.regional_epochs:  # one step only (the config checks it): the stream is the dense model's
-                regional = regional_fit(model, structure, cfg, hooks.regional_batches, collector.outputs, tx,
-                                        hooks.all_reduce)
-                collector.outputs.clear()
+            if cfg.reconstruct:  # OBS, refit, surgery (and the regional fit) one layer at a time
+                step_plan, fit = refit_layer_by_layer(model, structure, step_plan, cfg, hooks.text, fisher, tx,
+                                                      reduce=hooks.reduce, all_reduce=hooks.all_reduce,
+                                                      check=hooks.check, fit_text=hooks.fit_text or None)
+                regional = fit or regional
+            else:
+                apply_plan(step_plan, model, structure, transaction=tx)
             records = step_plan.groups
             plan = step_plan if plan is None else compose(plan, step_plan, dense_structure)
     except BaseException:

@@ -112,7 +112,7 @@ def _obs_start(model: nn.Module, collector: GramCollector, name: str, damping: f
 
 @torch.no_grad()
 def select_mlp_obs(plan: Plan, structure: ModelStructure, model: nn.Module, collector: GramCollector,
-                   damping: float = 0.1, fisher_weighted: bool = False) -> Plan:
+                   damping: float = 0.1, fisher_weighted: bool = False, layer: int | None = None) -> Plan:
     """Re-chooses WHICH MLP channels each layer loses; how many stays as ``plan`` says.
 
     Greedy Optimal Brain Surgeon on the consumer's (down_proj's) input statistics, as in ZipLM /
@@ -128,11 +128,12 @@ def select_mlp_obs(plan: Plan, structure: ModelStructure, model: nn.Module, coll
     gradient of the text's loss with respect to it (``collector.fisher``, a diagonal Fisher): the
     cost of a channel becomes ``Σ_o F_o W[o, j]² / [H⁻¹]_jj``, so errors in the directions the
     rest of the model is sensitive to count more. The refit is the same for every row weighting
-    (each output row is fitted on its own); only which channels go changes.
+    (each output row is fitted on its own); only which channels go changes. ``layer``: re-choose in
+    that layer alone (the layer-sequential refit), None = every layer.
     """
     new = copy.deepcopy(plan)
     for lp in new.layers:
-        if lp.removed or lp.mlp_channels_kept is None:
+        if lp.removed or lp.mlp_channels_kept is None or (layer is not None and lp.index != layer):
             continue
         info = structure.layers[lp.index]
         weight_name, cols = consumer_columns(info, "mlp")  # cols: (n_channels, k)
@@ -160,7 +161,7 @@ def output_weights(collector: GramCollector, name: str) -> torch.Tensor:
 
 @torch.no_grad()
 def select_heads_obs(plan: Plan, structure: ModelStructure, model: nn.Module, collector: GramCollector,
-                     damping: float = 0.1) -> Plan:
+                     damping: float = 0.1, layer: int | None = None) -> Plan:
     """Re-chooses WHICH query heads (or KV groups) each layer loses; how many stays as ``plan`` says.
 
     Block Optimal Brain Surgeon on the consumer's (o_proj's) input statistics: removing the
@@ -169,10 +170,11 @@ def select_heads_obs(plan: Plan, structure: ModelStructure, model: nn.Module, co
     (rank ``|C|``) and the next is chosen. With query-head granularity every KV group loses as
     many heads as in ``plan`` (GQA stays uniform); when ``plan`` removes whole KV groups, a
     unit is one group with all its query heads. Returns a new plan (group records updated).
+    ``layer``: re-choose in that layer alone, None = every layer.
     """
     new = copy.deepcopy(plan)
     for lp in new.layers:
-        if lp.removed or lp.heads_kept is None:
+        if lp.removed or lp.heads_kept is None or (layer is not None and lp.index != layer):
             continue
         info = structure.layers[lp.index]
         a = info.attention

@@ -269,17 +269,22 @@ def regional_fit(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, 
     return report
 
 
+def token_mask(batches: list[dict], device) -> torch.Tensor | None:
+    """(N,) the tokens of ``batches``, in order, that are not padding; None where no batch has a mask."""
+    masks = [b.get("attention_mask") for b in batches]
+    if not any(m is not None for m in masks):
+        return None
+    return torch.cat([(m != 0).reshape(-1) if m is not None else torch.ones(b["input_ids"].numel(), dtype=torch.bool)
+                      for m, b in zip(masks, batches)]).to(device)
+
+
 def _walk(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, layers: list[int], batches: list[dict],
           dense_outputs: dict[str, list[torch.Tensor]], transaction: Transaction, all_reduce: AllReduce | None,
           report: dict) -> None:
     """The layers from the first fitted one to the last, in order: fit each MLP, carry the stream on."""
     first = model.get_submodule(structure.layers[layers[0]].path)
     states = capture_layer_inputs(model, first, batches)  # [(hidden (B, T, d), kwargs)] per batch
-    masks = [b.get("attention_mask") for b in batches]
-    keep = None  # (N,) the tokens that are not padding, where any batch has a mask
-    if any(m is not None for m in masks):
-        keep = torch.cat([(m != 0).reshape(-1) if m is not None else torch.ones(b["input_ids"].numel(), dtype=torch.bool)
-                          for m, b in zip(masks, batches)]).to(states[0][0].device)
+    keep = token_mask(batches, states[0][0].device)
     for index in range(layers[0], layers[-1] + 1):
         info = structure.layers[index]
         layer = model.get_submodule(info.path)
@@ -287,39 +292,50 @@ def _walk(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, layers:
             with torch.no_grad():
                 states = [(_first(layer(h, **kw)), kw) for h, kw in states]
             continue
-        mlp = model.get_submodule(info.mlp.module)
-        runs = [run_layer(layer, mlp, h, kw) for h, kw in states]  # [(out, x, y)], each (B, T, ·)
-        sizes = [out.shape[:-1] for out, _, _ in runs]
-        x = torch.cat([x.reshape(-1, x.shape[-1]) for _, x, _ in runs])  # (N, d) the MLP's inputs
-        y = torch.cat([y.reshape(-1, y.shape[-1]) for _, _, y in runs])  # (N, d) its outputs, pruned
-        stream = torch.cat([(out - y).reshape(-1, out.shape[-1]) for out, _, y in runs])  # (N, d) entering the MLP
-        del runs
-        dense = torch.cat([o.reshape(-1, o.shape[-1]) for o in dense_outputs[info.path]])  # (N, d)
-        if dense.shape != stream.shape:
-            raise PrunerError(f"regional reconstruction: {tuple(dense.shape)} dense outputs recorded for {info.path} "
-                              f"but {tuple(stream.shape)} tokens in its batches: pass the batches the statistics "
-                              "pass ran")
-        target = dense.to(stream.device, stream.dtype) - stream  # (N, d): y* = h_dense[l+1] - r[l]
-        del dense
-        fit_x, fit_target = (x, target) if keep is None else (x[keep], target[keep])  # padding has no target
-        fitted = fit_mlp(mlp, fit_x, fit_target, cfg.regional_epochs, cfg.regional_lr, cfg.seed + index, all_reduce)
-        del fit_x, fit_target
-        with torch.no_grad():
-            new = torch.cat([fitted(part.float()) for part in x.split(4096)]).to(y.dtype)  # (N, d)
-        sums = torch.tensor([_sum_of_squares(y - target, keep), _sum_of_squares(new - target, keep),
-                             _sum_of_squares(target, keep)], dtype=torch.float64)
-        before, after, energy = (float(v) for v in _global_sum(sums, all_reduce))  # over every rank
-        before, after = before / max(energy, 1e-30), after / max(energy, 1e-30)
-        if after < before:  # kept only where it helps (the same decision on every rank: global sums)
-            _install(mlp, fitted, transaction)
-            if new.dtype != torch.float32:  # the stream the installed (e.g. bf16) weights really give
-                with torch.no_grad():
-                    new = torch.cat([mlp(part) for part in x.split(4096)])
-            y = new
-        report["layers"].append(index)
-        report["error_before"].append(before)
-        report["error_after"].append(min(after, before))
-        # the stream after the layer: the residual plus the MLP's (new) output, per batch again
-        out = (stream + y).split([math.prod(size) for size in sizes])
-        states = [(o.view(*size, -1), kw) for o, size, (_, kw) in zip(out, sizes, states)]
-        del x, y, new, stream, target
+        states = fit_layer(model, structure, cfg, index, states, dense_outputs[info.path], keep, transaction,
+                           all_reduce, report)
+
+
+def fit_layer(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, index: int,
+              states: list[tuple[torch.Tensor, dict]], dense_outputs: list[torch.Tensor], keep: torch.Tensor | None,
+              transaction: Transaction, all_reduce: AllReduce | None, report: dict) -> list[tuple[torch.Tensor, dict]]:
+    """Layer ``index``'s MLP fit on the pruned stream ``states`` (its inputs, per batch) towards the
+    dense layer's ``dense_outputs`` (per batch, any split into whole samples), kept where it lowers
+    the error; returns the stream after the layer. Appends the layer's errors to ``report``."""
+    info = structure.layers[index]
+    layer = model.get_submodule(info.path)
+    mlp = model.get_submodule(info.mlp.module)
+    runs = [run_layer(layer, mlp, h, kw) for h, kw in states]  # [(out, x, y)], each (B, T, ·)
+    sizes = [out.shape[:-1] for out, _, _ in runs]
+    x = torch.cat([x.reshape(-1, x.shape[-1]) for _, x, _ in runs])  # (N, d) the MLP's inputs
+    y = torch.cat([y.reshape(-1, y.shape[-1]) for _, _, y in runs])  # (N, d) its outputs, pruned
+    stream = torch.cat([(out - y).reshape(-1, out.shape[-1]) for out, _, y in runs])  # (N, d) entering the MLP
+    del runs
+    dense = torch.cat([o.reshape(-1, o.shape[-1]) for o in dense_outputs])  # (N, d)
+    if dense.shape != stream.shape:
+        raise PrunerError(f"regional reconstruction: {tuple(dense.shape)} dense outputs recorded for {info.path} "
+                          f"but {tuple(stream.shape)} tokens in its batches: pass the batches the statistics "
+                          "pass ran")
+    target = dense.to(stream.device, stream.dtype) - stream  # (N, d): y* = h_dense[l+1] - r[l]
+    del dense
+    fit_x, fit_target = (x, target) if keep is None else (x[keep], target[keep])  # padding has no target
+    fitted = fit_mlp(mlp, fit_x, fit_target, cfg.regional_epochs, cfg.regional_lr, cfg.seed + index, all_reduce)
+    del fit_x, fit_target
+    with torch.no_grad():
+        new = torch.cat([fitted(part.float()) for part in x.split(4096)]).to(y.dtype)  # (N, d)
+    sums = torch.tensor([_sum_of_squares(y - target, keep), _sum_of_squares(new - target, keep),
+                         _sum_of_squares(target, keep)], dtype=torch.float64)
+    before, after, energy = (float(v) for v in _global_sum(sums, all_reduce))  # over every rank
+    before, after = before / max(energy, 1e-30), after / max(energy, 1e-30)
+    if after < before:  # kept only where it helps (the same decision on every rank: global sums)
+        _install(mlp, fitted, transaction)
+        if new.dtype != torch.float32:  # the stream the installed (e.g. bf16) weights really give
+            with torch.no_grad():
+                new = torch.cat([mlp(part) for part in x.split(4096)])
+        y = new
+    report["layers"].append(index)
+    report["error_before"].append(before)
+    report["error_after"].append(min(after, before))
+    # the stream after the layer: the residual plus the MLP's (new) output, per batch again
+    out = (stream + y).split([math.prod(size) for size in sizes])
+    return [(o.view(*size, -1), kw) for o, size, (_, kw) in zip(out, sizes, states)]

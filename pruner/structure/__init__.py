@@ -9,10 +9,10 @@ from .groups import AttentionInfo, Family, LayerInfo, Member, MLPInfo, ModelStru
 from .params import count_parameters, model_fingerprint
 from .plan import LayerPlan, Plan, sync_group_records
 from .discovery import discover, find_layer_stack
-from .surgery import Transaction, apply_plan, check_plan, mask_plan, removed_slices
+from .surgery import Transaction, apply_layer, apply_plan, check_plan, mask_plan, record_sizes, removed_slices
 
 __all__ = [
     "AttentionInfo", "Family", "LayerInfo", "LayerPlan", "MLPInfo", "Member", "ModelStructure", "Plan", "Transaction",
-    "apply_plan", "check_plan", "consumer_columns", "count_parameters", "discover", "find_layer_stack", "mask_plan",
+    "apply_layer", "apply_plan", "check_plan", "record_sizes", "consumer_columns", "count_parameters", "discover", "find_layer_stack", "mask_plan",
     "model_fingerprint", "removed_slices", "sync_group_records",
 ]

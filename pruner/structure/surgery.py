@@ -25,7 +25,7 @@ from ..errors import PlanMismatchError
 from .discovery import discover
 from .groups import Family, ModelStructure
 from .params import model_fingerprint
-from .plan import Plan
+from .plan import LayerPlan, Plan
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
@@ -181,19 +181,8 @@ def apply_plan(plan: Plan, model: nn.Module, structure: ModelStructure | None = 
     tx = Transaction() if own else transaction
     try:
         _slice_parameters(model, removed, refit or {}, tx)
-        modules = dict(model.named_modules())
         _sync_module_sizes(model, tx)
-        for lp, info in zip(plan.layers, structure.layers):
-            if lp.removed:
-                continue
-            if info.attention is not None:
-                a = info.attention
-                n_heads = modules[a.consumer].in_features // a.head_dim
-                n_kv = len(lp.kv_heads_kept) if lp.kv_heads_kept is not None else a.num_kv_heads
-                _set_attention_sizes(modules[a.module], n_heads, n_kv, a, tx)
-            if info.mlp is not None:
-                _set_config_value(modules[info.mlp.module], "intermediate_size",
-                                  modules[info.mlp.consumer].in_features, tx)
+        record_sizes(plan, model, structure, tx)
         if plan.hidden_kept is not None:
             _shrink_hidden(model, structure, len(plan.hidden_kept), tx)
         if any(lp.removed for lp in plan.layers):
@@ -205,6 +194,41 @@ def apply_plan(plan: Plan, model: nn.Module, structure: ModelStructure | None = 
     if own:
         tx.commit()
     return structure
+
+
+@torch.no_grad()
+def apply_layer(plan: Plan, model: nn.Module, structure: ModelStructure, index: int,
+                refit: dict[str, torch.Tensor] | None, transaction: Transaction) -> None:
+    """Removes what ``plan`` says from decoder layer ``index`` alone (heads and MLP channels; the
+    layer-sequential refit prunes one layer at a time), recorded in ``transaction``; the caller
+    checked the plan. :func:`record_sizes` afterwards gives every layer its sizes, as
+    :func:`apply_plan` does."""
+    lp, info = plan.layers[index], structure.layers[index]
+    if lp.removed or plan.hidden_kept is not None:
+        raise PlanMismatchError("apply_layer removes heads and MLP channels of one layer, not layers or hidden channels")
+    alone = Plan([lp if i == index else LayerPlan(i) for i in range(len(plan.layers))])
+    _slice_parameters(model, removed_slices(alone, structure), refit or {}, transaction)
+    _sync_module_sizes(model, transaction)
+    _record_layer_sizes(lp, info, dict(model.named_modules()), transaction)
+
+
+def record_sizes(plan: Plan, model: nn.Module, structure: ModelStructure, tx: Transaction) -> None:
+    """Every kept layer's attention and MLP modules (and their private configs) say the widths
+    their weights now have."""
+    modules = dict(model.named_modules())
+    for lp, info in zip(plan.layers, structure.layers):
+        if not lp.removed:
+            _record_layer_sizes(lp, info, modules, tx)
+
+
+def _record_layer_sizes(lp: LayerPlan, info, modules: dict[str, nn.Module], tx: Transaction) -> None:
+    if info.attention is not None:
+        a = info.attention
+        n_heads = modules[a.consumer].in_features // a.head_dim
+        n_kv = len(lp.kv_heads_kept) if lp.kv_heads_kept is not None else a.num_kv_heads
+        _set_attention_sizes(modules[a.module], n_heads, n_kv, a, tx)
+    if info.mlp is not None:
+        _set_config_value(modules[info.mlp.module], "intermediate_size", modules[info.mlp.consumer].in_features, tx)
 
 
 @torch.no_grad()

@@ -208,7 +208,9 @@ def test_calibration_count_is_required_without_a_datamodule_that_has_one(model_d
     (dict(iterative_steps=2), "iterative_steps=2 runs the calibration batches again"),
     (dict(reconstruct=True, mlp_selection="obs-fisher"),
      "mlp_selection='obs-fisher' without reconstruction text runs the calibration batches again"),
-    (dict(reconstruct=True, mlp_selection="obs"), None),  # no passes of its own: any batch will do
+    (dict(reconstruct=True, mlp_selection="obs"),
+     r"reconstruct=True without reconstruction text \(the refit walks the calibration batches\)"),
+    (dict(mlp_selection="score"), None),  # no passes of its own: any batch will do
 ])
 def test_tuple_batches_are_refused_only_where_the_callback_reruns_them(model_dir, tmp_path, options, message):
     ids = torch.stack([s["input_ids"] for s in samples(8)])
@@ -221,6 +223,26 @@ def test_tuple_batches_are_refused_only_where_the_callback_reruns_them(model_dir
     else:
         with pytest.raises(PrunerError, match=message + r".*dict batches holding 'input_ids'.*got list"):
             fit(TupleFinetune(str(model_dir)), tuples)
+
+
+def test_tuple_batches_refit_on_the_datamodules_reconstruction_text(model_dir, tmp_path):
+    class TupleText(L.LightningDataModule):
+        def train_dataloader(self) -> DataLoader:
+            ids = torch.stack([s["input_ids"] for s in samples(8)])
+            return DataLoader(list(zip(ids, ids.clone())), batch_size=2)
+
+        def reconstruction_batches(self) -> list[torch.Tensor]:
+            return [torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    options = dict(pruning_ratio=0.5, reconstruct=True, mlp_selection="obs")
+    callback = StructuralPruneCallback(calibration_batches=2, attach_lora=False, verbose=False, **options)
+    module = TupleFinetune(str(model_dir))
+    trainer(tmp_path, [callback], max_steps=2).fit(module, datamodule=TupleText())  # ends at the prune step
+    dense = AutoModelForCausalLM.from_pretrained(model_dir)
+    reference = pruner.prune(dense, [b for _, b in zip(range(2), loader(8))],
+                             reconstruction_batches=TupleText().reconstruction_batches(), **options)
+    assert callback.plan.to_dict()["layers"] == reference.to_dict()["layers"]
+    assert_close(module.model.state_dict(), dense.state_dict(), rtol=1e-5, atol=1e-6)
 
 
 def test_a_bad_export_folder_is_refused_before_any_calibration(model_dir, tmp_path):
