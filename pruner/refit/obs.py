@@ -101,12 +101,16 @@ def _obs_start(model: nn.Module, collector: GramCollector, name: str, damping: f
     if name not in collector.grams:
         raise PrunerError(f"no input statistics for {name}: run the reconstruction batches with the "
                           "GramCollector attached before choosing by OBS")
-    gram = collector.grams[name] / max(collector.tokens[name], 1)  # (in, in)
+    summed, tokens = collector.grams[name], max(collector.tokens[name], 1)  # (in, in)
     w = model.get_submodule(name).weight.detach().double()  # (out, in)
     if cols is not None:
-        gram, w = gram[cols][:, cols], w[:, cols]
+        gram, w = summed[cols.unsqueeze(1), cols] / tokens, w[:, cols]
+    else:
+        gram = summed / tokens  # the mean Gram: one in² copy, then H in place (no identity, no sum)
     mu = damping * gram.diagonal().mean().clamp_min(1e-12)
-    h_inv = torch.linalg.inv(gram + mu * torch.eye(gram.shape[0], dtype=gram.dtype))
+    gram.diagonal().add_(mu)  # H = G + μI: the identity's zeros change nothing off the diagonal
+    h_inv = torch.linalg.inv(gram)
+    del gram
     return h_inv, w.clone()
 
 

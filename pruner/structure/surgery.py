@@ -31,6 +31,7 @@ HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 GROUP_ATTRS = ("num_key_value_groups", "n_rep")
 _MISSING = object()
+_REBUILD = object()  # a log entry that rebuilds a sliced Parameter's storage
 
 
 class Transaction:
@@ -39,8 +40,11 @@ class Transaction:
     Surgery never edits a tensor in place: it puts new parameters, attributes and configs in
     the place of the old ones, and this log keeps the old objects until :meth:`commit`. On
     any error :meth:`rollback` puts them back, so a failed ``apply_plan`` (or a failed step of
-    ``pruner.prune``) leaves the model exactly as it was. The cost: the replaced tensors stay
-    alive until the commit (peak memory = the model + the pruned copies of what was sliced).
+    ``pruner.prune``) leaves the model exactly as it was. A sliced weight keeps only what the
+    slice removed (:meth:`shrink_parameter`): the old Parameter object stays in the log with its
+    storage released, and a rollback rebuilds it from the new weight and the removed slabs, so
+    the cost of undo is the removed part of each sliced weight, not a second copy of its kept
+    part (a refit weight keeps its old kept block as well: the refit replaced it).
 
     Example:
         >>> lin = nn.Linear(2, 2)
@@ -63,8 +67,24 @@ class Transaction:
         self._log.append((module._parameters, attr, module._parameters[attr]))
         module._parameters[attr] = value
 
+    def shrink_parameter(self, old: nn.Parameter, new: nn.Parameter, owners: list[tuple[nn.Module, str]],
+                         slabs: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
+                         kept_old: torch.Tensor | None = None) -> None:
+        """Puts ``new`` (``old`` sliced) in ``old``'s place in every owner and releases ``old``'s
+        storage. ``slabs``: the slicing steps in order, each ``(dim, kept indices, removed
+        indices, removed values)``; ``kept_old``: the old kept block where ``new`` does not hold
+        it (a refit). The undo rebuilds ``old.data`` from them (see :meth:`rollback`)."""
+        for module, attr in owners:
+            self.set_parameter(module, attr, new)
+        kept = new if kept_old is None else kept_old
+        self._log.append((_REBUILD, old, (kept, slabs, old.data.shape)))
+        old.data = torch.empty(0, dtype=old.dtype, device=old.device)
+
     def rollback(self) -> None:
         for obj, attr, old in reversed(self._log):
+            if obj is _REBUILD:
+                attr.data = _rebuilt(*old)
+                continue
             if isinstance(obj, dict):
                 obj[attr] = old
             elif old is _MISSING:
@@ -75,6 +95,21 @@ class Transaction:
 
     def commit(self) -> None:
         self._log.clear()  # the replaced objects may now be freed
+
+
+def _rebuilt(kept: torch.Tensor, slabs: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
+             shape: torch.Size) -> torch.Tensor:
+    """The tensor that slicing by ``slabs`` (in order) turned into ``kept``."""
+    data = kept.detach()
+    for dim, keep, removed, values in reversed(slabs):
+        full = list(data.shape)
+        full[dim] = len(keep) + len(removed)
+        out = data.new_empty(full)
+        out.index_copy_(dim, keep.to(data.device), data)
+        out.index_copy_(dim, removed.to(data.device), values)
+        data = out
+    assert tuple(data.shape) == tuple(shape)
+    return data
 
 
 def _removed_indices(family: Family, groups: list[int], out: dict[tuple[str, int], set[int]]) -> None:
@@ -270,19 +305,22 @@ def _slice_parameters(model: nn.Module, removed: dict[tuple[str, int], set[int]]
     for tensor_id, dims in per_tensor.items():
         p = by_id[tensor_id]
         data = p.data
+        slabs = []  # what each slicing step removed, for the undo
         for dim, idx in dims.items():
             mask = torch.ones(data.shape[dim], dtype=torch.bool)
             mask[torch.tensor(sorted(idx), dtype=torch.long)] = False
-            data = data.index_select(dim, mask.nonzero().squeeze(1).to(data.device))
+            keep, drop = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+            slabs.append((dim, keep, drop, data.index_select(dim, drop.to(data.device))))
+            data = data.index_select(dim, keep.to(data.device))
+        kept_old = None
         if tensor_id in refit_of:
             given = refit_of[tensor_id]
             if tuple(given.shape) != tuple(data.shape):
                 raise PlanMismatchError(f"refit weight of shape {tuple(given.shape)} for a parameter pruned to "
                                         f"{tuple(data.shape)}")
-            data = given.to(dtype=data.dtype, device=data.device)
+            kept_old, data = data, given.to(dtype=data.dtype, device=data.device)
         new = nn.Parameter(data.contiguous(), requires_grad=p.requires_grad)
-        for mod, attr in owners[tensor_id]:  # tied weights stay tied
-            tx.set_parameter(mod, attr, new)
+        tx.shrink_parameter(p, new, owners[tensor_id], slabs, kept_old)  # tied weights stay tied
     if set(refit_of) - set(per_tensor):
         raise PlanMismatchError("refit weights were given for parameters the plan does not prune")
 

@@ -64,3 +64,27 @@ def test_a_failing_second_step_undoes_the_first(monkeypatch):
         pruner.prune(model, tiny_batches(), target_sparsity=0.2, global_ranking=True, iterative_steps=2)
     assert len(calls) == 2 and model.model.layers[0].mlp.up_proj.out_features == 96
     assert all(torch.equal(p, weights[n]) for n, p in model.state_dict().items())
+
+
+def test_undo_keeps_only_what_was_removed_and_rebuilds_the_same_parameters():
+    # tied embeddings sliced on the hidden dim, o_proj on both dims, down_proj refit: the old
+    # Parameter objects stay (an optimizer may hold them) with their storage released until a
+    # rollback rebuilds them bit for bit
+    from pruner.structure import Transaction, apply_plan, discover
+
+    model = tiny_causal_lm("llama", tie_word_embeddings=True)
+    weights, config = model_state(model)
+    s = discover(model)
+    before = dict(model.named_parameters())
+    plan = pruner.Plan([pruner.LayerPlan(0, heads_kept=[0, 2], kv_heads_kept=[0, 1], mlp_channels_kept=list(range(48))),
+                        pruner.LayerPlan(1), pruner.LayerPlan(2)], hidden_kept=list(range(0, 64, 2)))
+    refit = {"model.layers.0.mlp.down_proj.weight": torch.randn(32, 48)}
+    tx = Transaction()
+    apply_plan(plan, model, s, refit=refit, transaction=tx)
+    assert before["model.embed_tokens.weight"].numel() == 0 and before["model.layers.0.self_attn.o_proj.weight"].numel() == 0
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.lm_head.weight.shape == (128, 32)
+    tx.rollback()
+    after = dict(model.named_parameters())
+    assert all(after[n] is p for n, p in before.items())  # the same objects
+    assert all(torch.equal(p, weights[n]) for n, p in model.state_dict().items())
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.to_dict() == config
