@@ -96,7 +96,10 @@ class StructuralPruneCallback(pl.Callback):
             l1, l2, random, activation. element2/mix need calibration batches of one sample.
         aggregation: how a group's member scores combine: sum, mean, max, prod, last.
         mode: block (heads + MLP channels), channel (hidden size) or layer (whole layers).
-        target_sparsity: fraction of ALL parameters to remove (e.g. 0.2).
+        target_sparsity: fraction of parameters to remove (e.g. 0.2), of all of them or of the
+            decoder layers' (``target_scope``).
+        target_scope: model (all parameters, embeddings included) or layers (the decoder
+            layers' parameters: for small models whose embeddings are a large share).
         pruning_ratio: the paper's per-structure ratio inside the pruned layer ranges.
         attention_layers: half-open [start, end) of layers whose heads are pruned; None = all.
         mlp_layers: half-open [start, end) of layers whose MLP channels are pruned; None = all.
@@ -177,6 +180,7 @@ class StructuralPruneCallback(pl.Callback):
         aggregation: str = "sum",
         mode: Literal["block", "channel", "layer"] = "block",
         target_sparsity: float | None = None,
+        target_scope: Literal["model", "layers"] = "model",
         pruning_ratio: float | None = None,
         attention_layers: tuple[int, int] | None = None,
         mlp_layers: tuple[int, int] | None = None,
@@ -215,8 +219,8 @@ class StructuralPruneCallback(pl.Callback):
         # PruneConfig and LoraSettings check their options with their own exact messages.
         self.config = PruneConfig(
             criterion=criterion, aggregation=aggregation, mode=mode, target_sparsity=target_sparsity,
-            pruning_ratio=pruning_ratio, attention_layers=attention_layers, mlp_layers=mlp_layers,
-            layers=layers, head_granularity=head_granularity, prune_attention=prune_attention,
+            target_scope=target_scope, pruning_ratio=pruning_ratio, attention_layers=attention_layers,
+            mlp_layers=mlp_layers, layers=layers, head_granularity=head_granularity, prune_attention=prune_attention,
             prune_mlp=prune_mlp, global_ranking=global_ranking, max_layer_ratio=max_layer_ratio,
             round_to=round_to, uniform=uniform, iterative_steps=iterative_steps, seed=seed,
             attention_selection=attention_selection,
@@ -487,7 +491,8 @@ class StructuralPruneCallback(pl.Callback):
         p = self.plan.params
         rank_zero_info(
             f"StructuralPruneCallback: pruned at batch {self._prune_at}: {p['before']:,} -> {p['after']:,} "
-            f"parameters ({p['removed_fraction']:.1%} removed); trainable now "
+            f"parameters ({p['removed_fraction']:.1%} removed; {p['removed_layer_fraction']:.1%} of the decoder "
+            f"layers'); trainable now "
             f"{sum(q.numel() for q in pl_module.parameters() if q.requires_grad):,}"
         )
         fit = self.plan.calibration.get("regional")

@@ -20,8 +20,8 @@ from torch import nn
 from pruner.eval.perplexity import loader_perplexity
 from pruner.structure import Plan
 
-REPORT_SETTINGS = ("criterion", "aggregation", "mode", "target_sparsity", "pruning_ratio", "global_ranking",
-                   "head_granularity", "prune_attention", "prune_mlp", "attention_selection", "mlp_selection",
+REPORT_SETTINGS = ("criterion", "aggregation", "mode", "target_sparsity", "target_scope", "pruning_ratio",
+                   "global_ranking", "head_granularity", "prune_attention", "prune_mlp", "attention_selection", "mlp_selection",
                    "round_to", "reconstruct", "reconstruct_damping", "regional_epochs",
                    "regional_lr")  # the plan settings the report lists
 LABELS = {"dense": "dense (before pruning)", "pruned": "pruned, before recovery", "recovered": "after recovery"}
@@ -33,7 +33,11 @@ def pruning_report(plan: Plan, perplexity: dict[str, float], recovery_steps: int
     p = plan.params
     lines = ["# Pruning report", "", f"Written by StructuralPruneCallback (pruner {plan.pruner_version}).", "",
              "| | parameters |", "|---|---|", f"| before | {p['before']:,} |", f"| after | {p['after']:,} |",
-             f"| removed | {p['removed']:,} ({p['removed_fraction']:.2%}) |", ""]
+             f"| removed | {p['removed']:,} ({p['removed_fraction']:.2%}) |"]
+    if "removed_layer_fraction" in p:  # plans written before 0.2.x lack it
+        lines.append(f"| removed from the decoder layers | {p['layers_before'] - p['layers_after']:,} "
+                     f"({p['removed_layer_fraction']:.2%} of {p['layers_before']:,}) |")
+    lines.append("")
     if perplexity:
         lines += ["| validation perplexity | |", "|---|---|"]
         for key, value in perplexity.items():

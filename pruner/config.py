@@ -32,6 +32,9 @@ class PruneConfig:
         default="block", metadata={"help": "block: heads + MLP channels; channel: hidden size; layer: whole layers"})
     target_sparsity: float | None = field(
         default=None, metadata={"help": "fraction of TOTAL parameters to remove (e.g. 0.2)"})
+    target_scope: Literal["model", "layers"] = field(
+        default="model", metadata={"help": "what target_sparsity is a fraction of: model = all parameters, "
+                                           "embeddings included; layers = the decoder layers' parameters"})
     pruning_ratio: float | None = field(
         default=None, metadata={"help": "the paper's per-structure ratio (fraction of heads/channels/layers in range)"})
     attention_layers: tuple[int, int] | None = field(
@@ -107,6 +110,15 @@ class PruneConfig:
         for name in ("target_sparsity", "pruning_ratio"):
             if getattr(self, name) is not None:
                 check_fraction(name, getattr(self, name))
+        if self.target_scope not in ("model", "layers"):
+            raise PrunerError(f"target_scope must be 'model' (a fraction of all parameters) or 'layers' (of the "
+                              f"decoder layers' parameters), got {self.target_scope!r}")
+        if self.target_scope == "layers" and self.target_sparsity is None:
+            raise PrunerError("target_scope='layers' says what target_sparsity is a fraction of, but pruning_ratio was "
+                              "given: use target_sparsity=..., or leave target_scope='model'")
+        if self.target_scope == "layers" and self.mode == "channel":
+            raise PrunerError("target_scope='layers' counts the decoder layers' parameters, but mode='channel' shrinks "
+                              "the hidden size everywhere, embeddings included: use target_scope='model'")
         for name in ("prune_attention", "prune_mlp", "reconstruct", "uniform"):
             check_bool(name, getattr(self, name))
         self.resolve_allocation_defaults()

@@ -45,7 +45,9 @@ def prune(
     """Prunes ``model`` in place and returns the :class:`Plan` (indices of the dense model).
 
     ``batches``: input_ids tensors (B, T) or dicts holding ``input_ids``. ``target_sparsity``:
-    fraction of total parameters to remove; ``pruning_ratio``: the paper's per-structure ratio.
+    fraction of parameters to remove, of all of them (``target_scope="model"``, the default) or
+    of the decoder layers' (``target_scope="layers"``: for small models whose embeddings are a
+    large share); ``pruning_ratio``: the paper's per-structure ratio.
     ``attention_layers`` / ``mlp_layers``: half-open layer ranges. Further options are the
     fields of :class:`pruner.config.PruneConfig` (``layers``, ``head_granularity``,
     ``global_ranking``, ``max_layer_ratio``, ``round_to``, ``iterative_steps``, ``seed``,

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -93,7 +94,8 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
     tx = Transaction()
     try:
         for step in range(1, cfg.iterative_steps + 1):
-            step_cfg = step_config(cfg, step, total_before, count_parameters(model))
+            step_cfg = step_config(cfg, step, total_before, count_parameters(model),
+                                   dense_structure.layer_parameters())
             if step > 1:
                 structure = discover(model, seed=cfg.seed)
             vectors, fisher = first if step == 1 and first is not None else hooks.estimate(model, structure,
@@ -145,7 +147,7 @@ def make_plan(structure: ModelStructure, vectors, cfg: PruneConfig, total_params
     Deterministic: equal inputs give the same plan on every rank."""
     cfg.check_model(len(structure.layers))
     pools, records = candidate_pools(structure, vectors, cfg)
-    chosen = select_units(pools, cfg, total_params)
+    chosen = select_units(pools, cfg, total_params, structure.layer_parameters())
     plan = units_to_plan(pools, chosen, structure)
     plan.groups = mark_removed(records, pools, chosen)
     plan.settings = cfg.to_dict()
@@ -202,15 +204,25 @@ def check_uniform(plan: Plan, structure: ModelStructure) -> None:
                           f"{sorted(kept)[:3]}; the dense layers differ in width, so no uniform plan exists here")
 
 
-def step_config(cfg: PruneConfig, step: int, total_before: int, total_now: int) -> PruneConfig:
-    """Step ``k`` of ``n`` removes what takes the model to ``k/n`` of the final target."""
+def step_config(cfg: PruneConfig, step: int, total_before: int, total_now: int,
+                layers_before: int | None = None) -> PruneConfig:
+    """Step ``k`` of ``n`` removes what takes the model to ``k/n`` of the final target (each
+    step's target a fraction of the model as it is then). ``layers_before``: the dense decoder
+    layers' parameters, the base of ``target_scope='layers'``."""
     if cfg.iterative_steps == 1:
         return cfg
     kw = cfg.to_dict()
     kw["iterative_steps"] = 1
     if cfg.target_sparsity is not None:
-        goal_after = total_before * (1 - cfg.target_sparsity * step / cfg.iterative_steps)
+        share = cfg.target_sparsity * step / cfg.iterative_steps
+        if cfg.target_scope == "layers":
+            if layers_before is None:
+                raise PrunerError("target_scope='layers' needs the dense decoder layers' parameter count")
+            goal_after = total_before - share * layers_before
+        else:
+            goal_after = total_before * (1 - share)
         kw["target_sparsity"] = max(min((total_now - goal_after) / total_now, 0.999), 1e-9)
+        kw["target_scope"] = "model"
     else:
         # ratio r in n steps: each step keeps (1-r)^(1/n) of what is left
         kept = (1 - cfg.pruning_ratio) ** (1 / cfg.iterative_steps)
@@ -237,12 +249,31 @@ def finish_plan(plan: Plan, pruned_model: nn.Module, dense_structure: ModelStruc
         "fingerprint": fingerprint,
     }
     plan.settings = cfg.to_dict()
+    layers_before = dense_structure.layer_parameters()
+    layers_after = sum(p.numel() for p in pruned_model.get_submodule(dense_structure.layers_path).parameters())
     plan.params = {"before": total_before, "after": total_after, "removed": total_before - total_after,
-                   "removed_fraction": (total_before - total_after) / total_before}
+                   "removed_fraction": (total_before - total_after) / total_before,
+                   "layers_before": layers_before, "layers_after": layers_after,
+                   "removed_layer_fraction": (layers_before - layers_after) / layers_before if layers_before else 0.0}
+    warn_if_layers_gutted(plan.params, cfg)
     plan.calibration = {**calibration, **({"regional": plan.calibration["regional"]}
                                           if "regional" in plan.calibration else {})}
     plan.pruner_version = package_version()
     return plan
+
+
+def warn_if_layers_gutted(params: dict, cfg: PruneConfig) -> None:
+    """A target over all parameters that removed more than half of the decoder layers' (a small
+    model whose embeddings are a large share) is named, with the layer-scope target it equals."""
+    layers = params.get("removed_layer_fraction", 0.0)
+    if cfg.target_sparsity is None or cfg.target_scope != "model" or layers <= 0.5:
+        return
+    share = params["layers_before"] / params["before"]
+    warnings.warn(
+        f"target_sparsity={cfg.target_sparsity} of ALL parameters removed {layers:.0%} of the decoder layers' "
+        f"parameters: the layers are {share:.0%} of this model, the rest (embeddings, output layer) is not pruned. "
+        f"That is target_scope='layers' with target_sparsity={layers:.2f}; to remove a fraction of the layers "
+        f"instead, pass target_scope='layers' (e.g. target_sparsity=0.2)", stacklevel=3)
 
 
 def _all(kept: list[int] | None, n: int) -> list[int]:

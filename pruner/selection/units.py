@@ -190,15 +190,22 @@ def _local_counts(pools: list[Pool], ratios: torch.Tensor) -> torch.Tensor:
     return torch.minimum(torch.round(ratios.unsqueeze(1) * full).long(), sizes)
 
 
-def select_units(pools: list[Pool], cfg: PruneConfig, total_params: int) -> list[torch.Tensor]:
-    """A boolean "chosen" vector per pool."""
+def select_units(pools: list[Pool], cfg: PruneConfig, total_params: int,
+                 layer_params: int | None = None) -> list[torch.Tensor]:
+    """A boolean "chosen" vector per pool. ``layer_params``: the decoder layers' parameters (the
+    base of ``target_scope='layers'``)."""
     if cfg.target_sparsity is not None:
-        budget = int(round(cfg.target_sparsity * total_params))
+        layers = cfg.target_scope == "layers"
+        if layers and layer_params is None:
+            raise PrunerError("target_scope='layers' needs the decoder layers' parameter count (layer_params)")
+        base = layer_params if layers else total_params
+        budget = int(round(cfg.target_sparsity * base))
         available = int(sum(int(p.costs.sum()) for p in pools))
         if budget > available:
+            of = "the decoder layers" if layers else "the model"
             raise PrunerError(
                 f"target_sparsity={cfg.target_sparsity} asks to remove {budget:,} parameters but the chosen "
-                f"mode and layer ranges allow at most {available:,} ({available / total_params:.1%} of the model): "
+                f"mode and layer ranges allow at most {available:,} ({available / base:.1%} of {of}): "
                 "widen attention_layers/mlp_layers, or lower the target")
         if cfg.global_ranking or cfg.mode == "layer":
             return cheapest_first(pools, budget)

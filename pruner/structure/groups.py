@@ -100,6 +100,11 @@ class ModelStructure:
     hidden_channel_problem: str | None = None  # why channel-wise pruning is impossible, if it is
     shapes: dict[str, torch.Size] = field(default_factory=dict)
 
+    def layer_parameters(self) -> int:
+        """Parameters of the decoder layers (what block and layer modes can remove)."""
+        prefix = self.layers_path + "."
+        return sum(shape.numel() for name, shape in self.shapes.items() if name.startswith(prefix))
+
     def hidden_family(self) -> Family:
         if self.hidden_channel_problem:
             raise UnsupportedArchitectureError(self.hidden_channel_problem)
