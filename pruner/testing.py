@@ -15,6 +15,30 @@ from pathlib import Path
 import torch
 
 ARCHITECTURES = ("llama", "llama_mha", "mistral", "qwen2", "glm", "phi3")
+# every dense decoder family the family tests cover (tests/structure/test_families.py); the
+# value: (config class, model class, config fields that differ from the common tiny shape)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": 4}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 4}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "glm": ("GlmConfig", "GlmForCausalLM", {}),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", {"sliding_window": 4}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                                                         "attention_multiplier": 0.3, "logits_scaling": 2.0}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", {"head_dim": None, "num_key_value_heads": None, "num_kv_heads": 2,
+                                                     "new_decoder_architecture": True, "ffn_hidden_size": 96}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {}),
+}
 
 
 def _classes(arch: str):
@@ -25,6 +49,8 @@ def _classes(arch: str):
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "glm": (tf.GlmConfig, tf.GlmForCausalLM), "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
     }
+    classes.update({name: (getattr(tf, c), getattr(tf, m)) for name, (c, m, _) in FAMILIES.items()
+                    if name not in classes})
     if arch not in classes:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {list(classes)}")
     return classes[arch]
@@ -44,8 +70,11 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, *, init_std: float | None
     kw = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=4 if arch == "llama_mha" else 2, head_dim=16, vocab_size=128,
               max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    family = FAMILIES.get(arch, (None, None, {}))[2]
+    kw.update(family)
     kw.update(overrides)
-    config = config_cls(**kw)
+    lacks = {k for k, v in family.items() if v is None and k not in overrides}  # fields this family has not
+    config = config_cls(**{k: v for k, v in kw.items() if k not in lacks})
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     torch.manual_seed(seed)

@@ -43,6 +43,7 @@ from ..errors import PrunerError
 from ..importance import CRITERIA, ImportanceEstimator
 from ..refit.statistics import GramCollector, collect_output_fisher, consumers
 from ..refit.walk import reduced_statistics
+from ..selection import check_prunable
 from ..structure import ModelStructure, Plan, count_parameters, discover, model_fingerprint
 from .calibration import Reduce, estimate_importance, families_for
 from .steps import StepHooks, finish_plan, prune_steps
@@ -127,6 +128,7 @@ class PruneSession:
         check_finite_weights(model)
         self.structure: ModelStructure = discover(model, seed=config.seed)
         config.check_model(len(self.structure.layers))
+        check_prunable(self.structure, config)
         self.total_before = count_parameters(model)
         self.fingerprint = model_fingerprint(model)
         self.sharded = sharded

@@ -41,6 +41,7 @@ from ..refit.statistics import GramCollector
 from ..refit.walk import refit_layer_by_layer
 from ..selection import candidate_pools, mark_removed, refine_attention, select_units, units_to_plan
 from ..structure import LayerPlan, ModelStructure, Plan, Transaction, apply_plan, count_parameters, discover
+from ..structure.spec import plain_config_problem
 from ..version import package_version
 
 Estimate = Callable[[nn.Module, ModelStructure, PruneConfig], tuple[dict, GramCollector | None]]
@@ -101,6 +102,8 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
             vectors, fisher = first if step == 1 and first is not None else hooks.estimate(model, structure,
                                                                                            step_cfg)
             step_plan = make_plan(structure, vectors, step_cfg, count_parameters(model))
+            if cfg.uniform and step == cfg.iterative_steps:
+                warn_if_uniform_widths_refused(step_plan, structure, model)
             if cfg.measures_attention and hooks.refine_batches:
                 step_plan = refine_attention(model, structure, step_plan, hooks.refine_batches,
                                              all_reduce=hooks.all_reduce)
@@ -260,6 +263,29 @@ def finish_plan(plan: Plan, pruned_model: nn.Module, dense_structure: ModelStruc
                                           if "regional" in plan.calibration else {})}
     plan.pruner_version = package_version()
     return plan
+
+
+def warn_if_uniform_widths_refused(plan: Plan, structure: ModelStructure, model: nn.Module) -> None:
+    """Before surgery: a uniform plan whose widths the model's config class refuses (its
+    validators) is exported with per-layer widths, which load through pruner.load_pretrained or
+    trust_remote_code only: said now, not at the export."""
+    lp, info = plan.layers[0], structure.layers[0]
+    a = info.attention
+    if a is None or lp.removed:
+        return
+    values = {"num_attention_heads": len(lp.heads_kept) if lp.heads_kept is not None else a.num_heads,
+              "num_key_value_heads": len(lp.kv_heads_kept) if lp.kv_heads_kept is not None else a.num_kv_heads,
+              "head_dim": a.head_dim}
+    if values["num_attention_heads"] == a.num_heads and values["num_key_value_heads"] == a.num_kv_heads:
+        return  # the heads stay: the config describes them as it is
+    consumer = a.consumer.replace(info.path, f"{structure.layers_path}.0", 1)
+    problem = plain_config_problem(model, consumer, values)
+    if problem is not None:
+        warnings.warn(f"uniform=True keeps {values['num_attention_heads']} attention heads in every layer, which "
+                      f"{type(model.config).__name__} cannot describe ({problem}): the export will carry per-layer "
+                      "widths and load "
+                      "through pruner.load_pretrained (or trust_remote_code), not as a plain config; choose a ratio "
+                      "that keeps a head count dividing the hidden size for a plain one", stacklevel=3)
 
 
 def warn_if_layers_gutted(params: dict, cfg: PruneConfig) -> None:

@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +97,15 @@ def _query_head_pool(head_scores: torch.Tensor, n_kv: int, cost_per_head: int, l
     scores = head_scores[items].sum(1) if n_units else head_scores[:0]
     return Pool("heads", layer, scores, torch.full((n_units,), cost_per_head * n_kv, dtype=torch.long),
                 items.reshape(-1), torch.arange(0, n_units * n_kv + 1, n_kv, dtype=torch.long), n_rep)
+
+
+def check_prunable(structure: ModelStructure, cfg: PruneConfig) -> None:
+    """Before any pass: block mode on a model whose heads cannot be removed (coupled) prunes its
+    MLP channels only, said once; with ``prune_mlp=False`` there is nothing to prune."""
+    if cfg.mode == "block" and cfg.prune_attention and structure.attention_problem:
+        if not cfg.prune_mlp:
+            raise PrunerError(f"{structure.attention_problem}; with prune_mlp=False nothing is left to prune")
+        warnings.warn(f"{structure.attention_problem}: pruning MLP channels only", stacklevel=3)
 
 
 def candidate_pools(structure: ModelStructure, vectors, cfg: PruneConfig) -> tuple[list[Pool], list[dict]]:

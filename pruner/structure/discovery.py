@@ -106,9 +106,11 @@ class _Probe:
         self.layer, self.linears = layer, linears
         self.generator = torch.Generator().manual_seed(seed)
 
-    def run(self, inputs: tuple[tuple, dict], batch: int, stop_at: str | None = None):
+    def run(self, inputs: tuple[tuple, dict], batch: int, stop_at: str | None = None,
+            watch: dict[str, nn.Module] | None = None):
         """The layer on ``batch`` noisy copies of its input; with ``stop_at``, only until that
-        linear receives its input (what comes after it is not needed, nor computed)."""
+        linear receives its input (what comes after it is not needed, nor computed). ``watch``:
+        other modules whose inputs are recorded too (in ``inputs_of``)."""
         args, kwargs = inputs
         hidden = args[0] if args else kwargs["hidden_states"]
         hidden = (hidden.detach().expand(batch, *hidden.shape[1:]).clone()
@@ -124,12 +126,14 @@ class _Probe:
                     raise _Captured
                 out = torch.randn(*x.shape[:-1], lin.out_features, generator=self.generator)
                 leaves[name] = out.to(x).requires_grad_(True)
-                return leaves[name]
+                return leaves[name].clone()  # not the leaf itself: a layer may add into it in place (Falcon)
 
             return forward
 
         for name, lin in self.linears.items():
             lin.forward = fake(name, lin)
+        handles = [module.register_forward_pre_hook(lambda _m, args, name=name: inputs_of.__setitem__(name, args[0]))
+                   for name, module in (watch or {}).items()]
         out = None
         try:
             rest_args = tuple(_batched(a, batch) for a in args[1:])
@@ -140,6 +144,8 @@ class _Probe:
         finally:
             for lin in self.linears.values():
                 del lin.forward
+            for handle in handles:
+                handle.remove()
         out = out[0] if isinstance(out, tuple) else out
         return hidden, leaves, inputs_of, out
 
@@ -319,6 +325,14 @@ def _analyse_consumer(layer_idx, prefix, probe, inputs_multi, inputs_single, con
     rank = torch.empty_like(order)
     rank[order] = torch.arange(len(order))  # head label -> head number (by first channel)
     n_heads = len(order)
+    declared = _declared_heads(probe.layer.get_submodule(module) if module else probe.layer)
+    if declared is not None and declared > n_heads:
+        # fewer heads than the module computes: something mixes them before the scores (OLMo 2's
+        # q_norm / k_norm normalise the whole projection), so no head can go alone exactly
+        return "coupled", (f"{full(module)}: its {declared} attention heads are coupled (the probe finds {n_heads} "
+                           f"independent group{'s' if n_heads > 1 else ''}; e.g. OLMo 2's q_norm/k_norm normalise "
+                           "the whole query/key projection), so heads cannot be removed exactly; its MLP channels and "
+                           "whole layers can (prune_attention=False)")
     head_dim = n_in // n_heads
     if n_in % n_heads or not torch.equal(rank[head_of], torch.arange(n_in) // head_dim):
         raise UnsupportedArchitectureError(
@@ -353,6 +367,21 @@ def _analyse_consumer(layer_idx, prefix, probe, inputs_multi, inputs_single, con
     return "attention", info
 
 
+def _declared_heads(attention: nn.Module) -> int | None:
+    """The query-head count an attention module says it computes (its attribute or config)."""
+    for attr in ("num_heads", "num_attention_heads", "n_heads"):
+        if isinstance(getattr(attention, attr, None), int):
+            return getattr(attention, attr)
+    value = getattr(getattr(attention, "config", None), "num_attention_heads", None)
+    return value if isinstance(value, int) else None
+
+
+def _projected(t: torch.Tensor) -> torch.Tensor:
+    """A random projection of ``t`` to a scalar: its gradient is zero only where ``t`` does not
+    depend on the input (a plain sum is constant after a norm without weight, e.g. OLMo's)."""
+    return (t * torch.randn(t.shape, generator=torch.Generator().manual_seed(t.numel())).to(t)).sum()
+
+
 def _analyse_layer(index: int, path: str, layer: nn.Module, inputs_multi, inputs_single, hidden_size: int,
                    seed: int) -> LayerInfo:
     prefix = f"{path}."
@@ -364,7 +393,10 @@ def _analyse_layer(index: int, path: str, layer: nn.Module, inputs_multi, inputs
     if not linears:
         raise UnsupportedArchitectureError(f"{path} has no nn.Linear modules: nothing to prune")
     probe = _Probe(layer, linears, seed)
-    hidden, leaves, inputs_of, out = probe.run(inputs_multi, 1)
+    candidates = {n: m for n, m in layer.named_modules()  # per-channel norms as wide as the residual stream
+                  if not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)
+                  and m.weight.dim() == 1 and m.weight.shape[0] == hidden_size}
+    hidden, leaves, inputs_of, out = probe.run(inputs_multi, 1, watch=candidates)
     idle = [n for n in linears if n not in leaves]
     if idle:  # held by the layer but never called in its forward: nothing tells what it couples to
         raise UnsupportedArchitectureError(
@@ -373,11 +405,11 @@ def _analyse_layer(index: int, path: str, layer: nn.Module, inputs_multi, inputs
     names = list(linears)
     wrt = [hidden] + [leaves[n] for n in names]
     # writers: linears whose output reaches the layer output (the residual stream)
-    g_out = _grads(out.sum(), wrt)
+    g_out = _grads(_projected(out), wrt)
     writers = [n for n, gm in zip(names, g_out[1:]) if _nonzero(gm)]
     readers, producers_of = [], {}
     for n in names:
-        g = _grads(inputs_of[n].sum(), wrt)
+        g = _grads(_projected(inputs_of[n]), wrt)
         # the residual stream is the layer input plus what writers added to it
         reads_residual = _nonzero(g[0]) or any(_nonzero(gm) for m, gm in zip(names, g[1:]) if m in writers)
         sources = [m for m, gm in zip(names, g[1:]) if _nonzero(gm) and m not in writers]
@@ -402,9 +434,12 @@ def _analyse_layer(index: int, path: str, layer: nn.Module, inputs_multi, inputs
         if consumed.count(n) > 1:
             raise UnsupportedArchitectureError(f"{prefix}{n}: its output feeds several projections; not supported")
     attention = mlp = None
+    attention_problem = None
     for consumer, producers in producers_of.items():
         kind, info = _analyse_consumer(index, prefix, probe, inputs_multi, inputs_single, consumer, producers, linears)
-        if kind == "attention":
+        if kind == "coupled":
+            attention_problem = info
+        elif kind == "attention":
             if attention is not None:
                 raise UnsupportedArchitectureError(f"{path}: more than one attention block per layer is not supported")
             attention = info
@@ -416,11 +451,17 @@ def _analyse_layer(index: int, path: str, layer: nn.Module, inputs_multi, inputs
         if linears[n].in_features != hidden_size:
             raise UnsupportedArchitectureError(f"{prefix}{n} reads the residual stream but has "
                                                f"{linears[n].in_features} inputs, not hidden size {hidden_size}")
-    norms = [n for n, m in layer.named_modules()
-             if not isinstance(m, nn.Linear) and getattr(m, "weight", None) is not None
-             and m.weight.dim() == 1 and m.weight.shape[0] == hidden_size]
+    # on the residual stream: fed by the layer input or the writers' outputs only (OLMo 2's
+    # q_norm is as wide as the stream when heads x head_dim = hidden, but reads q_proj)
+    norms = []
+    for n in candidates:
+        if n not in inputs_of:
+            continue  # never called
+        g = _grads(_projected(inputs_of[n]), wrt)
+        if not any(_nonzero(gm) for m, gm in zip(names, g[1:]) if m not in writers):
+            norms.append(n)
     return LayerInfo(index, path, attention, mlp, [prefix + r for r in readers], [prefix + w for w in writers],
-                     [prefix + n for n in norms])
+                     [prefix + n for n in norms], attention_problem)
 
 
 def discover(model: nn.Module, seed: int = 0, probe_every_layer: bool = False) -> ModelStructure:
@@ -509,8 +550,9 @@ def _relocate(info: LayerInfo, index: int, path: str) -> LayerInfo:
     if m is not None:
         mlp = MLPInfo(rename(m.module), rename(m.consumer), [rename(p) for p in m.producers], m.num_channels,
                       family(m.channels))
+    problem = info.attention_problem.replace(info.path + ".", path + ".") if info.attention_problem else None
     return LayerInfo(index, path, attention, mlp, [rename(r) for r in info.readers],
-                     [rename(w) for w in info.writers], [rename(n) for n in info.norms])
+                     [rename(w) for w in info.writers], [rename(n) for n in info.norms], problem)
 
 
 def _hidden_channel_problem(model, infos: list[LayerInfo], final_norms: list[str], hidden: int) -> str | None:
@@ -566,6 +608,7 @@ def _embedding_problem(model, first_layer_inputs, seq_len: int) -> str | None:
     embedding = model.get_input_embeddings()
     ids = (torch.arange(seq_len).unsqueeze(0) % embedding.weight.shape[0] + 1).to(embedding.weight.device)
     if hidden is None or not torch.allclose(hidden, embedding(ids).to(hidden.dtype), rtol=1e-4, atol=1e-6):
-        return ("the model changes its token embeddings before the first layer (Gemma multiplies them by "
-                "sqrt(hidden_size)), which channel-wise pruning would change: use mode='block' or mode='layer'")
+        return ("the model rescales its token embeddings before the first layer (Gemma by sqrt(hidden_size), "
+                "Granite by embedding_multiplier), which channel-wise pruning cannot keep exact: use mode='block' or "
+                "mode='layer'")
     return None

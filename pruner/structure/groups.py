@@ -86,6 +86,7 @@ class LayerInfo:
     readers: list[str]  # linears reading the residual stream
     writers: list[str]  # linears writing into the residual stream
     norms: list[str]  # per-channel norms on the residual stream
+    attention_problem: str | None = None  # why this layer's heads cannot be removed, when they cannot
 
 
 @dataclass
@@ -99,6 +100,11 @@ class ModelStructure:
     tied_embeddings: bool
     hidden_channel_problem: str | None = None  # why channel-wise pruning is impossible, if it is
     shapes: dict[str, torch.Size] = field(default_factory=dict)
+
+    @property
+    def attention_problem(self) -> str | None:
+        """Why some layer's attention heads cannot be removed (its first such layer's reason)."""
+        return next((info.attention_problem for info in self.layers if info.attention_problem), None)
 
     def layer_parameters(self) -> int:
         """Parameters of the decoder layers (what block and layer modes can remove)."""

@@ -51,4 +51,20 @@ def pruned_class(base: type) -> type:
             apply_shape_spec(self, getattr(config, "pruner_shapes", None) or {})
 
     Pruned.__name__ = Pruned.__qualname__ = f"Pruned{base.__name__}"
+    _share_weight_names(base, Pruned.__name__)
     return Pruned
+
+
+def _share_weight_names(base: type, name: str) -> None:
+    """The checkpoint key renames transformers applies to ``base`` (e.g. GPT-NeoX's saved
+    ``embed_out`` is its ``lm_head``), registered for the class ``name`` too: transformers skips
+    them for classes outside the library."""
+    try:
+        from transformers import conversion_mapping
+    except ImportError:  # transformers before 5: no renames
+        return
+    model_type = getattr(getattr(base, "config_class", None), "model_type", None)
+    mapping = conversion_mapping.get_checkpoint_conversion_mapping(base.__name__) or (
+        conversion_mapping.get_checkpoint_conversion_mapping(model_type) if model_type else None)
+    if mapping:
+        conversion_mapping.register_checkpoint_conversion_mapping(name, mapping, overwrite=True)

@@ -37,16 +37,107 @@ def clean_config(model: nn.Module):
     return cfg
 
 
+def config_problem(cfg, values: dict) -> str | None:
+    """Why ``cfg``'s class would refuse ``cfg`` with ``values`` set (its own validators, e.g.
+    transformers' "hidden size is not a multiple of the number of attention heads", which
+    holds even where ``head_dim`` is explicit); None when it accepts them."""
+    trial = copy.deepcopy(cfg)
+    for key, value in values.items():
+        setattr(trial, key, value)
+    validate = getattr(trial, "validate", None)
+    if not callable(validate):
+        return None
+    try:
+        validate()
+    except Exception as err:  # noqa: BLE001  (huggingface_hub's StrictDataclassClassValidationError, ValueError)
+        return str(err.__cause__ or err).strip().splitlines()[-1].strip()
+    return None
+
+
+def settable(obj, key: str) -> bool:
+    """Whether ``obj.key`` can be assigned (Falcon's ``head_dim`` is a property of the config)."""
+    prop = getattr(type(obj), key, None)
+    return not (isinstance(prop, property) and prop.fset is None)
+
+
+def plain_config_problem(model: nn.Module, consumer: str, values: dict) -> str | None:
+    """Why ``model``'s config with ``values`` (``num_attention_heads``, ``num_key_value_heads``,
+    ``head_dim``) cannot describe the pruned layers as a plain config: the class's validators
+    refuse it, or a model built from it has another attention width (the family derives the head
+    size from hidden_size / num_attention_heads, as GPT-NeoX and Falcon do). ``consumer``: the
+    attention's output projection in layer 0. None when it can."""
+    cfg = model.config
+    problem = config_problem(cfg, {k: v for k, v in values.items() if settable(cfg, k)})
+    if problem is not None:
+        return problem
+    trial = copy.deepcopy(cfg)
+    for key, value in values.items():
+        if settable(trial, key):
+            setattr(trial, key, value)
+    trial.num_hidden_layers = 1
+    if isinstance(getattr(trial, "layer_types", None), list):
+        trial.layer_types = trial.layer_types[:1]
+    try:
+        with torch.device("meta"):
+            rebuilt = base_class(model)(trial).get_submodule(consumer)
+    except Exception:  # noqa: BLE001  (a config this check cannot build says nothing either way)
+        return None
+    wanted = values["num_attention_heads"] * values["head_dim"]
+    if getattr(rebuilt, "in_features", wanted) != wanted:
+        return (f"a {type(cfg).__name__} with {values['num_attention_heads']} heads builds attention "
+                f"{rebuilt.in_features} wide, not {wanted}: the family derives the head size from "
+                "hidden_size / num_attention_heads")
+    return None
+
+
 def uniform_config(model: nn.Module, cfg) -> None:
-    """Moves per-layer sizes into the global config where every layer agrees."""
+    """Moves per-layer sizes into the global config where every layer agrees and the config's
+    class accepts them; otherwise they stay per layer (``pruner_shapes``)."""
     private = [m.config for m in model.modules() if getattr(getattr(m, "config", None), "_pruner_private", False)]
+    agreed = {}
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         owners = [c for c in private if key in getattr(c, "_pruner_keys", ())]
         values = {getattr(c, key) for c in owners}
         if len(owners) == cfg.num_hidden_layers and len(values) == 1:  # every layer agrees
-            setattr(cfg, key, values.pop())
-    if private and getattr(cfg, "head_dim", None) is None:
+            agreed[key] = values.pop()
+    if private and getattr(cfg, "head_dim", None) is None and settable(cfg, "head_dim"):
         cfg.head_dim = private[0].head_dim
+    if agreed and not _describes(model, cfg, agreed):  # e.g. 3 heads of a 640-wide Gemma 3, GPT-NeoX's heads
+        agreed = {k: v for k, v in agreed.items() if k == "intermediate_size"}  # heads stay per layer
+        if agreed and not _describes(model, cfg, agreed):
+            agreed = {}
+    for key, value in agreed.items():
+        setattr(cfg, key, value)
+
+
+def _describes(model: nn.Module, cfg, values: dict) -> bool:
+    """Whether ``cfg`` with ``values`` passes its class's validators and builds the first decoder
+    layer (and the model-level buffers, e.g. a rotary embedding's) with ``model``'s shapes."""
+    if config_problem(cfg, values) is not None:
+        return False
+    from .discovery import find_layer_stack
+
+    trial = copy.deepcopy(cfg)
+    for key, value in values.items():
+        setattr(trial, key, value)
+    trial.num_hidden_layers = 1
+    if isinstance(getattr(trial, "layer_types", None), list):
+        trial.layer_types = trial.layer_types[:1]
+    try:
+        with torch.device("meta"):
+            rebuilt = base_class(model)(trial)
+    except Exception:  # noqa: BLE001  (a config that cannot build a model describes nothing)
+        return False
+    layers_path, _ = find_layer_stack(model)
+    inside = layers_path + "."
+    first = inside + "0."
+    mine = {n: t.shape for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    for name, tensor in [*rebuilt.named_parameters(), *rebuilt.named_buffers()]:
+        if name.startswith(inside) and not name.startswith(first):
+            continue
+        if name in mine and tuple(mine[name]) != tuple(tensor.shape):
+            return False
+    return True
 
 
 def shape_spec(model: nn.Module, cfg) -> dict:

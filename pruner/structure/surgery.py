@@ -26,6 +26,7 @@ from .discovery import discover
 from .groups import Family, ModelStructure
 from .params import model_fingerprint
 from .plan import LayerPlan, Plan
+from .spec import settable
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
@@ -374,7 +375,8 @@ def _set_attention_sizes(module: nn.Module, n_heads: int, n_kv: int, info, tx: T
     if cfg is not None:
         cfg.num_attention_heads, cfg.num_key_value_heads = n_heads, n_kv
         cfg._pruner_keys.update({"num_attention_heads", "num_key_value_heads"})
-        cfg.head_dim = info.head_dim  # keep it explicit: hidden_size // heads no longer holds
+        if settable(cfg, "head_dim"):  # keep it explicit: hidden_size // heads no longer holds
+            cfg.head_dim = info.head_dim
 
 
 def _shrink_hidden(model: nn.Module, structure: ModelStructure, new_hidden: int, tx: Transaction) -> None:
@@ -395,8 +397,11 @@ def _shrink_hidden(model: nn.Module, structure: ModelStructure, new_hidden: int,
     for key in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"):
         if isinstance(getattr(cfg, key, None), float):
             tx.set(cfg, key, getattr(cfg, key) * ratio)
-    if getattr(cfg, "head_dim", None) is None:
-        tx.set(cfg, "head_dim", structure.layers[0].attention.head_dim if structure.layers[0].attention else None)
+    if getattr(cfg, "head_dim", None) is None and settable(cfg, "head_dim"):  # hidden // heads no longer holds
+        attention = next((info.attention for info in structure.layers if info.attention is not None), None)
+        heads = getattr(cfg, "num_attention_heads", None)
+        tx.set(cfg, "head_dim", attention.head_dim if attention is not None
+               else old // heads if isinstance(heads, int) and heads else None)
     tx.set(cfg, "hidden_size", new_hidden)
     for mod in model.modules():
         if getattr(mod, "hidden_size", None) == old:
@@ -404,7 +409,8 @@ def _shrink_hidden(model: nn.Module, structure: ModelStructure, new_hidden: int,
         sub_cfg = getattr(mod, "config", None)
         if sub_cfg is not None and sub_cfg is not cfg and getattr(sub_cfg, "hidden_size", None) == old:
             tx.set(sub_cfg, "hidden_size", new_hidden)
-            tx.set(sub_cfg, "head_dim", cfg.head_dim)
+            if settable(sub_cfg, "head_dim"):
+                tx.set(sub_cfg, "head_dim", cfg.head_dim)
 
 
 def _remove_layers(model: nn.Module, structure: ModelStructure, indices: list[int], tx: Transaction) -> None:
