@@ -80,7 +80,7 @@ from . import checks
 from .calibration import PausedOptimizers, batch_samples, model_inputs
 from .distributed import rebuild_training, reshard, strategy_ranks, unwrap_ddp
 from .export import export_pruned, export_tokenizer, gather_for_export, merged_model
-from .report import measure_perplexity, pruning_report
+from .report import measure_perplexity, pruning_report, window_protocol
 from .resume import (STATE_VERSION, check_resumable, checkpointed_model, install_resume_hook, rebuild_structure,
                      remove_resume_hook)
 
@@ -534,7 +534,8 @@ class StructuralPruneCallback(pl.Callback):
         else:
             model = merged_model(self.model(pl_module))
         folder = Path(self.export_dir).expanduser().absolute()
-        report = pruning_report(self.plan, self.perplexity, trainer.global_step - self._prune_at)
+        report = pruning_report(self.plan, self.perplexity, trainer.global_step - self._prune_at,
+                                window_protocol(trainer))
         tokenizer = export_tokenizer(self.tokenizer, [pl_module, trainer.datamodule]) if trainer.is_global_zero else None
         export_pruned(trainer, model, folder, self.plan, tokenizer=tokenizer, overwrite=self.overwrite_export,
                       report=report)

@@ -27,9 +27,14 @@ REPORT_SETTINGS = ("criterion", "aggregation", "mode", "target_sparsity", "targe
 LABELS = {"dense": "dense (before pruning)", "pruned": "pruned, before recovery", "recovered": "after recovery"}
 
 
-def pruning_report(plan: Plan, perplexity: dict[str, float], recovery_steps: int) -> str:
+PROTOCOL_LABELS = {"paper": "windows without BOS (the LLM-Pruner paper's protocol)",
+                   "bos": "each window after the tokenizer's BOS token"}
+
+
+def pruning_report(plan: Plan, perplexity: dict[str, float], recovery_steps: int, protocol: str | None = None) -> str:
     """The report's Markdown text. ``perplexity``: ``{"dense"|"pruned"|"recovered": value}``
-    (empty when there was no validation data)."""
+    (empty when there was no validation data); ``protocol``: the validation windows' protocol
+    (``pruner.data.windows``), None when the datamodule does not say."""
     p = plan.params
     lines = ["# Pruning report", "", f"Written by StructuralPruneCallback (pruner {plan.pruner_version}).", "",
              "| | parameters |", "|---|---|", f"| before | {p['before']:,} |", f"| after | {p['after']:,} |",
@@ -43,7 +48,8 @@ def pruning_report(plan: Plan, perplexity: dict[str, float], recovery_steps: int
         for key, value in perplexity.items():
             label = LABELS[key] + (f" ({recovery_steps} steps)" if key == "recovered" else "")
             lines.append(f"| {label} | {value:.3f} |")
-        lines.append("")
+        lines += ["", f"Validation windows: {PROTOCOL_LABELS.get(protocol, 'as the datamodule made them')}"
+                      + (f" (protocol {protocol!r})." if protocol in PROTOCOL_LABELS else "."), ""]
     else:
         lines += ["No validation data (data.val_source): perplexity not measured.", ""]
     s = plan.settings
@@ -59,6 +65,13 @@ def pruning_report(plan: Plan, perplexity: dict[str, float], recovery_steps: int
                      f"{fit['seconds']:.0f} s (per layer: plan.json)")
     lines += ["", "The exact plan is in plan.json."]
     return "\n".join(lines) + "\n"
+
+
+def window_protocol(trainer: pl.Trainer) -> str | None:
+    """The window protocol of the datamodule's validation windows (``PruneDataModule.protocol``),
+    or None where the datamodule does not say."""
+    protocol = getattr(trainer.datamodule, "protocol", None)
+    return protocol if isinstance(protocol, str) else None
 
 
 def measure_perplexity(trainer: pl.Trainer, model: nn.Module, device: torch.device, when: str) -> float | None:

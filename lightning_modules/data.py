@@ -89,9 +89,13 @@ def pad_collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, 
     return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
 
-def window_batch(windows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A language-modelling batch of full windows: every token is attended and learned."""
-    return {"input_ids": windows, "attention_mask": torch.ones_like(windows), "labels": windows.clone()}
+def window_batch(windows: torch.Tensor, unscored: int = 0) -> dict[str, torch.Tensor]:
+    """A language-modelling batch of full windows: every token is attended and learned, but the
+    first ``unscored`` predicted ones (labels -100: a validation window after BOS scores the
+    tokens the paper protocol's window scores)."""
+    labels = windows.clone()
+    labels[..., 1 : 1 + unscored] = D.IGNORE_INDEX  # ([B,] T): label t is predicted at position t-1
+    return {"input_ids": windows, "attention_mask": torch.ones_like(windows), "labels": labels}
 
 
 class _TrainStream(IterableDataset):
@@ -188,6 +192,10 @@ class PruneDataModule(LightningDataModule):
         generation_temperature, generation_top_p: how the dense model samples that text
             (``pruner.data.generated.NucleusSampler``): temperature > 0 and nucleus mass in (0, 1];
             top_p 1 (the default) draws from the model's whole distribution. Part of the cache key.
+        window_protocol: what the calibration, refit, plain-text recovery and validation windows
+            start with (``pruner.data.windows``): ``"auto"`` (the tokenizer's BOS when it adds
+            one, else nothing), ``"paper"`` (never a BOS: LLM-Pruner's tables) or ``"bos"``. The
+            validation perplexity scores the same tokens under each; ``protocol`` says which ran.
 
     Example:
         >>> dm = PruneDataModule(tokenizer="smollm2", calibration_samples=4)  # doctest: +SKIP
@@ -217,6 +225,7 @@ class PruneDataModule(LightningDataModule):
         reconstruction_source: str | None = None,
         reconstruction_samples: int = 256,
         reconstruction_seq_len: int = 128,
+        window_protocol: str = "auto",
     ) -> None:
         super().__init__()
         from pruner.checks import check_int, check_number
@@ -247,7 +256,12 @@ class PruneDataModule(LightningDataModule):
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise PrunerError(f"`PruneDataModule({name}={value!r})` must be a non-empty string (a name, file or "
                                   "folder)" + ("" if name in ("calibration_source", "generation_cache") else ", or None"))
+        if window_protocol not in D.PROTOCOLS:
+            raise PrunerError(f"`PruneDataModule(window_protocol={window_protocol!r})` must be one of "
+                              f"{', '.join(D.PROTOCOLS)}: 'auto' starts each window with BOS when the tokenizer adds "
+                              "one, 'paper' never does (LLM-Pruner's tables)")
         self.save_hyperparameters()
+        self.protocol: str | None = None  # the window protocol that ran ("paper" or "bos"), set by setup
         self.tokenizer = None
         self.calibration: torch.Tensor | None = None
         self.recovery: list[dict] | None = None
@@ -284,6 +298,7 @@ class PruneDataModule(LightningDataModule):
         if self.trainer is not None:
             self._rank, self._world = self.trainer.global_rank, self.trainer.world_size
         hp, tok = self.hparams, self._get_tokenizer()
+        self.protocol, _ = D.resolve_protocol(tok, hp.get("window_protocol", "auto"))
         if GENERATED in (hp.recovery_source, hp.get("reconstruction_source")):
             from pruner.checks import check_writable_folder
 
@@ -297,7 +312,7 @@ class PruneDataModule(LightningDataModule):
                     f"{self._world} ranks: use at least one calibration sample per rank"
                 )
             windows = D.calibration_samples(hp.calibration_source, tok, hp.calibration_samples,
-                                            hp.calibration_seq_len, hp.seed)
+                                            hp.calibration_seq_len, hp.seed, self.protocol)
             per_rank = hp.calibration_samples // self._world  # equal counts: no rank waits
             self.calibration = windows[self._rank :: self._world][:per_rank]
             # generated text needs the loaded model: made in train_dataloader
@@ -305,9 +320,10 @@ class PruneDataModule(LightningDataModule):
             source = hp.get("reconstruction_source")
             if source and source != GENERATED and self.reconstruction is None:
                 self.reconstruction = self._shard(D.calibration_samples(
-                    source, tok, hp.reconstruction_samples, hp.reconstruction_seq_len, hp.seed + RECONSTRUCTION_SEED))
+                    source, tok, hp.reconstruction_samples, hp.reconstruction_seq_len, hp.seed + RECONSTRUCTION_SEED,
+                    self.protocol))
         if stage in (None, "fit", "validate", "test") and hp.val_source and self.val_windows is None:
-            windows = D.eval_windows(D.eval_text_rows(hp.val_source), tok, hp.val_seq_len)
+            windows = D.eval_windows(D.eval_text_rows(hp.val_source), tok, hp.val_seq_len, self.protocol)
             self.val_windows = windows[: hp.val_max_windows]
 
     def _load_recovery(self, tok) -> list[dict]:
@@ -316,7 +332,8 @@ class PruneDataModule(LightningDataModule):
             # Plain text (e.g. "builtin" for an offline run): language-modelling windows of
             # cutoff_len tokens, drawn with another seed than the calibration windows.
             n = hp.recovery_max_records or DEFAULT_TEXT_RECOVERY_WINDOWS
-            windows = D.calibration_samples(hp.recovery_source, tok, n, hp.cutoff_len, hp.seed + RECOVERY_SEED)
+            windows = D.calibration_samples(hp.recovery_source, tok, n, hp.cutoff_len, hp.seed + RECOVERY_SEED,
+                                            self.protocol)
             return [{k: v.tolist() for k, v in window_batch(w).items()} for w in windows]
         records = D.alpaca_records(hp.recovery_source, hp.recovery_max_records)
         examples = [D.tokenize_instruction(r, tok, hp.cutoff_len) for r in records]
@@ -397,8 +414,9 @@ class PruneDataModule(LightningDataModule):
         kwargs = self._generation_kwargs(seed_offset, plan)
         # once for the three calls below (under FSDP2 it gathers every parameter)
         kwargs["fingerprint"] = kwargs["fingerprint"] or model_fingerprint(model)
-        allow = plan is None  # a pruned model must not write it (resumed run: read the dense model's cache)
         tok = self._get_tokenizer()
+        kwargs["prompt_bos"] = D.resolve_protocol(tok, self.hparams.get("window_protocol", "auto"))[1]
+        allow = plan is None  # a pruned model must not write it (resumed run: read the dense model's cache)
         generate_samples(model, tok, n, seq_len, rank=self._rank, world_size=self._world, read_all=False,
                          allow_generation=allow, progress=self._rank == 0, save_states=save_states and allow,
                          **kwargs)
@@ -465,8 +483,9 @@ class PruneDataModule(LightningDataModule):
             return []  # Lightning skips validation when the loader list is empty
         if self.val_windows is None:
             self.setup("validate")
+        unscored = 1 if self.protocol == "bos" else 0  # the first text token follows BOS: not scored
         return DataLoader(TensorDataset(self.val_windows), batch_size=self.hparams.micro_batch_size,
-                          collate_fn=lambda rows: window_batch(torch.stack([r[0] for r in rows])))
+                          collate_fn=lambda rows: window_batch(torch.stack([r[0] for r in rows]), unscored))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._windows_loader()

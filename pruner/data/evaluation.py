@@ -17,6 +17,7 @@ import torch
 from ..errors import PrunerError
 from .hub import HUB_ALIASES, load_hub_dataset
 from .text import HELDOUT, builtin_heldout_rows, local_path, read_text_file
+from .windows import resolve_protocol, with_bos
 
 
 def _raw_lines_to_rows(path: str | Path) -> list[str]:
@@ -98,15 +99,17 @@ def eval_text_rows(source: str) -> list[str]:
     return load_wikitext2_rows(path)
 
 
-def eval_windows(rows: Sequence[str], tokenizer, seq_len: int = 128) -> torch.Tensor:
+def eval_windows(rows: Sequence[str], tokenizer, seq_len: int = 128, protocol: str = "auto") -> torch.Tensor:
     """Non-overlapping ``seq_len``-token windows of ``"\\n\\n".join(rows)`` tokenized as
-    ``pruner.eval.perplexity`` does (LLM-Pruner's protocol; the incomplete tail is dropped),
-    ``LongTensor (W, seq_len)``.
+    ``pruner.eval.perplexity`` does (the incomplete tail is dropped), ``LongTensor (W, seq_len)``;
+    ``(W, 1 + seq_len)`` with the tokenizer's BOS first under the ``"bos"`` window protocol
+    (``"auto"``: when the tokenizer adds one; :mod:`pruner.data.windows`).
 
     Example:
         >>> eval_windows(["a b c " * 100], tok, seq_len=16).shape[1]  # doctest: +SKIP
         16
     """
+    _, bos = resolve_protocol(tokenizer, protocol)
     ids = tokenize_rows(tokenizer, list(rows))
     n = ids.numel() // seq_len
     if n == 0:
@@ -114,4 +117,4 @@ def eval_windows(rows: Sequence[str], tokenizer, seq_len: int = 128) -> torch.Te
             f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}: use "
             "a longer text or a smaller window"
         )
-    return ids[: n * seq_len].view(n, seq_len)
+    return with_bos(ids[: n * seq_len].view(n, seq_len), bos)  # (W, [1 +] seq_len)

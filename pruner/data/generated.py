@@ -56,8 +56,11 @@ PROMPTS = (
 SAMPLER_VERSION = 3
 
 
-def cache_key(fingerprint: str, seed: int, seq_len: int, chunk_size: int, temperature: float, top_p: float) -> str:
-    blob = json.dumps([fingerprint, seed, seq_len, chunk_size, temperature, top_p, PROMPTS, SAMPLER_VERSION])
+def cache_key(fingerprint: str, seed: int, seq_len: int, chunk_size: int, temperature: float, top_p: float,
+              prompt_bos: int | None = None) -> str:
+    # prompt_bos joins the key only when set: text written without a BOS keeps its cache folder
+    extra = [] if prompt_bos is None else [["prompt_bos", prompt_bos]]
+    blob = json.dumps([fingerprint, seed, seq_len, chunk_size, temperature, top_p, PROMPTS, SAMPLER_VERSION, *extra])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -280,10 +283,18 @@ def encode_left_padded(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _generate_chunk(model, tokenizer, chunk: int, seed: int, size: int, seq_len: int, temperature: float,
-                    top_p: float, save_states: bool = False) -> tuple[list[list[int]], torch.Tensor | None]:
+                    top_p: float, save_states: bool = False,
+                    prompt_bos: int | None = None) -> tuple[list[list[int]], torch.Tensor | None]:
     rng = random.Random(seed * 1_000_003 + chunk)
     prompts = [rng.choice(PROMPTS) for _ in range(size)]
     enc = encode_left_padded(tokenizer, prompts)
+    if prompt_bos is not None:  # [pad.., prompt] -> [pad.., BOS, prompt]: each row's BOS right after its padding
+        pads = (enc["attention_mask"] == 0).sum(1)  # (size,)
+        rows = torch.arange(size)
+        ids = torch.cat([enc["input_ids"][:, :1], enc["input_ids"]], 1)  # (size, 1 + prompt)
+        mask = torch.cat([torch.zeros_like(enc["attention_mask"][:, :1]), enc["attention_mask"]], 1)
+        ids[rows, pads], mask[rows, pads] = prompt_bos, 1
+        enc = {"input_ids": ids, "attention_mask": mask}
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # With save_states the prompt's positions must reach the output layer too (transformers
@@ -353,7 +364,8 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
                      cache_dir: str | Path | None = None, chunk_size: int = 8, temperature: float = 1.0,
                      top_p: float = 1.0, rank: int = 0, world_size: int = 1, progress: bool = False,
                      read_all: bool = True, fingerprint: str | None = None,
-                     allow_generation: bool = True, save_states: bool = False) -> torch.Tensor:
+                     allow_generation: bool = True, save_states: bool = False,
+                     prompt_bos: int | None = None) -> torch.Tensor:
     """``num_samples`` sequences of ``seq_len`` tokens sampled from ``model``, as a LongTensor
     ``(num_samples, seq_len)``. This process generates the chunks ``c`` with
     ``c % world_size == rank`` that are not cached yet; with ``read_all`` (call after a barrier
@@ -361,6 +373,10 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
     a model sharded by FSDP2 every rank must call it (its forward passes are collectives): the
     chunks not cached yet are then dealt out in turn, so that every rank makes as many forward
     passes as the others whatever the chunk count or the cache holds.
+
+    ``prompt_bos``: a token put before each prompt (the tokenizer's BOS under the ``"bos"``
+    window protocol, :mod:`pruner.data.windows`), so each window starts with it; part of the
+    cache key when set.
 
     ``fingerprint`` names the model that wrote (or must write) the cache, by default
     ``model``'s own; a resumed run whose model is already pruned passes the dense model's
@@ -389,7 +405,8 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
     n_chunks = -(-num_samples // chunk_size)
     if cache_dir is not None:
         check_writable_folder("the generated-text cache_dir", cache_dir, fix="give a folder (it is created)")
-        key = cache_key(fingerprint or model_fingerprint(model), seed, seq_len, chunk_size, temperature, top_p)
+        key = cache_key(fingerprint or model_fingerprint(model), seed, seq_len, chunk_size, temperature, top_p,
+                        prompt_bos)
         folder = Path(cache_dir) / key
         folder.mkdir(parents=True, exist_ok=True)
         if allow_generation and rank == 0 and not (world_size > 1 and is_sharded(model)):
@@ -417,7 +434,8 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
     try:
         for c in tqdm(mine, desc="generating text", disable=not progress):
             if c < 0:  # sharded: a chunk written and thrown away keeps this rank's collectives in step
-                _generate_chunk(model, tokenizer, -c - 1, seed, chunk_size, seq_len, temperature, top_p)
+                _generate_chunk(model, tokenizer, -c - 1, seed, chunk_size, seq_len, temperature, top_p,
+                                prompt_bos=prompt_bos)
                 continue
             path = _chunk_path(folder, c) if folder is not None else None
             if path is not None and path.is_file():
@@ -426,7 +444,7 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
                     _save_states(_states_path(path), _states_of_windows(model, ids))
                 continue
             chunks[c], states = _generate_chunk(model, tokenizer, c, seed, chunk_size, seq_len, temperature, top_p,
-                                                save_states)
+                                                save_states, prompt_bos)
             if path is not None:
                 if states is not None:  # before the text: a chunk whose text is cached is complete
                     _save_states(_states_path(path), states)
@@ -450,7 +468,7 @@ def generate_samples(model, tokenizer, num_samples: int, seq_len: int, *, seed: 
 
 def read_states(num_samples: int, seq_len: int, *, fingerprint: str, seed: int = 0, cache_dir: str | Path,
                 chunk_size: int = 8, temperature: float = 1.0, top_p: float = 1.0,
-                hidden_size: int | None = None) -> torch.Tensor | None:
+                hidden_size: int | None = None, prompt_bos: int | None = None) -> torch.Tensor | None:
     """The teacher states that ``generate_samples(..., save_states=True)`` cached beside the
     text of these settings, ``(num_samples, seq_len - 1, hidden)``, or None when a chunk has
     none (cached by a run without ``save_states``, or written by a model whose states were not
@@ -461,7 +479,7 @@ def read_states(num_samples: int, seq_len: int, *, fingerprint: str, seed: int =
         >>> logits = dense.get_output_embeddings()(states[:4])  # doctest: +SKIP
     """
 
-    folder = Path(cache_dir) / cache_key(fingerprint, seed, seq_len, chunk_size, temperature, top_p)
+    folder = Path(cache_dir) / cache_key(fingerprint, seed, seq_len, chunk_size, temperature, top_p, prompt_bos)
     parts = []
     for c in range(-(-num_samples // chunk_size)):
         path = _states_path(_chunk_path(folder, c))

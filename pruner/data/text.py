@@ -30,6 +30,7 @@ import torch
 
 from ..errors import PrunerError
 from .hub import load_hub_dataset
+from .windows import resolve_protocol, with_bos
 
 BUILTIN = "builtin"
 IGNORE_INDEX = -100  # the label value that torch's cross entropy (and HF losses) skip
@@ -243,9 +244,13 @@ def calibration_samples(
     num_samples: int = 10,
     seq_len: int = 64,
     seed: int = 0,
+    protocol: str = "auto",
 ) -> torch.Tensor:
     """``num_samples`` random windows of ``seq_len`` tokens from ``source`` (LLM-Pruner: 10
-    windows of 64 tokens from BookCorpus), as a ``LongTensor (num_samples, seq_len)``.
+    windows of 64 tokens from BookCorpus), as a ``LongTensor (num_samples, seq_len)``; under the
+    ``"bos"`` window protocol (``"auto"``: when the tokenizer adds a BOS token) each window is
+    the tokenizer's BOS and then the same ``seq_len`` text tokens, ``(num_samples, 1 + seq_len)``
+    (:mod:`pruner.data.windows`).
 
     Each sample picks a document with probability proportional to its token count, then a
     uniformly random start inside it, from ``random.Random(seed)``: the same source, tokenizer
@@ -262,6 +267,7 @@ def calibration_samples(
     check_int("num_samples", num_samples, 1, fix="pruning needs at least 1 calibration sample (the paper: 10)")
     check_int("seq_len", seq_len, 2, fix="a calibration window needs at least 2 tokens (the paper: 64)")
     check_int("seed", seed, 0)
+    _, bos = resolve_protocol(tokenizer, protocol)
     if not isinstance(source, str) and not (isinstance(source, Sequence) and all(isinstance(d, str) for d in source)):
         raise PrunerError(f"calibration source must be 'builtin', a file or folder path, a hub name or a list of "
                           f"texts, got {type(source).__name__}")
@@ -281,4 +287,4 @@ def calibration_samples(
         ids = rng.choices(token_docs, weights=weights)[0]
         start = rng.randrange(len(ids) - seq_len + 1)
         samples.append(ids[start : start + seq_len])
-    return torch.tensor(samples, dtype=torch.long)
+    return with_bos(torch.tensor(samples, dtype=torch.long), bos)  # (num_samples, [1 +] seq_len)

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="first N items of each zero-shot task")
     p.add_argument("--max-tokens", type=int, default=32768, help="perplexity on the first N tokens (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="perplexity window (default: %(default)s)")
+    p.add_argument("--protocol", choices=["auto", "paper", "bos"], default="auto",
+                   help="perplexity windows: auto (after the tokenizer's BOS when it adds one), paper (never a BOS: "
+                        "LLM-Pruner's tables) or bos (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--backend", choices=["auto", "lm-eval", "builtin"], default="auto",
                    help="zero-shot scorer (default: lm-eval when installed)")
@@ -138,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         latency={"skip": True} if args.no_latency else None,
         backend=args.backend,
+        protocol=args.protocol,
         progress=args.progress,
     )
     results["meta"]["device"] = str(device)

@@ -3,7 +3,10 @@
 Protocol: rows joined with ``"\\n\\n"``, tokenized once without BOS or other special tokens,
 truncated to the first ``max_tokens`` tokens, cut into non-overlapping windows of ``seq_len``
 tokens (the incomplete last window is dropped); the perplexity is ``exp`` of the mean negative
-log-likelihood over the ``seq_len - 1`` predicted tokens of every window.
+log-likelihood over the ``seq_len - 1`` predicted tokens of every window. The window protocol
+(:mod:`pruner.data.windows`) says whether each window is read after the tokenizer's BOS token
+(``"bos"``; ``"auto"`` picks it when the tokenizer adds one) or alone (``"paper"``): the scored
+tokens are the same either way.
 
 Example:
     >>> from pruner.data import load_wikitext2_rows
@@ -20,21 +23,24 @@ import math
 import torch
 
 from ..data.evaluation import load_ptb_rows, load_wikitext2_rows, tokenize_rows  # noqa: F401  (pruner.eval's API)
+from ..data.windows import resolve_protocol, with_bos
 from ..errors import PrunerError
 
 
 @torch.no_grad()
-def window_nll(model, windows: torch.Tensor) -> torch.Tensor:
-    """Summed negative log-likelihood (float64) of tokens 1.. of each window given its prefix.
+def window_nll(model, windows: torch.Tensor, prefix: int = 0) -> torch.Tensor:
+    """Summed negative log-likelihood (float64) of tokens ``prefix + 1 ..`` of each window given
+    what precedes them: the text's tokens 1.. after ``prefix`` leading tokens (a BOS) that are
+    context only.
 
-    ``windows``: ``(batch, seq_len)`` token ids; returns ``(batch,)``.
+    ``windows``: ``(batch, prefix + seq_len)`` token ids; returns ``(batch,)``.
     """
     device = next(model.parameters()).device
     windows = windows.to(device)
-    logits = model(input_ids=windows, use_cache=False).logits  # (batch, seq_len, vocab)
+    logits = model(input_ids=windows, use_cache=False).logits  # (batch, prefix + seq_len, vocab)
     # Position t predicts token t+1; the last position predicts nothing inside the window.
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (batch, seq_len-1, vocab)
-    token_lp = logprobs.gather(-1, windows[:, 1:].unsqueeze(-1)).squeeze(-1)  # (batch, seq_len-1)
+    logprobs = torch.log_softmax(logits[:, prefix:-1].float(), dim=-1)  # (batch, seq_len-1, vocab)
+    token_lp = logprobs.gather(-1, windows[:, prefix + 1 :].unsqueeze(-1)).squeeze(-1)  # (batch, seq_len-1)
     return -token_lp.double().sum(dim=-1).cpu()
 
 
@@ -46,20 +52,25 @@ def perplexity(
     max_tokens: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    protocol: str = "auto",
 ) -> float:
-    """Perplexity of ``model`` on ``rows`` with the paper protocol (see the module docstring).
+    """Perplexity of ``model`` on ``rows`` (see the module docstring); ``protocol``: ``"auto"``,
+    ``"paper"`` or ``"bos"`` (:func:`pruner.data.windows.resolve_protocol` names what ``"auto"``
+    chose for a tokenizer).
 
     The NLL is accumulated in float64 so that the result does not depend on ``batch_size``.
-    Raises ``ValueError`` when the text has fewer than ``seq_len`` tokens.
+    Raises ``PrunerError`` when the text has fewer than ``seq_len`` tokens.
     """
     if seq_len < 2:
         raise PrunerError(f"seq_len must be at least 2, got {seq_len}: a window predicts its next tokens (the paper uses 128)")
+    _, bos = resolve_protocol(tokenizer, protocol)
     ids = tokenize_rows(tokenizer, rows, max_tokens)
     n_windows = ids.numel() // seq_len
     if n_windows == 0:
         raise PrunerError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}: give more text or a "
                           "smaller seq_len")
-    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)  # (n_windows, seq_len)
+    windows = with_bos(ids[: n_windows * seq_len].view(n_windows, seq_len), bos)  # (n_windows, [1 +] seq_len)
+    prefix = 0 if bos is None else 1
 
     was_training = model.training
     model.eval()
@@ -71,7 +82,7 @@ def perplexity(
         starts = tqdm(starts, desc=f"perplexity ({n_windows} windows)", unit="batch")
     try:
         for start in starts:
-            total += window_nll(model, windows[start : start + batch_size]).sum().item()
+            total += window_nll(model, windows[start : start + batch_size], prefix).sum().item()
     finally:
         model.train(was_training)
     return math.exp(total / (n_windows * (seq_len - 1)))

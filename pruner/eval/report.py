@@ -22,9 +22,12 @@ import torch
 
 from pruner.eval.efficiency import efficiency
 from pruner.structure import count_parameters
-from pruner.data import load_wikitext2_rows
+from pruner.data import load_wikitext2_rows, resolve_protocol
 from pruner.eval.perplexity import perplexity
 from pruner.eval.zeroshot import LOCAL_TASKS, evaluate_zeroshot, lm_eval_version
+
+PROTOCOL_TEXT = {"paper": "no BOS in any window (the LLM-Pruner protocol)",
+                 "bos": "each window after the tokenizer's BOS"}
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -83,6 +86,7 @@ def compare(
     latency: dict | None = None,
     backend: str = "auto",
     progress: bool = False,
+    protocol: str = "auto",
 ) -> dict:
     """Evaluates each ``name: (model, tokenizer)`` and returns a JSON-ready dict.
 
@@ -91,7 +95,9 @@ def compare(
     None to skip zero-shot. ``latency``: keyword
     arguments of :func:`pruner.eval.efficiency.measure_latency` (``batch_size``, ``seq_len``,
     ``new_tokens``, ``repeats``); ``{"skip": True}`` leaves latency out. ``prompts=[]`` skips
-    the generation samples.
+    the generation samples. ``protocol``: the perplexity windows' protocol (``"auto"``,
+    ``"paper"``, ``"bos"``: :mod:`pruner.data.windows`); each model's result names the one that
+    ran for its tokenizer (``wikitext2_protocol``).
     """
     rows = load_wikitext2_rows(wikitext) if isinstance(wikitext, (str, Path)) else wikitext
     latency = {"seq_len": 64, "batch_size": 1, "new_tokens": 32, "repeats": 3, **(latency or {})}
@@ -105,6 +111,7 @@ def compare(
             "settings": {
                 "seq_len": seq_len,
                 "max_tokens": max_tokens,
+                "protocol": protocol,
                 "tasks": list(tasks) if zeroshot_dir else [],
                 "limit": limit,
                 "latency": latency,
@@ -116,8 +123,9 @@ def compare(
         res: dict[str, Any] = {"parameters": count_parameters(model)}
         if rows is not None:
             res["wikitext2_ppl"] = perplexity(
-                model, tokenizer, rows, seq_len, max_tokens, batch_size, progress
+                model, tokenizer, rows, seq_len, max_tokens, batch_size, progress, protocol
             )
+            res["wikitext2_protocol"] = resolve_protocol(tokenizer, protocol)[0]
         if zeroshot_dir is not None:
             data_dir = None if str(zeroshot_dir) == "hub" else zeroshot_dir
             res["zeroshot"] = evaluate_zeroshot(
@@ -186,7 +194,10 @@ def format_tables(results: dict) -> str:
     settings = results.get("meta", {}).get("settings", {})
     parts.append(
         f"\nPerplexity: WikiText-2 raw test, first {_fmt(settings.get('max_tokens'))} tokens, "
-        f"windows of {settings.get('seq_len')} tokens. Accuracies in %."
+        f"windows of {settings.get('seq_len')} tokens"
+        + "".join(f"; {name}: {PROTOCOL_TEXT.get(res.get('wikitext2_protocol'), 'protocol not recorded')}"
+                  for name, res in models.items() if res.get("wikitext2_ppl") is not None)
+        + ". Accuracies in %."
     )
 
     if tasks:
