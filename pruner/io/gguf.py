@@ -1,28 +1,8 @@
-"""GGUF export for llama.cpp (and ollama, LM Studio): pruned LLaMA-family models with per-layer
-widths, the tokenizer and chat template carried over, optionally quantized.
-
-What llama.cpp can express (read in its sources, llama-cpp-python 0.3.36's vendored copy): the
-GGUF loader reads ``head_count``, ``head_count_kv`` and ``feed_forward_length`` as per-layer
-arrays for every architecture, but the ``llama`` graph creates each layer's tensors with layer
-0's widths (``hparams.n_head()`` without a layer index), so a ``llama`` file with uneven layers
-fails to load. The ``deci`` architecture (DeciLM / Llama-Nemotron, ``src/models/deci.cpp``)
-builds every layer with its own ``n_head(il)``, ``n_head_kv(il)`` and ``n_ff(il)``, skips the
-attention of a layer with no heads and the MLP of one with no channels, and is otherwise the
-LLaMA graph (RMSNorm, SwiGLU, the same rotary embedding). So a model whose layers all have the
-same widths is written as ``llama`` (every engine reads it); an uneven one as ``deci``.
-
-Qwen2 is written the same way, not as llama.cpp's ``qwen2`` architecture: that graph creates
-``attn_q`` and ``attn_output`` as ``n_embd x n_embd`` and ``n_ff()`` for every layer, so it cannot
-hold a model with heads or per-layer MLP channels removed. Qwen2 differs from LLaMA only by its
-q/k/v biases, which both ``llama`` and ``deci`` load as optional tensors (``create_tensor_qkv``)
-and add in ``build_qkv``; its rotary embedding is Hugging Face's halves layout like LLaMA's
-(llama.cpp's ``qwen2`` graph uses NEOX rope on unpermuted rows instead), so the q/k rows and
-biases take the same permutation. Sliding-window Qwen2 configs are refused.
-
-Layouts follow llama.cpp's own converter (``convert_hf_to_gguf.py``): tensors keep the Hugging
-Face ``(out, in)`` layout (ggml reads it as ``ne = (in, out)``), norms stay f32, and the rows of
-``q_proj`` / ``k_proj`` are permuted from the Hugging Face rotary layout (halves) to llama.cpp's
-(interleaved pairs), per layer with that layer's head counts.
+"""GGUF export for llama.cpp (and ollama, LM Studio): pruned LLaMA, Mistral, Qwen2 and Phi-3 models
+with per-layer widths, Qwen3 and Gemma 3 with one width for every layer, the tokenizer and chat
+template carried over, optionally quantized. Which llama.cpp graph holds which model, and why:
+:mod:`pruner.io.gguf_layout`; everything is checked before a byte is written, and the file
+appears whole or not at all.
 
 Example:
     >>> from pruner.testing import tiny_causal_lm
@@ -36,10 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,10 +25,10 @@ from torch import nn
 
 from ..checks import check_bool, check_choice, current_umask, existing_ancestor
 from ..errors import PrunerError
-from ..recovery.lora import check_merged
+from .gguf_layout import SUPPORTED_MODEL_TYPES, GGUFLayout, describe, gguf_tensors  # noqa: F401  (the export's API)
+from .gguf_layout import rotary_permutation  # noqa: F401
 from .tempfiles import remove_stale, temporary_file
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # dtype -> (ggml type of 2-D weights, llama.cpp file type); quantized rows hold whole blocks
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 # K-quants have no exact Python quantizer: llama.cpp's own quantizer (llama-cpp-python) makes them
@@ -74,172 +52,13 @@ PRE_TOKENIZERS = {
 }
 
 
-@dataclass
-class GGUFLayout:
-    """What the file will say about the model: architecture and per-layer widths."""
-
-    architecture: str  # "llama" (every layer alike) or "deci" (per-layer widths)
-    hidden: int
-    head_dim: int
-    heads: list[int]  # query heads per layer
-    kv_heads: list[int]
-    ff: list[int]  # MLP channels per layer
-    vocab: int
-    context: int
-    rms_eps: float
-    rope_theta: float
-    rope_factors: list[float] | None = None  # llama3 rope scaling
-    tied: bool = True
-    qkv_bias: bool = False  # Qwen2: q/k/v biases (llama.cpp's optional attn_q/k/v.bias)
-
-    @property
-    def uniform(self) -> bool:
-        return len(set(self.heads)) == len(set(self.kv_heads)) == len(set(self.ff)) == 1
-
-
-def _decoder(model: nn.Module):
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if inner is None or layers is None or not hasattr(inner, "embed_tokens"):
-        raise PrunerError(f"{type(model).__name__} is not a LLaMA-family causal LM (model.model.layers): "
-                          f"GGUF export supports {', '.join(SUPPORTED_MODEL_TYPES)}")
-    return inner, layers
-
-
-def describe(model: nn.Module) -> GGUFLayout:
-    """The GGUF layout of ``model`` (read from its weights' shapes, not its config), or a
-    :class:`PrunerError` naming what llama.cpp cannot express. Nothing is written."""
-    cfg = model.config
-    model_type = getattr(cfg, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise PrunerError(f"GGUF export supports model types {', '.join(SUPPORTED_MODEL_TYPES)} (llama.cpp's llama / "
-                          f"deci graphs), got {model_type!r}")
-    check_merged(model, "export it (or export the merged folder that pruner.save_pretrained wrote)")
-    window = getattr(cfg, "sliding_window", None)
-    if model_type == "qwen2" and (getattr(cfg, "use_sliding_window", False)
-                                  or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())):
-        raise PrunerError("this Qwen2 config uses sliding-window attention, which llama.cpp's llama / deci graphs do "
-                          "not have; it cannot be exported faithfully")
-    if model_type == "mistral" and window and window < getattr(cfg, "max_position_embeddings", 0):
-        raise PrunerError(f"sliding_window={cfg.sliding_window}: llama.cpp's llama graph has no sliding-window "
-                              "attention; this Mistral cannot be exported faithfully")
-    inner, layers = _decoder(model)
-    hidden = inner.embed_tokens.weight.shape[1]
-    head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
-    if head_dim % 2:
-        raise PrunerError(f"head_dim {head_dim} is odd: the rotary permutation needs pairs")
-    heads, kv_heads, ff = [], [], []
-    qkv_bias = getattr(layers[0].self_attn.q_proj, "bias", None) is not None if len(layers) else False
-    for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        for name in ("q_proj", "k_proj", "v_proj"):  # optional tensors in llama.cpp: all layers or none
-            if (getattr(getattr(attn, name), "bias", None) is not None) != qkv_bias:
-                raise PrunerError(f"layer {i} {name} {'lacks' if qkv_bias else 'has'} a bias unlike layer 0's q_proj: "
-                                  "q/k/v biases must be in every layer or in none")
-        if getattr(attn.o_proj, "bias", None) is not None:
-            raise PrunerError(f"layer {i} o_proj has a bias: not expressible in this export")
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            if getattr(getattr(mlp, name), "bias", None) is not None:
-                raise PrunerError(f"layer {i} mlp.{name} has a bias: not expressible in this export")
-        q, k = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
-        if q % head_dim or k % head_dim or attn.v_proj.weight.shape[0] != k:
-            raise PrunerError(f"layer {i}: q/k/v widths {q}/{k}/{attn.v_proj.weight.shape[0]} are not whole heads "
-                              f"of {head_dim}")
-        if k and (q // head_dim) % (k // head_dim):
-            raise PrunerError(f"layer {i}: {q // head_dim} query heads do not share {k // head_dim} KV heads evenly")
-        heads.append(q // head_dim)
-        kv_heads.append(k // head_dim)
-        ff.append(mlp.gate_proj.weight.shape[0])
-    rope = _rope(cfg, head_dim)
-    lm_head = model.get_output_embeddings()
-    tied = lm_head is None or lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
-    layout = GGUFLayout("llama", hidden, head_dim, heads, kv_heads, ff, inner.embed_tokens.weight.shape[0],
-                        int(getattr(cfg, "max_position_embeddings", 2048)), float(cfg.rms_norm_eps), rope[0],
-                        rope[1], tied, qkv_bias)
-    if not layout.uniform or 0 in heads or 0 in ff:
-        layout.architecture = "deci"  # per-layer widths (see the module docstring)
-    return layout
-
-
-def _rope(cfg, head_dim: int) -> tuple[float, list[float] | None]:
-    """(theta, per-frequency factors or None) from the config; refuses scalings llama.cpp's
-    llama/deci graphs would compute differently."""
-    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    theta = float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-    kind = (params.get("rope_type") or params.get("type") or "default").lower()
-    if kind == "default":
-        return theta, None
-    if kind != "llama3":
-        raise PrunerError(f"rope scaling {kind!r} is not supported by this GGUF export (default and llama3 are)")
-    # llama3: per-frequency divisors, as transformers' _compute_llama3_parameters computes them
-    factor = float(params.get("factor", 8.0))
-    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
-    old_context = float(params.get("original_max_position_embeddings", 8192))
-    factors = []
-    for i in range(0, head_dim, 2):
-        wavelen = 2 * math.pi * theta ** (i / head_dim)
-        if wavelen < old_context / high:
-            factors.append(1.0)
-        elif wavelen > old_context / low:
-            factors.append(factor)
-        else:
-            smooth = (old_context / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return theta, factors
-
-
-def rotary_permutation(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of a q/k projection from Hugging Face's rotary layout (each head's first half of
-    dimensions, then its second half) to llama.cpp's (interleaved pairs).
-
-    Example:
-        >>> rotary_permutation(torch.arange(4.0).view(4, 1), 1).flatten().tolist()
-        [0.0, 2.0, 1.0, 3.0]
-    """
-    if n_heads == 0:
-        return weight
-    rows = weight.shape[0]
-    # (heads, 2, head_dim/2, in) -> (heads, head_dim/2, 2, in): pair dimension j with j + head_dim/2
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def _tensors(model: nn.Module, layout: GGUFLayout, permute: bool = True):
-    """``(gguf name, tensor (out, in) or (n,))`` in llama.cpp's order and layouts; ``permute=False``
-    skips the q/k row permutation (same shapes: for checks that only read shapes)."""
-    inner, layers = _decoder(model)
-    rotary = rotary_permutation if permute else (lambda weight, n_heads: weight)
-    yield "token_embd.weight", inner.embed_tokens.weight
-    if layout.rope_factors is not None:
-        yield "rope_freqs.weight", torch.tensor(layout.rope_factors, dtype=torch.float32)
-    for i, layer in enumerate(layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        if layout.heads[i]:
-            yield f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight
-            yield f"blk.{i}.attn_q.weight", rotary(attn.q_proj.weight, layout.heads[i])
-            yield f"blk.{i}.attn_k.weight", rotary(attn.k_proj.weight, layout.kv_heads[i])
-            yield f"blk.{i}.attn_v.weight", attn.v_proj.weight
-            if layout.qkv_bias:  # the same row permutation as the weights they are added to
-                yield f"blk.{i}.attn_q.bias", rotary(attn.q_proj.bias, layout.heads[i])
-                yield f"blk.{i}.attn_k.bias", rotary(attn.k_proj.bias, layout.kv_heads[i])
-                yield f"blk.{i}.attn_v.bias", attn.v_proj.bias
-            yield f"blk.{i}.attn_output.weight", attn.o_proj.weight
-        if layout.ff[i]:
-            yield f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight
-            yield f"blk.{i}.ffn_gate.weight", mlp.gate_proj.weight
-            yield f"blk.{i}.ffn_up.weight", mlp.up_proj.weight
-            yield f"blk.{i}.ffn_down.weight", mlp.down_proj.weight
-    yield "output_norm.weight", inner.norm.weight
-    if not layout.tied:
-        yield "output.weight", model.get_output_embeddings().weight
-
-
 def _check_quantizable(model: nn.Module, layout: GGUFLayout, dtype: str) -> None:
     import gguf
 
     if dtype in ("f32", "f16", "bf16"):
         return
     block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[dtype.upper()]][0]
-    bad = [(name, t.shape[-1]) for name, t in _tensors(model, layout, permute=False)
+    bad = [(name, t.shape[-1]) for name, t in gguf_tensors(model, layout, permute=False)
            if t.dim() == 2 and t.shape[-1] % block]
     if bad:
         listed = ", ".join(f"{n} ({w})" for n, w in bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
@@ -444,6 +263,11 @@ def _write(model: nn.Module, layout: GGUFLayout, fields: dict, path: Path, dtype
     writer.add_value_length(layout.head_dim)
     writer.add_rope_dimension_count(layout.head_dim)
     writer.add_rope_freq_base(layout.rope_theta)
+    if layout.rope_linear_factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(layout.rope_linear_factor)
+    if layout.sliding_window is not None:
+        writer.add_sliding_window(layout.sliding_window)
     writer.add_layer_norm_rms_eps(layout.rms_eps)
     writer.add_vocab_size(layout.vocab)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
@@ -453,7 +277,7 @@ def _write(model: nn.Module, layout: GGUFLayout, fields: dict, path: Path, dtype
         writer.add_key_value(key, value, vtype, sub_type=sub)
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16}.get(
         dtype, gguf.GGMLQuantizationType[dtype.upper()])
-    for tensor_name, t in _tensors(model, layout):
+    for tensor_name, t in gguf_tensors(model, layout):
         data = t.detach().to("cpu", torch.float32).contiguous().numpy()
         if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(tensor_name, data)

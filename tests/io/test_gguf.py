@@ -117,7 +117,7 @@ def test_f32_export_loads_back_in_transformers_bit_exact(tmp_path):
     torch.testing.assert_close(_hf_logits(back, ids), _hf_logits(model, ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["glm", "phi3"])
+@pytest.mark.parametrize("arch", ["glm", "gemma"])
 def test_architectures_llama_cpp_graphs_cannot_express_are_refused_before_writing(tmp_path, arch):
     with pytest.raises(pruner.PrunerError, match="GGUF export supports"):
         export_gguf(tiny_causal_lm(arch), tmp_path / "m.gguf", tokenizer=tiny_bpe_tokenizer())
@@ -137,7 +137,7 @@ def test_qwen2_is_written_with_its_biases_permuted_like_its_rows():
     model = _qwen2(uneven=True)
     layout = describe(model)
     assert layout.architecture == "deci" and layout.qkv_bias
-    tensors = dict(pruner.io.gguf._tensors(model, layout))
+    tensors = dict(pruner.io.gguf.gguf_tensors(model, layout))
     attn = model.model.layers[1].self_attn
     assert torch.equal(tensors["blk.1.attn_q.bias"], rotary_permutation(attn.q_proj.bias, layout.heads[1]))
     assert torch.equal(tensors["blk.1.attn_k.bias"], rotary_permutation(attn.k_proj.bias, layout.kv_heads[1]))
@@ -359,3 +359,55 @@ def test_uniform_pruning_gives_equal_layers_a_plain_config_and_a_llama_gguf(tmp_
 def test_uniform_refuses_what_cannot_be_uniform(kwargs, match):
     with pytest.raises(pruner.PrunerError, match=match):
         pruner.prune(_tiny(), _batches(), target_sparsity=0.2, uniform=True, **kwargs)
+
+
+# --- families beyond LLaMA: Qwen3 and Gemma 3 into llama.cpp's own graphs, Phi-3 into llama / deci
+
+def _family(arch: str, how: str):
+    """A tiny ``arch`` model of 6 layers (Gemma 3: five sliding, one global), dense, pruned to
+    equal layers (``uniform``) or pruned in two layers' heads only (``uneven``)."""
+    kw = dict(vocab_size=300, head_dim=32, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+              num_attention_heads=4, num_key_value_heads=2)
+    if arch == "gemma3_text":  # llama.cpp scales attention by 1/sqrt(head_dim): so do Gemma 3 1B-12B
+        kw.update(query_pre_attn_scalar=32, sliding_window=4)
+    model = tiny_causal_lm(arch, **kw)
+    if how == "uniform":
+        pruner.prune(model, _batches(), pruning_ratio=0.5, uniform=True, head_granularity="kv")
+    elif how == "uneven":
+        pruner.prune(model, _batches(), pruning_ratio=0.5, head_granularity="kv", attention_layers=(1, 3),
+                     prune_mlp=False)
+    return model
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("arch, how, graph", [
+    ("qwen3", "dense", "qwen3"), ("qwen3", "uniform", "qwen3"),
+    ("gemma3_text", "dense", "gemma3"), ("gemma3_text", "uniform", "gemma3"),
+    ("phi3", "uniform", "llama"), ("phi3", "uneven", "deci"),
+])
+def test_llama_cpp_runs_qwen3_gemma3_and_phi3_in_f32(tmp_path, arch, how, graph):
+    model = _family(arch, how)
+    layout = describe(model)
+    assert layout.architecture == graph
+    if how != "dense":
+        assert min(layout.heads) == 2
+    path = export_gguf(model, tmp_path / "m.gguf", dtype="f32", tokenizer=tiny_bpe_tokenizer())
+    ids = _ids(14)  # longer than Gemma 3's sliding window of 4: the local layers' mask matters
+    torch.testing.assert_close(_llama_cpp_logits(path, ids), _hf_logits(model, ids), rtol=2e-3, atol=2e-3)
+    hf = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+    assert _llama_cpp_greedy(path, ids, 8) == hf
+
+
+def test_what_qwen3_and_gemma3_graphs_cannot_hold_is_refused_before_writing(tmp_path):
+    uneven = _family("qwen3", "uneven")
+    with pytest.raises(pruner.PrunerError, match="qwen3 graph builds every layer with layer 0's widths.*uniform=True"):
+        export_gguf(uneven, tmp_path / "a.gguf", tokenizer=tiny_bpe_tokenizer())
+    shifted = _family("gemma3_text", "dense")
+    shifted.config.layer_types = ["full_attention"] + shifted.config.layer_types[1:]
+    with pytest.raises(pruner.PrunerError, match="not llama.cpp's gemma3 pattern"):
+        export_gguf(shifted, tmp_path / "b.gguf", tokenizer=tiny_bpe_tokenizer())
+    scaled = _family("gemma3_text", "dense")
+    scaled.config.query_pre_attn_scalar = 256
+    with pytest.raises(pruner.PrunerError, match=r"1/sqrt\(256\).*would take 1/sqrt\(32\)"):
+        export_gguf(scaled, tmp_path / "c.gguf", tokenizer=tiny_bpe_tokenizer())
+    assert list(tmp_path.iterdir()) == []
