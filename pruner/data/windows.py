@@ -26,21 +26,10 @@ from typing import Literal
 import torch
 
 from ..errors import PrunerError
+from ..io.models import added_bos  # noqa: F401  (beside load_tokenizer: the GGUF export reads it too)
 
 Protocol = Literal["auto", "paper", "bos"]
 PROTOCOLS = ("auto", "paper", "bos")
-
-
-def added_bos(tokenizer) -> int | None:
-    """The token id ``tokenizer`` puts before a text when it adds special tokens (its BOS), or
-    None when it adds nothing in front. Read from what it does, not from its settings: flags such
-    as ``add_bos_token`` are spelled differently across tokenizer classes."""
-    probe = "Hello world"
-    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
-    special = list(tokenizer(probe)["input_ids"])
-    if plain and len(special) > len(plain) and special[1 : 1 + len(plain)] == plain:
-        return int(special[0])
-    return None
 
 
 def resolve_protocol(tokenizer, protocol: str = "auto") -> tuple[str, int | None]:

@@ -5,11 +5,8 @@ template carried over, optionally quantized. Which llama.cpp graph holds which m
 appears whole or not at all.
 
 Example:
-    >>> from pruner.testing import tiny_causal_lm
-    >>> model = tiny_causal_lm("llama")
-    >>> plan_gguf = describe(model)
-    >>> plan_gguf.architecture, plan_gguf.heads[0], plan_gguf.head_dim
-    ('llama', 4, 16)
+    >>> export_gguf("outputs/smollm2_20pct/export", "smollm2-20pct.q8_0.gguf", dtype="q8_0")  # doctest: +SKIP
+    PosixPath('smollm2-20pct.q8_0.gguf')
 """
 
 from __future__ import annotations
@@ -25,8 +22,8 @@ from torch import nn
 
 from ..checks import check_bool, check_choice, current_umask, existing_ancestor
 from ..errors import PrunerError
-from .gguf_layout import SUPPORTED_MODEL_TYPES, GGUFLayout, describe, gguf_tensors  # noqa: F401  (the export's API)
-from .gguf_layout import rotary_permutation  # noqa: F401
+from .gguf_layout import SUPPORTED_MODEL_TYPES, GGUFLayout, describe, gguf_tensors, rotary_permutation  # noqa: F401
+from .models import added_bos
 from .tempfiles import remove_stale, temporary_file
 
 # dtype -> (ggml type of 2-D weights, llama.cpp file type); quantized rows hold whole blocks
@@ -133,7 +130,8 @@ def _tokenizer_from_hf(tokenizer, vocab_size: int) -> dict[str, tuple]:
         value = getattr(tokenizer, attr, None)
         if value is not None:
             fields[f"tokenizer.ggml.{key}_token_id"] = (int(value), U32, None)
-    fields["tokenizer.ggml.add_bos_token"] = (bool(getattr(tokenizer, "add_bos_token", False)), B, None)
+    # what the tokenizer does, not a flag some tokenizer classes lack (pruner.data.windows)
+    fields["tokenizer.ggml.add_bos_token"] = (added_bos(tokenizer) is not None, B, None)
     if getattr(tokenizer, "chat_template", None):
         fields["tokenizer.chat_template"] = (tokenizer.chat_template, S, None)
     return fields

@@ -203,3 +203,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token  # padded positions are masked from loss and attention
     return tok
+
+
+def added_bos(tokenizer) -> int | None:
+    """The token id ``tokenizer`` puts before a text when it adds special tokens (its BOS), or
+    None when it adds nothing in front. Read from what it does, not from its settings: flags such
+    as ``add_bos_token`` are spelled differently across tokenizer classes."""
+    probe = "Hello world"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    special = list(tokenizer(probe)["input_ids"])
+    if plain and len(special) > len(plain) and special[1 : 1 + len(plain)] == plain:
+        return int(special[0])
+    return None

@@ -411,3 +411,17 @@ def test_what_qwen3_and_gemma3_graphs_cannot_hold_is_refused_before_writing(tmp_
     with pytest.raises(pruner.PrunerError, match=r"1/sqrt\(256\).*would take 1/sqrt\(32\)"):
         export_gguf(scaled, tmp_path / "c.gguf", tokenizer=tiny_bpe_tokenizer())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_add_bos_token_follows_what_the_tokenizer_does(tmp_path):
+    import gguf
+    from tokenizers.processors import TemplateProcessing
+
+    plain = tiny_bpe_tokenizer()
+    with_bos = tiny_bpe_tokenizer()
+    with_bos.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A",
+                                                                   special_tokens=[("<s>", with_bos.bos_token_id)])
+    for name, tok, expected in (("plain", plain, False), ("bos", with_bos, True)):
+        path = export_gguf(_tiny(), tmp_path / f"{name}.gguf", dtype="f32", tokenizer=tok)
+        field = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.add_bos_token"]
+        assert bool(field.parts[field.data[0]][0]) is expected, name
