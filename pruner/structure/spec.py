@@ -70,6 +70,21 @@ def plain_config_problem(model: nn.Module, consumer: str, values: dict) -> str |
     problem = config_problem(cfg, {k: v for k, v in values.items() if settable(cfg, k)})
     if problem is not None:
         return problem
+    rebuilt = _one_layer_model(model, cfg, values)
+    if rebuilt is None:  # a config this check cannot build says nothing either way
+        return None
+    rebuilt = rebuilt.get_submodule(consumer)
+    wanted = values["num_attention_heads"] * values["head_dim"]
+    if getattr(rebuilt, "in_features", wanted) != wanted:
+        return (f"a {type(cfg).__name__} with {values['num_attention_heads']} heads builds attention "
+                f"{rebuilt.in_features} wide, not {wanted}: the family derives the head size from "
+                "hidden_size / num_attention_heads")
+    return None
+
+
+def _one_layer_model(model: nn.Module, cfg, values: dict) -> nn.Module | None:
+    """``model``'s class built on the meta device from ``cfg`` with ``values`` (those it can
+    set) and one decoder layer; None when that config cannot build one."""
     trial = copy.deepcopy(cfg)
     for key, value in values.items():
         if settable(trial, key):
@@ -79,15 +94,9 @@ def plain_config_problem(model: nn.Module, consumer: str, values: dict) -> str |
         trial.layer_types = trial.layer_types[:1]
     try:
         with torch.device("meta"):
-            rebuilt = base_class(model)(trial).get_submodule(consumer)
-    except Exception:  # noqa: BLE001  (a config this check cannot build says nothing either way)
+            return base_class(model)(trial)
+    except Exception:  # noqa: BLE001  (any validator or constructor error: the config cannot build it)
         return None
-    wanted = values["num_attention_heads"] * values["head_dim"]
-    if getattr(rebuilt, "in_features", wanted) != wanted:
-        return (f"a {type(cfg).__name__} with {values['num_attention_heads']} heads builds attention "
-                f"{rebuilt.in_features} wide, not {wanted}: the family derives the head size from "
-                "hidden_size / num_attention_heads")
-    return None
 
 
 def uniform_config(model: nn.Module, cfg) -> None:
@@ -117,16 +126,8 @@ def _describes(model: nn.Module, cfg, values: dict) -> bool:
         return False
     from .discovery import find_layer_stack
 
-    trial = copy.deepcopy(cfg)
-    for key, value in values.items():
-        setattr(trial, key, value)
-    trial.num_hidden_layers = 1
-    if isinstance(getattr(trial, "layer_types", None), list):
-        trial.layer_types = trial.layer_types[:1]
-    try:
-        with torch.device("meta"):
-            rebuilt = base_class(model)(trial)
-    except Exception:  # noqa: BLE001  (a config that cannot build a model describes nothing)
+    rebuilt = _one_layer_model(model, cfg, values)
+    if rebuilt is None:  # a config that cannot build a model describes nothing
         return False
     layers_path, _ = find_layer_stack(model)
     inside = layers_path + "."
