@@ -27,7 +27,7 @@ REPORT_SETTINGS = ("criterion", "aggregation", "mode", "target_sparsity", "targe
 LABELS = {"dense": "dense (before pruning)", "pruned": "pruned, before recovery", "recovered": "after recovery"}
 
 
-PROTOCOL_LABELS = {"paper": "windows without BOS (the LLM-Pruner paper's protocol)",
+PROTOCOL_LABELS = {"paper": "no BOS in any window, as the LLM-Pruner paper",
                    "bos": "each window after the tokenizer's BOS token"}
 
 
@@ -48,8 +48,8 @@ def pruning_report(plan: Plan, perplexity: dict[str, float], recovery_steps: int
         for key, value in perplexity.items():
             label = LABELS[key] + (f" ({recovery_steps} steps)" if key == "recovered" else "")
             lines.append(f"| {label} | {value:.3f} |")
-        lines += ["", f"Validation windows: {PROTOCOL_LABELS.get(protocol, 'as the datamodule made them')}"
-                      + (f" (protocol {protocol!r})." if protocol in PROTOCOL_LABELS else "."), ""]
+        lines += ["", f"Validation windows: protocol {protocol!r} ({PROTOCOL_LABELS[protocol]})."
+                  if protocol in PROTOCOL_LABELS else "Validation windows: as the datamodule made them.", ""]
     else:
         lines += ["No validation data (data.val_source): perplexity not measured.", ""]
     s = plan.settings

@@ -156,6 +156,7 @@ def test_smollm2_recipe_prunes_and_exports_a_loadable_model(tmp_path):
         ppl[row] = float(line.split("|")[2])
         assert ppl[row] > 1.0
     assert ppl["after recovery"] != ppl["pruned, before recovery"]  # the two recovery steps moved the weights
+    assert "Validation windows: protocol 'paper'" in report  # SmolLM2's tokenizer adds no BOS
     untouched = [lp for lp in plan.layers if lp.index < 4 or lp.index >= 28]
     assert all(lp.heads_kept is None and lp.mlp_channels_kept is None for lp in untouched)
     model = pruner.load_pretrained(export)

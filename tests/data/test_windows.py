@@ -124,7 +124,8 @@ def test_reports_name_the_protocol(tiny_dir, bos_dir):
     from pruner.structure import Plan
 
     plan = Plan(layers=[], params={"before": 10, "after": 8, "removed": 2, "removed_fraction": 0.2})
-    assert "after the tokenizer's BOS token (protocol 'bos')" in pruning_report(plan, {"dense": 3.0}, 0, "bos")
+    assert "protocol 'bos' (each window after the tokenizer's BOS token)" in pruning_report(plan, {"dense": 3.0}, 0, "bos")
+    assert "as the datamodule made them" in pruning_report(plan, {"dense": 3.0}, 0, None)
     model, _ = load_model(str(tiny_dir))
     results = compare({"plain": (model, load_tokenizer(str(tiny_dir))), "bos": (model, load_tokenizer(str(bos_dir)))},
                       wikitext=ROWS, max_tokens=256, seq_len=16, prompts=[], latency={"skip": True})
