@@ -262,6 +262,7 @@ class PruneDataModule(LightningDataModule):
                               "one, 'paper' never does (LLM-Pruner's tables)")
         self.save_hyperparameters()
         self.protocol: str | None = None  # the window protocol that ran ("paper" or "bos"), set by setup
+        self._bos: int | None = None  # the BOS token the "bos" protocol puts first (generated prompts too)
         self.tokenizer = None
         self.calibration: torch.Tensor | None = None
         self.recovery: list[dict] | None = None
@@ -298,7 +299,7 @@ class PruneDataModule(LightningDataModule):
         if self.trainer is not None:
             self._rank, self._world = self.trainer.global_rank, self.trainer.world_size
         hp, tok = self.hparams, self._get_tokenizer()
-        self.protocol, _ = D.resolve_protocol(tok, hp.get("window_protocol", "auto"))
+        self.protocol, self._bos = D.resolve_protocol(tok, hp.get("window_protocol", "auto"))
         if GENERATED in (hp.recovery_source, hp.get("reconstruction_source")):
             from pruner.checks import check_writable_folder
 
@@ -415,7 +416,7 @@ class PruneDataModule(LightningDataModule):
         # once for the three calls below (under FSDP2 it gathers every parameter)
         kwargs["fingerprint"] = kwargs["fingerprint"] or model_fingerprint(model)
         tok = self._get_tokenizer()
-        kwargs["prompt_bos"] = D.resolve_protocol(tok, self.hparams.get("window_protocol", "auto"))[1]
+        kwargs["prompt_bos"] = self._bos  # resolved by setup, which runs before any loader
         allow = plan is None  # a pruned model must not write it (resumed run: read the dense model's cache)
         generate_samples(model, tok, n, seq_len, rank=self._rank, world_size=self._world, read_all=False,
                          allow_generation=allow, progress=self._rank == 0, save_states=save_states and allow,
