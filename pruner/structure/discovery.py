@@ -37,6 +37,8 @@ from torch import nn
 from ..errors import UnsupportedArchitectureError
 from .groups import AttentionInfo, Family, LayerInfo, Member, MLPInfo, ModelStructure
 
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")  # how attention modules name their head count
+
 
 
 def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -369,7 +371,7 @@ def _analyse_consumer(layer_idx, prefix, probe, inputs_multi, inputs_single, con
 
 def _declared_heads(attention: nn.Module) -> int | None:
     """The query-head count an attention module says it computes (its attribute or config)."""
-    for attr in ("num_heads", "num_attention_heads", "n_heads"):
+    for attr in HEAD_ATTRS:
         if isinstance(getattr(attention, attr, None), int):
             return getattr(attention, attr)
     value = getattr(getattr(attention, "config", None), "num_attention_heads", None)

@@ -22,13 +22,12 @@ from torch import nn
 
 from ..checks import check_model
 from ..errors import PlanMismatchError
-from .discovery import discover
+from .discovery import HEAD_ATTRS, discover
 from .groups import Family, ModelStructure
 from .params import model_fingerprint
 from .plan import LayerPlan, Plan
 from .spec import settable
 
-HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 GROUP_ATTRS = ("num_key_value_groups", "n_rep")
 _MISSING = object()
