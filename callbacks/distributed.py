@@ -6,7 +6,9 @@
   ``DistributedDataParallel`` wrapper and new optimizers for the pruned (+ LoRA) parameters;
 * :func:`shard_causal_lm` / :func:`reshard`: FSDP2 (``fully_shard``) of a pruned model, per decoder
   layer and root, or the module's own ``shard_model()``;
-* :func:`strategy_ranks`: the strategy's collectives as a :class:`pruner.loop.Ranks` for the session.
+* :func:`strategy_ranks`: the strategy's collectives as a :class:`pruner.loop.Ranks` for the session;
+* :func:`gather_reason` / :func:`install_sharded`: FSDP2's prune step, slicing each rank's shards
+  (:mod:`pruner.distributed.sliced`) unless a setting needs the whole dense model.
 
 Single-device strategies make all of these no-ops (their ``reduce`` returns its input).
 
@@ -26,7 +28,11 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from pruner.config import PruneConfig
+from pruner.distributed import local_tensor
+from pruner.distributed.sliced import allocate, fill_pruned
 from pruner.errors import PrunerError
+from pruner.io.models import replace_submodule
 from pruner.loop import Ranks
 from pruner.structure import find_layer_stack
 
@@ -128,3 +134,28 @@ def reshard(pl_module: pl.LightningModule, model: nn.Module) -> None:
         shard()
         return
     shard_causal_lm(model, find_layer_stack(model)[0], data_parallel_mesh(pl_module))
+
+
+def gather_reason(config: PruneConfig, keeps_teacher: bool) -> str | None:
+    """Why FSDP2's prune step must gather an unsharded copy of the model on every rank (None:
+    the ranks slice their own shards, :mod:`pruner.distributed.sliced`): the refit walks whole
+    layers on the dense weights; a distillation teacher is a copy of the dense model."""
+    if config.reconstruct:
+        return "reconstruct=True (the refit reads whole layers)"
+    if keeps_teacher:
+        return "the module keeps a distillation teacher (a copy of the dense model)"
+    return None
+
+
+def install_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, pruned: nn.Module,
+                    sliced: tuple | None) -> None:
+    """FSDP2: the pruned model in the module at ``path``, sharded and on the device. ``pruned`` is
+    an unsharded copy with its weights, or (``sliced = (dense, plan, structure, lora values)``)
+    planned on the meta device: each rank then writes its own shards from the dense shards."""
+    replace_submodule(pl_module, path, pruned)
+    reshard(pl_module, pruned)
+    if sliced is not None:
+        dense, plan, structure, values = sliced
+        allocate(pruned, local_tensor(next(dense.parameters())).device)
+        fill_pruned(pruned, dense, plan, structure, values)
+    trainer.strategy.model_to_device()

@@ -68,17 +68,17 @@ from typing_extensions import override
 from pruner.batches import check_inputs
 from pruner.checks import plain
 from pruner.config import PruneConfig
-from pruner.distributed.gather import build_skeleton, unsharded_copy
+from pruner.distributed.gather import build_skeleton, discovery_copy, meta_copy, unsharded_copy
+from pruner.distributed.sliced import parameters_made_by
 from pruner.errors import PrunerError
 from pruner.io import find_causal_lm
-from pruner.io.models import replace_submodule
 from pruner.loop import PruneSession, calibration_reruns
 from pruner.recovery.lora import DEFAULT_TARGETS, LoraSettings, attach_lora
 from pruner.structure import Plan
 
 from . import checks
 from .calibration import PausedOptimizers, batch_samples, model_inputs
-from .distributed import rebuild_training, reshard, strategy_ranks, unwrap_ddp
+from .distributed import gather_reason, install_sharded, rebuild_training, strategy_ranks, unwrap_ddp
 from .export import export_pruned, export_tokenizer, gather_for_export, merged_model
 from .report import measure_perplexity, pruning_report, window_protocol
 from .resume import (STATE_VERSION, check_resumable, checkpointed_model, install_resume_hook, rebuild_structure,
@@ -393,9 +393,10 @@ class StructuralPruneCallback(pl.Callback):
         checks.check_model(trainer, pl_module, model, model_path=self.model_path, sharded=self._sharded,
                            lora_targets=self.lora.target_modules if self.attach_lora else None,
                            prune_at=self._prune_at, export_dir=self.export_dir)
-        # discovery probes layers with real tensors: under FSDP2 it works on a gathered copy
-        self.session = PruneSession(unsharded_copy(model) if self._sharded else model, self.config,
-                                    sharded=self._sharded)
+        # discovery probes layers with real tensors: under FSDP2 a copy of the embedding and one
+        # decoder layer of each shape, gathered tensor by tensor
+        self.session = PruneSession(model, self.config, sharded=self._sharded,
+                                    probe=discovery_copy(model) if self._sharded else None)
         if self._pending:
             self.session.load_state_dict(self._pending)
             self._pending = {}
@@ -459,15 +460,16 @@ class StructuralPruneCallback(pl.Callback):
             raise PrunerError("no calibration batch was seen before the prune step")
         self._stop_calibration()
         pl_module.zero_grad(set_to_none=True)
-        session, sharded = self.session, self._sharded
+        session, sharded, dense = self.session, self._sharded, self.model(pl_module)
+        sliced = sharded and self._slices_shards(pl_module)
         lora = self.lora.target_modules if self.attach_lora else None
         self.plan = session.prune(
-            self.model(pl_module), ranks=strategy_ranks(trainer, pl_module.device),
+            dense, ranks=strategy_ranks(trainer, pl_module.device),
             loss_scale=float(trainer.accumulate_grad_batches),
             check=lambda plan, structure: checks.check_step_plan(
-                trainer, plan, structure, pl_module if sharded else self.model(pl_module), lora),
-            before_surgery=lambda dense: keep_teacher(pl_module, dense),
-            unshard=unsharded_copy if sharded else None)
+                trainer, plan, structure, pl_module if sharded else dense, lora),
+            before_surgery=lambda model: keep_teacher(pl_module, model),
+            unshard=meta_copy if sliced else unsharded_copy if sharded else None)
         model, self.vectors, self.session, self._pruned = session.model, session.vectors, None, True
         self._counts = {"calibrated_batches": session.batches, "tokens_per_sample": session.tokens_per_sample}
         model.train()
@@ -475,17 +477,29 @@ class StructuralPruneCallback(pl.Callback):
             self._pruned_skeleton = build_skeleton(model)
         else:
             self._measure(trainer, pl_module, "pruned")
-        if self.attach_lora:
+        lora_values = None
+        if self.attach_lora and sliced:  # drawn now as on a real model, written into the shards below
+            lora_values = parameters_made_by(model, lambda m: attach_seeded_lora(m, self.lora, self.config.seed))
+        elif self.attach_lora:
             attach_seeded_lora(model, self.lora, self.config.seed)
-            self._lora_attached = True
+        self._lora_attached = self.attach_lora
         if sharded:
-            replace_submodule(pl_module, self.model_path, model)
-            reshard(pl_module, model)
-            trainer.strategy.model_to_device()
+            install_sharded(trainer, pl_module, self.model_path, model,
+                            (dense, self.plan, session.structure, lora_values) if sliced else None)
+            del dense
             self._measure(trainer, pl_module, "pruned")
         rebuild_training(trainer)
         if self.verbose:
             self._log_prune_step(pl_module)
+
+    def _slices_shards(self, pl_module: pl.LightningModule) -> bool:
+        """FSDP2: whether the prune step slices the shards (no rank holds the whole model) or
+        gathers an unsharded copy on every rank (said once, with the reason)."""
+        why = gather_reason(self.config, wants_dense_teacher(pl_module))
+        if why is not None and self.verbose:
+            rank_zero_info(f"StructuralPruneCallback: the prune step gathers an unsharded copy of the model on every "
+                           f"rank: {why}; without it the ranks prune their own shards")
+        return why is None
 
     def _log_prune_step(self, pl_module: pl.LightningModule) -> None:
         p = self.plan.params
@@ -552,11 +566,16 @@ def ran_backward(outputs: Any) -> bool:
     return not isinstance(outputs, dict) or outputs.get("loss") is not None
 
 
+def wants_dense_teacher(pl_module: pl.LightningModule) -> bool:
+    """Distillation: the module wants a teacher, has none yet, and keeps a copy of the dense model."""
+    return (getattr(pl_module, "wants_teacher", False) and callable(getattr(pl_module, "keep_teacher", None))
+            and getattr(pl_module, "teacher", None) is None)
+
+
 def keep_teacher(pl_module: pl.LightningModule, dense: nn.Module) -> None:
     """Distillation: a module that wants a teacher keeps the dense model, frozen, before surgery."""
-    keep = getattr(pl_module, "keep_teacher", None)
-    if getattr(pl_module, "wants_teacher", False) and callable(keep) and getattr(pl_module, "teacher", None) is None:
-        keep(dense)
+    if wants_dense_teacher(pl_module):
+        pl_module.keep_teacher(dense)
 
 
 def attach_seeded_lora(model: nn.Module, settings: LoraSettings, seed: int) -> None:

@@ -142,14 +142,19 @@ def check_finite_weights(model) -> None:
         ...
         pruner.errors.PrunerError: weight holds NaN/inf values: the model itself is broken (a damaged checkpoint, or weights that overflowed in a float16 conversion); load it again in float32 or bfloat16
     """
+    for name, p in model.named_parameters():
+        check_finite_tensor(name, p)
+
+
+def check_finite_tensor(name: str, tensor) -> None:
+    """Refuses one weight holding NaN/inf values (:func:`check_finite_weights`, tensor by tensor)."""
     import torch
 
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-                raise PrunerError(f"{name} holds NaN/inf values: the model itself is broken (a damaged checkpoint, or "
-                                  "weights that overflowed in a float16 conversion); load it again in float32 or "
-                                  "bfloat16")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise PrunerError(f"{name} holds NaN/inf values: the model itself is broken (a damaged checkpoint, or "
+                              "weights that overflowed in a float16 conversion); load it again in float32 or "
+                              "bfloat16")
 
 
 def check_dtype(value):

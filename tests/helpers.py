@@ -90,8 +90,20 @@ class RecordLosses(L.Callback):
         self.losses[batch_idx] = float(outputs["loss"]) * trainer.accumulate_grad_batches
 
 
+def forbid_whole_model_gathers() -> None:
+    """Makes a gathered unsharded copy of the whole model an error in this process."""
+    import pruner.callbacks.pruning as pruning
+
+    def refuse(model):
+        raise AssertionError("the prune step gathered the whole model")
+
+    pruning.unsharded_copy = refuse
+
+
 def main(spec: dict) -> None:
     L.seed_everything(0, verbose=False)
+    if spec.get("forbid_whole_model_gathers"):
+        forbid_whole_model_gathers()
     records = [{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i + 2)))} for i in range(8)]
     json.dump(records, open(spec["alpaca"], "w"))
     module = CausalLMModule(spec["model_dir"], learning_rate=1e-2, **spec.get("module", {}))

@@ -5,6 +5,8 @@ Example:
     >>> import torch
     >>> local_tensor(torch.ones(2)).tolist(), shard_offset(torch.ones(2), 0)
     ([1.0, 1.0], None)
+    >>> local_part(torch.arange(4.0), torch.ones(4)).tolist()  # not sharded: the whole tensor
+    [0.0, 1.0, 2.0, 3.0]
 """
 
 from __future__ import annotations
@@ -46,3 +48,20 @@ def shard_offset(t: torch.Tensor, dim: int) -> int | None:
         return None
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     return int(offset[dim])
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's block of the full tensor ``full``, laid out as the DTensor ``like`` is (its
+    shape and placements): what ``like.to_local()`` holds once ``like`` equals ``full``. A plain
+    ``like``: ``full`` itself."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(like, dtensor):
+        return full
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if tuple(full.shape) != tuple(like.shape):
+        raise ValueError(f"a full tensor of shape {tuple(full.shape)} for a DTensor of shape {tuple(like.shape)}")
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    for dim, (size, start) in enumerate(zip(shape, offset)):
+        full = full.narrow(dim, start, size)  # (local shape) block of the full tensor
+    return full

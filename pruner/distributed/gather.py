@@ -1,9 +1,11 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``): full copies of sharded models, and pruned
-skeletons to load them into.
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): copies of sharded models (whole, partial or
+weightless) and pruned skeletons to load them into.
 
-Structural surgery needs whole weights, so a sharded model is gathered into an ordinary
-(unsharded) copy, pruned, and sharded again by the caller. Gathering is a collective: every rank
-must call these functions in the same order. Plain ``torch.distributed``, no Lightning.
+Discovery probes a partial copy (:func:`discovery_copy`); the paper's pipeline plans surgery on a
+weightless one (:func:`meta_copy`, then :mod:`pruner.distributed.sliced` fills the pruned shards);
+what reads whole layers of the dense weights (the refit, a distillation teacher) takes an
+:func:`unsharded_copy`, pruned and sharded again by the caller. Gathering is a collective: every
+rank must call these functions in the same order. Plain ``torch.distributed``, no Lightning.
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -78,6 +80,67 @@ def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor], buffers_fro
     if tie is not None and getattr(getattr(skeleton, "config", None), "tie_word_embeddings", False):
         tie()
     return skeleton
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """``model``'s architecture and widths on the meta device (no weights, no collective): what
+    a sharded model's surgery plans on (:func:`pruner.structure.pruned_sources` gives the values)."""
+    copy_ = skeleton_from(*build_skeleton(model))
+    copy_.train(model.training)
+    return copy_
+
+
+def discovery_copy(model: nn.Module) -> nn.Module:
+    """An ordinary CPU copy of ``model`` holding only what :func:`pruner.structure.discover`
+    reads: the modules outside the decoder layers (the output layer only where tied to the
+    input embedding) and the first decoder layer of each shape; every other tensor stays on the
+    meta device. Every full tensor is checked for NaN/inf as it passes (all ranks see the same
+    values, so all refuse together). Collective when sharded, one tensor at a time: no rank
+    holds the whole model.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
+        >>> probe = discovery_copy(model)
+        >>> probe.model.layers[0].mlp.up_proj.weight.is_meta, probe.model.layers[2].mlp.up_proj.weight.is_meta
+        (False, True)
+    """
+    from ..checks import check_finite_tensor
+    from ..structure.layers import find_layer_stack, probed_layers
+
+    layers_path, layers = find_layer_stack(model)
+    probed = tuple(f"{layers_path}.{i}." for i in probed_layers(layers))
+    head = model.get_output_embeddings()
+    untied_head = head is not None and head.weight is not model.get_input_embeddings().weight
+    names = {id(m): n for n, m in model.named_modules()}
+    skip_head = f"{names[id(head)]}." if untied_head else None
+
+    def wanted(name: str) -> bool:
+        if name.startswith(layers_path + "."):
+            return name.startswith(probed)
+        return skip_head is None or not name.startswith(skip_head)
+
+    state: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        full = t.full_tensor() if hasattr(t, "full_tensor") else t
+        check_finite_tensor(name, full)
+        if wanted(name):
+            state[name] = full.detach().to("cpu", copy=True)
+    copy_ = skeleton_from(*build_skeleton(model))
+    copy_.load_state_dict(state, strict=False, assign=True)
+    own = dict(copy_.named_buffers())
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in own and own[name].is_meta and wanted(name):
+                module_name, _, attr = name.rpartition(".")
+                module = copy_.get_submodule(module_name) if module_name else copy_
+                module._buffers[attr] = local_tensor(buf).detach().to("cpu", copy=True)
+    tie = getattr(copy_, "tie_weights", None)
+    if tie is not None and getattr(copy_.config, "tie_word_embeddings", False):
+        tie()
+    copy_.train(model.training)
+    return copy_
 
 
 def unsharded_copy(model: nn.Module) -> nn.Module:

@@ -107,8 +107,8 @@ class PruneSession:
     """The calibration state of one prune and the prune step that consumes it.
 
     Args:
-        model: the dense model (under FSDP2 an unsharded copy of it): its structure is
-            discovered, counted and fingerprinted here; it is not kept.
+        model: the dense model (sharded by FSDP2 or not): its structure is discovered, counted
+            and fingerprinted here; it is not kept.
         config: what to prune and how.
         calibration_batches: batches the session runs itself (``pruner.prune``); a recording
             driver leaves them out and the session keeps what :meth:`record` is given where a
@@ -119,14 +119,19 @@ class PruneSession:
             early stop of forward passes: each module reshards in its own hooks).
         max_tokens_per_backward: tokens per backward of the session's own calibration passes.
         progress: progress bars for the session's own passes.
+        probe: what discovery probes instead of ``model``, its weights already checked for
+            NaN/inf (a sharded model: :func:`pruner.distributed.gather.discovery_copy`, the
+            embedding and one decoder layer per shape); None = ``model`` itself.
     """
 
     def __init__(self, model: nn.Module, config: PruneConfig, *, calibration_batches: list | None = None,
                  reconstruction_batches: list | None = None, sharded: bool = False,
-                 max_tokens_per_backward: int | None = MICRO_BATCH_TOKENS, progress: bool = False):
+                 max_tokens_per_backward: int | None = MICRO_BATCH_TOKENS, progress: bool = False,
+                 probe: nn.Module | None = None):
         self.config = config
-        check_finite_weights(model)
-        self.structure: ModelStructure = discover(model, seed=config.seed)
+        if probe is None:
+            check_finite_weights(model)
+        self.structure: ModelStructure = discover(model if probe is None else probe, seed=config.seed)
         config.check_model(len(self.structure.layers))
         check_prunable(self.structure, config)
         self.total_before = count_parameters(model)
@@ -143,7 +148,7 @@ class PruneSession:
         self.estimator: ImportanceEstimator | None = None  # recording: the driver runs the passes
         self.runs_calibration = calibration_batches is not None  # pruner.prune: the session runs the batches
         self.vectors: dict | None = None  # the importance vectors step 1 selected from
-        self.model: nn.Module | None = None  # the pruned model (under FSDP2 the gathered copy)
+        self.model: nn.Module | None = None  # the pruned model (under FSDP2 a gathered or meta copy)
         self._pending: dict = {}  # accumulators of a checkpoint, loaded when recording starts
 
     # ------------------------------------------------------------------ recording (a driver runs the passes)
@@ -214,8 +219,11 @@ class PruneSession:
               check: Callable[[Plan, ModelStructure], None] | None = None,
               before_surgery: Callable[[nn.Module], None] | None = None,
               unshard: Callable[[nn.Module], nn.Module] | None = None) -> Plan:
-        """Prunes ``model`` in place (or, with ``unshard``, the unsharded copy it returns:
-        :attr:`model` either way) and returns the finished plan.
+        """Prunes ``model`` in place (or, with ``unshard``, the copy it returns: :attr:`model`
+        either way) and returns the finished plan. Under FSDP2 ``unshard`` gives an unsharded
+        copy (every rank holds the whole model) or, where the step reads no weight values after
+        selection, :func:`~pruner.distributed.gather.meta_copy` (the driver then fills the
+        pruned shards: :func:`pruner.structure.pruned_sources`).
 
         ``ranks``: the collectives of a multi-process driver (None: one process). ``loss_scale``:
         what the driver divided each calibration loss by (Lightning's gradient accumulation).

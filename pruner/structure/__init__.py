@@ -8,11 +8,13 @@ zeroes them instead, for checks); ``shapes`` rebuilds pruned widths when a folde
 from .groups import AttentionInfo, Family, LayerInfo, Member, MLPInfo, ModelStructure, consumer_columns
 from .params import count_parameters, model_fingerprint
 from .plan import LayerPlan, Plan, sync_group_records
-from .discovery import discover, find_layer_stack
-from .surgery import Transaction, apply_layer, apply_plan, check_plan, mask_plan, record_sizes, removed_slices
+from .discovery import discover
+from .layers import find_layer_stack, probed_layers
+from .surgery import (Source, Transaction, apply_layer, apply_plan, check_plan, kept_layer_name, mask_plan,
+                      pruned_sources, record_sizes, removed_slices)
 
 __all__ = [
-    "AttentionInfo", "Family", "LayerInfo", "LayerPlan", "MLPInfo", "Member", "ModelStructure", "Plan", "Transaction",
-    "apply_layer", "apply_plan", "check_plan", "record_sizes", "consumer_columns", "count_parameters", "discover", "find_layer_stack", "mask_plan",
-    "model_fingerprint", "removed_slices", "sync_group_records",
+    "AttentionInfo", "Family", "LayerInfo", "LayerPlan", "MLPInfo", "Member", "ModelStructure", "Plan", "Source", "Transaction",
+    "apply_layer", "apply_plan", "check_plan", "record_sizes", "consumer_columns", "count_parameters", "discover", "find_layer_stack", "kept_layer_name", "mask_plan", "probed_layers",
+    "model_fingerprint", "pruned_sources", "removed_slices", "sync_group_records",
 ]

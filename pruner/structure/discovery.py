@@ -36,27 +36,9 @@ from torch import nn
 
 from ..errors import UnsupportedArchitectureError
 from .groups import AttentionInfo, Family, LayerInfo, Member, MLPInfo, ModelStructure
+from .layers import find_layer_stack, layer_signature, probed_layers
 
 HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_heads")  # how attention modules name their head count
-
-
-
-def find_layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder layers: the ModuleList of same-class blocks holding the most parameters."""
-    best, best_size = None, 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if len({type(m) for m in module}) != 1:
-                continue
-            size = sum(p.numel() for p in module.parameters())
-            if size > best_size:
-                best, best_size = (name, module), size
-    if best is None:
-        raise UnsupportedArchitectureError(
-            f"{type(model).__name__} has no list of repeated decoder layers (nn.ModuleList); "
-            "only decoder-only transformer causal LMs are supported"
-        )
-    return best
 
 
 class _Captured(Exception):
@@ -491,14 +473,8 @@ def discover(model: nn.Module, seed: int = 0, probe_every_layer: bool = False) -
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        # Layers of the same class and parameter shapes run the same code on the same shapes, so
-        # their coupling is the same: probe one of them (30x less work on a 30-layer model).
-        signatures = [(type(layer), tuple((n, tuple(p.shape)) for n, p in layer.named_parameters()))
-                      for layer in layers]
-        first = {}
-        for i, sig in enumerate(signatures):
-            first.setdefault(sig, i)
-        needed = set(range(len(layers))) if probe_every_layer else set(first.values())
+        signatures = [layer_signature(layer) for layer in layers]
+        needed = set(range(len(layers))) if probe_every_layer else probed_layers(layers)
         inputs_multi = _capture_layer_inputs(model, layers, 4, needed)
         inputs_single = _capture_layer_inputs(model, layers, 1, needed)
         infos = []

@@ -124,7 +124,7 @@ def _describes(model: nn.Module, cfg, values: dict) -> bool:
     layer (and the model-level buffers, e.g. a rotary embedding's) with ``model``'s shapes."""
     if config_problem(cfg, values) is not None:
         return False
-    from .discovery import find_layer_stack
+    from .layers import find_layer_stack
 
     rebuilt = _one_layer_model(model, cfg, values)
     if rebuilt is None:  # a config that cannot build a model describes nothing

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -180,6 +181,75 @@ def removed_slices(plan: Plan, structure: ModelStructure) -> dict[tuple[str, int
         _removed_indices(structure.hidden_family(), _complement(plan.hidden_kept, structure.hidden_size, ""), removed)
 
     return removed
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one tensor of the pruned model comes from: the dense tensor ``name``, with only the
+    ``keep`` indices of each listed dim (in order), times ``scale`` (the RMSNorm weights of a
+    hidden-channel plan). :meth:`take` computes exactly what :func:`apply_plan` leaves there."""
+
+    name: str
+    keep: tuple[tuple[int, torch.Tensor], ...] = ()
+    scale: float | None = None
+
+    def take(self, dense: torch.Tensor) -> torch.Tensor:
+        """The pruned tensor from the dense one (e.g. a gathered FSDP2 parameter)."""
+        for dim, idx in self.keep:
+            dense = dense.index_select(dim, idx.to(dense.device))
+        return dense * self.scale if self.scale is not None else dense
+
+
+def kept_layer_name(name: str, plan: Plan, structure: ModelStructure) -> str | None:
+    """The name a dense model's tensor ``name`` has after :func:`apply_plan` (its decoder layer
+    renumbered when earlier layers are removed); None when the plan removes its layer."""
+    prefix = structure.layers_path + "."
+    if not name.startswith(prefix):
+        return name
+    index, _, rest = name[len(prefix):].partition(".")
+    kept = [lp.index for lp in plan.layers if not lp.removed]
+    if int(index) not in kept:
+        return None
+    return f"{prefix}{kept.index(int(index))}.{rest}"
+
+
+def pruned_sources(plan: Plan, structure: ModelStructure) -> dict[str, Source]:
+    """``{pruned parameter name: Source}`` for every parameter (tied names each) of the model
+    :func:`apply_plan` makes of the dense model ``structure`` describes: what a sharded model's
+    surgery reads, one tensor at a time, instead of slicing a whole model. No refit.
+
+    Example:
+        >>> from pruner.testing import tiny_causal_lm
+        >>> model = tiny_causal_lm("llama")
+        >>> structure = discover(model)
+        >>> plan = Plan([LayerPlan(0, mlp_channels_kept=[0, 5])] + [LayerPlan(i) for i in range(1, 3)])
+        >>> source = pruned_sources(plan, structure)["model.layers.0.mlp.down_proj.weight"]
+        >>> source.name, [(dim, idx.tolist()) for dim, idx in source.keep]
+        ('model.layers.0.mlp.down_proj.weight', [(1, [0, 5])])
+    """
+    check_plan(plan, structure)
+    removed: dict[str, dict[int, set[int]]] = {}
+    for (name, dim), idx in removed_slices(plan, structure).items():
+        if idx:
+            removed.setdefault(name, {}).setdefault(dim, set()).update(idx)
+    scaled: set[str] = set()
+    scale = None
+    if plan.hidden_kept is not None:  # the RMSNorm rescaling of _shrink_hidden
+        scaled = {f"{n}.weight" for info in structure.layers for n in info.norms}
+        scaled |= {f"{n}.weight" for n in structure.final_norms}
+        scale = math.sqrt(structure.hidden_size / len(plan.hidden_kept))
+    out: dict[str, Source] = {}
+    for name, shape in structure.shapes.items():
+        new_name = kept_layer_name(name, plan, structure)
+        if new_name is None:
+            continue
+        keep = []
+        for dim, idx in removed.get(name, {}).items():
+            mask = torch.ones(shape[dim], dtype=torch.bool)
+            mask[torch.tensor(sorted(idx), dtype=torch.long)] = False
+            keep.append((dim, mask.nonzero().squeeze(1)))
+        out[new_name] = Source(name, tuple(keep), scale if name in scaled else None)
+    return out
 
 
 @torch.no_grad()
