@@ -1,0 +1,130 @@
+"""FSDP2's prune step on 2 CPU processes (gloo): per-rank peak memory of each phase, with the
+ranks slicing their own shards (the default for the paper's pipeline) and with every rank
+gathering an unsharded copy (what the step did before; still what ``reconstruct=True`` or a
+distillation teacher needs).
+
+    python benchmarks/fsdp2_prune_step.py --shape llama-3.2-1b --dtype float32
+
+A random LlamaForCausalLM at ``--shape`` (benchmarks/pipeline_at_scale.py's shapes) is written to
+a temporary folder; ``CausalLMModule`` + ``PruneDataModule`` + ``StructuralPruneCallback`` (the
+paper's pipeline: element1, block-wise, ratio 0.25 in layers 4..L-2, LoRA on all seven
+projections) run a Lightning fit under ``ModelParallelStrategy(data_parallel_size=2)`` that ends
+one step after the prune step, each mode in fresh processes. Peak memory is each rank's resident
+set above its level when the phase starts, sampled every 2 ms with freed blocks returned to the
+system at once (``MALLOC_MMAP_THRESHOLD_=65536``), as a multiple of the dense weights' bytes.
+Phases: *start* (discovery: the callback's copy of what it probes) and *prune step* (selection,
+surgery, LoRA, re-sharding). Prints one table row per mode and a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _child import FIXED_MMAP  # benchmarks/ is on sys.path when a script here runs
+from pipeline_at_scale import build
+
+
+def write_model(shape: str, dtype: str, folder: Path) -> int:
+    """The random model and a tokenizer-free folder's config; returns the dense weights' bytes."""
+    model = build(shape, dtype)
+    model.save_pretrained(folder)
+    from pruner.testing import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(folder)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def child(folder: str, out: str, mode: str) -> None:
+    """One fit on 2 processes; each rank writes ``out/<mode>-rank<r>.json``."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from pruner.callbacks import StructuralPruneCallback
+    from pruner.eval.efficiency import peak_memory
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    if mode == "gathered":
+        StructuralPruneCallback._slices_shards = lambda self, pl_module: False
+    phases: dict[str, float] = {}
+
+    def measured(method: str, key: str) -> None:
+        original = getattr(StructuralPruneCallback, method)
+
+        def run(self, *args):
+            t = time.perf_counter()
+            _, peak = peak_memory(lambda: original(self, *args))
+            phases[f"{key}_peak_bytes"] = peak
+            phases[f"{key}_s"] = time.perf_counter() - t
+
+        setattr(StructuralPruneCallback, method, run)
+
+    measured("_prepare", "start")
+    measured("_prune", "prune")
+    records = [{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i + 2)))} for i in range(32)]
+    alpaca = Path(out) / "alpaca.json"
+    alpaca.write_text(json.dumps(records))
+    layers = json.loads((Path(folder) / "config.json").read_text())["num_hidden_layers"]
+    module = CausalLMModule(folder, learning_rate=1e-4)
+    data = PruneDataModule(calibration_source="builtin", calibration_samples=4, calibration_seq_len=64,
+                           recovery_source=str(alpaca), micro_batch_size=1, val_source=None)
+    prune = StructuralPruneCallback(criterion="element1", pruning_ratio=0.25, attention_layers=(4, layers - 1),
+                                    mlp_layers=(4, layers - 1), head_granularity="query", global_ranking=False,
+                                    report_perplexity=False, verbose=False, export_dir=None)
+    trainer = L.Trainer(max_steps=3, max_epochs=1, accelerator="cpu", devices=2,
+                        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                        accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[prune],
+                        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=out)
+    trainer.fit(module, data)
+    row = {"rank": trainer.global_rank, "mode": mode, "removed_fraction": prune.plan.params["removed_fraction"],
+           "threads": torch.get_num_threads(), **phases}
+    (Path(out) / f"{mode}-rank{trainer.global_rank}.json").write_text(json.dumps(row))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama-3.2-1b")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--child", nargs=3, metavar=("FOLDER", "OUT", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(*args.child)
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, out = Path(tmp) / "model", Path(tmp) / "out"
+        out.mkdir()
+        weights = write_model(args.shape, args.dtype, folder)
+        for mode in ("sliced", "gathered"):
+            proc = subprocess.run([sys.executable, __file__, "--child", str(folder), str(out), mode],
+                                  capture_output=True, text=True, timeout=3 * 3600, env={**os.environ, **FIXED_MMAP})
+            if proc.returncode != 0:
+                print(f"{mode} failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+                return 1
+            ranks = [json.loads((out / f"{mode}-rank{r}.json").read_text()) for r in range(2)]
+            rows.append({"mode": mode, "weights_bytes": weights, "ranks": ranks})
+    print(f"{platform.machine()} CPU, 2 processes (gloo), {rows[0]['ranks'][0]['threads']} thread(s) each, "
+          f"{time.strftime('%Y-%m-%d')}; {args.shape} in {args.dtype}: {weights / 2**30:.2f} GiB of weights")
+    print("| prune step | start: peak extra GiB per rank (/ weights) | prune step: peak extra GiB per rank (/ weights) "
+          "| prune step s | removed |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        cell = lambda key: " / ".join(f"{r[key] / 2**30:.2f} ({r[key] / weights:.2f}x)" for r in row["ranks"])  # noqa: E731
+        print(f"| {row['mode']} | {cell('start_peak_bytes')} | {cell('prune_peak_bytes')} | "
+              f"{max(r['prune_s'] for r in row['ranks']):.1f} | {row['ranks'][0]['removed_fraction']:.1%} |")
+    print(json.dumps({"shape": args.shape, "dtype": args.dtype, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
