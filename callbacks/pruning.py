@@ -68,7 +68,7 @@ from typing_extensions import override
 from pruner.batches import check_inputs
 from pruner.checks import plain
 from pruner.config import PruneConfig
-from pruner.distributed.gather import build_skeleton, discovery_copy, meta_copy, unsharded_copy
+from pruner.distributed.gather import build_skeleton, discovery_copy, meta_copy, skeleton_from, unsharded_copy
 from pruner.distributed.sliced import parameters_made_by
 from pruner.errors import PrunerError
 from pruner.io import find_causal_lm
@@ -79,7 +79,7 @@ from pruner.structure import Plan
 from . import checks
 from .calibration import PausedOptimizers, batch_samples, model_inputs
 from .distributed import gather_reason, install_sharded, rebuild_training, strategy_ranks, unwrap_ddp
-from .export import export_pruned, export_tokenizer, gather_for_export, merged_model
+from .export import export_pruned, export_tokenizer, merged_model, merged_weights
 from .report import measure_perplexity, pruning_report, window_protocol
 from .resume import (STATE_VERSION, check_resumable, checkpointed_model, install_resume_hook, rebuild_structure,
                      remove_resume_hook)
@@ -542,9 +542,11 @@ class StructuralPruneCallback(pl.Callback):
         if self.export_dir is None:
             return
         self._measure(trainer, pl_module, "recovered")
-        if self._sharded:
-            model = gather_for_export(trainer, self.model(pl_module), self._pruned_skeleton,
-                                      self.lora if self._lora_attached else None)
+        weights = None
+        if self._sharded:  # rank 0 writes the tensors as they are gathered, layer by layer
+            model = skeleton_from(*self._pruned_skeleton)
+            weights = merged_weights(self.model(pl_module), self._pruned_skeleton,
+                                     self.lora if self._lora_attached else None, keep=trainer.is_global_zero)
         else:
             model = merged_model(self.model(pl_module))
         folder = Path(self.export_dir).expanduser().absolute()
@@ -552,7 +554,7 @@ class StructuralPruneCallback(pl.Callback):
                                 window_protocol(trainer))
         tokenizer = export_tokenizer(self.tokenizer, [pl_module, trainer.datamodule]) if trainer.is_global_zero else None
         export_pruned(trainer, model, folder, self.plan, tokenizer=tokenizer, overwrite=self.overwrite_export,
-                      report=report)
+                      report=report, weights=weights)
         self.export_path = folder
         if self.verbose:
             rank_zero_info(f"StructuralPruneCallback: exported the pruned model to {self.export_path}")

@@ -91,13 +91,15 @@ class RecordLosses(L.Callback):
 
 
 def forbid_whole_model_gathers() -> None:
-    """Makes a gathered unsharded copy of the whole model an error in this process."""
+    """Makes a gathered copy of the whole model (an unsharded copy, a full state dict) an error in
+    this process: at the start, the prune step and the export."""
     import pruner.callbacks.pruning as pruning
+    import pruner.distributed.gather as gather
 
-    def refuse(model):
-        raise AssertionError("the prune step gathered the whole model")
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole-model gather")
 
-    pruning.unsharded_copy = refuse
+    pruning.unsharded_copy = gather.unsharded_copy = gather.full_state_dict = refuse
 
 
 def main(spec: dict) -> None:

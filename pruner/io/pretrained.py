@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from ..checks import check_device, check_dtype, check_model, current_umask, exis
 from ..errors import PrunerError
 from ..recovery.lora import check_merged
 from ..structure import Plan, shapes
+from .shards import write_weights
 from .integrity import check_config, check_plan, check_shards, check_weight_shapes, config_record, meta_skeleton
 from .tempfiles import MARKER, remove_stale, temporary_folder
 from ..structure.spec import base_class, clean_config, shape_spec, uniform_config
@@ -109,7 +111,8 @@ def _apply_umask(folder: Path) -> None:
 
 
 def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: Plan | None = None,
-                    overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+                    overwrite: bool = False, extra_files: dict[str, str] | None = None,
+                    weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> Path:
     """Exports ``model`` to ``folder``: ``model.safetensors``, ``config.json`` (per-layer widths in
     ``pruner_shapes`` and an ``auto_map`` to ``modeling_pruned.py`` when layers differ; a plain
     config when they do not), tokenizer files and ``plan.json``.
@@ -119,7 +122,10 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
     and even then only an earlier export of this package is replaced (see
     :func:`check_export_target`); of two concurrent exports to the same new folder, one wins and
     the other raises. ``extra_files``: ``{name: text}`` written into the folder too (e.g. a
-    ``report.md``). Returns the folder (``~`` expanded, absolute).
+    ``report.md``). ``weights``: ``(name, full tensor)`` pairs of ``model``'s state dict, written
+    as they come (:func:`pruner.io.shards.write_weights`, safetensors shards of at most 2 GiB);
+    ``model`` then only describes the architecture (it may be on the meta device). Returns the
+    folder (``~`` expanded, absolute).
     """
     check_model(model)
     if not isinstance(folder, (str, os.PathLike)):
@@ -151,7 +157,11 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
         original_config = model.config
         model.config = cfg
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if weights is None:
+                model.save_pretrained(tmp, safe_serialization=True)
+            else:
+                _save_configs(model, tmp)
+                write_weights(model, weights, tmp)
         finally:
             model.config = original_config
         config_path = tmp / "config.json"
@@ -181,6 +191,16 @@ def save_pretrained(model: nn.Module, folder: str | Path, tokenizer=None, plan: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _save_configs(model: nn.Module, folder: Path) -> None:
+    """What ``PreTrainedModel.save_pretrained`` writes besides the weights: ``config.json`` (with
+    the weights' dtype and the class as architecture) and ``generation_config.json``."""
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
 
 
 def _renameat2(a: Path, b: Path, flag: int) -> int:
