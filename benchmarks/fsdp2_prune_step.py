@@ -1,6 +1,6 @@
-"""FSDP2's prune step on 2 CPU processes (gloo): per-rank peak memory of each phase, with the
-ranks slicing their own shards (the default for the paper's pipeline) and with every rank
-gathering an unsharded copy (what the step did before; still what ``reconstruct=True`` or a
+"""FSDP2's prune step and export on 2 CPU processes (gloo): per-rank peak memory of each phase,
+with the ranks slicing their own shards (the default for the paper's pipeline) and with every
+rank gathering an unsharded copy (what the step did before; still what ``reconstruct=True`` or a
 distillation teacher needs).
 
     python benchmarks/fsdp2_prune_step.py --shape llama-3.2-1b --dtype float32
@@ -12,8 +12,9 @@ projections) run a Lightning fit under ``ModelParallelStrategy(data_parallel_siz
 one step after the prune step, each mode in fresh processes. Peak memory is each rank's resident
 set above its level when the phase starts, sampled every 2 ms with freed blocks returned to the
 system at once (``MALLOC_MMAP_THRESHOLD_=65536``), as a multiple of the dense weights' bytes.
-Phases: *start* (discovery: the callback's copy of what it probes) and *prune step* (selection,
-surgery, LoRA, re-sharding). Prints one table row per mode and a JSON line.
+Phases: *start* (discovery: the callback's copy of what it probes), *prune step* (selection,
+surgery, LoRA, re-sharding) and *export* (LoRA merged and the model written by rank 0, gathered
+one decoder layer at a time, in both modes). Prints one table row per mode and a JSON line.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def child(folder: str, out: str, mode: str) -> None:
 
     measured("_prepare", "start")
     measured("_prune", "prune")
+    measured("_finish", "export")
     records = [{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i + 2)))} for i in range(32)]
     alpaca = Path(out) / "alpaca.json"
     alpaca.write_text(json.dumps(records))
@@ -79,7 +81,7 @@ def child(folder: str, out: str, mode: str) -> None:
                            recovery_source=str(alpaca), micro_batch_size=1, val_source=None)
     prune = StructuralPruneCallback(criterion="element1", pruning_ratio=0.25, attention_layers=(4, layers - 1),
                                     mlp_layers=(4, layers - 1), head_granularity="query", global_ranking=False,
-                                    report_perplexity=False, verbose=False, export_dir=None)
+                                    report_perplexity=False, verbose=False, export_dir=str(Path(out) / mode))
     trainer = L.Trainer(max_steps=3, max_epochs=1, accelerator="cpu", devices=2,
                         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
                         accumulate_grad_batches=2, logger=False, enable_checkpointing=False,
@@ -116,12 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{platform.machine()} CPU, 2 processes (gloo), {rows[0]['ranks'][0]['threads']} thread(s) each, "
           f"{time.strftime('%Y-%m-%d')}; {args.shape} in {args.dtype}: {weights / 2**30:.2f} GiB of weights")
     print("| prune step | start: peak extra GiB per rank (/ weights) | prune step: peak extra GiB per rank (/ weights) "
-          "| prune step s | removed |")
-    print("|---|---|---|---|---|")
+          "| prune step s | export: peak extra GiB per rank (/ weights) | removed |")
+    print("|---|---|---|---|---|---|")
     for row in rows:
         cell = lambda key: " / ".join(f"{r[key] / 2**30:.2f} ({r[key] / weights:.2f}x)" for r in row["ranks"])  # noqa: E731
         print(f"| {row['mode']} | {cell('start_peak_bytes')} | {cell('prune_peak_bytes')} | "
-              f"{max(r['prune_s'] for r in row['ranks']):.1f} | {row['ranks'][0]['removed_fraction']:.1%} |")
+              f"{max(r['prune_s'] for r in row['ranks']):.1f} | {cell('export_peak_bytes')} | "
+              f"{row['ranks'][0]['removed_fraction']:.1%} |")
     print(json.dumps({"shape": args.shape, "dtype": args.dtype, "rows": rows}))
     return 0
 
