@@ -93,8 +93,9 @@ def meta_copy(model: nn.Module) -> nn.Module:
 def discovery_copy(model: nn.Module) -> nn.Module:
     """An ordinary CPU copy of ``model`` holding only what :func:`pruner.structure.discover`
     reads: the modules outside the decoder layers (the output layer only where tied to the
-    input embedding) and the first decoder layer of each shape; every other tensor stays on the
-    meta device. Every full tensor is checked for NaN/inf as it passes (all ranks see the same
+    input embedding) and the decoder layers up to the last one it probes (the first of each
+    shape; its forward pass runs the layers before it): layer 0 alone for a model of equal
+    layers. Every other tensor stays on the meta device. Every full tensor is checked for NaN/inf as it passes (all ranks see the same
     values, so all refuse together). Collective when sharded, one tensor at a time: no rank
     holds the whole model.
 
@@ -110,7 +111,7 @@ def discovery_copy(model: nn.Module) -> nn.Module:
     from ..structure.layers import find_layer_stack, probed_layers
 
     layers_path, layers = find_layer_stack(model)
-    probed = tuple(f"{layers_path}.{i}." for i in probed_layers(layers))
+    probed = tuple(f"{layers_path}.{i}." for i in range(max(probed_layers(layers)) + 1))
     head = model.get_output_embeddings()
     untied_head = head is not None and head.weight is not model.get_input_embeddings().weight
     names = {id(m): n for n, m in model.named_modules()}

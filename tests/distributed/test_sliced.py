@@ -14,7 +14,7 @@ import torch
 from pruner.distributed.gather import discovery_copy, meta_copy
 from pruner.distributed.sliced import allocate, fill_pruned, parameters_made_by
 from pruner.recovery.lora import LoraSettings, attach_lora
-from pruner.structure import apply_plan, discover
+from pruner.structure import apply_plan, discover, find_layer_stack, probed_layers
 from pruner.testing import FAMILIES, tiny_causal_lm
 from tests.structure.test_exactness import PLANS
 from tests.structure.test_families import CHANNEL_REFUSED, HEADS_COUPLED
@@ -67,6 +67,18 @@ def test_discovery_on_the_partial_copy_finds_the_whole_models_structure(family):
     assert any(".layers.0." in n for n in real)
     # only what discovery reads: an untied output layer stays on the meta device
     assert probe.get_output_embeddings().weight.is_meta != bool(dense.config.tie_word_embeddings)
+
+
+def test_the_partial_copy_of_a_model_with_layers_of_different_widths_reaches_each_probed_layer():
+    dense = tiny_causal_lm("llama")
+    structure = discover(dense)
+    plan = PLANS["block"](structure)
+    plan.layers[2].mlp_channels_kept = list(range(64))  # layer 2 unlike 0 and 1: probed after layer 1 ran
+    apply_plan(plan, dense, structure)
+    probe = discovery_copy(dense)
+    assert probed_layers(find_layer_stack(dense)[1]) == {0, 2}
+    assert described(discover(probe)) == described(discover(dense))
+    assert not any(p.is_meta for p in probe.model.layers[1].parameters())
 
 
 def test_the_partial_copy_refuses_nan_weights_of_layers_it_does_not_keep():
