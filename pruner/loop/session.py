@@ -121,7 +121,7 @@ class PruneSession:
         progress: progress bars for the session's own passes.
         probe: what discovery probes instead of ``model``, its weights already checked for
             NaN/inf (a sharded model: :func:`pruner.distributed.gather.discovery_copy`, the
-            embedding and one decoder layer per shape); None = ``model`` itself.
+            embedding and the decoder layers up to the last one probed); None = ``model`` itself.
     """
 
     def __init__(self, model: nn.Module, config: PruneConfig, *, calibration_batches: list | None = None,

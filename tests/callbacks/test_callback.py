@@ -2,6 +2,8 @@
 resuming from checkpoints in a fresh process, and 2-process DDP."""
 
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -409,6 +411,37 @@ def test_fsdp2_two_processes_score_shards_and_match_one_process(criterion, tiny_
     assert_close(r0["perplexity"], single["perplexity"], rtol=1e-4, atol=0)
     # The export (gathered on rank 0, LoRA merged there) is the model the single process exported.
     a, b = load_pretrained(tmp_path / "export-fsdp2"), load_pretrained(tmp_path / "export-single")
+    ids = torch.arange(1, 17).reshape(2, 8)
+    assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_slices_tied_embeddings_along_the_hidden_size_like_one_process(tiny_dir, tmp_path):
+    """Hidden channels go from every reader and writer of the residual stream: the tied embedding's
+    columns (its shards split the rows), the norms rescaled; each rank writes its own shards."""
+    import shutil
+
+    from pruner.io import load_pretrained
+    from pruner.testing import tiny_causal_lm
+
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_dir, tied)
+    config = json.loads((tied / "config.json").read_text())
+    model = tiny_causal_lm("llama", 1, vocab_size=config["vocab_size"], hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, head_dim=None, tie_word_embeddings=True)
+    model.save_pretrained(tied)
+    _alpaca(tmp_path / "alpaca.json")
+    runs = {}
+    fsdp2 = {"devices": 2, "strategy": "fsdp2", "forbid_whole_model_gathers": True}
+    for name, extra in (("single", {"accumulate": 2}), ("fsdp2", fsdp2)):
+        callback = {"pruning_ratio": 0.25, "mode": "channel", "export_dir": str(tmp_path / f"export-{name}")}
+        runs[name] = run_in_subprocess(tmp_path, {"model_dir": str(tied), "callback": callback, **extra}, name)
+    (single,), (r0, r1) = runs["single"], runs["fsdp2"]
+    assert r0["plan"] == r1["plan"] and r0["plan"]["hidden_kept"] == single["plan"]["hidden_kept"]
+    assert len(single["plan"]["hidden_kept"]) < 32
+    assert_close(r0["lora"], r1["lora"], rtol=0, atol=0)
+    a, b = load_pretrained(tmp_path / "export-fsdp2"), load_pretrained(tmp_path / "export-single")
+    assert a.get_output_embeddings().weight is a.get_input_embeddings().weight  # still tied
     ids = torch.arange(1, 17).reshape(2, 8)
     assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-5)
 
