@@ -148,14 +148,19 @@ def gather_reason(config: PruneConfig, keeps_teacher: bool) -> str | None:
 
 
 def install_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, pruned: nn.Module,
-                    sliced: tuple | None) -> None:
-    """FSDP2: the pruned model in the module at ``path``, sharded and on the device. ``pruned`` is
-    an unsharded copy with its weights, or (``sliced = (dense, plan, structure, lora values)``)
-    planned on the meta device: each rank then writes its own shards from the dense shards."""
+                    dense: nn.Module, sliced: tuple | None) -> None:
+    """FSDP2: the pruned model in the module at ``path`` in place of ``dense``, sharded and on the
+    device. ``pruned`` is an unsharded copy with its weights, or (``sliced = (plan, structure,
+    lora values)``) planned on the meta device: each rank then writes its own shards from the
+    dense shards. On any error the dense model is put back."""
     replace_submodule(pl_module, path, pruned)
-    reshard(pl_module, pruned)
-    if sliced is not None:
-        dense, plan, structure, values = sliced
-        allocate(pruned, local_tensor(next(dense.parameters())).device)
-        fill_pruned(pruned, dense, plan, structure, values)
-    trainer.strategy.model_to_device()
+    try:
+        reshard(pl_module, pruned)
+        if sliced is not None:
+            plan, structure, values = sliced
+            allocate(pruned, local_tensor(next(dense.parameters())).device)
+            fill_pruned(pruned, dense, plan, structure, values)
+        trainer.strategy.model_to_device()
+    except BaseException:
+        replace_submodule(pl_module, path, dense)
+        raise

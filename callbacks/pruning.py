@@ -484,8 +484,8 @@ class StructuralPruneCallback(pl.Callback):
             attach_seeded_lora(model, self.lora, self.config.seed)
         self._lora_attached = self.attach_lora
         if sharded:
-            install_sharded(trainer, pl_module, self.model_path, model,
-                            (dense, self.plan, session.structure, lora_values) if sliced else None)
+            install_sharded(trainer, pl_module, self.model_path, model, dense,
+                            (self.plan, session.structure, lora_values) if sliced else None)
             del dense
             self._measure(trainer, pl_module, "pruned")
         rebuild_training(trainer)

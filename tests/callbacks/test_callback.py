@@ -601,3 +601,30 @@ def test_measured_attention_selection_in_the_callback_matches_pruner_prune(tiny_
     measured = pruner.prune(dense, windows, pruning_ratio=0.5, head_granularity="kv", attention_selection="measured")
     assert prune.plan.to_dict()["layers"] == measured.to_dict()["layers"]
     assert prune.plan.settings["attention_selection"] == "measured"
+
+
+def test_a_failed_sharded_install_puts_the_dense_model_back():
+    from types import SimpleNamespace
+
+    from pruner.callbacks.distributed import install_sharded
+    from pruner.distributed.gather import meta_copy
+    from pruner.structure import discover
+    from pruner.testing import tiny_causal_lm
+    from tests.structure.test_exactness import PLANS
+
+    class Holder(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def shard_model(self):  # the module's own sharding (none here: one process)
+            pass
+
+    dense = tiny_causal_lm("llama")
+    holder = Holder(dense)
+    plan = PLANS["block"](discover(dense))
+    other = discover(tiny_causal_lm("llama", num_hidden_layers=2))  # writing the shards fails: the plan does not fit
+    trainer = SimpleNamespace(strategy=SimpleNamespace(model_to_device=lambda: None))
+    with pytest.raises(PrunerError, match="the plan has 3 layers but the model has 2"):
+        install_sharded(trainer, holder, "model", meta_copy(dense), dense, (plan, other, None))
+    assert holder.model is dense
