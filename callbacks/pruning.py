@@ -393,8 +393,8 @@ class StructuralPruneCallback(pl.Callback):
         checks.check_model(trainer, pl_module, model, model_path=self.model_path, sharded=self._sharded,
                            lora_targets=self.lora.target_modules if self.attach_lora else None,
                            prune_at=self._prune_at, export_dir=self.export_dir)
-        # discovery probes layers with real tensors: under FSDP2 a copy of the embedding and one
-        # decoder layer of each shape, gathered tensor by tensor
+        # discovery probes layers with real tensors: under FSDP2 a copy of the embedding and the
+        # decoder layers up to the last one it probes, gathered tensor by tensor
         self.session = PruneSession(model, self.config, sharded=self._sharded,
                                     probe=discovery_copy(model) if self._sharded else None)
         if self._pending:

@@ -62,11 +62,13 @@ def skeleton_from(base: type, cfg, spec: dict) -> nn.Module:
 
 
 @torch.no_grad()
-def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor], buffers_from: nn.Module) -> nn.Module:
+def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor], buffers_from: nn.Module,
+                partial: bool = False) -> nn.Module:
     """Loads full tensors into a meta ``skeleton`` (whose parameter names match ``state``), takes
     the non-persistent buffers (e.g. rotary ``inv_freq``, which state dicts omit) from
-    ``buffers_from``, and re-ties tied embeddings."""
-    skeleton.load_state_dict(state, strict=True, assign=True)
+    ``buffers_from``, and re-ties tied embeddings. ``partial``: ``state`` holds only some of
+    the tensors; the others stay on the meta device."""
+    skeleton.load_state_dict(state, strict=not partial, assign=True)
     own = dict(skeleton.named_buffers())
     for name, buf in buffers_from.named_buffers():
         if name in own and own[name].is_meta:
@@ -74,7 +76,7 @@ def materialize(skeleton: nn.Module, state: dict[str, torch.Tensor], buffers_fro
             module = skeleton.get_submodule(module_name) if module_name else skeleton
             module._buffers[attr] = local_tensor(buf).detach().to("cpu", copy=True)
     still_meta = [n for n, t in [*skeleton.named_parameters(), *skeleton.named_buffers()] if t.is_meta]
-    if still_meta:
+    if still_meta and not partial:
         raise RuntimeError(f"could not materialize {still_meta[:3]}: no tensor for them in the state dict")
     tie = getattr(skeleton, "tie_weights", None)
     if tie is not None and getattr(getattr(skeleton, "config", None), "tie_word_embeddings", False):
@@ -95,9 +97,10 @@ def discovery_copy(model: nn.Module) -> nn.Module:
     reads: the modules outside the decoder layers (the output layer only where tied to the
     input embedding) and the decoder layers up to the last one it probes (the first of each
     shape; its forward pass runs the layers before it): layer 0 alone for a model of equal
-    layers. Every other tensor stays on the meta device. Every full tensor is checked for NaN/inf as it passes (all ranks see the same
-    values, so all refuse together). Collective when sharded, one tensor at a time: no rank
-    holds the whole model.
+    layers. Every other weight stays on the meta device (non-persistent buffers are copied).
+    Every full tensor is checked for NaN/inf as it passes (all ranks see the same values, so all
+    refuse together). Collective when sharded, one tensor at a time: no rank holds the whole
+    model.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -128,18 +131,7 @@ def discovery_copy(model: nn.Module) -> nn.Module:
         check_finite_tensor(name, full)
         if wanted(name):
             state[name] = full.detach().to("cpu", copy=True)
-    copy_ = skeleton_from(*build_skeleton(model))
-    copy_.load_state_dict(state, strict=False, assign=True)
-    own = dict(copy_.named_buffers())
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name in own and own[name].is_meta and wanted(name):
-                module_name, _, attr = name.rpartition(".")
-                module = copy_.get_submodule(module_name) if module_name else copy_
-                module._buffers[attr] = local_tensor(buf).detach().to("cpu", copy=True)
-    tie = getattr(copy_, "tie_weights", None)
-    if tie is not None and getattr(copy_.config, "tie_word_embeddings", False):
-        tie()
+    copy_ = materialize(skeleton_from(*build_skeleton(model)), state, model, partial=True)
     copy_.train(model.training)
     return copy_
 

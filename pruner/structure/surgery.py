@@ -183,6 +183,13 @@ def removed_slices(plan: Plan, structure: ModelStructure) -> dict[tuple[str, int
     return removed
 
 
+def kept_and_removed(size: int, removed: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices ``0..size-1`` that stay and those in ``removed``, each ascending (long)."""
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[torch.tensor(sorted(removed), dtype=torch.long)] = False
+    return mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+
+
 @dataclass(frozen=True)
 class Source:
     """Where one tensor of the pruned model comes from: the dense tensor ``name``, with only the
@@ -243,12 +250,8 @@ def pruned_sources(plan: Plan, structure: ModelStructure) -> dict[str, Source]:
         new_name = kept_layer_name(name, plan, structure)
         if new_name is None:
             continue
-        keep = []
-        for dim, idx in removed.get(name, {}).items():
-            mask = torch.ones(shape[dim], dtype=torch.bool)
-            mask[torch.tensor(sorted(idx), dtype=torch.long)] = False
-            keep.append((dim, mask.nonzero().squeeze(1)))
-        out[new_name] = Source(name, tuple(keep), scale if name in scaled else None)
+        keep = tuple((dim, kept_and_removed(shape[dim], idx)[0]) for dim, idx in removed.get(name, {}).items())
+        out[new_name] = Source(name, keep, scale if name in scaled else None)
     return out
 
 
@@ -377,9 +380,7 @@ def _slice_parameters(model: nn.Module, removed: dict[tuple[str, int], set[int]]
         data = p.data
         slabs = []  # what each slicing step removed, for the undo
         for dim, idx in dims.items():
-            mask = torch.ones(data.shape[dim], dtype=torch.bool)
-            mask[torch.tensor(sorted(idx), dtype=torch.long)] = False
-            keep, drop = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+            keep, drop = kept_and_removed(data.shape[dim], idx)
             slabs.append((dim, keep, drop, data.index_select(dim, drop.to(data.device))))
             data = data.index_select(dim, keep.to(data.device))
         kept_old = None
