@@ -4,6 +4,7 @@ stage, for the paper's pipeline and the best one, each run in a fresh process.
     python benchmarks/pipeline_at_scale.py --shape llama-3.2-1b --dtype float32 --pipeline paper
     python benchmarks/pipeline_at_scale.py --shape llama-3.2-1b --dtype float32 --pipeline best
     python benchmarks/pipeline_at_scale.py --shape llama-2-7b --dtype bfloat16 --pipeline paper
+    python benchmarks/pipeline_at_scale.py --shape llama-2-7b --dtype bfloat16 --pipeline paper --activation-checkpointing
     python benchmarks/pipeline_at_scale.py --shape llama-2-7b --dtype bfloat16 --pipeline best --mlp-layers 4 6
 
 ``--mlp-layers A B`` (best pipeline) walks layers A..B-1 only, each losing the share of its MLP
@@ -62,7 +63,7 @@ def build(shape: str, dtype_name: str):
 
 
 def one(shape: str, dtype_name: str, pipeline: str, text: int, mlp_layers: list[int] | None = None,
-        ratio: float = 0.37) -> dict:
+        ratio: float = 0.37, checkpointing: bool = False) -> dict:
     import torch
 
     import pruner
@@ -111,13 +112,14 @@ def one(shape: str, dtype_name: str, pipeline: str, text: int, mlp_layers: list[
     timed(steps_module, "apply_plan", "surgery_s")
     start = time.perf_counter()
     plan, peak = peak_memory(lambda: pruner.prune(model, calibration, max_tokens_per_backward=None,
-                                                  reconstruction_batches=batches, **options))
+                                                  reconstruction_batches=batches,
+                                                  activation_checkpointing=checkpointing, **options))
     total = time.perf_counter() - start
     return {"shape": shape, "dtype": dtype_name, "pipeline": pipeline, "params": plan.params["before"],
             "removed_fraction": plan.params["removed_fraction"], "weights_bytes": dense_bytes,
             "peak_extra_bytes": peak, "build_s": build_s, "prune_s": total, **stages,
             "text_tokens": sum(b.numel() for b in batches or []), "threads": torch.get_num_threads(),
-            "mlp_layers": mlp_layers}
+            "mlp_layers": mlp_layers, "activation_checkpointing": checkpointing}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,12 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlp-layers", type=int, nargs=2, metavar=("A", "B"),
                    help="best pipeline: walk layers A..B-1 only, each losing --ratio of its MLP channels")
     p.add_argument("--ratio", type=float, default=0.37, help="with --mlp-layers: the share of channels (default 0.37)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="the calibration backward recomputes each decoder layer instead of keeping its activations")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(one(args.shape, args.dtype, args.pipeline, args.text, args.mlp_layers, args.ratio)), flush=True)
+        print(json.dumps(one(args.shape, args.dtype, args.pipeline, args.text, args.mlp_layers, args.ratio,
+                             args.activation_checkpointing)), flush=True)
         return 0
     extra = ["--mlp-layers", *map(str, args.mlp_layers), "--ratio", str(args.ratio)] if args.mlp_layers else []
+    extra += ["--activation-checkpointing"] if args.activation_checkpointing else []
     row = run_child(__file__, ["--child", "--shape", args.shape, "--dtype", args.dtype, "--pipeline", args.pipeline,
                                "--text", str(args.text), *extra], timeout=6 * 3600, env=FIXED_MMAP)
     if "error" in row:
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     label = row["pipeline"] + (f" (MLP of layers {row['mlp_layers'][0]}..{row['mlp_layers'][1] - 1} only, "
                                f"{row['removed_fraction']:.1%} removed)" if row.get("mlp_layers") else "")
+    label += ", activation checkpointing" if row.get("activation_checkpointing") else ""
     print(f"| {row['shape']} | {row['dtype']} | {label} | {row['params'] / 1e9:.2f}B | {w / 2**30:.2f} | "
           f"{row['peak_extra_bytes'] / 2**30:.2f} ({row['peak_extra_bytes'] / w:.2f}) | {row['prune_s']:.0f} | "
           f"{stage('discovery_s')} | {stage('importance_s')} | {stage('selection_s')} | {stage('refit_walk_s')} | "

@@ -2,6 +2,7 @@
 
     python benchmarks/prune_quality.py --criteria element1,random --allocations global-kv,local-kv
     python benchmarks/prune_quality.py --seeds 0,1,2,3,4      # mean and range over calibration seeds
+    python benchmarks/prune_quality.py --seeds 0,1,2,3,4 --calibration-autocast   # importance in bf16 autocast
 
 Importance is estimated once per criterion and calibration seed (10 samples x 64 tokens from
 Gutenberg by default, the paper's budget) and every allocation is selected from the same scores.
@@ -164,7 +165,8 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
         base = PruneConfig(criterion=criterion, aggregation=args.aggregation, target_sparsity=args.target,
                            attention_layers=layers, mlp_layers=layers)
         t = time.time()
-        vectors = estimate_importance(copy.deepcopy(dense), batches, structure, base)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.calibration_autocast):
+            vectors = estimate_importance(copy.deepcopy(dense), batches, structure, base)
         importance_s = time.time() - t
         for allocation in args.allocations.split(","):
             cfg = selection_config(allocation_config(base, allocation), args.attention_selection, args.mlp_selection,
@@ -179,7 +181,8 @@ def one_seed(args, seed, dense, tok, rows, dense_ppl, structure, total, layers, 
                    "params": after, "ppl": ppl, "ratio": ppl / dense_ppl, "importance_seconds": importance_s,
                    "zeroshot": zs, "regional": plan.calibration.get("regional"),
                    "heads": [len(lp.heads_kept) if lp.heads_kept is not None else None for lp in plan.layers],
-                   "mlp": [len(lp.mlp_channels_kept) if lp.mlp_channels_kept is not None else None for lp in plan.layers]}
+                   "mlp": [len(lp.mlp_channels_kept) if lp.mlp_channels_kept is not None else None for lp in plan.layers],
+                   "kept": plan.to_dict()["layers"]}
             results.append(row)
             cells = "".join(f" {zs[k]:.1f} |" for k in ("piqa", "arc_easy", "boolq") if k in zs)
             print(f"| {criterion} | {allocation} | {row['removed_fraction']:.2%} | {after:,} | {ppl:.2f} | "
@@ -234,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="sequences generated together (part of the text's cache key; the default recipe's 64)")
     p.add_argument("--vary-generated", action="store_true",
                    help="draw the generated text with each calibration seed (default: seed 0 for every seed)")
+    p.add_argument("--calibration-autocast", action="store_true",
+                   help="estimate importance under torch.autocast(bfloat16) (as trainer precision bf16-mixed); "
+                        "the scores still sum in float32")
     p.add_argument("--output", default=None, help="JSON file to write")
     args = p.parse_args(argv)
     if args.regional_epochs and not args.reconstruct_samples:

@@ -23,6 +23,7 @@ from pruner.config import PruneConfig
 from pruner.errors import PrunerError
 from pruner.io import check_export_target
 from pruner.loop import calibration_reruns
+from pruner.precision import warn_if_bf16_is_emulated
 from pruner.recovery.lora import has_lora, missing_targets
 
 from .distributed import check_ranks_agree, is_fsdp_module
@@ -80,6 +81,9 @@ def check_strategy(trainer: pl.Trainer, cfg: PruneConfig) -> bool:
             f"trainer precision {trainer.precision_plugin.precision!r} scales the loss with a GradScaler, "
             "which would corrupt the importance gradients: use precision bf16-mixed or 32-true"
         )
+    if str(trainer.precision).startswith("bf16") and trainer.is_global_zero:
+        warn_if_bf16_is_emulated(strategy.root_device, f"trainer precision {trainer.precision!r}",
+                                 "use precision 32-true (null) here, bf16 where the hardware has it")
     return sharded
 
 

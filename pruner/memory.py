@@ -74,3 +74,11 @@ def keep_freed_memory() -> bool:
     if libc is None:
         return False
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, LARGEST_TRIM_THRESHOLD))
+
+
+def recomputing() -> bool:
+    """Whether a forward pass runs inside a backward one: activation checkpointing recomputing
+    a layer. Forward hooks that accumulate statistics skip it (they saw that forward already)."""
+    import torch
+
+    return torch._C._current_graph_task_id() != -1

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from pruner.checks import check_device, check_writable_folder
 from pruner.eval.zeroshot import HUB_TASKS, LOCAL_TASKS
+from pruner.precision import warn_if_bf16_is_emulated
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +79,8 @@ def _check_inputs(args: argparse.Namespace, tasks: list[str]) -> tuple[dict | No
     if args.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {args.dtype!r} is not supported: use float32, bfloat16 or float16")
     device = check_device("--device", args.device, allow_auto=True)
+    if args.dtype == "bfloat16":
+        warn_if_bf16_is_emulated(device, "--dtype bfloat16", "evaluate with --dtype float32")
     if not tasks:
         raise ValueError("--tasks is empty: name at least one task, e.g. --tasks piqa,arc_easy")
     for name in [args.model, *args.compare]:

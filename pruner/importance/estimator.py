@@ -32,6 +32,7 @@ from torch import nn
 
 from ..distributed.dtensor import local_tensor, shard_offset
 from ..errors import PrunerError
+from ..memory import recomputing
 from ..structure import Family
 from .criteria import ParameterStatistics, check_criterion, reduce_except
 
@@ -263,7 +264,7 @@ class ImportanceEstimator:
     def _linear_hook(self, name: str):
         def hook(module, args, output):
             x = args[0]
-            if not (torch.is_grad_enabled() and output.requires_grad):
+            if not (torch.is_grad_enabled() and output.requires_grad) or recomputing():
                 return
 
             def on_output_grad(dy: torch.Tensor) -> None:
@@ -284,6 +285,8 @@ class ImportanceEstimator:
 
     def _act_hook(self, name: str):
         def hook(module, args):
+            if recomputing():  # activation checkpointing: this forward was counted once already
+                return
             x = args[0].detach().float()
             x = x.reshape(-1, x.shape[-1])  # (tokens, in)
             sq = x.square().sum(0)

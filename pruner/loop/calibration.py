@@ -15,10 +15,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..batches import MICRO_BATCH_TOKENS, as_batch, micro_batches
@@ -29,13 +33,34 @@ from ..memory import release_freed_memory
 from ..refit.statistics import GramCollector
 from ..selection import in_range
 from ..structure import ModelStructure
+from ..structure.layers import find_layer_stack
 
 Reduce = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # sums every tensor over ranks
 
 
+@contextmanager
+def checkpointed_layers(model: nn.Module):
+    """While open, each decoder layer runs under non-reentrant ``torch.utils.checkpoint``: a
+    backward keeps only the layers' inputs and recomputes each layer's inside when its gradient
+    is due (one more forward pass; activation memory of one layer instead of all of them)."""
+    _, layers = find_layer_stack(model)
+    own = [layer.__dict__.get("forward") for layer in layers]  # an instance-level forward, if any
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
 def estimate_importance(model: nn.Module, batches: list, structure: ModelStructure, cfg: PruneConfig,
                         progress: bool = False, collector: GramCollector | None = None,
-                        reduce: Reduce | None = None, max_tokens_per_backward: int | None = MICRO_BATCH_TOKENS):
+                        reduce: Reduce | None = None, max_tokens_per_backward: int | None = MICRO_BATCH_TOKENS,
+                        activation_checkpointing: bool = False):
     """Runs the calibration batches and returns the per-index salience vectors. A ``collector``
     (for ``reconstruct``) records the consumers' input statistics during the same passes.
     ``reduce`` sums the accumulators over ranks (each rank ran its own batches) before the
@@ -48,7 +73,10 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
     27 GB for LLaMA-7B's decoder); when the whole calibration is ONE backward (one batch that
     fits ``max_tokens_per_backward``, e.g. the paper's 10 x 64 tokens as one batch with
     ``max_tokens_per_backward=None``), each weight's gradient is reduced to its scores as it is
-    produced and nothing of model size is kept beyond the backward's own activations."""
+    produced and nothing of model size is kept beyond the backward's own activations.
+    ``activation_checkpointing``: the backward keeps only each decoder layer's input and
+    recomputes the layer (:func:`checkpointed_layers`; the same scores, one more forward pass),
+    so the activations no longer grow with the depth."""
     if not isinstance(cfg, PruneConfig):
         raise PrunerError(f"cfg must be a pruner.PruneConfig, got {type(cfg).__name__}: e.g. PruneConfig(criterion="
                           f"{cfg!r}, target_sparsity=0.2)" if isinstance(cfg, str) else
@@ -61,9 +89,11 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
     passes = sum(len(list(micro_batches(b, CRITERIA[cfg.criterion].needs_per_sample, max_tokens_per_backward)))
                  for b in batches)
     # direct_linear: plain autograd here (the Lightning callback, under DDP/FSDP/autocast, keeps .grad hooks);
+    # not under checkpointing, whose forward hooks would keep every linear's input until its backward.
     # one_pass: one backward, reduced as it comes (not when ranks must sum the gradients first)
-    est = ImportanceEstimator(model, families, cfg.criterion, cfg.seed, direct_linear=True,
+    est = ImportanceEstimator(model, families, cfg.criterion, cfg.seed, direct_linear=not activation_checkpointing,
                               one_pass=passes == 1 and reduce is None)
+    checkpointing = activation_checkpointing and est.criterion.needs_gradients
     if not (CRITERIA[cfg.criterion].needs_gradients or CRITERIA[cfg.criterion].needs_activations) and collector is None:
         return est.vectors()
     was_training = model.training
@@ -73,20 +103,8 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
         collector.attach()
     release_freed_memory()  # what discovery and loading freed: the running sums are allocated now
     try:
-        for batch in tqdm(batches, desc="calibration", disable=not progress):
-            for part, samples, weight in micro_batches(batch, est.criterion.needs_per_sample,
-                                                        max_tokens_per_backward):
-                est.begin_batch(samples, weight)
-                if est.criterion.needs_gradients:
-                    loss = model(**part).loss
-                    if not torch.isfinite(loss):
-                        raise PrunerError("calibration loss is NaN/inf: check the data and the model's dtype")
-                    loss.backward()
-                else:
-                    with torch.no_grad():
-                        model(**{k: v for k, v in part.items() if k != "labels"})
-                # (no trim between backwards: the next one reuses the same blocks; trimming would
-                # only make it fault the pages in again)
+        with checkpointed_layers(model) if checkpointing else contextlib.nullcontext():
+            run_calibration(model, batches, est, max_tokens_per_backward, progress, checkpointing)
     finally:
         est.detach()
         if collector is not None:
@@ -99,6 +117,26 @@ def estimate_importance(model: nn.Module, batches: list, structure: ModelStructu
     del est
     release_freed_memory()
     return vectors
+
+
+def run_calibration(model: nn.Module, batches: list[dict[str, torch.Tensor]], est: ImportanceEstimator,
+                    max_tokens_per_backward: int | None, progress: bool, checkpointing: bool) -> None:
+    """The calibration passes, each micro-batch announced to ``est`` before its backward."""
+    # a KV cache would be appended to again by every recomputed layer; none is needed here
+    no_cache = {"use_cache": False} if checkpointing else {}
+    for batch in tqdm(batches, desc="calibration", disable=not progress):
+        for part, samples, weight in micro_batches(batch, est.criterion.needs_per_sample, max_tokens_per_backward):
+            est.begin_batch(samples, weight)
+            if est.criterion.needs_gradients:
+                loss = model(**part, **no_cache).loss
+                if not torch.isfinite(loss):
+                    raise PrunerError("calibration loss is NaN/inf: check the data and the model's dtype")
+                loss.backward()
+            else:
+                with torch.no_grad():
+                    model(**{k: v for k, v in part.items() if k != "labels"})
+            # (no trim between backwards: the next one reuses the same blocks; trimming would
+            # only make it fault the pages in again)
 
 
 def families_for(structure: ModelStructure, cfg: PruneConfig):

@@ -40,6 +40,7 @@ def prune(
     progress: bool = False,
     reconstruction_batches: Iterable | None = None,
     max_tokens_per_backward: int | None = MICRO_BATCH_TOKENS,
+    activation_checkpointing: bool = False,
     **more,
 ) -> Plan:
     """Prunes ``model`` in place and returns the :class:`Plan` (indices of the dense model).
@@ -58,12 +59,18 @@ def prune(
     None = the calibration batches. ``max_tokens_per_backward``: calibration batches run in
     backward passes of at most this many tokens (whole samples; the scores are the whole
     batch's), which bounds the memory; None = one backward per batch.
+    ``activation_checkpointing``: the calibration backward keeps only each decoder layer's input
+    and recomputes the layer when its gradient is due: the same scores for one more forward
+    pass, and activation memory that no longer grows with the depth (with the paper's one
+    backward, ``max_tokens_per_backward=None``, the largest share of what pruning adds).
     Every argument is checked before the model is touched, and a failure at any later point
     leaves the model as it was.
     """
     check_model(model)
     if max_tokens_per_backward is not None:
         check_int("max_tokens_per_backward", max_tokens_per_backward, 1, fix="or None for one backward per batch")
+    if not isinstance(activation_checkpointing, bool):
+        raise PrunerError(f"activation_checkpointing={activation_checkpointing!r} must be True or False")
     if batches is None or isinstance(batches, (str, bytes, dict)) or not hasattr(batches, "__iter__"):
         raise PrunerError(f"batches must be an iterable of calibration batches (input_ids tensors or dicts), got "
                           f"{type(batches).__name__}: e.g. [pruner.data.calibration_samples(...)]")
@@ -85,5 +92,6 @@ def prune(
         check_inputs(as_batch(b, "cpu"), model.config, f"reconstruction batch {i}")
     check_data(cfg, calibration=bool(batches), reconstruction=bool(extra))
     session = PruneSession(model, cfg, calibration_batches=batches, reconstruction_batches=extra,
-                           max_tokens_per_backward=max_tokens_per_backward, progress=progress)
+                           max_tokens_per_backward=max_tokens_per_backward, progress=progress,
+                           activation_checkpointing=activation_checkpointing)
     return session.prune(model)

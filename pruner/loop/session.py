@@ -41,6 +41,7 @@ from ..checks import check_finite_weights
 from ..config import PruneConfig
 from ..errors import PrunerError
 from ..importance import CRITERIA, ImportanceEstimator
+from ..precision import warn_if_bf16_is_emulated
 from ..refit.statistics import GramCollector, collect_output_fisher, consumers
 from ..refit.walk import reduced_statistics
 from ..selection import check_prunable
@@ -118,6 +119,8 @@ class PruneSession:
         sharded: the model the driver records on is sharded by FSDP2 (gradient shards, no
             early stop of forward passes: each module reshards in its own hooks).
         max_tokens_per_backward: tokens per backward of the session's own calibration passes.
+        activation_checkpointing: those passes recompute each decoder layer in the backward
+            instead of keeping its activations (:func:`pruner.loop.calibration.checkpointed_layers`).
         progress: progress bars for the session's own passes.
         probe: what discovery probes instead of ``model``, its weights already checked for
             NaN/inf (a sharded model: :func:`pruner.distributed.gather.discovery_copy`, the
@@ -127,7 +130,7 @@ class PruneSession:
     def __init__(self, model: nn.Module, config: PruneConfig, *, calibration_batches: list | None = None,
                  reconstruction_batches: list | None = None, sharded: bool = False,
                  max_tokens_per_backward: int | None = MICRO_BATCH_TOKENS, progress: bool = False,
-                 probe: nn.Module | None = None):
+                 probe: nn.Module | None = None, activation_checkpointing: bool = False):
         self.config = config
         if probe is None:
             check_finite_weights(model)
@@ -138,8 +141,11 @@ class PruneSession:
         self.fingerprint = model_fingerprint(model)
         self.sharded = sharded
         self.max_tokens_per_backward = max_tokens_per_backward
+        self.activation_checkpointing = activation_checkpointing
         self.progress = progress
         device = next(model.parameters()).device
+        if next(model.parameters()).dtype == torch.bfloat16:
+            warn_if_bf16_is_emulated(device, "a model in bfloat16", "load it in float32 (dtype=torch.float32)")
         self.calibration: list[dict[str, torch.Tensor]] = [as_batch(b, device) for b in calibration_batches or []]
         self.reconstruction: list[dict[str, torch.Tensor]] = [as_batch(b, "cpu") for b in reconstruction_batches or []]
         self.batches = len(self.calibration)  # calibration batches seen (this rank)
@@ -254,7 +260,8 @@ class PruneSession:
         ranks) and, for ``mlp_selection="obs-fisher"``, the loss's output Fisher at the consumers."""
         vectors = estimate_importance(model, self._on(model, self.calibration), structure, step_config, self.progress,
                                       reduce=ranks.reduce if ranks else None,
-                                      max_tokens_per_backward=self.max_tokens_per_backward)
+                                      max_tokens_per_backward=self.max_tokens_per_backward,
+                                      activation_checkpointing=self.activation_checkpointing)
         return vectors, self._output_fisher(model, structure, ranks)
 
     def summary(self, ranks: Ranks | None = None) -> dict:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..batches import as_batch
 from ..config import PruneConfig
 from ..errors import PrunerError
+from ..memory import recomputing
 from ..structure import ModelStructure
 
 
@@ -55,6 +56,8 @@ class GramCollector:
 
     def _hook(self, name: str):
         def hook(module, args):
+            if recomputing():  # activation checkpointing: this forward was counted once already
+                return
             x = args[0].detach().reshape(-1, args[0].shape[-1])  # (tokens, in)
             # On CPU the products run in fp32: about twice as fast as fp64 (2,048 x 1,536 inputs on 2
             # busy cores: 0.13 s against 0.28 s plus the cast) and within ~1e-7 of them (SmolLM2's refit:
@@ -69,6 +72,8 @@ class GramCollector:
 
     def _output_hook(self, name: str):
         def hook(module, args, out):
+            if recomputing():
+                return
             out = out[0] if isinstance(out, (tuple, list)) else out  # (B, T, d)
             # on the CPU: a 7B model's 28 pruned layers x 32,768 tokens are 7.5 GB in bf16
             self.outputs.setdefault(name, []).append(out.detach().to("cpu", copy=True))

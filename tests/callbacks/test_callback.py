@@ -628,3 +628,32 @@ def test_a_failed_sharded_install_puts_the_dense_model_back():
     with pytest.raises(PrunerError, match="the plan has 3 layers but the model has 2"):
         install_sharded(trainer, holder, "model", meta_copy(dense), dense, (plan, other, None))
     assert holder.model is dense
+
+
+@pytest.mark.parametrize("criterion", ["activation", "element1"])
+def test_a_module_that_checkpoints_its_layers_gets_the_plan_and_refit_of_one_forward(criterion, tiny_dir, tmp_path):
+    # the module's own activation checkpointing recomputes each layer in the backward, running the
+    # importance hooks' forwards twice: the plan and the refit are still those of one forward
+    import pruner
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    class Checkpointing(CausalLMModule):
+        def configure_model(self) -> None:
+            super().configure_model()
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    L.seed_everything(0, verbose=False)
+    module = Checkpointing(str(tiny_dir))
+    data = PruneDataModule(calibration_samples=4, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=1,
+                           recovery_source=_alpaca(tmp_path / "alpaca.json"))
+    common = dict(criterion=criterion, pruning_ratio=0.5, reconstruct=True, reconstruct_damping=0.1,
+                  mlp_selection="obs")
+    prune = StructuralPruneCallback(lora_dropout=0.0, attach_lora=False, verbose=False, **common)
+    _trainer(tmp_path, [prune], max_steps=4).fit(module, data)
+    assert module.lm.is_activation_checkpointing
+    dense, _ = pruner.load_model(str(tiny_dir))
+    reference = pruner.prune(dense, [w.unsqueeze(0) for w in data.calibration], **common)
+    assert prune.plan.to_dict()["layers"] == reference.to_dict()["layers"]
+    assert prune.plan.calibration["samples"] == 4
+    assert_close(module.hf_model.state_dict(), dense.state_dict(), rtol=1e-5, atol=1e-6)
