@@ -57,7 +57,10 @@ def compensate(plan: Plan, structure: ModelStructure, model: nn.Module, collecto
         g_kk = gram[kept.unsqueeze(1), kept] / tokens  # (|K|, |K|)
         ridge = damping * g_kk.diagonal().mean().clamp_min(1e-12)
         w = linear.weight.double()  # (out, in)
-        rhs = w @ (gram[:, kept] / tokens) + ridge * w[:, kept]  # (out, |K|)
+        columns = gram[:, kept]  # (in, |K|)
+        columns /= tokens  # in place: one copy of the columns, not two
+        rhs = w @ columns + ridge * w[:, kept]  # (out, |K|)
+        del columns
         system = g_kk
         system.diagonal().add_(ridge)  # + ridge·I, in place: adding the identity's zeros changes nothing
         new = torch.linalg.solve(system, rhs.T).T  # W'_K (out, |K|); the system is symmetric

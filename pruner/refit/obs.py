@@ -88,8 +88,8 @@ def greedy_obs(h_inv: torch.Tensor, w: torch.Tensor, n_remove: int, block: int =
         us[:, k], vs[:, k] = u, v
         k += 1
         if k == block:  # fold the factors in: matrix products instead of rank-one updates
-            h_inv -= us @ us.T
-            w -= vs @ us.T
+            h_inv.addmm_(us, us.T, alpha=-1)  # in place: no (n, n) temporary
+            w.addmm_(vs, us.T, alpha=-1)
             k = 0
     return alive
 
@@ -104,13 +104,19 @@ def _obs_start(model: nn.Module, collector: GramCollector, name: str, damping: f
     summed, tokens = collector.grams[name], max(collector.tokens[name], 1)  # (in, in)
     w = model.get_submodule(name).weight.detach().double()  # (out, in)
     if cols is not None:
-        gram, w = summed[cols.unsqueeze(1), cols] / tokens, w[:, cols]
+        gram, w = summed[cols.unsqueeze(1), cols], w[:, cols]
+        gram /= tokens  # in place: the mean Gram is one in² copy
     else:
         gram = summed / tokens  # the mean Gram: one in² copy, then H in place (no identity, no sum)
     mu = damping * gram.diagonal().mean().clamp_min(1e-12)
     gram.diagonal().add_(mu)  # H = G + μI: the identity's zeros change nothing off the diagonal
-    h_inv = torch.linalg.inv(gram)
+    # H is symmetric positive definite (μ > 0): its Cholesky factor, then H⁻¹ from it, each copy
+    # freed as the next is made (two in² matrices at a time beside the Gram sum; LU's inverse
+    # holds four, and takes twice as long)
+    factor = torch.linalg.cholesky(gram)  # (n, n) lower
     del gram
+    h_inv = torch.cholesky_inverse(factor)
+    del factor
     return h_inv, w.clone()
 
 

@@ -26,6 +26,9 @@ from ..memory import recomputing
 from ..structure import ModelStructure
 
 
+GRAM_ROWS = 1024  # rows of a Gram matrix formed at a time (8,192 inputs: 32 MB in fp32, not 256 + 512 MB)
+
+
 class GramCollector:
     """Accumulates ``Σ x xᵀ`` of the inputs of the given linear modules (forward pre-hooks) and,
     for ``regional_epochs``, keeps the outputs of ``output_modules`` (decoder layers) of every
@@ -64,8 +67,12 @@ class GramCollector:
             # the same perplexity to 8 digits); the running sum stays fp64. On a GPU fp64, since its
             # fp32 products may run in TF32 (a 10-bit mantissa).
             x = x.float() if x.device.type == "cpu" else x.double()
-            g = (x.T @ x).double()  # (in, in)
-            self.grams[name] = g if name not in self.grams else self.grams[name].add_(g)
+            n = x.shape[1]
+            if name not in self.grams:
+                self.grams[name] = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+            gram = self.grams[name]  # (in, in) fp64
+            for start in range(0, n, GRAM_ROWS):  # a block of rows at a time: no in² temporary
+                gram[start:start + GRAM_ROWS].add_(x[:, start:start + GRAM_ROWS].T @ x)
             self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
 
         return hook
