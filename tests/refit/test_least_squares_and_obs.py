@@ -59,6 +59,41 @@ def test_gram_collector_sums_the_input_products_in_fp64():
     torch.testing.assert_close(collector.grams[down], exact, rtol=1e-5, atol=1e-6 * float(exact.abs().max()))
 
 
+def test_the_gram_formed_a_block_of_rows_at_a_time_is_the_sum_of_the_whole_products(monkeypatch):
+    # blocks that do not divide the width (96 = 2 x 40 + 16): every row once, the same values to the bit
+    from pruner.refit import GramCollector, statistics
+
+    monkeypatch.setattr(statistics, "GRAM_ROWS", 40)
+    model = tiny_causal_lm("llama")
+    down = "model.layers.1.mlp.down_proj"
+    inputs = []
+    handle = model.get_submodule(down).register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    collector = GramCollector(model, [down])
+    collector.attach()
+    with torch.no_grad():
+        for batch in _batches(3, 4, 32):  # three products summed
+            model(batch)
+    collector.detach()
+    handle.remove()
+    whole = sum((x.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1])).double() for x in inputs)
+    assert collector.grams[down].shape == (96, 96) and len(inputs) > 1
+    assert torch.equal(collector.grams[down], whole)
+
+
+def test_the_obs_inverse_is_that_of_the_damped_mean_gram():
+    from pruner.refit.obs import _obs_start
+
+    model = tiny_causal_lm("llama")
+    down = "model.layers.1.mlp.down_proj"
+    collector = _down_proj_statistics(model, down)
+    cols = torch.randperm(96, generator=torch.Generator().manual_seed(0))
+    h_inv, w = _obs_start(model, collector, down, 0.1, cols)
+    gram = collector.grams[down][cols.unsqueeze(1), cols] / collector.tokens[down]
+    h = gram + 0.1 * gram.diagonal().mean() * torch.eye(96, dtype=torch.float64)
+    torch.testing.assert_close(h_inv, torch.linalg.inv(h), rtol=1e-9, atol=1e-12 * float(h_inv.abs().max()))
+    assert torch.equal(w, model.get_submodule(down).weight.detach().double()[:, cols])
+
+
 def test_collect_inputs_stops_each_forward_at_its_last_consumer_with_the_same_statistics():
     from pruner.refit import GramCollector, collect_inputs
 
