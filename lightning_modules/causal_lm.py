@@ -66,6 +66,10 @@ class CausalLMModule(LightningModule):
             whose logits are not that layer's output (e.g. soft-capped) fall back to the forward.
         trust_remote_code: let transformers run modelling code shipped in the model folder
             (only for folders you trust; pruner exports never need it).
+        activation_checkpointing: recompute each decoder layer in the backward instead of keeping
+            its activations (transformers' non-reentrant gradient checkpointing), in calibration
+            and recovery alike: activation memory of one layer instead of all, for one more
+            forward pass per step. The importance and the plan are those without it.
 
     Example:
         >>> module = CausalLMModule("smollm2", attach_lora_at_start=True)  # doctest: +SKIP
@@ -94,6 +98,7 @@ class CausalLMModule(LightningModule):
         teacher_dtype: Literal["auto", "float32", "bfloat16"] = "auto",
         teacher_states: bool = True,
         trust_remote_code: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if dtype not in ("auto", "float32", "bfloat16"):
@@ -122,7 +127,8 @@ class CausalLMModule(LightningModule):
             raise PrunerError(f"`CausalLMModule(lr_schedule={lr_schedule!r})`: use 'constant' or 'linear'")
         check_int("`CausalLMModule(warmup_steps)`", warmup_steps, 0, fix="0 = no warm-up")
         for name, value in (("attach_lora_at_start", attach_lora_at_start), ("trust_remote_code", trust_remote_code),
-                            ("teacher_states", teacher_states)):
+                            ("teacher_states", teacher_states),
+                            ("activation_checkpointing", activation_checkpointing)):
             if not isinstance(value, bool):
                 raise PrunerError(f"`CausalLMModule({name}={value!r})` must be true or false")
         defaults = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target_modules": DEFAULT_LORA_TARGETS}
@@ -227,6 +233,9 @@ class CausalLMModule(LightningModule):
         hp = self.hparams
         model, _ = load_model(hp.model, dtype=self._resolve_dtype(), trust_remote_code=hp.trust_remote_code)
         model.train()  # load_model returns eval mode; Lightning toggles modes from here on
+        if hp.get("activation_checkpointing", False):
+            # non-reentrant: gradients reach LoRA and the importance hooks whatever requires grad
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         self.lm = model

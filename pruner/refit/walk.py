@@ -110,6 +110,8 @@ def refit_layer_by_layer(model: nn.Module, structure: ModelStructure, plan: Plan
             else:
                 pruned = dense_out  # untouched so far: one stream
             dense = dense_out
+            # what the undo of this layer needs goes to files: in memory it would grow layer by layer
+            transaction.spill()
         record_sizes(plan, model, structure, transaction)
     finally:
         model.train(was_training)

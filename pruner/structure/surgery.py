@@ -28,6 +28,7 @@ from .groups import Family, ModelStructure
 from .params import model_fingerprint
 from .plan import LayerPlan, Plan
 from .spec import settable
+from .spill import SpillFolder, SpilledTensor
 
 KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 GROUP_ATTRS = ("num_key_value_groups", "n_rep")
@@ -57,6 +58,8 @@ class Transaction:
 
     def __init__(self) -> None:
         self._log: list[tuple[object, str, object]] = []
+        self._files: SpillFolder | None = None
+        self._spilled: list[tuple[nn.Parameter, SpilledTensor]] = []  # replaced parameters' storage on disk
 
     def set(self, obj, attr: str, value) -> None:
         """``setattr(obj, attr, value)``, recorded."""
@@ -81,7 +84,34 @@ class Transaction:
         self._log.append((_REBUILD, old, (kept, slabs, old.data.shape)))
         old.data = torch.empty(0, dtype=old.dtype, device=old.device)
 
+    def spill(self) -> int:
+        """Moves what only this log holds into files (:class:`~pruner.structure.spill.SpillFolder`):
+        the removed slabs, the kept blocks a refit replaced, the storage of parameters replaced
+        whole. The model's own tensors stay. A rollback reads the files back; returns the bytes
+        moved by this call."""
+        if self._files is None:
+            self._files = SpillFolder()
+        before = self._files.bytes
+        on_disk = {id(p) for p, _ in self._spilled}
+        for i, (obj, attr, old) in enumerate(self._log):
+            if obj is _REBUILD:
+                kept, slabs, shape = old
+                if not isinstance(kept, (nn.Parameter, SpilledTensor)):  # a refit's old kept block
+                    kept = self._files.put(kept)
+                slabs = [(dim, keep, removed, values if isinstance(values, SpilledTensor) else self._files.put(values))
+                         for dim, keep, removed, values in slabs]
+                self._log[i] = (obj, attr, (kept, slabs, shape))
+            elif isinstance(obj, dict) and isinstance(old, nn.Parameter) and id(old) not in on_disk and old.numel():
+                # replaced in its module: no longer the model's (tied owners are all replaced by now)
+                self._spilled.append((old, self._files.put(old.data)))
+                on_disk.add(id(old))
+                old.data = torch.empty(0, dtype=old.dtype, device=old.device)
+        return self._files.bytes - before
+
     def rollback(self) -> None:
+        for param, stored in self._spilled:  # first: rebuilds may start from these
+            param.data = stored.load()
+        self._spilled.clear()
         for obj, attr, old in reversed(self._log):
             if obj is _REBUILD:
                 attr.data = _rebuilt(*old)
@@ -93,16 +123,25 @@ class Transaction:
             else:
                 setattr(obj, attr, old)
         self._log.clear()
+        self._close()
 
     def commit(self) -> None:
         self._log.clear()  # the replaced objects may now be freed
+        self._spilled.clear()
+        self._close()
+
+    def _close(self) -> None:
+        if self._files is not None:
+            self._files.close()
+            self._files = None
 
 
 def _rebuilt(kept: torch.Tensor, slabs: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
              shape: torch.Size) -> torch.Tensor:
     """The tensor that slicing by ``slabs`` (in order) turned into ``kept``."""
-    data = kept.detach()
+    data = (kept.load() if isinstance(kept, SpilledTensor) else kept).detach()
     for dim, keep, removed, values in reversed(slabs):
+        values = values.load() if isinstance(values, SpilledTensor) else values
         full = list(data.shape)
         full[dim] = len(keep) + len(removed)
         out = data.new_empty(full)

@@ -416,6 +416,27 @@ def test_fsdp2_two_processes_score_shards_and_match_one_process(criterion, tiny_
 
 
 @pytest.mark.slow
+def test_fsdp2_with_the_modules_activation_checkpointing_matches_one_process_without(tiny_dir, tmp_path):
+    from pruner.io import load_pretrained
+
+    _alpaca(tmp_path / "alpaca.json")
+    runs = {}
+    fsdp2 = {"devices": 2, "strategy": "fsdp2", "forbid_whole_model_gathers": True,
+             "module": {"activation_checkpointing": True}}
+    for name, extra in (("single", {"accumulate": 2}), ("fsdp2", fsdp2)):
+        callback = {"pruning_ratio": 0.5, "export_dir": str(tmp_path / f"export-{name}")}
+        runs[name] = run_in_subprocess(tmp_path, {"model_dir": str(tiny_dir), "callback": callback, "recovery_epochs": 2,
+                                                  **extra}, name)
+    (single,), (r0, r1) = runs["single"], runs["fsdp2"]
+    assert_close(r0["vectors"], single["vectors"], rtol=1e-5, atol=1e-9)
+    assert r0["plan"]["layers"] == r1["plan"]["layers"] == single["plan"]["layers"]
+    assert r0["step"] == r1["step"] == single["step"]
+    a, b = load_pretrained(tmp_path / "export-fsdp2"), load_pretrained(tmp_path / "export-single")
+    ids = torch.arange(1, 17).reshape(2, 8)
+    assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_fsdp2_slices_tied_embeddings_along_the_hidden_size_like_one_process(tiny_dir, tmp_path):
     """Hidden channels go from every reader and writer of the residual stream: the tied embedding's
     columns (its shards split the rows), the norms rescaled; each rank writes its own shards."""
@@ -657,3 +678,39 @@ def test_a_module_that_checkpoints_its_layers_gets_the_plan_and_refit_of_one_for
     assert prune.plan.to_dict()["layers"] == reference.to_dict()["layers"]
     assert prune.plan.calibration["samples"] == 4
     assert_close(module.hf_model.state_dict(), dense.state_dict(), rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_of_the_module_changes_neither_plan_nor_training(tiny_dir, tmp_path):
+    # CausalLMModule(activation_checkpointing=True): calibration, the prune step with LoRA and
+    # distillation from the kept dense model, recovery and the export, each as without it
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+    from pruner.lightning_modules.data import PruneDataModule
+
+    runs = {}
+    for checkpointing in (False, True):
+        L.seed_everything(0, verbose=False)
+        module = CausalLMModule(str(tiny_dir), learning_rate=1e-2, distillation_alpha=0.5,
+                                activation_checkpointing=checkpointing)
+        data = PruneDataModule(calibration_samples=3, calibration_seq_len=32, micro_batch_size=2, recovery_epochs=1,
+                               recovery_source=_alpaca(tmp_path / "alpaca.json"))
+        prune = StructuralPruneCallback(lora_dropout=0.0, target_sparsity=0.15, verbose=False,
+                                        export_dir=str(tmp_path / f"export{checkpointing}"))
+        record = Record(calibration=3)
+        _trainer(tmp_path, [prune, record], max_steps=7).fit(module, data)
+        runs[checkpointing] = (prune.plan.to_dict()["layers"], record.losses, module)
+    assert runs[True][1] and runs[True][0] == runs[False][0]
+    assert_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-6)  # calibration and LoRA steps alike
+    import pruner
+
+    ids = torch.randint(3, 120, (2, 16))
+    plain, checkpointed = (pruner.load_pretrained(tmp_path / f"export{c}") for c in (False, True))
+    with torch.no_grad():
+        assert_close(checkpointed(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert runs[True][2].hf_model.is_activation_checkpointing and not runs[False][2].hf_model.is_activation_checkpointing
+
+
+def test_activation_checkpointing_takes_a_boolean(tiny_dir):
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+
+    with pytest.raises(PrunerError, match=r"activation_checkpointing='yes'\)` must be true or false"):
+        CausalLMModule(str(tiny_dir), activation_checkpointing="yes")

@@ -1,0 +1,75 @@
+"""A folder of files for the tensors an undo log keeps while a long operation runs.
+
+The layer-by-layer refit changes one decoder layer after another inside one transaction: if any
+later step fails, every layer goes back to its dense weights. What the undo needs (the removed
+slabs, the blocks a refit replaced, the weights a regional fit replaced) grows with every layer
+while the layers it came from no longer hold it, so in memory it would grow by about the removed
+share of every walked layer. :class:`SpillFolder` keeps those tensors in files of a temporary
+folder instead (``TMPDIR`` chooses where), read back only by a rollback, and deletes the folder
+when the transaction ends either way.
+
+Example:
+    >>> import torch
+    >>> folder = SpillFolder()
+    >>> kept = folder.put(torch.arange(4.0))
+    >>> kept.load().tolist()
+    [0.0, 1.0, 2.0, 3.0]
+    >>> folder.close()
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import PrunerError
+
+
+@dataclass(frozen=True)
+class SpilledTensor:
+    """A tensor written to ``path``; :meth:`load` reads it back onto ``device``."""
+
+    path: Path
+    device: torch.device
+
+    def load(self) -> torch.Tensor:
+        return torch.load(self.path, map_location=self.device, weights_only=True)
+
+
+class SpillFolder:
+    """Files of one transaction's undo data, in a folder made on the first :meth:`put`."""
+
+    def __init__(self) -> None:
+        self.folder: Path | None = None
+        self.bytes = 0
+        self._count = 0
+        self._cleanup = None
+
+    def put(self, tensor: torch.Tensor) -> SpilledTensor:
+        """Writes ``tensor`` to a new file; the caller drops its own reference afterwards."""
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="pruner-undo-"))
+            # deleted with this object too, if the transaction is dropped without an end
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
+        path = self.folder / f"{self._count}.pt"
+        self._count += 1
+        try:
+            torch.save(tensor.detach().contiguous(), path)
+        except OSError as err:
+            path.unlink(missing_ok=True)
+            raise PrunerError(f"could not write the undo data of the layer-by-layer refit to {self.folder} ({err}): "
+                              "free space there, or set TMPDIR to a folder with room (about the removed share of "
+                              "the pruned layers' weights)") from err
+        self.bytes += tensor.numel() * tensor.element_size()
+        return SpilledTensor(path, tensor.device)
+
+    def close(self) -> None:
+        """Deletes the folder and every file in it."""
+        if self._cleanup is not None:
+            self._cleanup()
+        self.folder, self._cleanup = None, None
