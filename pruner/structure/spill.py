@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from ..errors import PrunerError
 
@@ -38,7 +39,8 @@ class SpilledTensor:
     device: torch.device
 
     def load(self) -> torch.Tensor:
-        return torch.load(self.path, map_location=self.device, weights_only=True)
+        # safetensors: a file of this folder holds a tensor and nothing that could run
+        return load_file(self.path, device=str(self.device))["tensor"]
 
 
 class SpillFolder:
@@ -56,10 +58,10 @@ class SpillFolder:
             self.folder = Path(tempfile.mkdtemp(prefix="pruner-undo-"))
             # deleted with this object too, if the transaction is dropped without an end
             self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
-        path = self.folder / f"{self._count}.pt"
+        path = self.folder / f"{self._count}.safetensors"
         self._count += 1
         try:
-            torch.save(tensor.detach().contiguous(), path)
+            save_file({"tensor": tensor.detach().contiguous()}, path)
         except OSError as err:
             path.unlink(missing_ok=True)
             raise PrunerError(f"could not write the undo data of the layer-by-layer refit to {self.folder} ({err}): "

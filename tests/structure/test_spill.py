@@ -51,7 +51,7 @@ def test_spilled_undo_data_leaves_memory_and_a_rollback_reads_it_back_exactly(en
     moved = tx.spill()
     # the removed slab and the old kept block (2 x 3 x 2 floats) and the replaced refit weight (3 x 2)
     assert moved == 3 * (3 * 2 * 4)
-    assert refit.numel() == 0 and len(list(tmp_folder.glob("pruner-undo-*/*.pt"))) == 3
+    assert refit.numel() == 0 and len(list(tmp_folder.glob("pruner-undo-*/*.safetensors"))) == 3
     assert tx.spill() == 0  # nothing twice
     getattr(tx, end)()
     assert not list(tmp_folder.glob("pruner-undo-*"))  # the folder goes either way
@@ -94,7 +94,7 @@ def test_a_full_disk_is_refused_with_the_fix_and_the_model_stays(monkeypatch, tm
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(spill.torch, "save", no_space)
+    monkeypatch.setattr(spill, "save_file", no_space)
     with pytest.raises(PrunerError, match=r"could not write the undo data.*No space left.*set TMPDIR"):
         pruner.prune(model, _text()[:2], reconstruction_batches=_text(), **COMMON)
     for k, v in model.state_dict().items():
