@@ -60,13 +60,14 @@ def bf16_units(device: torch.device | str = "cpu") -> str | None:
 
 
 def warn_if_bf16_is_emulated(device: torch.device | str, what: str, fix: str) -> bool:
-    """Warns (once per process and ``what``) that ``what`` asks for bf16 on a device that emulates
-    it; returns whether it is emulated there. ``fix`` says what to use instead."""
+    """Warns that ``what`` asks for bf16 on a device that emulates it, once per process and device
+    (the first caller names the cause: under the callback, the trainer's precision before the
+    model's dtype); returns whether it is emulated there. ``fix`` says what to use instead."""
     device = torch.device(device)
     if bf16_units(device) != "":
         return False
-    if what not in _warned:
-        _warned.add(what)
+    if str(device) not in _warned:
+        _warned.add(str(device))
         hardware = ("this CPU has no AMX, AVX512-BF16 or Arm BF16 units" if device.type == "cpu"
                     else f"{device} has no bf16 tensor cores (compute capability below 8.0)")
         warnings.warn(f"{what} computes in bfloat16, but {hardware}: every bf16 matrix product is converted to "

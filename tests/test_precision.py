@@ -54,8 +54,9 @@ def test_the_warning_names_the_cause_and_the_fix_once_per_process(cpu_units):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert warn_if_bf16_is_emulated("cpu", "a bf16 thing", "do this instead")  # told once already
+        assert warn_if_bf16_is_emulated("cpu", "another bf16 thing", "fix")  # the same cause, on the same device
         cpu_units(amx=True)
-        assert not warn_if_bf16_is_emulated("cpu", "another bf16 thing", "fix")
+        assert not warn_if_bf16_is_emulated("cpu", "a third bf16 thing", "fix")
 
 
 def test_pruner_prune_warns_on_a_bf16_model_only_where_bf16_is_emulated(cpu_units):
@@ -75,7 +76,9 @@ def test_pruner_prune_warns_on_a_bf16_model_only_where_bf16_is_emulated(cpu_unit
 
 
 @pytest.mark.parametrize("units", [False, True])
-def test_the_callback_warns_on_a_bf16_trainer_precision_where_bf16_is_emulated(units, cpu_units, tiny_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_the_callback_warns_on_a_bf16_trainer_precision_where_bf16_is_emulated(precision, units, cpu_units, tiny_dir,
+                                                                               tmp_path):
     from pruner.callbacks import StructuralPruneCallback
     from pruner.lightning_modules.causal_lm import CausalLMModule
     from pruner.lightning_modules.data import PruneDataModule
@@ -85,11 +88,13 @@ def test_the_callback_warns_on_a_bf16_trainer_precision_where_bf16_is_emulated(u
     callback = StructuralPruneCallback(lora_dropout=0.0, pruning_ratio=0.25, verbose=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cpu_trainer(tmp_path, [callback], max_steps=3, precision="bf16-mixed").fit(
+        cpu_trainer(tmp_path, [callback], max_steps=3, precision=precision).fit(
             CausalLMModule(str(tiny_dir)), PruneDataModule(calibration_samples=2, calibration_seq_len=16))
-    told = [str(w.message) for w in caught if "trainer precision 'bf16-mixed' computes in bfloat16" in str(w.message)]
+    told = [str(w.message) for w in caught if "computes in bfloat16" in str(w.message)]
     assert callback.plan is not None and not callback.plan.is_identity  # the fit pruned either way
+    # one warning, naming the trainer's precision (bf16-true also hands the session a bf16 model)
     assert len(told) == (0 if units else 1), told
+    assert units or f"trainer precision {precision!r} computes in bfloat16" in told[0]
     if told:
         assert "use precision 32-true (null) here" in told[0]
 
