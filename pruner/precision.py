@@ -5,7 +5,8 @@ hardware multiplies bf16 matrices: GPUs from Ampere on, x86 CPUs with AMX or AVX
 CPUs with the BF16 extension. Elsewhere oneDNN converts every operand to float32 and back, and a
 bf16 matrix product runs several times slower than the float32 one (``benchmarks/bf16_speed.py``
 prints the table for the machine it runs on; figures in ``docs/results.md``). The pipeline warns
-once per process when it is asked for bf16 on such a device (:func:`warn_if_bf16_is_emulated`).
+once per process and device when it is asked for bf16 on such a device
+(:func:`warn_if_bf16_is_emulated`).
 
 Example:
     >>> import torch
