@@ -20,13 +20,14 @@ from torch import nn
 
 from pruner.checks import existing_ancestor
 from pruner.config import PruneConfig
+from pruner.distributed import is_fsdp_module
 from pruner.errors import PrunerError
 from pruner.io import check_export_target
 from pruner.loop import calibration_reruns
 from pruner.precision import warn_if_bf16_is_emulated
 from pruner.recovery.lora import has_lora, missing_targets
 
-from .distributed import check_ranks_agree, is_fsdp_module
+from .distributed import check_ranks_agree
 
 
 def check_options(calibration_batches: int | None = None, prune_at_step: int | None = None,

@@ -8,7 +8,8 @@
   layer and root, or the module's own ``shard_model()``;
 * :func:`strategy_ranks`: the strategy's collectives as a :class:`pruner.loop.Ranks` for the session;
 * :func:`gather_reason` / :func:`install_sharded`: FSDP2's prune step, slicing each rank's shards
-  (:mod:`pruner.distributed.sliced`) unless a setting needs the whole dense model.
+  (:mod:`pruner.distributed.sliced`) unless a setting needs the whole dense model;
+  :func:`teacher_in_place`: a distillation teacher made of the dense model's own shards.
 
 Single-device strategies make all of these no-ops (their ``reduce`` returns its input).
 
@@ -23,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import inspect
 
 import lightning.pytorch as pl
 import torch
@@ -111,15 +113,6 @@ def shard_causal_lm(model: nn.Module, layers_path: str, mesh) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def is_fsdp_module(module: nn.Module) -> bool:
-    """Whether ``fully_shard`` was applied to ``module`` itself."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return isinstance(module, FSDPModule)
-
-
 def strategy_ranks(trainer: pl.Trainer, device: torch.device) -> Ranks:
     """The strategy's sums over ranks, as the prune session takes them (identity on one device)."""
     return Ranks(world_size=trainer.world_size, reduce=lambda tensors: all_reduce_dict(trainer.strategy, tensors),
@@ -136,15 +129,27 @@ def reshard(pl_module: pl.LightningModule, model: nn.Module) -> None:
     shard_causal_lm(model, find_layer_stack(model)[0], data_parallel_mesh(pl_module))
 
 
-def gather_reason(config: PruneConfig, keeps_teacher: bool) -> str | None:
+def gather_reason(config: PruneConfig, copies_teacher: bool) -> str | None:
     """Why FSDP2's prune step must gather an unsharded copy of the model on every rank (None:
     the ranks slice their own shards, :mod:`pruner.distributed.sliced`): the refit walks whole
-    layers on the dense weights; a distillation teacher is a copy of the dense model."""
+    layers on the dense weights; a distillation teacher that is a copy of the dense model
+    (see :func:`teacher_in_place`)."""
     if config.reconstruct:
         return "reconstruct=True (the refit reads whole layers)"
-    if keeps_teacher:
-        return "the module keeps a distillation teacher (a copy of the dense model)"
+    if copies_teacher:
+        return ("the module keeps its distillation teacher as a copy of the dense model (its keep_teacher takes no "
+                "copy=False, or its teacher_dtype is not the model's dtype)")
     return None
+
+
+def teacher_in_place(pl_module: pl.LightningModule, dense: nn.Module) -> bool:
+    """FSDP2 distillation: whether the module can keep the dense model's own shards as its teacher
+    (``keep_teacher(model, copy=False)``, in the model's dtype), so no rank holds a dense copy."""
+    keep = getattr(pl_module, "keep_teacher", None)
+    if not callable(keep) or "copy" not in inspect.signature(keep).parameters:
+        return False
+    dtype = getattr(pl_module, "teacher_dtype", None)
+    return dtype is None or dtype == next(dense.parameters()).dtype
 
 
 def install_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, pruned: nn.Module,

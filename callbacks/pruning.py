@@ -19,7 +19,8 @@ Optional hooks, duck-typed, never required: ``module.tokenizer`` / ``datamodule.
 (saved with the export), ``datamodule.calibration_batches`` (the count when
 ``calibration_batches=None``), ``datamodule.reconstruction_batches()`` (the refit's text),
 ``datamodule.val_dataloader()`` of dicts with ``input_ids`` (the perplexity report),
-``module.wants_teacher`` + ``module.keep_teacher(model)`` (the dense model for distillation),
+``module.wants_teacher`` + ``module.keep_teacher(model)`` (the dense model for distillation; under
+FSDP2 ``keep_teacher(model, copy=False)``, where accepted, hands over the dense shards themselves),
 ``module.shard_model()`` (FSDP2 sharding of the pruned model).
 
 Example (a tiny random LLaMA in an ordinary LightningModule; a few seconds on a CPU):
@@ -78,7 +79,8 @@ from pruner.structure import Plan
 
 from . import checks
 from .calibration import PausedOptimizers, batch_samples, model_inputs
-from .distributed import gather_reason, install_sharded, rebuild_training, strategy_ranks, unwrap_ddp
+from .distributed import (gather_reason, install_sharded, rebuild_training, strategy_ranks, teacher_in_place,
+                          unwrap_ddp)
 from .export import export_pruned, export_tokenizer, merged_model, merged_weights
 from .report import measure_perplexity, pruning_report, window_protocol
 from .resume import (STATE_VERSION, check_resumable, checkpointed_model, install_resume_hook, rebuild_structure,
@@ -461,14 +463,16 @@ class StructuralPruneCallback(pl.Callback):
         self._stop_calibration()
         pl_module.zero_grad(set_to_none=True)
         session, sharded, dense = self.session, self._sharded, self.model(pl_module)
-        sliced = sharded and self._slices_shards(pl_module)
+        # FSDP2: a distilling module keeps the dense model's own shards, swapped out below, as teacher
+        shared_teacher = sharded and wants_dense_teacher(pl_module) and teacher_in_place(pl_module, dense)
+        sliced = sharded and self._slices_shards(pl_module, shared_teacher)
         lora = self.lora.target_modules if self.attach_lora else None
         self.plan = session.prune(
             dense, ranks=strategy_ranks(trainer, pl_module.device),
             loss_scale=float(trainer.accumulate_grad_batches),
             check=lambda plan, structure: checks.check_step_plan(
                 trainer, plan, structure, pl_module if sharded else dense, lora),
-            before_surgery=lambda model: keep_teacher(pl_module, model),
+            before_surgery=None if shared_teacher else lambda model: keep_teacher(pl_module, model),
             unshard=meta_copy if sliced else unsharded_copy if sharded else None)
         model, self.vectors, self.session, self._pruned = session.model, session.vectors, None, True
         self._counts = {"calibrated_batches": session.batches, "tokens_per_sample": session.tokens_per_sample}
@@ -486,16 +490,18 @@ class StructuralPruneCallback(pl.Callback):
         if sharded:
             install_sharded(trainer, pl_module, self.model_path, model, dense,
                             (self.plan, session.structure, lora_values) if sliced else None)
+            if shared_teacher:
+                pl_module.keep_teacher(dense, copy=False)
             del dense
             self._measure(trainer, pl_module, "pruned")
         rebuild_training(trainer)
         if self.verbose:
             self._log_prune_step(pl_module)
 
-    def _slices_shards(self, pl_module: pl.LightningModule) -> bool:
+    def _slices_shards(self, pl_module: pl.LightningModule, shared_teacher: bool) -> bool:
         """FSDP2: whether the prune step slices the shards (no rank holds the whole model) or
         gathers an unsharded copy on every rank (said once, with the reason)."""
-        why = gather_reason(self.config, wants_dense_teacher(pl_module))
+        why = gather_reason(self.config, wants_dense_teacher(pl_module) and not shared_teacher)
         if why is not None and self.verbose:
             rank_zero_info(f"StructuralPruneCallback: the prune step gathers an unsharded copy of the model on every "
                            f"rank: {why}; without it the ranks prune their own shards")

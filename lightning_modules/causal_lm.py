@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torchmetrics.text import Perplexity
 
+from pruner.distributed import is_fsdp_module
 from pruner.errors import PrunerError
 from pruner.lightning_modules.data import TEACHER_STATES  # the recovery batches' key the data module fills
 from pruner.recovery import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS  # a tuple: jsonargparse prints it as a list
@@ -208,21 +209,34 @@ class CausalLMModule(LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         return getattr(datamodule, "teacher_states", None) is not None
 
-    def keep_teacher(self, model: torch.nn.Module) -> None:
+    @property
+    def teacher_dtype(self) -> torch.dtype:
+        """The dtype the distillation teacher is kept in (``teacher_dtype``, resolved)."""
+        return self._teacher_dtype()
+
+    def keep_teacher(self, model: torch.nn.Module, copy: bool = True) -> None:
         """Keeps a frozen copy of ``model`` (the dense model, just before pruning) as teacher;
-        only of its output layer when the recovery batches carry its states.
+        only of its output layer when the recovery batches carry its states. ``copy=False``: the
+        caller hands over a model it no longer uses, kept as it is (under FSDP2 the dense model's
+        own shards: no rank gathers a copy); its dtype must be ``teacher_dtype`` already.
 
         Example:
             >>> module.keep_teacher(module.hf_model)  # doctest: +SKIP
             >>> module.teacher is not module.hf_model  # doctest: +SKIP
             True
         """
-        import copy
+        import copy as copies
 
         only_head = self.wants_teacher_states and self._data_has_teacher_states()
         if only_head:
             model = model.get_output_embeddings()  # a copy of the tied weight, not the embedding itself
-        self._set_teacher(copy.deepcopy(model).to(self._teacher_dtype()), output_layer_only=only_head)
+        if copy:
+            model = copies.deepcopy(model).to(self._teacher_dtype())
+        elif (dtype := next(model.parameters()).dtype) != self._teacher_dtype():
+            raise PrunerError(f"keep_teacher(copy=False): the model is {dtype}, the teacher is kept in "
+                              f"{self._teacher_dtype()} (teacher_dtype); converting it would make a copy: pass copy=True "
+                              "or set teacher_dtype: auto")
+        self._set_teacher(model, output_layer_only=only_head)
 
     def configure_model(self) -> None:
         """Loads the weights once (Lightning calls this hook for every fit/validate/test)."""
@@ -328,6 +342,10 @@ class CausalLMModule(LightningModule):
             teacher.to(out.logits.device)  # unregistered: the strategy does not move it
         with torch.no_grad():
             t_logits = self._teacher_logits(teacher, batch, self.__dict__.get("_teacher_is_output_layer", False))
+        if is_fsdp_module(teacher):
+            # an FSDP2 teacher (the dense model's shards): its root weights (embeddings, head) stay
+            # gathered after a forward pass, for a backward that a teacher never runs
+            teacher.reshard()
         hp = self.hparams
         parts = distillation_loss(out.logits, t_logits, batch["labels"], hp.distillation_alpha,
                                   hp.distillation_temperature, hp.distillation_top_k)
@@ -414,3 +432,4 @@ class LinearSchedule:
         if self.steps is None:
             return 1.0
         return max(0.0, (self.steps - step) / max(1, self.steps - self.warmup))
+

@@ -133,8 +133,12 @@ def main(spec: dict) -> None:
                         **spec.get("trainer", {}))
     trainer.fit(module, data, ckpt_path=spec.get("ckpt_in"))
     torch.save({"losses": losses.losses, "recovery": data.recovery,
-                "teacher": {n: p.detach().clone() for n, p in module.teacher.named_parameters()}
-                if getattr(module, "teacher", None) is not None else None, "plan": prune.plan.to_dict() if prune.plan else None,
+                "teacher": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                            for n, p in module.teacher.named_parameters()}
+                if getattr(module, "teacher", None) is not None else None,
+                "teacher_sharded": all(hasattr(p, "full_tensor") for p in module.teacher.parameters())
+                if getattr(module, "teacher", None) is not None else None,
+                "plan": prune.plan.to_dict() if prune.plan else None,
                 "vectors": prune.vectors, "step": trainer.global_step,
                 "teacher_states": getattr(data, "teacher_states", None) is not None,
                 "lora": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()

@@ -65,3 +65,12 @@ def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     for dim, (size, start) in enumerate(zip(shape, offset)):
         full = full.narrow(dim, start, size)  # (local shape) block of the full tensor
     return full
+
+
+def is_fsdp_module(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) was applied to ``module`` itself."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        return False
+    return isinstance(module, FSDPModule)

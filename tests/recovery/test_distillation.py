@@ -102,6 +102,37 @@ def test_gradients_reach_only_the_trainable_student_weights(tiny_dir, lora):
         assert any(g.abs().sum() > 0 for g in grads.values())
 
 
+
+def test_a_teacher_handed_over_is_kept_as_it_is_and_only_in_the_teacher_dtype(tiny_dir):
+    import pruner
+    from pruner.callbacks.distributed import gather_reason, teacher_in_place
+    from pruner.config import PruneConfig
+    from pruner.lightning_modules.causal_lm import CausalLMModule
+
+    dense, _ = pruner.load_model(str(tiny_dir))  # float32
+    module = CausalLMModule(str(tiny_dir), distillation_alpha=0.5)
+    module.keep_teacher(dense, copy=False)
+    assert module.teacher is dense and not any(p.requires_grad for p in dense.parameters())
+    assert teacher_in_place(module, dense)
+    halved = CausalLMModule(str(tiny_dir), distillation_alpha=0.5, teacher_dtype="bfloat16")
+    with pytest.raises(PrunerError, match="teacher_dtype"):
+        halved.keep_teacher(dense, copy=False)
+    assert halved.teacher is None
+    assert not teacher_in_place(halved, dense)  # FSDP2 then gathers a copy to convert, and says why
+
+    class OwnModule(L.LightningModule):  # a user's module whose keep_teacher always copies
+        wants_teacher = True
+
+        def keep_teacher(self, model):
+            pass
+
+    assert not teacher_in_place(OwnModule(), dense)
+    config = PruneConfig(pruning_ratio=0.5)
+    assert gather_reason(config, copies_teacher=False) is None
+    assert "keep_teacher takes no copy=False" in gather_reason(config, copies_teacher=True)
+    assert "reconstruct" in gather_reason(PruneConfig(pruning_ratio=0.5, reconstruct=True), copies_teacher=False)
+
+
 def _prune_and_recover(tiny_dir, tmp_path, alpha):
     from pruner.lightning_modules.causal_lm import CausalLMModule
     from pruner.lightning_modules.data import PruneDataModule
@@ -196,6 +227,42 @@ def test_ddp_distillation_on_generated_text_keeps_ranks_identical(tiny_dir, tmp_
     assert r0["teacher"] is not None and set(r0["teacher"]) == {"weight"}  # teacher states: the output layer alone
     (single,) = run_in_subprocess(tmp_path, {**spec, "devices": 1, "strategy": "auto"}, "single")
     assert single["recovery"] == r0["recovery"]  # the same text whatever the rank count
+
+
+
+@pytest.mark.slow
+def test_fsdp2_distillation_keeps_the_dense_shards_as_teacher_like_one_process(tiny_dir, tmp_path):
+    """Under FSDP2 the teacher is the dense model's own shards, swapped out at the prune step: no
+    rank gathers the whole model (a gather fails this test), and recovery is what one process with
+    a whole dense copy as teacher does."""
+    import pruner
+    from pruner.io import load_pretrained
+
+    dense, tok = pruner.load_model(str(tiny_dir))
+    with torch.no_grad():
+        dense.lm_head.weight.mul_(30.0)  # a sharp teacher: a random model's KL would start near zero
+    pruner.save_pretrained(dense, tmp_path / "sharp", tokenizer=tok)
+    _alpaca(tmp_path / "alpaca.json")
+    runs = {}
+    for name, extra in (("single", {"accumulate": 2}),
+                        ("fsdp2", {"devices": 2, "strategy": "fsdp2", "forbid_whole_model_gathers": True})):
+        callback = {"pruning_ratio": 0.5, "export_dir": str(tmp_path / f"export-{name}")}
+        runs[name] = run_in_subprocess(tmp_path, {"model_dir": str(tmp_path / "sharp"), "callback": callback,
+                                                  "module": {"distillation_alpha": 0.5}, **extra}, name)
+    (single,), (r0, r1) = runs["single"], runs["fsdp2"]
+    assert r0["plan"]["layers"] == r1["plan"]["layers"] == single["plan"]["layers"]
+    assert r0["teacher_sharded"] and r1["teacher_sharded"] and not single["teacher_sharded"]
+    for run in (r0, r1, single):  # the teacher is the dense model, untouched by pruning and recovery
+        assert_close(run["teacher"], dict(dense.named_parameters()), rtol=0, atol=0)
+    assert r0["step"] == r1["step"] == single["step"]
+    a, b = load_pretrained(tmp_path / "export-fsdp2"), load_pretrained(tmp_path / "export-single")
+    ids = torch.arange(1, 17).reshape(2, 8)
+    assert_close(a(ids).logits, b(ids).logits, rtol=1e-4, atol=1e-5)
+    # and distillation moved the student: the same fit without a teacher ends elsewhere
+    callback = {"pruning_ratio": 0.5, "export_dir": str(tmp_path / "export-plain")}
+    run_in_subprocess(tmp_path, {"model_dir": str(tmp_path / "sharp"), "callback": callback, "accumulate": 2}, "plain")
+    plain = load_pretrained(tmp_path / "export-plain")
+    assert not torch.allclose(plain(ids).logits, b(ids).logits, rtol=1e-3, atol=1e-3)
 
 
 FSDP_SCRIPT = """
