@@ -98,9 +98,9 @@ def discovery_copy(model: nn.Module) -> nn.Module:
     input embedding) and the decoder layers up to the last one it probes (the first of each
     shape; its forward pass runs the layers before it): layer 0 alone for a model of equal
     layers. Every other weight stays on the meta device (non-persistent buffers are copied).
-    Every full tensor is checked for NaN/inf as it passes (all ranks see the same values, so all
-    refuse together). Collective when sharded, one tensor at a time: no rank holds the whole
-    model.
+    Every tensor is checked for NaN/inf: the copied ones whole as they pass, the others shard by
+    shard with one all-reduce of the findings, so all ranks refuse together. Collective when
+    sharded, one copied tensor at a time: no rank holds (or gathers) the whole model.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -126,11 +126,16 @@ def discovery_copy(model: nn.Module) -> nn.Module:
         return skip_head is None or not name.startswith(skip_head)
 
     state: dict[str, torch.Tensor] = {}
+    shards: list[tuple[str, torch.Tensor]] = []  # checked on each rank, then the findings summed
     for name, t in model.state_dict(keep_vars=True).items():
+        if not wanted(name) and hasattr(t, "to_local"):
+            shards.append((name, t))
+            continue
         full = t.full_tensor() if hasattr(t, "full_tensor") else t
         check_finite_tensor(name, full)
         if wanted(name):
             state[name] = full.detach().to("cpu", copy=True)
+    check_finite_shards(shards)
     copy_ = materialize(skeleton_from(*build_skeleton(model)), state, model, partial=True)
     copy_.train(model.training)
     return copy_
@@ -144,3 +149,24 @@ def unsharded_copy(model: nn.Module) -> nn.Module:
     copy_ = materialize(skeleton_from(base, cfg, spec), state, model)
     copy_.train(model.training)
     return copy_
+
+
+def check_finite_shards(named: list[tuple[str, torch.Tensor]]) -> None:
+    """Refuses, on every rank, DTensors holding NaN/inf in any rank's shard: each rank checks its
+    own shards, one all-reduce of the findings (collective when ``named`` is not empty)."""
+    if not named:
+        return
+    import torch.distributed as dist
+
+    from ..checks import check_finite_tensor
+
+    local = [local_tensor(t).detach() for _, t in named]
+    bad = torch.tensor([float(x.is_floating_point() and not bool(torch.isfinite(x).all())) for x in local],
+                       device=local[0].device)
+    groups = {id(t.device_mesh): t.device_mesh for _, t in named}
+    for mesh in groups.values():  # (one mesh under FSDP2)
+        for dim in range(mesh.ndim):
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    for (name, _), flag in zip(named, bad.tolist()):
+        if flag:
+            check_finite_tensor(name, torch.tensor(float("nan")))  # the usual refusal, naming the tensor
