@@ -30,7 +30,6 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from pruner.config import PruneConfig
 from pruner.distributed import local_tensor
 from pruner.distributed.sliced import allocate, fill_pruned
 from pruner.errors import PrunerError
@@ -129,13 +128,11 @@ def reshard(pl_module: pl.LightningModule, model: nn.Module) -> None:
     shard_causal_lm(model, find_layer_stack(model)[0], data_parallel_mesh(pl_module))
 
 
-def gather_reason(config: PruneConfig, copies_teacher: bool) -> str | None:
+def gather_reason(copies_teacher: bool) -> str | None:
     """Why FSDP2's prune step must gather an unsharded copy of the model on every rank (None:
-    the ranks slice their own shards, :mod:`pruner.distributed.sliced`): the refit walks whole
-    layers on the dense weights; a distillation teacher that is a copy of the dense model
-    (see :func:`teacher_in_place`)."""
-    if config.reconstruct:
-        return "reconstruct=True (the refit reads whole layers)"
+    the ranks slice their own shards, :mod:`pruner.distributed.sliced`, and the refit of
+    ``reconstruct`` gathers one decoder layer at a time, :mod:`pruner.distributed.window`): a
+    distillation teacher that is a copy of the dense model (see :func:`teacher_in_place`)."""
     if copies_teacher:
         return ("the module keeps its distillation teacher as a copy of the dense model (its keep_teacher takes no "
                 "copy=False, or its teacher_dtype is not the model's dtype)")

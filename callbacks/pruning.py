@@ -70,6 +70,7 @@ from pruner.batches import check_inputs
 from pruner.checks import plain
 from pruner.config import PruneConfig
 from pruner.distributed.gather import build_skeleton, discovery_copy, meta_copy, skeleton_from, unsharded_copy
+from pruner.distributed.window import LayerWindow
 from pruner.distributed.sliced import parameters_made_by
 from pruner.errors import PrunerError
 from pruner.io import find_causal_lm
@@ -466,6 +467,7 @@ class StructuralPruneCallback(pl.Callback):
         # FSDP2: a distilling module keeps the dense model's own shards, swapped out below, as teacher
         shared_teacher = sharded and wants_dense_teacher(pl_module) and teacher_in_place(pl_module, dense)
         sliced = sharded and self._slices_shards(pl_module, shared_teacher)
+        windowed = sliced and self.config.reconstruct  # the refit gathers one decoder layer at a time
         lora = self.lora.target_modules if self.attach_lora else None
         self.plan = session.prune(
             dense, ranks=strategy_ranks(trainer, pl_module.device),
@@ -473,7 +475,8 @@ class StructuralPruneCallback(pl.Callback):
             check=lambda plan, structure: checks.check_step_plan(
                 trainer, plan, structure, pl_module if sharded else dense, lora),
             before_surgery=None if shared_teacher else lambda model: keep_teacher(pl_module, model),
-            unshard=meta_copy if sliced else unsharded_copy if sharded else None)
+            unshard=meta_copy if sliced else unsharded_copy if sharded else None,
+            window=LayerWindow if windowed else None)
         model, self.vectors, self.session, self._pruned = session.model, session.vectors, None, True
         self._counts = {"calibrated_batches": session.batches, "tokens_per_sample": session.tokens_per_sample}
         model.train()
@@ -488,8 +491,9 @@ class StructuralPruneCallback(pl.Callback):
             attach_seeded_lora(model, self.lora, self.config.seed)
         self._lora_attached = self.attach_lora
         if sharded:
+            values = {**(lora_values or {}), **(session.window.values if windowed else {})}
             install_sharded(trainer, pl_module, self.model_path, model, dense,
-                            (self.plan, session.structure, lora_values) if sliced else None)
+                            (self.plan, session.structure, values) if sliced else None)
             if shared_teacher:
                 pl_module.keep_teacher(dense, copy=False)
             del dense
@@ -501,7 +505,7 @@ class StructuralPruneCallback(pl.Callback):
     def _slices_shards(self, pl_module: pl.LightningModule, shared_teacher: bool) -> bool:
         """FSDP2: whether the prune step slices the shards (no rank holds the whole model) or
         gathers an unsharded copy on every rank (said once, with the reason)."""
-        why = gather_reason(self.config, wants_dense_teacher(pl_module) and not shared_teacher)
+        why = gather_reason(wants_dense_teacher(pl_module) and not shared_teacher)
         if why is not None and self.verbose:
             rank_zero_info(f"StructuralPruneCallback: the prune step gathers an unsharded copy of the model on every "
                            f"rank: {why}; without it the ranks prune their own shards")

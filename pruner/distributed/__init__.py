@@ -1,5 +1,6 @@
-"""Distributed helpers in plain ``torch.distributed``: DTensor shards (FSDP2), gathered copies and
-surgery on shards (``sliced``)."""
+"""Distributed helpers in plain ``torch.distributed``: DTensor shards (FSDP2), gathered copies,
+surgery on shards (``sliced``) and the refit's copy gathered one decoder layer at a time
+(``window``)."""
 
 from .dtensor import is_fsdp_module, is_sharded, local_part, local_tensor, shard_offset
 

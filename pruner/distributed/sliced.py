@@ -107,13 +107,23 @@ def fill_pruned(pruned: nn.Module, dense: nn.Module, plan: Plan, structure: Mode
     not) from ``dense`` (sharded or not; ``structure`` its discovered structure): a parameter
     named in ``values`` takes that full tensor, any other the slice of its dense tensor that
     :func:`~pruner.structure.pruned_sources` names, gathered one at a time (collective: every
-    rank must call this in the same state); buffers are copied, decoder layers renumbered."""
+    rank must call this in the same state); buffers are copied, decoder layers renumbered. A value
+    may be a DTensor (:class:`~pruner.distributed.window.LayerWindow`'s shards): its shards are
+    copied, redistributed first where ``pruned`` lays the parameter out otherwise; a name in
+    ``values`` may omit peft's ``.base_layer``."""
     values = values or {}
     sources = pruned_sources(plan, structure)
     dense_params = dict(dense.named_parameters(remove_duplicate=False))
     for name, p in pruned.named_parameters():  # the same order on every rank
-        if name in values:
-            full = values[name]
+        value = values.get(name, values.get(name.replace(LORA_WRAPPED, ".")))
+        if value is not None and hasattr(value, "to_local"):  # a DTensor: its shards, laid out as p's
+            same = hasattr(p, "device_mesh") and value.device_mesh == p.device_mesh and value.placements == p.placements
+            value = value if same or not hasattr(p, "device_mesh") else value.redistribute(p.device_mesh, p.placements)
+            local = local_tensor(p)
+            local.copy_((value.to_local() if hasattr(p, "device_mesh") else value.full_tensor()).to(local.device))
+            continue
+        if value is not None:
+            full = value
         else:
             source = sources[name.replace(LORA_WRAPPED, ".")]
             d = dense_params[source.name]

@@ -43,7 +43,7 @@ from ..errors import PrunerError
 from ..importance import CRITERIA, ImportanceEstimator
 from ..precision import warn_if_bf16_is_emulated
 from ..refit.statistics import GramCollector, collect_output_fisher, consumers
-from ..refit.walk import reduced_statistics
+from ..refit.walk import Window, reduced_statistics
 from ..selection import check_prunable
 from ..structure import ModelStructure, Plan, count_parameters, discover, model_fingerprint
 from .calibration import Reduce, estimate_importance, families_for
@@ -143,6 +143,7 @@ class PruneSession:
         self.max_tokens_per_backward = max_tokens_per_backward
         self.activation_checkpointing = activation_checkpointing
         self.progress = progress
+        self.window: Window | None = None  # FSDP2 with reconstruct: the layer-by-layer copy the prune step walked
         device = next(model.parameters()).device
         if next(model.parameters()).dtype == torch.bfloat16:
             warn_if_bf16_is_emulated(device, "a model in bfloat16", "load it in float32 (dtype=torch.float32)")
@@ -224,7 +225,8 @@ class PruneSession:
     def prune(self, model: nn.Module, *, ranks: Ranks | None = None, loss_scale: float = 1.0,
               check: Callable[[Plan, ModelStructure], None] | None = None,
               before_surgery: Callable[[nn.Module], None] | None = None,
-              unshard: Callable[[nn.Module], nn.Module] | None = None) -> Plan:
+              unshard: Callable[[nn.Module], nn.Module] | None = None,
+              window: Callable[[nn.Module], Window] | None = None) -> Plan:
         """Prunes ``model`` in place (or, with ``unshard``, the copy it returns: :attr:`model`
         either way) and returns the finished plan. Under FSDP2 ``unshard`` gives an unsharded
         copy (every rank holds the whole model) or, where the step reads no weight values after
@@ -235,21 +237,37 @@ class PruneSession:
         what the driver divided each calibration loss by (Lightning's gradient accumulation).
         ``check``: called with each step's plan before its weights change. ``before_surgery``:
         called with the dense model just before the first weight changes. Every step's surgery
-        is undone if any step fails."""
+        is undone if any step fails. ``window`` (FSDP2 with ``reconstruct``, instead of
+        ``unshard``): the refit walks ``window(model)``'s copy, one decoder layer gathered at a
+        time; :attr:`model` is then its meta skeleton with the pruned widths, and :attr:`window`
+        holds the walked layers' new weights (the driver fills the pruned shards from them)."""
         first = None
+        opened: list[Window] = []
+        if window is not None and (not self.recording or calibration_reruns(self.config, gathered_only=True)):
+            raise PrunerError("PruneSession.prune(window=...) walks a copy that holds one decoder layer at a time: the "
+                              "importance must be recorded on the dense model (start_recording, record) and no "
+                              "setting may rerun the calibration on the copy (attention_selection='measured', "
+                              "iterative_steps > 1)")
+        if window is not None:
+            def unshard(dense: nn.Module) -> nn.Module:  # the copy the steps prune, opened where the gather was
+                opened.append(window(dense))
+                return opened[0].model
         if self.recording:  # step 1 from what the driver's passes recorded
             first, model = self._recorded_step(model, ranks, loss_scale, unshard)
         elif unshard is not None:
             model = unshard(model)
         calibration = self._on(model, self.calibration)
+        self.window = opened[0] if opened else None
         hooks = StepHooks(estimate=lambda m, s, c: self.estimate(m, s, c, ranks), refine_batches=calibration,
                           all_reduce=ranks.all_reduce if ranks else None, check=check, before_surgery=before_surgery,
                           text=self._walk_text(model) if self.config.reconstruct else [],
                           fit_text=self._on(model, self._refit_text()) if self.config.regional_epochs else [],
-                          reduce=ranks.reduce if ranks else None)
+                          reduce=ranks.reduce if ranks else None, window=self.window)
         plan = prune_steps(model, self.structure, self.config, hooks, first=first)
         plan = finish_plan(plan, model, self.structure, self.fingerprint, self.total_before, self.config,
                            self.summary(ranks))
+        if self.window is not None:
+            model = self.window.close()
         self.model = model
         self.calibration, self.reconstruction = [], []  # spent
         return plan

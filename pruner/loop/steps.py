@@ -38,7 +38,7 @@ from ..memory import release_freed_memory
 from ..refit.obs import select_heads_obs, select_mlp_obs
 from ..refit.regional import check_residual_mlp, fitted_layers
 from ..refit.statistics import GramCollector
-from ..refit.walk import refit_layer_by_layer
+from ..refit.walk import Window, refit_layer_by_layer
 from ..selection import candidate_pools, mark_removed, refine_attention, select_units, units_to_plan
 from ..structure import LayerPlan, ModelStructure, Plan, Transaction, apply_plan, count_parameters, discover
 from ..structure.spec import plain_config_problem
@@ -67,6 +67,8 @@ class StepHooks:
         text: with ``reconstruct``, the refit's batches (dicts on the model's device; this rank's),
             walked layer by layer (:mod:`pruner.refit.walk`); ``fit_text``: the same tokens batched
             otherwise for the regional fit (empty: ``text``).
+        window: ``model`` is a copy of a sharded model gathered one decoder layer at a time
+            (:class:`pruner.refit.walk.Window`; ``reconstruct`` only): the walk holds each layer.
     """
 
     estimate: Estimate
@@ -77,6 +79,7 @@ class StepHooks:
     text: list[dict] = field(default_factory=list)
     fit_text: list[dict] = field(default_factory=list)
     reduce: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    window: Window | None = None
 
 
 def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneConfig, hooks: StepHooks,
@@ -90,7 +93,7 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
     records: list[dict] = []
     structure = dense_structure
     if cfg.regional_epochs:
-        check_regional(model, dense_structure, cfg, hooks.text)
+        check_regional(model, dense_structure, cfg, hooks.text, hooks.window)
     regional = None
     tx = Transaction()
     try:
@@ -114,7 +117,8 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
             if cfg.reconstruct:  # OBS, refit, surgery (and the regional fit) one layer at a time
                 step_plan, fit = refit_layer_by_layer(model, structure, step_plan, cfg, hooks.text, fisher, tx,
                                                       reduce=hooks.reduce, all_reduce=hooks.all_reduce,
-                                                      check=hooks.check, fit_text=hooks.fit_text or None)
+                                                      check=hooks.check, fit_text=hooks.fit_text or None,
+                                                      window=hooks.window)
                 regional = fit or regional
             else:
                 apply_plan(step_plan, model, structure, transaction=tx)
@@ -132,14 +136,19 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
     return plan
 
 
-def check_regional(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, batches: list[dict]) -> None:
+def check_regional(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, batches: list[dict],
+                   window: Window | None = None) -> None:
     """Before anything runs: ``regional_epochs`` has the refit's text, and the model's decoder
-    layers add their MLP's output to the residual stream (one short forward pass)."""
+    layers add their MLP's output to the residual stream (one short forward pass; with
+    ``window``, the layer checked is gathered for it)."""
     if not batches:
         raise PrunerError("regional_epochs fits the pruned MLPs on the refit's text, but no text batches were given: "
                           "pass reconstruction_batches (or calibration batches), or set regional_epochs=0")
     layers = fitted_layers(structure, cfg)
-    if layers:
+    if layers and window is not None:
+        with window.holding(layers[0]):
+            check_residual_mlp(model, structure, layers[0], batches[0])
+    elif layers:
         check_residual_mlp(model, structure, layers[0], batches[0])
 
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -48,6 +50,21 @@ Reduce = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # sums ev
 Check = Callable[[Plan, ModelStructure], None]
 
 
+class Window(Protocol):
+    """A copy of a sharded model whose decoder layers are gathered one at a time
+    (:class:`pruner.distributed.window.LayerWindow`)."""
+
+    model: nn.Module
+
+    def hold(self, index: int) -> None: ...  # gather layer ``index`` and keep it
+
+    def done(self, index: int, changed: bool) -> None: ...  # keep its new weights (if changed), drop it
+
+    def holding(self, index: int) -> AbstractContextManager: ...  # the layer gathered for a while
+
+    def close(self) -> nn.Module: ...  # every weight dropped; the pruned model's meta skeleton
+
+
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -61,7 +78,8 @@ def _changes(plan: Plan, index: int) -> bool:
 def refit_layer_by_layer(model: nn.Module, structure: ModelStructure, plan: Plan, cfg: PruneConfig,
                          text: list[dict], fisher: GramCollector | None, transaction: Transaction, *,
                          reduce: Reduce | None = None, all_reduce: AllReduce | None = None,
-                         check: Check | None = None, fit_text: list[dict] | None = None) -> tuple[Plan, dict | None]:
+                         check: Check | None = None, fit_text: list[dict] | None = None,
+                         window: Window | None = None) -> tuple[Plan, dict | None]:
     """Prunes ``model`` by ``plan`` one layer at a time, each layer's removals re-chosen by OBS
     (``attention_selection`` / ``mlp_selection`` = ``"obs"``/``"obs-fisher"``) and its consumers
     refit, then, with ``regional_epochs``, its MLP fit (module docstring). ``text``: the refit's
@@ -69,7 +87,10 @@ def refit_layer_by_layer(model: nn.Module, structure: ModelStructure, plan: Plan
     (the whole model's backward passes, before the walk). ``reduce`` sums each layer's statistics
     over ranks, ``all_reduce`` the regional fit's gradients; ``check`` sees the plan before each
     layer's weights change. ``fit_text``: the same tokens in other batches for the regional fit's
-    stream (None: ``text``'s). Returns the plan as re-chosen and the regional report (None without)."""
+    stream (None: ``text``'s). ``window``: ``model`` is a :class:`Window`'s copy of a sharded model,
+    each layer gathered while the walk is on it and handed back after (the dense model is the
+    undo: nothing of the copy is kept for a rollback). Returns the plan as re-chosen and the
+    regional report (None without)."""
     if not text:
         raise PrunerError("reconstruct=True refits on the inputs of the pruned layers, but there is no text: pass "
                           "reconstruction_batches (or calibration batches)")
@@ -94,6 +115,8 @@ def refit_layer_by_layer(model: nn.Module, structure: ModelStructure, plan: Plan
         for index in range(walked[0], walked[-1] + 1):
             info = structure.layers[index]
             layer = model.get_submodule(info.path)
+            if window is not None:
+                window.hold(index)
             if index in touched:
                 dense_out, plan = _prune_layer(model, structure, plan, cfg, index, dense, fisher, transaction,
                                                reduce, check)
@@ -110,8 +133,11 @@ def refit_layer_by_layer(model: nn.Module, structure: ModelStructure, plan: Plan
             else:
                 pruned = dense_out  # untouched so far: one stream
             dense = dense_out
-            # what the undo of this layer needs goes to files: in memory it would grow layer by layer
-            transaction.spill()
+            if window is not None:
+                window.done(index, changed=index in touched or index in fitted)
+                transaction.commit()
+            else:  # what the undo of this layer needs goes to files: in memory it would grow layer by layer
+                transaction.spill()
         record_sizes(plan, model, structure, transaction)
     finally:
         model.train(was_training)
