@@ -8,8 +8,7 @@
   layer and root, or the module's own ``shard_model()``;
 * :func:`strategy_ranks`: the strategy's collectives as a :class:`pruner.loop.Ranks` for the session;
 * :func:`gather_reason` / :func:`install_sharded`: FSDP2's prune step, slicing each rank's shards
-  (:mod:`pruner.distributed.sliced`) unless a setting needs the whole dense model;
-  :func:`teacher_in_place`: a distillation teacher made of the dense model's own shards.
+  (:mod:`pruner.distributed.sliced`) unless a setting needs the whole dense model.
 
 Single-device strategies make all of these no-ops (their ``reduce`` returns its input).
 
@@ -24,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import inspect
 
 import lightning.pytorch as pl
 import torch
@@ -137,16 +135,6 @@ def gather_reason(copies_teacher: bool) -> str | None:
         return ("the module keeps its distillation teacher as a copy of the dense model (its keep_teacher takes no "
                 "copy=False, or its teacher_dtype is not the model's dtype)")
     return None
-
-
-def teacher_in_place(pl_module: pl.LightningModule, dense: nn.Module) -> bool:
-    """FSDP2 distillation: whether the module can keep the dense model's own shards as its teacher
-    (``keep_teacher(model, copy=False)``, in the model's dtype), so no rank holds a dense copy."""
-    keep = getattr(pl_module, "keep_teacher", None)
-    if not callable(keep) or "copy" not in inspect.signature(keep).parameters:
-        return False
-    dtype = getattr(pl_module, "teacher_dtype", None)
-    return dtype is None or dtype == next(dense.parameters()).dtype
 
 
 def install_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule, path: str, pruned: nn.Module,

@@ -61,7 +61,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
@@ -75,17 +74,17 @@ from pruner.distributed.sliced import parameters_made_by
 from pruner.errors import PrunerError
 from pruner.io import find_causal_lm
 from pruner.loop import PruneSession, calibration_reruns
-from pruner.recovery.lora import DEFAULT_TARGETS, LoraSettings, attach_lora
+from pruner.recovery.lora import DEFAULT_TARGETS, LoraSettings
 from pruner.structure import Plan
 
 from . import checks
 from .calibration import PausedOptimizers, batch_samples, model_inputs
-from .distributed import (gather_reason, install_sharded, rebuild_training, strategy_ranks, teacher_in_place,
-                          unwrap_ddp)
+from .distributed import gather_reason, install_sharded, rebuild_training, strategy_ranks, unwrap_ddp
 from .export import export_pruned, export_tokenizer, merged_model, merged_weights
 from .report import measure_perplexity, pruning_report, window_protocol
-from .resume import (STATE_VERSION, check_resumable, checkpointed_model, install_resume_hook, rebuild_structure,
-                     remove_resume_hook)
+from .recovery import attach_seeded_lora, keep_teacher, teacher_in_place, wants_dense_teacher
+from .resume import (STATE_VERSION, check_resumable, checkpointed_model, install_resume_hook,
+                     install_sharded_resume_hook, rebuild_sharded, rebuild_structure, remove_resume_hook)
 
 
 class StructuralPruneCallback(pl.Callback):
@@ -275,7 +274,7 @@ class StructuralPruneCallback(pl.Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        remove_resume_hook(pl_module)
+        remove_resume_hook(pl_module, trainer.strategy)
         if not self._pruned:
             checks.check_loader_length(trainer, self._prune_at)
         if not self._pruned and self.session.batches:  # resumed in the middle of calibration
@@ -319,7 +318,7 @@ class StructuralPruneCallback(pl.Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._stop_calibration()  # hooks removed, requires_grad flags and optimizer steps restored
-        remove_resume_hook(pl_module)
+        remove_resume_hook(pl_module, trainer.strategy)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -384,6 +383,9 @@ class StructuralPruneCallback(pl.Callback):
         checks.check_export_folder(trainer, self.export_dir, self.overwrite_export)
         checks.check_datamodule(trainer, self.config)
         install_resume_hook(pl_module, self.state_key, lambda state: self._rebuild(pl_module, state))
+        if self._sharded:
+            install_sharded_resume_hook(trainer.strategy, self.state_key,
+                                        lambda state: self._rebuild_sharded(trainer, pl_module, state))
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Finds the model and, unless resumed after pruning, checks it and starts the session
@@ -411,12 +413,19 @@ class StructuralPruneCallback(pl.Callback):
         built dense model: calibration moves no weight, so it is the model kept before surgery."""
         check_resumable(state, self._settings())
         if state.get("pruned") and self._sharded:
-            raise PrunerError(
-                "resuming a pruned fit under ModelParallelStrategy (FSDP2) is not supported: resume it with "
-                "strategy: ddp (or one device), or fine-tune the exported pruned folder with FSDP2")
+            return  # rebuilt, sharded, as the strategy began to load the checkpoint (_rebuild_sharded)
         if state.get("pruned"):
             keep_teacher(pl_module, checkpointed_model(pl_module, state))
         rebuild_structure(pl_module, state, self.lora)
+
+    def _rebuild_sharded(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+        """FSDP2: the checkpoint's pruned structure, sharded, and its optimizers, before the
+        strategy loads the weights and optimizer states into them (:func:`rebuild_sharded`)."""
+        check_resumable(state, self._settings())
+        if state.get("pruned"):
+            self.model_path = state.get("model_path")
+            self._pruned_skeleton = rebuild_sharded(trainer, pl_module, state, self.lora, self.config.seed)
+            self.session = None
 
     # ------------------------------------------------------------------ calibration
 
@@ -577,22 +586,3 @@ def ran_backward(outputs: Any) -> bool:
         return False
     return not isinstance(outputs, dict) or outputs.get("loss") is not None
 
-
-def wants_dense_teacher(pl_module: pl.LightningModule) -> bool:
-    """Distillation: the module wants a teacher, has none yet, and keeps a copy of the dense model."""
-    return (getattr(pl_module, "wants_teacher", False) and callable(getattr(pl_module, "keep_teacher", None))
-            and getattr(pl_module, "teacher", None) is None)
-
-
-def keep_teacher(pl_module: pl.LightningModule, dense: nn.Module) -> None:
-    """Distillation: a module that wants a teacher keeps the dense model, frozen, before surgery."""
-    if wants_dense_teacher(pl_module):
-        pl_module.keep_teacher(dense)
-
-
-def attach_seeded_lora(model: nn.Module, settings: LoraSettings, seed: int) -> None:
-    """LoRA in place, its weights drawn from ``seed``: the same on every rank and world size,
-    whatever ran before."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        attach_lora(model, settings)

@@ -26,7 +26,12 @@ from torch import nn
 from pruner.errors import PrunerError
 from pruner.io import find_causal_lm, read_checkpoint
 from pruner.recovery.lora import LoraSettings, attach_lora, has_lora
-from pruner.structure import Plan, apply_plan
+from pruner.distributed.gather import build_skeleton, discovery_copy, meta_copy, unsharded_copy
+from pruner.distributed.sliced import parameters_made_by
+from pruner.structure import Plan, apply_plan, discover
+
+from .distributed import install_sharded, rebuild_training
+from .recovery import attach_seeded_lora, keep_teacher, teacher_in_place, wants_dense_teacher
 
 STATE_VERSION = 2  # callback state layout in checkpoints (1: pruner <= 0.1.0 before this file)
 
@@ -63,10 +68,43 @@ def install_resume_hook(pl_module: pl.LightningModule, state_key: str,
     pl_module.on_load_checkpoint = on_load_checkpoint
 
 
-def remove_resume_hook(pl_module: pl.LightningModule) -> None:
+def remove_resume_hook(pl_module: pl.LightningModule, strategy=None) -> None:
     hook = vars(pl_module).get("on_load_checkpoint")
     if getattr(hook, "pruner_resume_hook", False):
         del pl_module.on_load_checkpoint
+    if strategy is not None and getattr(vars(strategy).get("load_checkpoint"), "pruner_resume_hook", False):
+        del strategy.load_checkpoint
+
+
+def install_sharded_resume_hook(strategy, state_key: str, on_state: Callable[[dict[str, Any]], None]) -> None:
+    """FSDP2 (``ModelParallelStrategy``) loads the weights and optimizer states inside
+    ``strategy.load_checkpoint``, before any hook, into the model and optimizers as they are then:
+    it is wrapped, for this fit only, to read the callback's state from the checkpoint first
+    (:func:`callback_state_at`) and call ``on_state`` with it (the pruned structure and its
+    optimizers must exist by then)."""
+    original = strategy.load_checkpoint
+
+    def load_checkpoint(checkpoint_path, *args, **kwargs):
+        state = callback_state_at(checkpoint_path, state_key)
+        if state is not None:
+            on_state(state)
+        return original(checkpoint_path, *args, **kwargs)
+
+    load_checkpoint.pruner_resume_hook = True
+    strategy.load_checkpoint = load_checkpoint
+
+
+def callback_state_at(path, state_key: str) -> dict[str, Any] | None:
+    """The callback state ``state_key`` in the checkpoint at ``path``: a Lightning file, or a
+    sharded checkpoint's folder (its ``meta.pt``, where Lightning keeps all but the tensors).
+    Read as tensors and plain data only; the file's tensors are mapped, not read. None where
+    there is none (Lightning then reports what it finds)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
+    if not path.is_file():
+        return None
+    return (read_checkpoint(path, mmap=True).get("callbacks") or {}).get(state_key)
 
 
 def checkpointed_model(pl_module: nn.Module, state: dict[str, Any]) -> nn.Module:
@@ -110,3 +148,29 @@ def load_pruned_checkpoint(pl_module: pl.LightningModule, checkpoint: str | Path
     pl_module.on_load_checkpoint(checkpoint)
     pl_module.load_state_dict(checkpoint["state_dict"])
     return pl_module
+
+
+def rebuild_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any], lora: LoraSettings,
+                    seed: int) -> tuple:
+    """FSDP2: a pruned state's structure in place of the freshly built, sharded dense model, and new
+    optimizers for its parameters, before the strategy loads the checkpoint's weights and optimizer
+    states into them. Planned on the meta device, LoRA drawn beside it, sharded and filled from the
+    dense shards as at the prune step (no rank holds the whole model; the load then overwrites
+    the values). A distilling module keeps the dense shards as teacher where it can (else a copy,
+    as at the prune step). Collective. Returns the pruned model's skeleton (for the export)."""
+    dense = checkpointed_model(pl_module, state)
+    plan, structure = Plan.from_dict(state["plan"]), discover(discovery_copy(dense))
+    shared_teacher = wants_dense_teacher(pl_module) and teacher_in_place(pl_module, dense)
+    if wants_dense_teacher(pl_module) and not shared_teacher:
+        keep_teacher(pl_module, unsharded_copy(dense))  # (a module whose teacher is a copy: said at the prune step)
+    model = meta_copy(dense)
+    apply_plan(plan, model, structure, check_fingerprint=False)
+    skeleton = build_skeleton(model)
+    values = parameters_made_by(model, lambda m: attach_seeded_lora(m, lora, seed)) if state.get("lora") else None
+    path = state.get("model_path")
+    path = find_causal_lm(pl_module)[0] if path is None else path
+    install_sharded(trainer, pl_module, path, model, dense, (plan, structure, values))
+    if shared_teacher:
+        pl_module.keep_teacher(dense, copy=False)
+    rebuild_training(trainer)
+    return skeleton

@@ -18,17 +18,19 @@ import torch
 from ..errors import PrunerError
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     """A ``torch.save`` checkpoint (a Lightning ``.ckpt``) read as tensors and plain data only
     (``torch.load(weights_only=True)``): nothing in the file can run code while it loads. A file
-    that holds other objects is refused, naming the way to load it when its author is trusted."""
+    that holds other objects is refused, naming the way to load it when its author is trusted.
+    ``mmap``: the tensors are mapped from the file, read only where touched (to read the rest of
+    a large checkpoint)."""
     if not isinstance(path, (str, os.PathLike)):
         raise PrunerError(f"the checkpoint path must be a path, got {type(path).__name__}")
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}" + (" (a folder)" if path.is_dir() else ""))
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         detail = str(err).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
         raise PrunerError(

@@ -251,6 +251,33 @@ def test_sigkill_then_resume_from_the_last_checkpoint_gives_identical_results(ti
     assert_close(resumed["lora"], full["lora"], rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", [{}, {"distillation_alpha": 0.5}], ids=["lora", "lora-distillation"])
+def test_fsdp2_resume_after_the_prune_step_gives_identical_results(module, tiny_dir, tmp_path):
+    """The pruned (+ LoRA) structure is rebuilt, sharded, before the strategy loads the sharded
+    checkpoint (it loads weights and optimizer states before any hook); no whole-model gather."""
+    _alpaca(tmp_path / "alpaca.json")
+    base = {"model_dir": str(tiny_dir), "calibration_samples": 4, "recovery_epochs": 2, "devices": 2,
+            "strategy": "fsdp2", "forbid_whole_model_gathers": True, "module": module}
+    full = run_in_subprocess(tmp_path, base, "full")
+    # (not at step 2, the prune step: torch's distributed checkpoint gives an optimizer without state
+    # a zero step of its own as it saves, so that run would no longer be the uninterrupted one)
+    run_in_subprocess(tmp_path, {**base, "checkpoint_every": 3, "kill_at_step": 5}, "killed")
+    ckpts = sorted((tmp_path / "killed").glob("*.ckpt"))
+    assert ckpts[-1].name == "step=3.ckpt" and ckpts[-1].is_dir(), ckpts  # a sharded checkpoint, after pruning
+    resumed = run_in_subprocess(tmp_path, {**base, "ckpt_in": str(ckpts[-1])}, "resumed")
+    for r, f in zip(resumed, full):
+        assert r["plan"] == f["plan"] and r["step"] == f["step"]
+        assert_close([r["losses"][i] for i in range(3, f["step"])], [f["losses"][i] for i in range(3, f["step"])],
+                     rtol=1e-5, atol=1e-6)
+        assert_close(r["lora"], f["lora"], rtol=1e-5, atol=1e-6)
+        assert (r["teacher"] is not None) == bool(module)
+        if module:
+            assert r["teacher_sharded"] and f["teacher_sharded"]
+            assert_close(r["teacher"], f["teacher"], rtol=0, atol=0)
+
+
 TEXT = {"reconstruction_source": "builtin", "reconstruction_samples": 6, "reconstruction_seq_len": 24}
 
 

@@ -105,7 +105,8 @@ def test_gradients_reach_only_the_trainable_student_weights(tiny_dir, lora):
 
 def test_a_teacher_handed_over_is_kept_as_it_is_and_only_in_the_teacher_dtype(tiny_dir):
     import pruner
-    from pruner.callbacks.distributed import gather_reason, teacher_in_place
+    from pruner.callbacks.distributed import gather_reason
+    from pruner.callbacks.recovery import teacher_in_place
     from pruner.lightning_modules.causal_lm import CausalLMModule
 
     dense, _ = pruner.load_model(str(tiny_dir))  # float32

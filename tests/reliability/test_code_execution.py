@@ -77,6 +77,29 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(tiny_dir, 
         load_pruned_checkpoint(CausalLMModule(str(tiny_dir)), tmp_path / "missing.ckpt")
 
 
+
+def test_the_sharded_resume_reads_the_callback_state_as_plain_data(tmp_path):
+    """FSDP2's resume reads the callback state before Lightning loads anything: from a file or a
+    sharded checkpoint's meta.pt, tensors mapped, and a file that would run code refused."""
+    from pruner.callbacks.resume import callback_state_at
+
+    state = {"pruned": True, "plan": {"layers": []}}
+    torch.save({"callbacks": {"StructuralPruneCallback": state}, "weights": torch.zeros(3)}, tmp_path / "a.ckpt")
+    folder = tmp_path / "step=4.ckpt"
+    folder.mkdir()
+    torch.save({"callbacks": {"StructuralPruneCallback": state}}, folder / "meta.pt")
+    assert callback_state_at(tmp_path / "a.ckpt", "StructuralPruneCallback") == state
+    assert callback_state_at(folder, "StructuralPruneCallback") == state
+    assert callback_state_at(folder, "StructuralPruneCallback{'other': 1}") is None
+    assert callback_state_at(tmp_path / "missing.ckpt", "StructuralPruneCallback") is None
+    marker = tmp_path / "ran"
+    torch.save({"callbacks": {"StructuralPruneCallback": state}, "hyper_parameters": _RunsCode(marker)},
+               folder / "meta.pt")
+    with pytest.raises(PrunerError, match="objects other than tensors"):
+        callback_state_at(folder, "StructuralPruneCallback")
+    assert not marker.exists()
+
+
 def test_the_package_loads_nothing_that_can_run_code():
     """Every loader in the package: torch.load only in pruner.io.checkpoint, with weights_only=True;
     no pickle, no eval/exec, no trust_remote_code=True default anywhere."""
