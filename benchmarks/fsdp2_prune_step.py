@@ -134,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--teacher", action="store_true", help="the module distils from the dense model")
     p.add_argument("--reconstruct", action="store_true", help="the best pipeline's prune step (OBS, refit, regional)")
+    p.add_argument("--modes", default="sliced,gathered", help="which rows to run (default: sliced,gathered)")
     p.add_argument("--child", nargs=3, metavar=("FOLDER", "OUT", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not args.modes or set(args.modes.split(",")) - {"sliced", "gathered"}:
+        p.error(f"--modes {args.modes!r}: a comma-separated choice of sliced, gathered")
     if args.child:
         child(*args.child, args.dtype, args.teacher, args.reconstruct)
         return 0
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         folder, out = Path(tmp) / "model", Path(tmp) / "out"
         out.mkdir()
         weights = write_model(args.shape, args.dtype, folder)
-        for mode in ("sliced", "gathered"):
+        for mode in args.modes.split(","):
             proc = subprocess.run([sys.executable, __file__, "--child", str(folder), str(out), mode,
                                    "--dtype", args.dtype, *(["--teacher"] if args.teacher else []),
                                    *(["--reconstruct"] if args.reconstruct else [])],

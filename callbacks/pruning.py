@@ -69,8 +69,8 @@ from pruner.batches import check_inputs
 from pruner.checks import plain
 from pruner.config import PruneConfig
 from pruner.distributed.gather import build_skeleton, discovery_copy, meta_copy, skeleton_from, unsharded_copy
-from pruner.distributed.window import LayerWindow
 from pruner.distributed.sliced import parameters_made_by
+from pruner.distributed.window import LayerWindow
 from pruner.errors import PrunerError
 from pruner.io import find_causal_lm
 from pruner.loop import PruneSession, calibration_reruns
