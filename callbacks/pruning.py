@@ -424,7 +424,9 @@ class StructuralPruneCallback(pl.Callback):
         check_resumable(state, self._settings())
         if state.get("pruned"):
             self.model_path = state.get("model_path")
-            self._pruned_skeleton = rebuild_sharded(trainer, pl_module, state, self.lora, self.config.seed)
+            # (Lightning's fit start ran before the checkpoint path was known: its discovery serves here)
+            structure = self.session.structure if self.session is not None else None
+            self._pruned_skeleton = rebuild_sharded(trainer, pl_module, state, self.lora, self.config.seed, structure)
             self.session = None
 
     # ------------------------------------------------------------------ calibration

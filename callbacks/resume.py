@@ -28,7 +28,7 @@ from pruner.io import find_causal_lm, read_checkpoint
 from pruner.recovery.lora import LoraSettings, attach_lora, has_lora
 from pruner.distributed.gather import build_skeleton, discovery_copy, meta_copy, unsharded_copy
 from pruner.distributed.sliced import parameters_made_by
-from pruner.structure import Plan, apply_plan, discover
+from pruner.structure import ModelStructure, Plan, apply_plan, discover
 
 from .distributed import install_sharded, rebuild_training
 from .recovery import attach_seeded_lora, keep_teacher, teacher_in_place, wants_dense_teacher
@@ -151,15 +151,17 @@ def load_pruned_checkpoint(pl_module: pl.LightningModule, checkpoint: str | Path
 
 
 def rebuild_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any], lora: LoraSettings,
-                    seed: int) -> tuple:
+                    seed: int, structure: ModelStructure | None = None) -> tuple:
     """FSDP2: a pruned state's structure in place of the freshly built, sharded dense model, and new
     optimizers for its parameters, before the strategy loads the checkpoint's weights and optimizer
     states into them. Planned on the meta device, LoRA drawn beside it, sharded and filled from the
     dense shards as at the prune step (no rank holds the whole model; the load then overwrites
     the values). A distilling module keeps the dense shards as teacher where it can (else a copy,
-    as at the prune step). Collective. Returns the pruned model's skeleton (for the export)."""
+    as at the prune step). ``structure``: the dense model's, where the fit start discovered it
+    already (None: discovered here). Collective. Returns the pruned model's skeleton (for the export)."""
     dense = checkpointed_model(pl_module, state)
-    plan, structure = Plan.from_dict(state["plan"]), discover(discovery_copy(dense))
+    plan = Plan.from_dict(state["plan"])
+    structure = discover(discovery_copy(dense)) if structure is None else structure
     shared_teacher = wants_dense_teacher(pl_module) and teacher_in_place(pl_module, dense)
     if wants_dense_teacher(pl_module) and not shared_teacher:
         keep_teacher(pl_module, unsharded_copy(dense))  # (a module whose teacher is a copy: said at the prune step)

@@ -152,9 +152,13 @@ def check_finite_tensor(name: str, tensor) -> None:
 
     with torch.no_grad():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise PrunerError(f"{name} holds NaN/inf values: the model itself is broken (a damaged checkpoint, or "
-                              "weights that overflowed in a float16 conversion); load it again in float32 or "
-                              "bfloat16")
+            raise broken_weight(name)
+
+
+def broken_weight(name: str) -> PrunerError:
+    """The refusal of weight ``name`` holding NaN/inf values."""
+    return PrunerError(f"{name} holds NaN/inf values: the model itself is broken (a damaged checkpoint, or weights "
+                       "that overflowed in a float16 conversion); load it again in float32 or bfloat16")
 
 
 def check_dtype(value):

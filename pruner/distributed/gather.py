@@ -158,7 +158,7 @@ def check_finite_shards(named: list[tuple[str, torch.Tensor]]) -> None:
         return
     import torch.distributed as dist
 
-    from ..checks import check_finite_tensor
+    from ..checks import broken_weight
 
     local = [local_tensor(t).detach() for _, t in named]
     bad = torch.tensor([float(x.is_floating_point() and not bool(torch.isfinite(x).all())) for x in local],
@@ -169,4 +169,4 @@ def check_finite_shards(named: list[tuple[str, torch.Tensor]]) -> None:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
     for (name, _), flag in zip(named, bad.tolist()):
         if flag:
-            check_finite_tensor(name, torch.tensor(float("nan")))  # the usual refusal, naming the tensor
+            raise broken_weight(name)

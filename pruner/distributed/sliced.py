@@ -117,10 +117,14 @@ def fill_pruned(pruned: nn.Module, dense: nn.Module, plan: Plan, structure: Mode
     for name, p in pruned.named_parameters():  # the same order on every rank
         value = values.get(name, values.get(name.replace(LORA_WRAPPED, ".")))
         if value is not None and hasattr(value, "to_local"):  # a DTensor: its shards, laid out as p's
-            same = hasattr(p, "device_mesh") and value.device_mesh == p.device_mesh and value.placements == p.placements
-            value = value if same or not hasattr(p, "device_mesh") else value.redistribute(p.device_mesh, p.placements)
+            if not hasattr(p, "device_mesh"):
+                part = value.full_tensor()
+            elif (value.device_mesh, value.placements) == (p.device_mesh, p.placements):
+                part = value.to_local()
+            else:
+                part = value.redistribute(p.device_mesh, p.placements).to_local()
             local = local_tensor(p)
-            local.copy_((value.to_local() if hasattr(p, "device_mesh") else value.full_tensor()).to(local.device))
+            local.copy_(part.to(local.device))
             continue
         if value is not None:
             full = value

@@ -41,6 +41,7 @@ class LayerWindow:
         self._held: set[int] = set()
         self._mesh = next((p.device_mesh for p in dense.parameters() if hasattr(p, "device_mesh")), None)
         self.device = local_tensor(next(dense.parameters())).device  # the walk runs where the shards are
+        self._dense_state = dense.state_dict(keep_vars=True)  # references (shards), read at every gather
         head = dense.get_output_embeddings()
         untied_head = head is not None and head.weight is not dense.get_input_embeddings().weight
         skip = f"{_module_name(dense, head)}." if untied_head else None
@@ -72,10 +73,9 @@ class LayerWindow:
         its weights goes to :attr:`values`; the layer goes back to the meta device (its widths stay)."""
         self._held.discard(index)
         if changed:
-            prefix = f"{self.layers_path}.{index}."
-            for name, p in self._layer(index).named_parameters(prefix=prefix[:-1]):
+            for name, p in self._layer(index).named_parameters(prefix=f"{self.layers_path}.{index}"):
                 self.values[name] = self._shard(p.detach())
-        self._drop(index)
+        _to_meta(self._layer(index))
 
     @contextmanager
     def holding(self, index: int):
@@ -92,10 +92,7 @@ class LayerWindow:
         for h in self._handles:
             h.remove()
         self._handles = []
-        for module in self.model.modules():
-            for attr, p in list(module._parameters.items()):
-                if p is not None and not p.is_meta:
-                    module._parameters[attr] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
+        _to_meta(self.model)
         return self.model
 
     # ------------------------------------------------------------------ gathering
@@ -108,7 +105,7 @@ class LayerWindow:
     def _leave_hook(self, index: int):
         def leave(module, args, output):
             if index not in self._held:  # a layer the text only passes through
-                self._drop(index)
+                _to_meta(self._layer(index))
         return leave
 
     def _layer(self, index: int) -> nn.Module:
@@ -125,17 +122,11 @@ class LayerWindow:
         if still_meta:
             raise RuntimeError(f"layer {index}: no dense tensor for {still_meta[:3]}")
 
-    def _drop(self, index: int) -> None:
-        for module in self._layer(index).modules():
-            for attr, p in list(module._parameters.items()):
-                if p is not None and not p.is_meta:
-                    module._parameters[attr] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
-
     def _full_state(self, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         """The dense model's full tensors (parameters and persistent buffers) whose names are
         ``wanted``, gathered one at a time (collective for sharded ones)."""
         out = {}
-        for name, t in self.dense.state_dict(keep_vars=True).items():
+        for name, t in self._dense_state.items():
             if wanted(name):
                 full = t.full_tensor() if hasattr(t, "full_tensor") else t
                 out[name] = full.detach().to(self.device, copy=True)
@@ -154,6 +145,14 @@ class LayerWindow:
         local = full.narrow(0, offset[0], shape[0]).clone()  # a copy: the full tensor is freed
         return DTensor.from_local(local, self._mesh, placements, run_check=False, shape=full.shape,
                                   stride=full.stride())
+
+
+def _to_meta(module: nn.Module) -> None:
+    """Every parameter of ``module`` on the meta device (shape and ``requires_grad`` kept)."""
+    for sub in module.modules():
+        for attr, p in list(sub._parameters.items()):
+            if p is not None and not p.is_meta:
+                sub._parameters[attr] = nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad)
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:
