@@ -36,7 +36,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..distributed.dtensor import is_sharded
 from ..errors import PrunerError
-from ..io.tempfiles import writer_alive
+from ..tempfiles import writer_alive
 from ..structure.params import model_fingerprint
 
 # Openers across registers (narrative, expository, instructional, dialogue), so that the

@@ -24,7 +24,7 @@ from ..checks import check_bool, check_choice, current_umask, existing_ancestor
 from ..errors import PrunerError
 from .gguf_layout import SUPPORTED_MODEL_TYPES, GGUFLayout, describe, gguf_tensors, rotary_permutation  # noqa: F401
 from .models import added_bos
-from .tempfiles import remove_stale, temporary_file
+from ..tempfiles import remove_stale, temporary_file
 
 # dtype -> (ggml type of 2-D weights, llama.cpp file type); quantized rows hold whole blocks
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")

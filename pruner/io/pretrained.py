@@ -27,7 +27,7 @@ from ..recovery.lora import check_merged
 from ..structure import Plan, shapes
 from .shards import write_weights
 from .integrity import check_config, check_plan, check_shards, check_weight_shapes, config_record, meta_skeleton
-from .tempfiles import MARKER, remove_stale, temporary_folder
+from ..tempfiles import MARKER, remove_stale, temporary_folder
 from ..structure.spec import base_class, clean_config, shape_spec, uniform_config
 from ..version import package_version
 

@@ -6,7 +6,9 @@ slabs, the blocks a refit replaced, the weights a regional fit replaced) grows w
 while the layers it came from no longer hold it, so in memory it would grow by about the removed
 share of every walked layer. :class:`SpillFolder` keeps those tensors in files of a temporary
 folder instead (``TMPDIR`` chooses where), read back only by a rollback, and deletes the folder
-when the transaction ends either way.
+when the transaction ends either way. A process killed mid-walk cannot delete its folder: the next
+one to spill deletes the folders of writers that are gone (:func:`pruner.tempfiles.remove_stale`:
+our name, our marker and a dead pid must all agree).
 
 Example:
     >>> import torch
@@ -29,6 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import PrunerError
+from ..tempfiles import remove_stale, temporary_folder
+
+FOLDER_NAME = "pruner-undo"  # the folders are TMPDIR/.pruner-undo.pruner-tmp-{pid}-{random}
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,12 @@ class SpillFolder:
     def put(self, tensor: torch.Tensor) -> SpilledTensor:
         """Writes ``tensor`` to a new file; the caller drops its own reference afterwards."""
         if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(prefix="pruner-undo-"))
+            parent = Path(tempfile.gettempdir())
+            remove_stale(parent, FOLDER_NAME)  # left by killed walks: the disk they hold is ours to free
+            try:
+                self.folder = temporary_folder(parent, FOLDER_NAME)
+            except OSError as err:
+                raise _cannot_write(parent, err) from err
             # deleted with this object too, if the transaction is dropped without an end
             self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
         path = self.folder / f"{self._count}.safetensors"
@@ -64,9 +74,7 @@ class SpillFolder:
             save_file({"tensor": tensor.detach().contiguous()}, path)
         except OSError as err:
             path.unlink(missing_ok=True)
-            raise PrunerError(f"could not write the undo data of the layer-by-layer refit to {self.folder} ({err}): "
-                              "free space there, or set TMPDIR to a folder with room (about the removed share of "
-                              "the pruned layers' weights)") from err
+            raise _cannot_write(self.folder, err) from err
         self.bytes += tensor.numel() * tensor.element_size()
         return SpilledTensor(path, tensor.device)
 
@@ -75,3 +83,9 @@ class SpillFolder:
         if self._cleanup is not None:
             self._cleanup()
         self.folder, self._cleanup = None, None
+
+
+def _cannot_write(folder: Path, err: OSError) -> PrunerError:
+    return PrunerError(f"could not write the undo data of the layer-by-layer refit to {folder} ({err}): free space "
+                       "there, or set TMPDIR to a folder with room (about the removed share of the pruned layers' "
+                       "weights)")

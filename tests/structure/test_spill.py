@@ -1,7 +1,12 @@
 """The undo log's tensors in files (Transaction.spill): moved out of memory, read back exactly by a
 rollback, the folder gone when the transaction ends either way, a full disk refused with the fix."""
 
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ from pruner.errors import PrunerError
 from pruner.refit import regional
 from pruner.structure import spill
 from pruner.structure.surgery import Transaction
+from pruner.tempfiles import temporary_folder
 from pruner.testing import tiny_causal_lm
 
 COMMON = dict(pruning_ratio=0.5, prune_attention=False, reconstruct=True, mlp_selection="obs")
@@ -51,10 +57,10 @@ def test_spilled_undo_data_leaves_memory_and_a_rollback_reads_it_back_exactly(en
     moved = tx.spill()
     # the removed slab and the old kept block (2 x 3 x 2 floats) and the replaced refit weight (3 x 2)
     assert moved == 3 * (3 * 2 * 4)
-    assert refit.numel() == 0 and len(list(tmp_folder.glob("pruner-undo-*/*.safetensors"))) == 3
+    assert refit.numel() == 0 and len(list(tmp_folder.glob(".pruner-undo.pruner-tmp-*/*.safetensors"))) == 3
     assert tx.spill() == 0  # nothing twice
     getattr(tx, end)()
-    assert not list(tmp_folder.glob("pruner-undo-*"))  # the folder goes either way
+    assert not list(tmp_folder.glob(".pruner-undo.pruner-tmp-*"))  # the folder goes either way
     if end == "rollback":
         assert linear.weight is weight and torch.equal(linear.weight, dense)
 
@@ -84,7 +90,7 @@ def test_a_walk_that_fails_on_a_later_layer_undoes_the_spilled_layers_exactly(mo
     assert after.keys() == before.keys()
     for k in before:
         assert torch.equal(after[k], before[k]), k
-    assert not list(tmp_folder.glob("pruner-undo-*"))
+    assert not list(tmp_folder.glob(".pruner-undo.pruner-tmp-*"))
 
 
 def test_a_full_disk_is_refused_with_the_fix_and_the_model_stays(monkeypatch, tmp_folder):
@@ -99,7 +105,7 @@ def test_a_full_disk_is_refused_with_the_fix_and_the_model_stays(monkeypatch, tm
         pruner.prune(model, _text()[:2], reconstruction_batches=_text(), **COMMON)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    assert not list(tmp_folder.glob("pruner-undo-*"))
+    assert not list(tmp_folder.glob(".pruner-undo.pruner-tmp-*"))
 
 
 def test_the_walk_makes_the_same_plan_and_weights_as_without_spilling(monkeypatch, tmp_folder):
@@ -115,4 +121,30 @@ def test_the_walk_makes_the_same_plan_and_weights_as_without_spilling(monkeypatc
     assert runs[0][0].layers == runs[1][0].layers and not runs[0][0].is_identity
     for k in runs[0][1]:
         assert torch.equal(runs[0][1][k], runs[1][1][k])
-    assert not list(tmp_folder.glob("pruner-undo-*"))  # committed: the folder is gone
+    assert not list(tmp_folder.glob(".pruner-undo.pruner-tmp-*"))  # committed: the folder is gone
+
+
+KILLED_WALK = """
+import os, signal, torch
+from pruner.structure.spill import SpillFolder
+folder = SpillFolder()
+folder.put(torch.ones(8))
+print(folder.folder, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no finalizer, no atexit: the folder stays behind
+"""
+
+
+def test_the_undo_folder_of_a_killed_walk_is_deleted_by_the_next_one_and_nothing_else(tmp_folder):
+    env = {**os.environ, "TMPDIR": str(tmp_folder)}
+    child = subprocess.run([sys.executable, "-c", KILLED_WALK], env=env, capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    left = Path(child.stdout.strip())
+    assert left.parent == tmp_folder and (left / "0.safetensors").is_file()
+    alive = temporary_folder(tmp_folder, spill.FOLDER_NAME)  # a walk still running (this process)
+    lookalike = tmp_folder / f".{spill.FOLDER_NAME}.pruner-tmp-999999999-x"  # no marker: not ours
+    lookalike.mkdir()
+    folder = spill.SpillFolder()
+    folder.put(torch.zeros(2))
+    assert not left.exists()
+    assert alive.is_dir() and lookalike.is_dir() and folder.folder.is_dir()
+    folder.close()
