@@ -102,8 +102,23 @@ def forbid_whole_model_gathers() -> None:
     pruning.unsharded_copy = gather.unsharded_copy = gather.full_state_dict = refuse
 
 
+def record_perplexity_measurements() -> list[str]:
+    """The ``when`` of every perplexity the callback measures in this process, in order."""
+    import pruner.callbacks.pruning as pruning
+
+    measured, measure = [], pruning.measure_perplexity
+
+    def recording(trainer, model, device, when):
+        measured.append(when)
+        return measure(trainer, model, device, when)
+
+    pruning.measure_perplexity = recording
+    return measured
+
+
 def main(spec: dict) -> None:
     L.seed_everything(0, verbose=False)
+    measured = record_perplexity_measurements()
     if spec.get("forbid_whole_model_gathers"):
         forbid_whole_model_gathers()
     records = [{"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i + 2)))} for i in range(8)]
@@ -143,7 +158,7 @@ def main(spec: dict) -> None:
                 "teacher_states": getattr(data, "teacher_states", None) is not None,
                 "lora": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                          for n, p in module.named_parameters() if "lora_" in n},
-                "perplexity": dict(prune.perplexity),
+                "perplexity": dict(prune.perplexity), "measured": measured,
                 "weights": {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                             for n, p in module.hf_model.named_parameters()} if spec.get("save_weights") else None},
                f"{spec['out']}/rank{trainer.global_rank}.pt")

@@ -273,6 +273,9 @@ def test_fsdp2_resume_after_the_prune_step_gives_identical_results(module, tiny_
                      rtol=1e-5, atol=1e-6)
         assert_close(r["lora"], f["lora"], rtol=1e-5, atol=1e-6)
         assert (r["teacher"] is not None) == bool(module)
+        # the dense perplexity comes from the checkpoint: measured once, by the run that pruned
+        assert f["measured"][0] == "dense" and "dense" not in r["measured"], r["measured"]
+        assert r["perplexity"] == pytest.approx(f["perplexity"], rel=1e-5)
         if module:
             assert r["teacher_sharded"] and f["teacher_sharded"]
             assert_close(r["teacher"], f["teacher"], rtol=0, atol=0)
