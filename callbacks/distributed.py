@@ -116,14 +116,16 @@ def strategy_ranks(trainer: pl.Trainer, device: torch.device) -> Ranks:
                  all_reduce=lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu())
 
 
-def reshard(pl_module: pl.LightningModule, model: nn.Module) -> None:
+def reshard(pl_module: pl.LightningModule, model: nn.Module, dense: nn.Module) -> None:
     """FSDP2 of the pruned ``model``: the module's own ``shard_model()`` if it has one, else per
-    decoder layer + root on the module's data-parallel mesh."""
+    decoder layer + root on the mesh the module sharded ``dense`` over (a 2-D mesh stays HSDP:
+    replicated along its first dimension, sharded along its second)."""
     shard = getattr(pl_module, "shard_model", None)
     if callable(shard):
         shard()
         return
-    shard_causal_lm(model, find_layer_stack(model)[0], data_parallel_mesh(pl_module))
+    mesh = next((p.device_mesh for p in dense.parameters() if hasattr(p, "device_mesh")), None)
+    shard_causal_lm(model, find_layer_stack(model)[0], mesh if mesh is not None else data_parallel_mesh(pl_module))
 
 
 def gather_reason(copies_teacher: bool) -> str | None:
@@ -145,7 +147,7 @@ def install_sharded(trainer: pl.Trainer, pl_module: pl.LightningModule, path: st
     dense shards. On any error the dense model is put back."""
     replace_submodule(pl_module, path, pruned)
     try:
-        reshard(pl_module, pruned)
+        reshard(pl_module, pruned, dense)
         if sliced is not None:
             plan, structure, values = sliced
             allocate(pruned, local_tensor(next(dense.parameters())).device)

@@ -50,6 +50,19 @@ def shard_offset(t: torch.Tensor, dim: int) -> int | None:
     return int(offset[dim])
 
 
+def replica_count(t: torch.Tensor) -> int:
+    """How many ranks hold the same shard of ``t``: the sizes of the mesh dimensions along which
+    the DTensor is replicated (HSDP's replicate dimension), 1 for a plain tensor or plain FSDP2."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(t, dtensor):
+        return 1
+    count = 1
+    for dim, placement in enumerate(t.placements):
+        if placement.is_replicate():
+            count *= t.device_mesh.size(dim)
+    return count
+
+
 def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """This rank's block of the full tensor ``full``, laid out as the DTensor ``like`` is (its
     shape and placements): what ``like.to_local()`` holds once ``like`` equals ``full``. A plain

@@ -109,7 +109,8 @@ def fill_pruned(pruned: nn.Module, dense: nn.Module, plan: Plan, structure: Mode
     :func:`~pruner.structure.pruned_sources` names, gathered one at a time (collective: every
     rank must call this in the same state); buffers are copied, decoder layers renumbered. A value
     may be a DTensor (:class:`~pruner.distributed.window.LayerWindow`'s shards): its shards are
-    copied, redistributed first where ``pruned`` lays the parameter out otherwise; a name in
+    copied, redistributed first where ``pruned`` lays the parameter out otherwise (gathered where
+    it lies on another mesh); a name in
     ``values`` may omit peft's ``.base_layer``."""
     values = values or {}
     sources = pruned_sources(plan, structure)
@@ -121,8 +122,10 @@ def fill_pruned(pruned: nn.Module, dense: nn.Module, plan: Plan, structure: Mode
                 part = value.full_tensor()
             elif (value.device_mesh, value.placements) == (p.device_mesh, p.placements):
                 part = value.to_local()
-            else:
+            elif value.device_mesh == p.device_mesh:
                 part = value.redistribute(p.device_mesh, p.placements).to_local()
+            else:  # another mesh (torch redistributes within one mesh only): via this one full tensor
+                part = local_part(value.full_tensor(), p)
             local = local_tensor(p)
             local.copy_(part.to(local.device))
             continue

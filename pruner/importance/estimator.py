@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..distributed.dtensor import local_tensor, shard_offset
+from ..distributed.dtensor import local_tensor, replica_count, shard_offset
 from ..errors import PrunerError
 from ..memory import recomputing
 from ..structure import Family
@@ -364,6 +364,8 @@ class ImportanceEstimator:
                     full = torch.zeros(param.shape[dim], dtype=v.dtype, device=v.device)
                     full[offset: offset + v.shape[0]] = v
                     v = full
+                if self.sharded and (replicas := replica_count(param)) > 1:
+                    v = v / replicas  # HSDP: as many ranks hold this shard; the sum over ranks counts it once
                 # NaN/inf in a running sum survive into every vector computed from it, so the
                 # small vectors are checked instead of the model-sized sums
                 if not bool(torch.isfinite(v).all()):

@@ -42,13 +42,18 @@ def first_values(named: list[tuple[str, torch.Tensor]], count: int = 8) -> dict[
     """The first ``count`` values (flat order) of each full tensor, in its dtype. DTensors sharded
     along dim 0 only (FSDP2) give theirs from the shards: each rank sends the first values of its
     own shard with their position, one all-gather for every tensor together, instead of gathering
-    each tensor whole. Other DTensors are gathered. Collective when any tensor is a DTensor."""
+    each tensor whole (under HSDP, over the mesh dimension that shards; replicas hold the same
+    values). Other DTensors are gathered. Collective when any tensor is a DTensor."""
     out, sharded = {}, []
+    mesh_dim = None  # the one mesh dimension that shards dim 0 (FSDP2: 0; HSDP: the last)
     for name, t in named:
         mesh = getattr(t, "device_mesh", None)
-        if mesh is None:
-            out[name] = t.detach().reshape(-1)[:count]
-        elif mesh.ndim == 1 and all(not pl.is_shard() or pl.is_shard(0) for pl in t.placements):
+        shards = [i for i, pl in enumerate(t.placements) if pl.is_shard()] if mesh is not None else []
+        if mesh is None or not shards:  # plain or replicated everywhere: the values are here
+            out[name] = (t.to_local() if mesh is not None else t).detach().reshape(-1)[:count]
+        elif (len(shards) == 1 and t.placements[shards[0]].is_shard(0) and mesh_dim in (None, shards[0])
+              and (not sharded or mesh == sharded[0][1].device_mesh)):  # one all-gather: one mesh, one dim
+            mesh_dim = shards[0]
             sharded.append((name, t))
         else:
             out[name] = t.full_tensor().detach().reshape(-1)[:count]
@@ -65,7 +70,7 @@ def first_values(named: list[tuple[str, torch.Tensor]], count: int = 8) -> dict[
         row = t.shape[1:].numel() if t.ndim > 1 else 1
         mine[i, 0], mine[i, 1] = offset[0] * row if t.ndim else 0, local.numel()
         mine[i, 2: 2 + local.numel()] = local.double()
-    group = sharded[0][1].device_mesh.get_group()
+    group = sharded[0][1].device_mesh.get_group(mesh_dim)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)  # (ranks) x (tensors, 2 + count)
     for i, (name, t) in enumerate(sharded):

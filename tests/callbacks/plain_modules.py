@@ -96,4 +96,21 @@ class ShardedFinetune(L.LightningModule):
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr)
 
 
-MODULES = {cls.__name__: cls for cls in (MyFinetune, NestedFinetune, SGDFinetune, ShardedFinetune)}
+class HybridShardedFinetune(ShardedFinetune):
+    """HSDP: ``fully_shard`` on the strategy's whole 2-D mesh, whose first dimension replicates and
+    whose second shards (here ``data_parallel`` x ``tensor_parallel`` = 2 x 1: every rank holds
+    whole tensors, as replicas; gradients are all-reduced over the replicas)."""
+
+    def configure_model(self):
+        if self.model is not None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        self.model = AutoModelForCausalLM.from_pretrained(self.path)
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=self.device_mesh)
+        fully_shard(self.model, mesh=self.device_mesh)
+
+
+MODULES = {cls.__name__: cls for cls in (MyFinetune, NestedFinetune, SGDFinetune, ShardedFinetune,
+                                         HybridShardedFinetune)}

@@ -337,17 +337,25 @@ def test_a_fresh_process_resumes_after_the_prune_step_and_exports_the_same_model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, module", [("ddp", "MyFinetune"), ("fsdp2", "ShardedFinetune")])
-def test_two_processes_give_the_plan_and_weights_of_one(model_dir, tmp_path, strategy, module):
-    callback = {"calibration_batches": 2, **{k: list(v) if isinstance(v, tuple) else v for k, v in OPTIONS.items()}}
+@pytest.mark.parametrize("strategy, module, options, steps", [
+    ("ddp", "MyFinetune", {}, 5),
+    ("fsdp2", "ShardedFinetune", {}, 5),
+    ("fsdp2", "HybridShardedFinetune", {}, 5),  # HSDP: replicas of whole tensors
+    # the layer window; compared at the prune step (ranks sum the Grams in another order)
+    ("fsdp2", "HybridShardedFinetune", {"reconstruct": True, "mlp_selection": "obs"}, 2),
+], ids=["ddp", "fsdp2", "hsdp", "hsdp-refit"])
+def test_two_processes_give_the_plan_and_weights_of_one(model_dir, tmp_path, strategy, module, options, steps):
+    callback = {"calibration_batches": 2, **{k: list(v) if isinstance(v, tuple) else v for k, v in OPTIONS.items()},
+                **options}
     # one process with batches of 4 == two ranks with batches of 2 (each rank takes every other sample)
-    (single,) = run(tmp_path, model_dir, "single", module="MyFinetune", batch_size=4, callback=callback, max_steps=5)
+    (single,) = run(tmp_path, model_dir, "single", module="MyFinetune", batch_size=4, callback=callback,
+                    max_steps=steps)
     r0, r1 = run(tmp_path, model_dir, strategy, module=module, batch_size=2, devices=2, strategy=strategy,
-                 callback=callback, max_steps=5)
+                 callback=callback, max_steps=steps)
     assert r0["plan"] == r1["plan"] and r0["plan"]["layers"] == single["plan"]["layers"]
     assert r0["plan"]["calibration"]["samples"] == single["plan"]["calibration"]["samples"] == 8
     assert_close(r0["vectors"], single["vectors"], rtol=1e-5, atol=1e-9)
-    assert r0["step"] == single["step"] == 5
+    assert r0["step"] == single["step"] == steps
     assert_close(r0["weights"], r1["weights"], rtol=0, atol=0)  # one model on both ranks
     assert_close(r0["weights"], single["weights"], rtol=1e-4, atol=1e-6)
 

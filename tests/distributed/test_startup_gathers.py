@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 WORLD = 2
 
 
-def _worker(rank: int, init_file: str, out: str, poison: bool) -> None:
+def _worker(rank: int, init_file: str, out: str, poison: bool, mesh_shape: tuple[int, ...]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     from pruner.distributed.gather import discovery_copy
     from pruner.errors import PrunerError
@@ -28,10 +28,12 @@ def _worker(rank: int, init_file: str, out: str, poison: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     result: dict = {}
     try:
-        mesh = init_device_mesh("cpu", (WORLD,))
+        names = ("replicate", "shard")[-len(mesh_shape):]
+        mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)  # 2-D: HSDP's, replicate then shard
+        placements = [Replicate()] * (len(mesh_shape) - 1) + [Shard(0)]
         # shards of uneven sizes, and first values spread over both ranks
-        five = distribute_tensor(torch.arange(1.0, 6.0), mesh, [Shard(0)])  # rank 0: 3 values, rank 1: 2
-        rows = distribute_tensor(torch.arange(1.0, 7.0).reshape(3, 2), mesh, [Shard(0)])  # 2 rows / 1 row
+        five = distribute_tensor(torch.arange(1.0, 6.0), mesh, placements)  # rank 0: 3 values, rank 1: 2
+        rows = distribute_tensor(torch.arange(1.0, 7.0).reshape(3, 2), mesh, placements)  # 2 rows / 1 row
         firsts = first_values([("five", five), ("rows", rows)])
         result["firsts"] = {k: v.tolist() for k, v in firsts.items()}
 
@@ -66,14 +68,15 @@ def _worker(rank: int, init_file: str, out: str, poison: bool) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def _run(tmp_path: Path, poison: bool) -> list[dict]:
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), poison), nprocs=WORLD, join=True)
+def _run(tmp_path: Path, poison: bool, mesh_shape: tuple[int, ...] = (WORLD,)) -> list[dict]:
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), poison, mesh_shape), nprocs=WORLD, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
 @pytest.mark.slow
-def test_start_up_gathers_only_what_discovery_probes_and_fingerprints_the_whole_model(tmp_path):
-    r0, r1 = _run(tmp_path, poison=False)
+@pytest.mark.parametrize("mesh_shape", [(WORLD,), (1, WORLD), (WORLD, 1)], ids=["fsdp2", "hsdp", "hsdp-replicas"])
+def test_start_up_gathers_only_what_discovery_probes_and_fingerprints_the_whole_model(tmp_path, mesh_shape):
+    r0, r1 = _run(tmp_path, poison=False, mesh_shape=mesh_shape)
     assert r0["firsts"] == r1["firsts"] == {"five": [1.0, 2.0, 3.0, 4.0, 5.0], "rows": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]}
     assert r0["sharded"] == r1["sharded"] == r0["unsharded"]
     assert r0["fingerprint_gathered"] == 0  # every parameter is sharded along dim 0: no tensor gathered
