@@ -282,7 +282,8 @@ if spec.get("checkpoint"):
 strategy = spec.get("strategy", "auto")
 if strategy == "fsdp2":
     from lightning.pytorch.strategies import ModelParallelStrategy
-    strategy = ModelParallelStrategy(data_parallel_size=spec["devices"], tensor_parallel_size=1)
+    shards = spec.get("hsdp_shards", 1)  # HybridShardedFinetune: the mesh's second (sharding) dimension
+    strategy = ModelParallelStrategy(data_parallel_size=spec["devices"] // shards, tensor_parallel_size=shards)
 trainer = L.Trainer(accelerator="cpu", devices=spec.get("devices", 1), strategy=strategy,
                     max_epochs=spec.get("epochs", 1), max_steps=spec.get("max_steps", -1), logger=False,
                     enable_checkpointing=bool(spec.get("checkpoint")), enable_progress_bar=False,
@@ -337,26 +338,30 @@ def test_a_fresh_process_resumes_after_the_prune_step_and_exports_the_same_model
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, module, options, steps", [
-    ("ddp", "MyFinetune", {}, 5),
-    ("fsdp2", "ShardedFinetune", {}, 5),
-    ("fsdp2", "HybridShardedFinetune", {}, 5),  # HSDP: replicas of whole tensors
+@pytest.mark.parametrize("strategy, module, options, steps, devices, shards", [
+    ("ddp", "MyFinetune", {}, 5, 2, 1),
+    ("fsdp2", "ShardedFinetune", {}, 5, 2, 1),
+    ("fsdp2", "HybridShardedFinetune", {}, 5, 2, 1),  # HSDP, 2 replicas of whole tensors
+    ("fsdp2", "HybridShardedFinetune", {}, 5, 4, 2),  # HSDP, 2 replicas x 2 shards
     # the layer window; compared at the prune step (ranks sum the Grams in another order)
-    ("fsdp2", "HybridShardedFinetune", {"reconstruct": True, "mlp_selection": "obs"}, 2),
-], ids=["ddp", "fsdp2", "hsdp", "hsdp-refit"])
-def test_two_processes_give_the_plan_and_weights_of_one(model_dir, tmp_path, strategy, module, options, steps):
+    ("fsdp2", "HybridShardedFinetune", {"reconstruct": True, "mlp_selection": "obs"}, 2, 4, 2),
+], ids=["ddp", "fsdp2", "hsdp-2x1", "hsdp-2x2", "hsdp-2x2-refit"])
+def test_several_processes_give_the_plan_and_weights_of_one(model_dir, tmp_path, strategy, module, options, steps,
+                                                            devices, shards):
     callback = {"calibration_batches": 2, **{k: list(v) if isinstance(v, tuple) else v for k, v in OPTIONS.items()},
                 **options}
-    # one process with batches of 4 == two ranks with batches of 2 (each rank takes every other sample)
+    # one process with batches of 4 == N ranks with batches of 4 / N (each rank takes every N-th sample)
     (single,) = run(tmp_path, model_dir, "single", module="MyFinetune", batch_size=4, callback=callback,
                     max_steps=steps)
-    r0, r1 = run(tmp_path, model_dir, strategy, module=module, batch_size=2, devices=2, strategy=strategy,
-                 callback=callback, max_steps=steps)
-    assert r0["plan"] == r1["plan"] and r0["plan"]["layers"] == single["plan"]["layers"]
+    ranks = run(tmp_path, model_dir, strategy, module=module, batch_size=4 // devices, devices=devices,
+                hsdp_shards=shards, strategy=strategy, callback=callback, max_steps=steps)
+    r0 = ranks[0]
+    assert all(r["plan"] == r0["plan"] for r in ranks) and r0["plan"]["layers"] == single["plan"]["layers"]
     assert r0["plan"]["calibration"]["samples"] == single["plan"]["calibration"]["samples"] == 8
     assert_close(r0["vectors"], single["vectors"], rtol=1e-5, atol=1e-9)
     assert r0["step"] == single["step"] == steps
-    assert_close(r0["weights"], r1["weights"], rtol=0, atol=0)  # one model on both ranks
+    for r in ranks[1:]:
+        assert_close(r["weights"], r0["weights"], rtol=0, atol=0)  # one model on every rank
     assert_close(r0["weights"], single["weights"], rtol=1e-4, atol=1e-6)
 
 
