@@ -169,6 +169,13 @@ def check_model(trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Mo
             f"causal LM instead (each decoder layer, then the model at {model_path!r}), which "
             "StructuralPruneCallback can gather, prune and shard again"
         )
+    if sharded and (laid_out := tensor_parallel_parameter(model)) is not None:
+        name, placements = laid_out
+        raise PrunerError(
+            f"{name} is laid out as {placements}: tensor parallelism is not supported by StructuralPruneCallback, "
+            "which prunes weights sharded along their first dimension only; shard the model with fully_shard "
+            "(FSDP2, or HSDP on a 2-D mesh) and no parallelize_module"
+        )
     if lora_targets is not None and (gone := missing_targets(model, lora_targets)):
         raise PrunerError(
             f"LoRA target(s) {gone} match no linear layer of {type(model).__name__}: set lora_target_modules "
@@ -178,6 +185,16 @@ def check_model(trainer: pl.Trainer, pl_module: pl.LightningModule, model: nn.Mo
     check_fit_reaches_prune_step(trainer, prune_at)
     if export_dir is not None and trainer.is_global_zero:
         check_export_space(export_dir, model)
+
+
+def tensor_parallel_parameter(model: nn.Module) -> tuple[str, str] | None:
+    """The first parameter (name, placements) laid out otherwise than FSDP2 / HSDP lay out weights
+    (replicated, or sharded along dim 0), None when there is none."""
+    for name, p in model.named_parameters():
+        placements = getattr(p, "placements", None)
+        if placements is not None and any(not (pl.is_replicate() or pl.is_shard(0)) for pl in placements):
+            return name, str(tuple(placements))
+    return None
 
 
 def check_fit_reaches_prune_step(trainer: pl.Trainer, prune_at: int) -> None:

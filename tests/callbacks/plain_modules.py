@@ -112,5 +112,19 @@ class HybridShardedFinetune(ShardedFinetune):
         fully_shard(self.model, mesh=self.device_mesh)
 
 
+class TensorParallelFinetune(ShardedFinetune):
+    """Tensor parallelism on the strategy's ``tensor_parallel`` mesh: the MLPs' down projections
+    split along their input dimension (``RowwiseParallel``: weights sharded along dim 1)."""
+
+    def configure_model(self):
+        if self.model is not None:
+            return
+        from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+        self.model = AutoModelForCausalLM.from_pretrained(self.path)
+        for layer in self.model.model.layers:
+            parallelize_module(layer.mlp, self.device_mesh["tensor_parallel"], {"down_proj": RowwiseParallel()})
+
+
 MODULES = {cls.__name__: cls for cls in (MyFinetune, NestedFinetune, SGDFinetune, ShardedFinetune,
-                                         HybridShardedFinetune)}
+                                         HybridShardedFinetune, TensorParallelFinetune)}

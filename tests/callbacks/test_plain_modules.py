@@ -365,6 +365,15 @@ def test_several_processes_give_the_plan_and_weights_of_one(model_dir, tmp_path,
     assert_close(r0["weights"], single["weights"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_tensor_parallelism_is_refused_before_calibration(model_dir, tmp_path):
+    callback = {"calibration_batches": 2, "pruning_ratio": 0.5}
+    with pytest.raises(AssertionError, match=r"mlp.down_proj.weight is laid out as \(Shard\(dim=1\),\): tensor "
+                                             r"parallelism is not supported.*fully_shard"):
+        run(tmp_path, model_dir, "tp", module="TensorParallelFinetune", batch_size=2, devices=1, strategy="fsdp2",
+            callback=callback, max_steps=3)
+
+
 class TextData(L.LightningDataModule):
     """A user's own datamodule: train batches, and the refit's text through ``reconstruction_batches()``."""
 
