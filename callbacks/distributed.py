@@ -28,7 +28,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from pruner.distributed import local_tensor
+from pruner.distributed import device_mesh_of, local_tensor
 from pruner.distributed.sliced import allocate, fill_pruned
 from pruner.errors import PrunerError
 from pruner.io.models import replace_submodule
@@ -124,7 +124,7 @@ def reshard(pl_module: pl.LightningModule, model: nn.Module, dense: nn.Module) -
     if callable(shard):
         shard()
         return
-    mesh = next((p.device_mesh for p in dense.parameters() if hasattr(p, "device_mesh")), None)
+    mesh = device_mesh_of(dense)
     shard_causal_lm(model, find_layer_stack(model)[0], mesh if mesh is not None else data_parallel_mesh(pl_module))
 
 

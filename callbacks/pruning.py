@@ -279,7 +279,7 @@ class StructuralPruneCallback(pl.Callback):
             checks.check_loader_length(trainer, self._prune_at)
         if not self._pruned and self.session.batches:  # resumed in the middle of calibration
             checks.check_resumable_loader(trainer, self.session.batches)
-        if self._sharded and not self._pruned:  # after the strategy loaded any checkpoint: see _prepare
+        if not self._pruned and "dense" not in self.perplexity:  # after any checkpoint loaded (FSDP2's after fit start)
             self._measure(trainer, pl_module, "dense")
 
     @override
@@ -407,8 +407,6 @@ class StructuralPruneCallback(pl.Callback):
         if self._pending:
             self.session.load_state_dict(self._pending)
             self._pending = {}
-        if not self._sharded:  # FSDP2 loads a checkpoint after fit start: a pruned one needs no dense figure
-            self._measure(trainer, pl_module, "dense")
 
     def _rebuild(self, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
         """The checkpoint's structure on the freshly built dense model (before its weights load): the

@@ -2,6 +2,7 @@
 surgery on shards (``sliced``) and the refit's copy gathered one decoder layer at a time
 (``window``)."""
 
-from .dtensor import is_fsdp_module, is_sharded, local_part, local_tensor, shard_offset
+from .dtensor import device_mesh_of, is_fsdp_module, is_sharded, local_part, local_tensor, replica_count, shard_offset
 
-__all__ = ["is_fsdp_module", "is_sharded", "local_part", "local_tensor", "shard_offset"]
+__all__ = ["device_mesh_of", "is_fsdp_module", "is_sharded", "local_part", "local_tensor", "replica_count",
+           "shard_offset"]

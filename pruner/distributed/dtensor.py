@@ -50,6 +50,12 @@ def shard_offset(t: torch.Tensor, dim: int) -> int | None:
     return int(offset[dim])
 
 
+def device_mesh_of(model: nn.Module):
+    """The device mesh of ``model``'s first DTensor parameter (the mesh FSDP2 sharded it over),
+    None for a model without DTensors."""
+    return next((p.device_mesh for p in model.parameters() if hasattr(p, "device_mesh")), None)
+
+
 def replica_count(t: torch.Tensor) -> int:
     """How many ranks hold the same shard of ``t``: the sizes of the mesh dimensions along which
     the DTensor is replicated (HSDP's replicate dimension), 1 for a plain tensor or plain FSDP2."""

@@ -109,33 +109,23 @@ def fill_pruned(pruned: nn.Module, dense: nn.Module, plan: Plan, structure: Mode
     :func:`~pruner.structure.pruned_sources` names, gathered one at a time (collective: every
     rank must call this in the same state); buffers are copied, decoder layers renumbered. A value
     may be a DTensor (:class:`~pruner.distributed.window.LayerWindow`'s shards): its shards are
-    copied, redistributed first where ``pruned`` lays the parameter out otherwise (gathered where
-    it lies on another mesh); a name in
+    copied, or gathered (one tensor) where ``pruned`` lays the parameter out otherwise; a name in
     ``values`` may omit peft's ``.base_layer``."""
     values = values or {}
     sources = pruned_sources(plan, structure)
     dense_params = dict(dense.named_parameters(remove_duplicate=False))
     for name, p in pruned.named_parameters():  # the same order on every rank
         value = values.get(name, values.get(name.replace(LORA_WRAPPED, ".")))
-        if value is not None and hasattr(value, "to_local"):  # a DTensor: its shards, laid out as p's
-            if not hasattr(p, "device_mesh"):
-                part = value.full_tensor()
-            elif (value.device_mesh, value.placements) == (p.device_mesh, p.placements):
-                part = value.to_local()
-            elif value.device_mesh == p.device_mesh:
-                part = value.redistribute(p.device_mesh, p.placements).to_local()
-            else:  # another mesh (torch redistributes within one mesh only): via this one full tensor
-                part = local_part(value.full_tensor(), p)
-            local = local_tensor(p)
-            local.copy_(part.to(local.device))
+        local = local_tensor(p)
+        if value is not None and _laid_out_alike(value, p):  # a DTensor with p's layout: its shards
+            local.copy_(value.to_local().to(local.device))
             continue
-        if value is not None:
-            full = value
+        if value is not None:  # laid out otherwise (or plain): this one full tensor
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
         else:
             source = sources[name.replace(LORA_WRAPPED, ".")]
             d = dense_params[source.name]
             full = source.take(d.full_tensor() if hasattr(d, "full_tensor") else d)
-        local = local_tensor(p)
         local.copy_(local_part(full, p).to(local.device))
     dense_buffers = {kept_layer_name(n, plan, structure): b for n, b in dense.named_buffers()}
     for name, buf in pruned.named_buffers():
@@ -143,3 +133,9 @@ def fill_pruned(pruned: nn.Module, dense: nn.Module, plan: Plan, structure: Mode
         if source is None:
             raise RuntimeError(f"buffer {name} of the pruned model has no counterpart in the dense model")
         local_tensor(buf).copy_(local_tensor(source).to(buf.device))
+
+
+def _laid_out_alike(value: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether DTensor ``value`` has DTensor ``p``'s mesh and placements (its shards fit p's)."""
+    return (hasattr(value, "to_local") and hasattr(p, "device_mesh")
+            and (value.device_mesh, value.placements) == (p.device_mesh, p.placements))

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..structure.layers import find_layer_stack
-from .dtensor import local_tensor
+from .dtensor import device_mesh_of, local_tensor
 from .gather import materialize, meta_copy
 
 
@@ -39,7 +39,7 @@ class LayerWindow:
         self.layers_path, layers = find_layer_stack(self.model)
         self.values: dict[str, torch.Tensor] = {}  # pruned layers' new weights (this rank's shards)
         self._held: set[int] = set()
-        self._mesh = next((p.device_mesh for p in dense.parameters() if hasattr(p, "device_mesh")), None)
+        self._mesh = device_mesh_of(dense)
         self.device = local_tensor(next(dense.parameters())).device  # the walk runs where the shards are
         self._dense_state = dense.state_dict(keep_vars=True)  # references (shards), read at every gather
         head = dense.get_output_embeddings()
