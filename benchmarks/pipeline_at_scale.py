@@ -4,7 +4,8 @@ stage, for the paper's pipeline and the best one, each run in a fresh process.
     python benchmarks/pipeline_at_scale.py --shape llama-3.2-1b --dtype float32 --pipeline paper
     python benchmarks/pipeline_at_scale.py --shape llama-3.2-1b --dtype float32 --pipeline best
     python benchmarks/pipeline_at_scale.py --shape llama-2-7b --dtype bfloat16 --pipeline paper
-    python benchmarks/pipeline_at_scale.py --shape llama-2-7b --dtype bfloat16 --pipeline paper --activation-checkpointing
+    python benchmarks/pipeline_at_scale.py --shape llama-2-7b --dtype bfloat16 --pipeline paper \
+        --activation-checkpointing
     python benchmarks/pipeline_at_scale.py --shape llama-2-7b --dtype bfloat16 --pipeline best --mlp-layers 4 6
 
 ``--mlp-layers A B`` (best pipeline) walks layers A..B-1 only, each losing the share of its MLP
@@ -63,7 +64,7 @@ def build(shape: str, dtype_name: str):
 
 
 def one(shape: str, dtype_name: str, pipeline: str, text: int, mlp_layers: list[int] | None = None,
-        ratio: float = 0.37, checkpointing: bool = False) -> dict:
+        ratio: float = 0.37, checkpointing: bool = False, layer_log: str | None = None) -> dict:
     import torch
 
     import pruner
@@ -110,6 +111,7 @@ def one(shape: str, dtype_name: str, pipeline: str, text: int, mlp_layers: list[
     timed(steps_module, "make_plan", "selection_s")
     timed(steps_module, "refit_layer_by_layer", "refit_walk_s")
     timed(steps_module, "apply_plan", "surgery_s")
+    layer_peaks = trace_layers(layer_log) if pipeline == "best" else None
     start = time.perf_counter()
     plan, peak = peak_memory(lambda: pruner.prune(model, calibration, max_tokens_per_backward=None,
                                                   reconstruction_batches=batches,
@@ -119,7 +121,50 @@ def one(shape: str, dtype_name: str, pipeline: str, text: int, mlp_layers: list[
             "removed_fraction": plan.params["removed_fraction"], "weights_bytes": dense_bytes,
             "peak_extra_bytes": peak, "build_s": build_s, "prune_s": total, **stages,
             "text_tokens": sum(b.numel() for b in batches or []), "threads": torch.get_num_threads(),
-            "mlp_layers": mlp_layers, "activation_checkpointing": checkpointing}
+            "mlp_layers": mlp_layers, "activation_checkpointing": checkpointing,
+            **({"layer_peaks": layer_peaks.finish()} if layer_peaks is not None else {})}
+
+
+class trace_layers:
+    """The resident set's peak above the loaded model between one walked layer's surgery and the
+    next (``[layer, seconds since the start, peak extra bytes]`` per layer, also appended to
+    ``log`` as it goes, if given): whether the walk's memory grows with the number of layers walked."""
+
+    def __init__(self, log: str | None) -> None:
+        import threading
+
+        import psutil
+
+        import pruner.refit.walk as walk
+
+        process = psutil.Process()
+        self.rss = lambda: process.memory_info().rss
+        self.before, self.start = self.rss(), time.perf_counter()
+        self.window, self.rows, self.done = 0, [], threading.Event()
+        original = walk.apply_layer
+
+        def apply_layer(plan, model, structure, index, *a, **kw):
+            result = original(plan, model, structure, index, *a, **kw)
+            self.rows.append([index, round(time.perf_counter() - self.start), self.window - self.before])
+            if log:
+                with open(log, "a") as f:
+                    f.write(f"layer {index}: {self.rows[-1][1]} s, peak extra {self.rows[-1][2] / 2**30:.2f} GiB\n")
+            self.window = 0
+            return result
+
+        walk.apply_layer = apply_layer
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+
+    def sample(self) -> None:
+        while not self.done.is_set():
+            self.window = max(self.window, self.rss())
+            self.done.wait(0.002)
+
+    def finish(self) -> list:
+        self.done.set()
+        self.thread.join()
+        return self.rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,14 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=0.37, help="with --mlp-layers: the share of channels (default 0.37)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="the calibration backward recomputes each decoder layer instead of keeping its activations")
+    p.add_argument("--layer-log", help="best pipeline: append each walked layer's time and peak to this file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(one(args.shape, args.dtype, args.pipeline, args.text, args.mlp_layers, args.ratio,
-                             args.activation_checkpointing)), flush=True)
+                             args.activation_checkpointing, args.layer_log)), flush=True)
         return 0
     extra = ["--mlp-layers", *map(str, args.mlp_layers), "--ratio", str(args.ratio)] if args.mlp_layers else []
     extra += ["--activation-checkpointing"] if args.activation_checkpointing else []
+    extra += ["--layer-log", args.layer_log] if args.layer_log else []
     row = run_child(__file__, ["--child", "--shape", args.shape, "--dtype", args.dtype, "--pipeline", args.pipeline,
                                "--text", str(args.text), *extra], timeout=6 * 3600, env=FIXED_MMAP)
     if "error" in row:
