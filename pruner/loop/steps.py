@@ -36,7 +36,7 @@ from ..config import PruneConfig
 from ..errors import PrunerError
 from ..memory import release_freed_memory
 from ..refit.obs import select_heads_obs, select_mlp_obs
-from ..refit.regional import check_residual_mlp, fitted_layers
+from ..refit.regional import MlpBranch, fitted_layers, mlp_branch
 from ..refit.statistics import GramCollector
 from ..refit.walk import Window, refit_layer_by_layer
 from ..selection import candidate_pools, mark_removed, refine_attention, select_units, units_to_plan
@@ -92,8 +92,7 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
     plan: Plan | None = None
     records: list[dict] = []
     structure = dense_structure
-    if cfg.regional_epochs:
-        check_regional(model, dense_structure, cfg, hooks.text, hooks.window)
+    branch = check_regional(model, dense_structure, cfg, hooks.text, hooks.window) if cfg.regional_epochs else None
     regional = None
     tx = Transaction()
     try:
@@ -118,7 +117,7 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
                 step_plan, fit = refit_layer_by_layer(model, structure, step_plan, cfg, hooks.text, fisher, tx,
                                                       reduce=hooks.reduce, all_reduce=hooks.all_reduce,
                                                       check=hooks.check, fit_text=hooks.fit_text or None,
-                                                      window=hooks.window)
+                                                      window=hooks.window, branch=branch)
                 regional = fit or regional
             else:
                 apply_plan(step_plan, model, structure, transaction=tx)
@@ -137,19 +136,19 @@ def prune_steps(model: nn.Module, dense_structure: ModelStructure, cfg: PruneCon
 
 
 def check_regional(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, batches: list[dict],
-                   window: Window | None = None) -> None:
+                   window: Window | None = None) -> MlpBranch | None:
     """Before anything runs: ``regional_epochs`` has the refit's text, and the model's decoder
-    layers add their MLP's output to the residual stream (one short forward pass; with
-    ``window``, the layer checked is gathered for it)."""
+    layers add a multiple of their MLP's output (or of a norm of it) to the residual stream; returns
+    how (:func:`~pruner.refit.regional.mlp_branch`: one short forward pass; with ``window``, the
+    layer read is gathered for it), None when no layer is fitted."""
     if not batches:
         raise PrunerError("regional_epochs fits the pruned MLPs on the refit's text, but no text batches were given: "
                           "pass reconstruction_batches (or calibration batches), or set regional_epochs=0")
     layers = fitted_layers(structure, cfg)
     if layers and window is not None:
         with window.holding(layers[0]):
-            check_residual_mlp(model, structure, layers[0], batches[0])
-    elif layers:
-        check_residual_mlp(model, structure, layers[0], batches[0])
+            return mlp_branch(model, structure, layers[0], batches[0])
+    return mlp_branch(model, structure, layers[0], batches[0]) if layers else None
 
 
 def make_plan(structure: ModelStructure, vectors, cfg: PruneConfig, total_params: int) -> Plan:

@@ -5,11 +5,15 @@ model's output, no labels).
 The layers are walked in order on the pruned model's own hidden states. Layer ``l``'s MLP
 learns the target ``y* = h_dense[l+1] - r[l]``: the dense stream after the layer (recorded
 during the refit's statistics pass) minus the pruned stream entering the MLP (``r`` = the
-layer's output minus its MLP's output). So each MLP makes up not only for its own lost
-channels but for the drift the pruned layers before it left in the stream. The error is
-relative: ``mean ||f(x) - y*||² / mean ||y*||²`` over the refit's tokens, minimised by AdamW in
-batches of :data:`BATCH_TOKENS` tokens on an fp32 copy of the MLP; the fitted weights replace
-the MLP's only where they lower that error over all tokens.
+layer's output minus what its MLP adds). So each MLP makes up not only for its own lost
+channels but for the drift the pruned layers before it left in the stream. What the MLP adds,
+``f(x)``, is its output as the layer passes it on: through a norm in Gemma 2/3, GLM-4 and OLMo 2
+(``post_feedforward_layernorm``), times Granite's ``residual_multiplier``; :func:`mlp_branch`
+reads which from the layer before anything changes, and refuses a layer whose output is not the
+stream plus such a term. The error is relative: ``mean ||f(x) - y*||² / mean ||y*||²`` over the
+refit's tokens, minimised by AdamW in batches of :data:`BATCH_TOKENS` tokens on an fp32 copy of
+the MLP (the norm fixed); the fitted weights replace the MLP's only where they lower that error
+over all tokens.
 
 What it gains, and the variants tried (targets without the drift term, the whole layer fitted):
 docs/results.md, "Regional reconstruction after the one-shot prune".
@@ -33,6 +37,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -107,9 +112,14 @@ def capture_layer_inputs(model: nn.Module, layer: nn.Module, batches: list[dict]
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, mlp: nn.Module, hidden: torch.Tensor, kwargs: dict, scale_mlp: float = 1.0):
-    """``layer``'s output on ``hidden`` with its MLP's input and output: ``(out, x, y)``;
-    ``scale_mlp`` multiplies the MLP's output inside the layer (the residual check)."""
+def run_layer(layer: nn.Module, mlp: nn.Module, hidden: torch.Tensor, kwargs: dict,
+              replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              watch: dict[str, nn.Module] | None = None, called: list[str] | None = None):
+    """``layer``'s output on ``hidden`` with its MLP's input and output: ``(out, x, y)``. The
+    layer goes on with a copy of ``y`` (a layer that adds to its MLP's output in place, as Falcon's
+    does, leaves ``y`` as the MLP gave it), or with ``replace(y)`` when given. ``watch``:
+    ``{name: module}`` of the layer; the names of those the layer calls on that copy are
+    appended to ``called`` (the module after the MLP, :func:`mlp_branch`)."""
     seen = {}
 
     def pre(module, args):
@@ -117,9 +127,18 @@ def run_layer(layer: nn.Module, mlp: nn.Module, hidden: torch.Tensor, kwargs: di
 
     def post(module, args, out):
         seen["y"] = out
-        return out * scale_mlp if scale_mlp != 1.0 else None
+        seen["passed"] = replace(out) if replace is not None else out.clone()
+        return seen["passed"]
+
+    def watcher(name: str):
+        def hook(module, args, kwargs):
+            given = args[0] if args else next(iter(kwargs.values()), None)
+            if "passed" in seen and given is seen["passed"]:
+                called.append(name)
+        return hook
 
     handles = [mlp.register_forward_pre_hook(pre), mlp.register_forward_hook(post)]
+    handles += [m.register_forward_pre_hook(watcher(n), with_kwargs=True) for n, m in (watch or {}).items()]
     try:
         out = _first(layer(hidden, **kwargs))
     finally:
@@ -130,17 +149,45 @@ def run_layer(layer: nn.Module, mlp: nn.Module, hidden: torch.Tensor, kwargs: di
     return out, seen["x"], seen["y"]
 
 
+@dataclass(frozen=True)
+class MlpBranch:
+    """What a decoder layer adds to its residual stream from its MLP's output ``y``:
+    ``scale * post(y)``. ``post``: the name, inside the layer, of the module the layer passes
+    ``y`` to (Gemma 2's ``post_feedforward_layernorm``; None: ``y`` itself); ``scale``: a constant
+    factor (Granite's ``residual_multiplier``; 1 elsewhere).
+
+    Example:
+        >>> MlpBranch(scale=0.5).apply(None, torch.ones(2)).tolist()
+        [0.5, 0.5]
+    """
+
+    post: str | None = None
+    scale: float = 1.0
+
+    def module(self, layer: nn.Module) -> nn.Module | None:
+        """``layer``'s post module (None without one)."""
+        return layer.get_submodule(self.post) if self.post is not None else None
+
+    def apply(self, post: nn.Module | None, y: torch.Tensor) -> torch.Tensor:
+        """``scale * post(y)`` (``post``: this layer's module, or an fp32 copy of it)."""
+        y = post(y) if post is not None else y
+        return y * self.scale if self.scale != 1.0 else y
+
+
 @torch.no_grad()
-def check_residual_mlp(model: nn.Module, structure: ModelStructure, layer_index: int, batch: dict) -> None:
-    """Refuses a decoder layer whose output is not the residual stream plus its MLP's output
-    (e.g. a norm after the MLP, as Gemma 2's ``post_feedforward_layernorm``): the targets of the
-    fit assume it. One short forward pass up to the layer and two runs of it; nothing changes.
+def mlp_branch(model: nn.Module, structure: ModelStructure, layer_index: int, batch: dict) -> MlpBranch:
+    """How a decoder layer's output depends on its MLP's output (:class:`MlpBranch`), read from one
+    short forward pass up to the layer and two runs of it, the second with the MLP's output moved
+    by noise; nothing changes. The MLP's output may go through one module (a norm) and a constant
+    factor before it joins the residual stream; a layer whose output depends on it otherwise (a
+    norm after the residual sum) is refused: the fit's targets assume ``output = stream + branch``.
 
     Example:
         >>> from pruner.structure import discover
         >>> from pruner.testing import tiny_causal_lm
-        >>> model = tiny_causal_lm("llama")
-        >>> check_residual_mlp(model, discover(model), 1, {"input_ids": torch.randint(3, 120, (1, 8))})
+        >>> model = tiny_causal_lm("gemma2")
+        >>> mlp_branch(model, discover(model), 1, {"input_ids": torch.randint(3, 120, (1, 8))})
+        MlpBranch(post='post_feedforward_layernorm', scale=1.0)
     """
     info = structure.layers[layer_index]
     layer, mlp = model.get_submodule(info.path), model.get_submodule(info.mlp.module)
@@ -151,20 +198,34 @@ def check_residual_mlp(model: nn.Module, structure: ModelStructure, layer_index:
         layer = copy.deepcopy(layer).float()
         mlp = layer.get_submodule(info.mlp.module[len(info.path) + 1:])
         hidden, kwargs = hidden.float(), _as_float(kwargs)
+    inside_mlp = {id(m) for m in mlp.modules()}
+    watch = {n: m for n, m in layer.named_modules() if n and id(m) not in inside_mlp
+             and not isinstance(m, nn.Dropout)}  # a dropout is the identity here
     was_training = model.training
     model.eval()  # no dropout between the two runs
     layer.eval()
     try:
-        once, _, y = run_layer(layer, mlp, hidden, kwargs)
-        twice, _, _ = run_layer(layer, mlp, hidden, kwargs, scale_mlp=2.0)
+        called: list[str] = []
+        once, _, y = run_layer(layer, mlp, hidden, kwargs, watch=watch, called=called)
+        branch = MlpBranch(post=called[0] if called else None)
+        post = branch.module(layer)
+        noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(0)).to(y)
+        moved = y + noise * y.float().std().clamp_min(1e-6).to(y.dtype)
+        twice, _, _ = run_layer(layer, mlp, hidden, kwargs, replace=lambda out: moved.clone())
+        change = (twice - once).double()  # what the layer's output moved by
+        expected = (branch.apply(post, moved) - branch.apply(post, y)).double()  # what the branch moved by
     finally:
         model.train(was_training)
-    error = float((twice - once - y).float().norm() / y.float().norm().clamp_min(1e-12))
-    if not error < 1e-2:
-        raise PrunerError(f"regional_epochs needs decoder layers whose output is the residual stream plus the MLP's "
-                          f"output; {info.path} is not (doubling its MLP's output moves the layer's output by a "
-                          f"different amount, relative error {error:.2g}: a norm after the MLP?): set "
-                          "regional_epochs=0")
+    scale = float((change * expected).sum() / expected.square().sum().clamp_min(1e-30))  # least squares
+    scale = float(f"{scale:.6g}")  # a config's multiplier (0.22), not its fp32 rounding (0.22000001)
+    error = float((change - scale * expected).norm() / change.norm().clamp_min(1e-30))
+    if not (error < 1e-2 and math.isfinite(scale) and scale != 0.0):
+        after = f" then {branch.post}" if branch.post else ""
+        raise PrunerError(f"regional_epochs needs decoder layers whose output is the residual stream plus a multiple of "
+                          f"their MLP's output (or of a norm of it); {info.path} is not (moving its MLP{after}'s output "
+                          f"moves the layer's output otherwise, relative error {error:.2g}: a norm after the residual "
+                          "sum?): set regional_epochs=0")
+    return MlpBranch(post=branch.post, scale=1.0 if abs(scale - 1.0) < 1e-4 else scale)
 
 
 def _as_float(value):
@@ -189,9 +250,11 @@ def _sum_of_squares(rows: torch.Tensor, keep: torch.Tensor | None) -> float:
 
 
 def fit_mlp(mlp: nn.Module, x: torch.Tensor, target: torch.Tensor, epochs: int, lr: float, seed: int,
-            all_reduce: AllReduce | None = None) -> nn.Module:
+            all_reduce: AllReduce | None = None,
+            branch: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
     """An fp32 copy of ``mlp`` trained so that ``copy(x) ≈ target`` (``x``: (N, d_in), ``target``:
-    (N, d_out), this rank's tokens): AdamW on the error relative to the target's mean energy,
+    (N, d_out), this rank's tokens), or ``branch(copy(x)) ≈ target`` with ``branch`` (fixed, fp32:
+    what the layer does to its MLP's output, :class:`MlpBranch`): AdamW on the error relative to the target's mean energy,
     ``epochs`` passes in shuffled batches of :data:`BATCH_TOKENS` tokens. With ``all_reduce``
     every step's gradients are averaged over ranks (each rank steps through its own tokens; the
     step count, from all ranks' tokens, is the same on every rank), so every rank ends with the
@@ -219,7 +282,9 @@ def fit_mlp(mlp: nn.Module, x: torch.Tensor, target: torch.Tensor, epochs: int, 
             if len(order) < BATCH_TOKENS:  # a fresh pass over this rank's tokens
                 order = torch.cat([order, torch.randperm(len(x), generator=g)])
             idx, order = order[:BATCH_TOKENS].to(x.device), order[BATCH_TOKENS:]
-            loss = (fitted(x[idx]) - target[idx]).square().sum(1).mean() / mean_energy
+            out = fitted(x[idx])
+            out = branch(out) if branch is not None else out
+            loss = (out - target[idx]).square().sum(1).mean() / mean_energy
             loss.backward()
             if all_reduce is not None:  # the mean of the ranks' gradients
                 flat = all_reduce(torch.cat([p.grad.reshape(-1) for p in params])) / world
@@ -243,11 +308,12 @@ def _install(mlp: nn.Module, fitted: nn.Module, transaction: Transaction) -> Non
 
 def regional_fit(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, batches: list[dict],
                  dense_outputs: dict[str, list[torch.Tensor]], transaction: Transaction,
-                 all_reduce: AllReduce | None = None) -> dict:
+                 all_reduce: AllReduce | None = None, branch: MlpBranch | None = None) -> dict:
     """Fits the MLP of every layer of :func:`fitted_layers` of the pruned ``model``, in layer
     order, to the targets of the module docstring; ``dense_outputs``: per decoder layer path,
     the dense layer's outputs on ``batches`` in order (any split into micro-batches of whole
-    samples). Every weight changed is recorded in ``transaction``. Returns the report
+    samples); ``branch``: what the layers do to their MLP's output (:func:`mlp_branch`; None: add
+    it to the stream). Every weight changed is recorded in ``transaction``. Returns the report
     ``{"layers", "error_before", "error_after", "seconds"}`` (relative errors per layer)."""
     start = time.time()
     layers = fitted_layers(structure, cfg)
@@ -261,7 +327,8 @@ def regional_fit(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, 
     was_training = model.training
     model.eval()  # no dropout in the layers' outputs (a Lightning fit may have left train mode on)
     try:
-        _walk(model, structure, cfg, layers, batches, dense_outputs, transaction, all_reduce, report)
+        _walk(model, structure, cfg, layers, batches, dense_outputs, transaction, all_reduce, report,
+              branch or MlpBranch())
     finally:
         model.train(was_training)
     seconds = _global_sum(torch.tensor([time.time() - start, 1.0], dtype=torch.float64), all_reduce)
@@ -280,7 +347,7 @@ def token_mask(batches: list[dict], device) -> torch.Tensor | None:
 
 def _walk(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, layers: list[int], batches: list[dict],
           dense_outputs: dict[str, list[torch.Tensor]], transaction: Transaction, all_reduce: AllReduce | None,
-          report: dict) -> None:
+          report: dict, branch: MlpBranch) -> None:
     """The layers from the first fitted one to the last, in order: fit each MLP, carry the stream on."""
     first = model.get_submodule(structure.layers[layers[0]].path)
     states = capture_layer_inputs(model, first, batches)  # [(hidden (B, T, d), kwargs)] per batch
@@ -293,23 +360,28 @@ def _walk(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, layers:
                 states = [(_first(layer(h, **kw)), kw) for h, kw in states]
             continue
         states = fit_layer(model, structure, cfg, index, states, dense_outputs[info.path], keep, transaction,
-                           all_reduce, report)
+                           all_reduce, report, branch)
 
 
 def fit_layer(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, index: int,
               states: list[tuple[torch.Tensor, dict]], dense_outputs: list[torch.Tensor], keep: torch.Tensor | None,
-              transaction: Transaction, all_reduce: AllReduce | None, report: dict) -> list[tuple[torch.Tensor, dict]]:
+              transaction: Transaction, all_reduce: AllReduce | None, report: dict,
+              branch: MlpBranch | None = None) -> list[tuple[torch.Tensor, dict]]:
     """Layer ``index``'s MLP fit on the pruned stream ``states`` (its inputs, per batch) towards the
     dense layer's ``dense_outputs`` (per batch, any split into whole samples), kept where it lowers
-    the error; returns the stream after the layer. Appends the layer's errors to ``report``."""
+    the error; returns the stream after the layer. Appends the layer's errors to ``report``.
+    ``branch``: what the layer adds to the stream from its MLP's output (None: that output)."""
     info = structure.layers[index]
     layer = model.get_submodule(info.path)
     mlp = model.get_submodule(info.mlp.module)
+    branch = branch or MlpBranch()
+    post = branch.module(layer)
     runs = [run_layer(layer, mlp, h, kw) for h, kw in states]  # [(out, x, y)], each (B, T, ·)
     sizes = [out.shape[:-1] for out, _, _ in runs]
     x = torch.cat([x.reshape(-1, x.shape[-1]) for _, x, _ in runs])  # (N, d) the MLP's inputs
-    y = torch.cat([y.reshape(-1, y.shape[-1]) for _, _, y in runs])  # (N, d) its outputs, pruned
-    stream = torch.cat([(out - y).reshape(-1, out.shape[-1]) for out, _, y in runs])  # (N, d) entering the MLP
+    with torch.no_grad():  # (N, d) what the layer adds from its MLP's outputs (pruned): scale * post(y)
+        y = branch.apply(post, torch.cat([y.reshape(-1, y.shape[-1]) for _, _, y in runs]))
+    stream = torch.cat([out.reshape(-1, out.shape[-1]) for out, _, _ in runs]) - y  # (N, d) entering the MLP
     del runs
     dense = torch.cat([o.reshape(-1, o.shape[-1]) for o in dense_outputs])  # (N, d)
     if dense.shape != stream.shape:
@@ -319,10 +391,16 @@ def fit_layer(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, ind
     target = dense.to(stream.device, stream.dtype) - stream  # (N, d): y* = h_dense[l+1] - r[l]
     del dense
     fit_x, fit_target = (x, target) if keep is None else (x[keep], target[keep])  # padding has no target
-    fitted = fit_mlp(mlp, fit_x, fit_target, cfg.regional_epochs, cfg.regional_lr, cfg.seed + index, all_reduce)
+    fixed = copy.deepcopy(post).float().eval().requires_grad_(False) if post is not None else None
+
+    def through(out: torch.Tensor) -> torch.Tensor:  # the fp32 MLP's output as the layer adds it
+        return branch.apply(fixed, out)
+
+    fitted = fit_mlp(mlp, fit_x, fit_target, cfg.regional_epochs, cfg.regional_lr, cfg.seed + index, all_reduce,
+                     branch=through if branch != MlpBranch() else None)
     del fit_x, fit_target
     with torch.no_grad():
-        new = torch.cat([fitted(part.float()) for part in x.split(4096)]).to(y.dtype)  # (N, d)
+        new = torch.cat([through(fitted(part.float())) for part in x.split(4096)]).to(y.dtype)  # (N, d)
     sums = torch.tensor([_sum_of_squares(y - target, keep), _sum_of_squares(new - target, keep),
                          _sum_of_squares(target, keep)], dtype=torch.float64)
     before, after, energy = (float(v) for v in _global_sum(sums, all_reduce))  # over every rank
@@ -331,11 +409,11 @@ def fit_layer(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, ind
         _install(mlp, fitted, transaction)
         if new.dtype != torch.float32:  # the stream the installed (e.g. bf16) weights really give
             with torch.no_grad():
-                new = torch.cat([mlp(part) for part in x.split(4096)])
+                new = torch.cat([branch.apply(post, mlp(part)) for part in x.split(4096)])
         y = new
     report["layers"].append(index)
     report["error_before"].append(before)
     report["error_after"].append(min(after, before))
-    # the stream after the layer: the residual plus the MLP's (new) output, per batch again
+    # the stream after the layer: the residual plus what the (new) MLP adds, per batch again
     out = (stream + y).split([math.prod(size) for size in sizes])
     return [(o.view(*size, -1), kw) for o, size, (_, kw) in zip(out, sizes, states)]

@@ -43,7 +43,7 @@ from ..errors import PrunerError
 from ..structure import ModelStructure, Plan, Transaction, apply_layer, record_sizes, sync_group_records
 from .least_squares import compensate
 from .obs import select_heads_obs, select_mlp_obs
-from .regional import AllReduce, capture_layer_inputs, fit_layer, fitted_layers, token_mask
+from .regional import AllReduce, MlpBranch, capture_layer_inputs, fit_layer, fitted_layers, token_mask
 from .statistics import GramCollector, consumers
 
 Reduce = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # sums every tensor over ranks
@@ -79,7 +79,7 @@ def refit_layer_by_layer(model: nn.Module, structure: ModelStructure, plan: Plan
                          text: list[dict], fisher: GramCollector | None, transaction: Transaction, *,
                          reduce: Reduce | None = None, all_reduce: AllReduce | None = None,
                          check: Check | None = None, fit_text: list[dict] | None = None,
-                         window: Window | None = None) -> tuple[Plan, dict | None]:
+                         window: Window | None = None, branch: MlpBranch | None = None) -> tuple[Plan, dict | None]:
     """Prunes ``model`` by ``plan`` one layer at a time, each layer's removals re-chosen by OBS
     (``attention_selection`` / ``mlp_selection`` = ``"obs"``/``"obs-fisher"``) and its consumers
     refit, then, with ``regional_epochs``, its MLP fit (module docstring). ``text``: the refit's
@@ -89,7 +89,8 @@ def refit_layer_by_layer(model: nn.Module, structure: ModelStructure, plan: Plan
     layer's weights change. ``fit_text``: the same tokens in other batches for the regional fit's
     stream (None: ``text``'s). ``window``: ``model`` is a :class:`Window`'s copy of a sharded model,
     each layer gathered while the walk is on it and handed back after (the dense model is the
-    undo: nothing of the copy is kept for a rollback). Returns the plan as re-chosen and the
+    undo: nothing of the copy is kept for a rollback). ``branch``: what the layers add to the stream
+    from their MLP's output (:func:`pruner.refit.regional.mlp_branch`; None: that output). Returns the plan as re-chosen and the
     regional report (None without)."""
     if not text:
         raise PrunerError("reconstruct=True refits on the inputs of the pruned layers, but there is no text: pass "
@@ -126,7 +127,7 @@ def refit_layer_by_layer(model: nn.Module, structure: ModelStructure, plan: Plan
                 start = time.time()
                 with torch.enable_grad():
                     pruned = fit_layer(model, structure, cfg, index, pruned, [h for h, _ in dense_out], keep,
-                                       transaction, all_reduce, report)
+                                       transaction, all_reduce, report, branch)
                 seconds += time.time() - start
             elif pruned is not dense:
                 pruned = [(_first(layer(h, **kw)), kw) for h, kw in pruned]

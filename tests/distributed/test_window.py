@@ -30,8 +30,6 @@ SETTINGS = {
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_the_windowed_walk_gives_the_whole_models_plan_and_weights(family, setting):
     options = SETTINGS[setting]
-    if family == "gemma3_text" and options.get("regional_epochs"):
-        pytest.skip("a norm after the MLP: the regional fit refuses Gemma (tests/refit)")
     dense = tiny_causal_lm(family)
     calibration, text = tiny_batches(2, seed=0, shape=(2, 12)), tiny_batches(3, seed=1, shape=(2, 16))
     whole = copy.deepcopy(dense)

@@ -55,21 +55,22 @@ def test_the_fit_brings_each_pruned_layers_output_back_towards_the_dense_one():
     assert changed and all(".mlp." in k for k in changed), sorted(changed)
 
 
-def test_the_report_errors_are_what_the_layer_outputs_show():
+@pytest.mark.parametrize("family", ["llama", "gemma2", "granite", "falcon"])
+def test_the_report_errors_are_what_the_layer_outputs_show(family):
     """The first fitted layer sees the dense stream, so its reported error after the fit is
     measurable from outside: ||out - dense out||² / ||dense out - residual||², the residual being
-    the stream entering its MLP (the input of its post-attention norm)."""
+    the layer's output with its MLP's output zeroed; whatever the layer does to that output (Gemma
+    2: a norm after it; Granite: a multiplier; Falcon: the attention added to it in place)."""
     text = _text()
-    dense = tiny_causal_lm("llama")
+    dense = tiny_causal_lm(family)
     target = _layer_outputs(dense, text)[0]
     fitted = copy.deepcopy(dense)
     report = pruner.prune(fitted, text[:2], reconstruction_batches=text, regional_epochs=2, **COMMON).calibration["regional"]
-    residuals = []
-    hook = fitted.model.layers[0].post_attention_layernorm.register_forward_pre_hook(
-        lambda module, args: residuals.append(args[0].reshape(-1, args[0].shape[-1])))
     out = _layer_outputs(fitted, text)[0]
+    mlp = fitted.get_submodule(discover(dense).layers[0].mlp.module)
+    hook = mlp.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+    residual = _layer_outputs(fitted, text)[0]  # (tokens, d) the stream the layer adds its MLP's share to
     hook.remove()
-    residual = torch.cat(residuals)  # (tokens, d)
     expected = float((out - target).square().sum() / (target - residual).square().sum())
     assert report["error_after"][0] == pytest.approx(expected, rel=1e-3)
     assert report["error_after"][0] < report["error_before"][0]
@@ -164,18 +165,30 @@ def test_a_fit_that_would_raise_the_error_is_not_kept():
     assert_close(wild.state_dict(), plain.state_dict(), rtol=0, atol=0)  # every MLP as the refit left it
 
 
-def test_a_layer_with_a_norm_after_its_mlp_is_refused_before_anything_changes():
-    import transformers as tf
-
-    model = tf.Gemma2ForCausalLM(tf.Gemma2Config(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, vocab_size=128, max_position_embeddings=128)).eval()
+def test_a_layer_with_a_norm_after_its_residual_sum_is_refused_before_anything_changes():
+    model = tiny_causal_lm("llama")
+    for layer in model.model.layers:  # output = norm(residual + MLP output): no target for the MLP alone
+        norm, forward = copy.deepcopy(layer.input_layernorm), layer.forward
+        layer.forward = lambda *args, _norm=norm, _forward=forward, **kwargs: _norm(_forward(*args, **kwargs))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(PrunerError, match="residual stream plus the MLP's output; model.layers.0 is not"):
+    with pytest.raises(PrunerError, match="residual stream plus a multiple of their MLP's output .*; model.layers.0 "
+                                          "is not .*set regional_epochs=0"):
         pruner.prune(model, _text()[:2], reconstruction_batches=_text(), regional_epochs=1, **COMMON)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    regional.check_residual_mlp(tiny_causal_lm("phi3"), discover(tiny_causal_lm("phi3")), 0,
-                                {"input_ids": _text()[0]})  # fused gate_up: a residual MLP, accepted
+
+
+@pytest.mark.parametrize("family, branch", [
+    ("phi3", regional.MlpBranch()),  # fused gate_up: the MLP's output added as it is
+    ("gemma2", regional.MlpBranch(post="post_feedforward_layernorm")),
+    ("glm4", regional.MlpBranch(post="post_mlp_layernorm")),
+    ("olmo2", regional.MlpBranch(post="post_feedforward_layernorm")),
+    ("granite", regional.MlpBranch(scale=0.5)),  # residual_multiplier=0.5 in tiny_causal_lm
+    ("falcon", regional.MlpBranch()),  # the attention added to the MLP's output in place
+    ("gpt_neox", regional.MlpBranch()),  # post_mlp_dropout: the identity here
+])
+def test_what_a_layer_does_to_its_mlps_output_is_read_from_the_layer(family, branch):
+    model = tiny_causal_lm(family)
+    assert regional.mlp_branch(model, discover(model), 1, {"input_ids": _text()[0]}) == branch
 
 
 @pytest.mark.parametrize("options, message", [
