@@ -266,6 +266,10 @@ def _write(model: nn.Module, layout: GGUFLayout, fields: dict, path: Path, dtype
         writer.add_rope_scaling_factor(layout.rope_linear_factor)
     if layout.sliding_window is not None:
         writer.add_sliding_window(layout.sliding_window)
+    if layout.attn_softcap is not None:
+        writer.add_attn_logit_softcapping(layout.attn_softcap)
+    if layout.final_softcap is not None:
+        writer.add_final_logit_softcapping(layout.final_softcap)
     writer.add_layer_norm_rms_eps(layout.rms_eps)
     writer.add_vocab_size(layout.vocab)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",

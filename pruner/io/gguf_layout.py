@@ -28,7 +28,11 @@ per-layer one is refused naming that. Their graphs rotate halves (NEOX), as Hugg
 their rows are not permuted; Gemma's norms scale by ``1 + weight`` (written as ``weight + 1``, as
 llama.cpp's converter does), and the gemma3 graph fixes the pattern of sliding and global layers
 (every sixth global), the local layers' rotary base and the attention scale: a config that differs
-is refused.
+is refused. Gemma and Gemma 2 go into their own graphs (``gemma``, ``gemma2``) for the same
+reasons (NEOX rotary, norms by ``1 + weight``, the embedding scaled by sqrt(hidden) in the graph)
+and with the same one-width rule; both compute the logits with the input embedding (an untied
+output is refused), and the gemma2 graph alternates sliding and global layers (every second
+global) and always soft-caps attention scores and logits (a config without both is refused).
 
 Layouts follow llama.cpp's own converter (``convert_hf_to_gguf.py``): tensors keep the Hugging
 Face ``(out, in)`` layout (ggml reads it as ``ne = (in, out)``), norms stay f32, and the rows of
@@ -55,17 +59,21 @@ from torch import nn
 from ..errors import PrunerError
 from ..recovery.lora import check_merged
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma", "gemma2", "gemma3_text")
 # families written into llama.cpp's own graph of that name: one width for every layer (its loader
 # creates each layer's tensors with layer 0's head counts and MLP width)
-OWN_GRAPHS = {"qwen3": "qwen3", "gemma3_text": "gemma3"}
-GEMMA3_SWA_PATTERN = 6  # llama.cpp's gemma3 graph: layer il slides unless il % 6 == 5 (set_swa_pattern(6))
+OWN_GRAPHS = {"qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+GEMMA_GRAPHS = ("gemma", "gemma2", "gemma3")  # norms that scale by 1 + weight; the output is the embedding
+# llama.cpp's gemma2 / gemma3 graphs: layer il slides unless il % n == n - 1 (set_swa_pattern(n))
+SWA_PATTERN = {"gemma2": 2, "gemma3_text": 6}
+# ... and scale attention by 1/sqrt(hidden / heads) instead of 1/sqrt(head_dim) at this depth (their 27B)
+SCALE_BY_WIDTH_AT = {"gemma2": 46, "gemma3_text": 62}
 
 @dataclass
 class GGUFLayout:
     """What the file will say about the model: architecture and per-layer widths."""
 
-    architecture: str  # "llama" (every layer alike), "deci" (per-layer widths), "qwen3" or "gemma3"
+    architecture: str  # "llama" (every layer alike), "deci" (per-layer widths), or a family's own graph
     hidden: int
     head_dim: int
     heads: list[int]  # query heads per layer
@@ -78,8 +86,10 @@ class GGUFLayout:
     rope_factors: list[float] | None = None  # llama3 rope scaling
     tied: bool = True
     qkv_bias: bool = False  # Qwen2: q/k/v biases (llama.cpp's optional attn_q/k/v.bias)
-    sliding_window: int | None = None  # Gemma 3's local layers
+    sliding_window: int | None = None  # Gemma 2 / 3's local layers
     rope_linear_factor: float | None = None  # Gemma 3's global layers (4B and larger)
+    attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of attention scores
+    final_softcap: float | None = None  # ... and of the output logits
 
     @property
     def uniform(self) -> bool:
@@ -153,33 +163,44 @@ def _check_family(cfg, model_type: str) -> None:
                           "model cannot be exported faithfully")
     if model_type == "qwen3" and getattr(cfg, "attention_bias", False):
         raise PrunerError("this Qwen3 config has q/k/v biases, which llama.cpp's qwen3 graph does not read")
-    if model_type == "gemma3_text":
-        _check_gemma3(cfg)
+    if model_type in ("gemma", "gemma2", "gemma3_text"):
+        _check_gemma(cfg, model_type)
 
 
-def _check_gemma3(cfg) -> None:
-    """What llama.cpp's gemma3 graph fixes that a Gemma 3 config could set otherwise: the pattern
-    of sliding and global layers, the local layers' rotary base (10000, unscaled), no soft-capping,
-    GELU (tanh) in the MLP and no q/k/v biases."""
-    n = cfg.num_hidden_layers
-    wanted = ["sliding_attention" if i % GEMMA3_SWA_PATTERN < GEMMA3_SWA_PATTERN - 1 else "full_attention"
-              for i in range(n)]
-    if list(getattr(cfg, "layer_types", wanted)) != wanted:
-        raise PrunerError(f"this Gemma 3's layer_types {list(cfg.layer_types)} are not llama.cpp's gemma3 pattern (every "
-                          f"{GEMMA3_SWA_PATTERN}th layer global, the others sliding), e.g. after whole layers were "
-                          "removed: it cannot be exported to GGUF faithfully; serve the pruner.save_pretrained folder")
-    local = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention", {})
-    if float(local.get("rope_theta", 10000.0)) != 10000.0 or local.get("rope_type", "default") != "default":
-        raise PrunerError(f"this Gemma 3's sliding layers use rotary settings {local}, but llama.cpp's gemma3 graph "
-                          "fixes them at base 10000, unscaled")
-    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if getattr(cfg, key, None):
-            raise PrunerError(f"this Gemma 3 sets {key}={getattr(cfg, key)}, which llama.cpp's gemma3 graph does not "
-                              "apply")
+def _check_gemma(cfg, model_type: str) -> None:
+    """What llama.cpp's gemma, gemma2 and gemma3 graphs fix that a config could set otherwise:
+    GELU (tanh) in the MLP, no q/k/v biases; Gemma 2 and 3: the pattern of sliding and global
+    layers; Gemma 2: both soft-cappings (its graph always applies them); Gemma 3: none, and its
+    local layers' rotary base (10000, unscaled)."""
+    name = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}[model_type]
+    graph = OWN_GRAPHS[model_type]
     if getattr(cfg, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or getattr(cfg, "attention_bias",
                                                                                                False):
-        raise PrunerError("this Gemma 3's MLP activation or attention biases differ from llama.cpp's gemma3 graph "
+        raise PrunerError(f"this {name}'s MLP activation or attention biases differ from llama.cpp's {graph} graph "
                           "(GELU with the tanh approximation, no biases)")
+    if model_type != "gemma3_text" and not getattr(cfg, "tie_word_embeddings", True):
+        raise PrunerError(f"this {name} has an output layer of its own, but llama.cpp's {graph} graph computes the "
+                          "logits with the input embedding: it cannot be exported faithfully")
+    if model_type in SWA_PATTERN:
+        n, every = cfg.num_hidden_layers, SWA_PATTERN[model_type]
+        wanted = ["sliding_attention" if i % every < every - 1 else "full_attention" for i in range(n)]
+        if list(getattr(cfg, "layer_types", wanted)) != wanted:
+            raise PrunerError(f"this {name}'s layer_types {list(cfg.layer_types)} are not llama.cpp's {graph} pattern "
+                              f"(every {every}th layer global, the others sliding), e.g. after whole layers were "
+                              "removed: it cannot be exported to GGUF faithfully; serve the pruner.save_pretrained "
+                              "folder")
+    caps = {key: getattr(cfg, key, None) for key in ("attn_logit_softcapping", "final_logit_softcapping")}
+    if model_type == "gemma2" and not all(caps.values()):
+        raise PrunerError(f"this Gemma 2 sets no {' or '.join(k for k, v in caps.items() if not v)}, but llama.cpp's "
+                          "gemma2 graph always soft-caps (50 and 30 when the file says nothing)")
+    if model_type != "gemma2" and any(caps.values()):
+        key = next(k for k, v in caps.items() if v)
+        raise PrunerError(f"this {name} sets {key}={caps[key]}, which llama.cpp's {graph} graph does not apply")
+    if model_type == "gemma3_text":
+        local = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention", {})
+        if float(local.get("rope_theta", 10000.0)) != 10000.0 or local.get("rope_type", "default") != "default":
+            raise PrunerError(f"this Gemma 3's sliding layers use rotary settings {local}, but llama.cpp's gemma3 "
+                              "graph fixes them at base 10000, unscaled")
 
 
 def describe(model: nn.Module) -> GGUFLayout:
@@ -189,7 +210,7 @@ def describe(model: nn.Module) -> GGUFLayout:
     model_type = getattr(cfg, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise PrunerError(f"GGUF export supports model types {', '.join(SUPPORTED_MODEL_TYPES)} (llama.cpp's llama, "
-                          f"deci and qwen3 graphs), got {model_type!r}")
+                          f"deci and the families' own graphs), got {model_type!r}")
     check_merged(model, "export it (or export the merged folder that pruner.save_pretrained wrote)")
     _check_family(cfg, model_type)
     inner, layers = _decoder(model)
@@ -231,31 +252,41 @@ def describe(model: nn.Module) -> GGUFLayout:
                 "layer with layer 0's widths (and its deci graph, which takes per-layer widths, has no q/k norms): "
                 "prune with uniform=True for GGUF, or serve the pruner.save_pretrained folder with transformers")
         layout.architecture = graph  # its q_norm / k_norm; NEOX rotary (halves): rows as they are
-        if graph == "gemma3":
-            _gemma3_layout(cfg, layout)
+        if graph in GEMMA_GRAPHS:
+            _gemma_layout(cfg, layout, model_type)
     elif not even:
         layout.architecture = "deci"  # per-layer widths (see the module docstring)
     return layout
 
 
-def _gemma3_layout(cfg, layout: GGUFLayout) -> None:
-    """The global layers' rotary settings and the sliding window; refuses an attention scale
-    llama.cpp would compute otherwise (it takes 1/sqrt(head_dim), or for a 62-layer model
-    1/sqrt(hidden / heads), where Hugging Face takes 1/sqrt(query_pre_attn_scalar))."""
-    glob = (getattr(cfg, "rope_parameters", None) or {}).get("full_attention", {})
-    layout.rope_theta = float(glob.get("rope_theta", 1_000_000.0))
-    kind = glob.get("rope_type", "default")
-    if kind == "linear":
-        layout.rope_linear_factor = float(glob["factor"])
-    elif kind != "default":
-        raise PrunerError(f"Gemma 3 rope scaling {kind!r} is not supported by this GGUF export (default and linear are)")
-    layout.sliding_window = int(cfg.sliding_window)
-    scalar = float(getattr(cfg, "query_pre_attn_scalar", layout.head_dim))
-    llama_cpp = layout.hidden / layout.heads[0] if len(layout.heads) == 62 else float(layout.head_dim)
+def _gemma_layout(cfg, layout: GGUFLayout, model_type: str) -> None:
+    """Gemma 3: the global layers' rotary settings; Gemma 2 and 3: the sliding window; Gemma 2:
+    the soft-capping values. Refuses an attention scale llama.cpp would compute otherwise: it
+    takes 1/sqrt(head_dim), or at the depth of the 27B models (46 layers for Gemma 2, 62 for
+    Gemma 3) 1/sqrt(hidden / heads), where Hugging Face takes 1/sqrt(query_pre_attn_scalar)
+    (Gemma 2 and 3) or 1/sqrt(head_dim) (Gemma)."""
+    name = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}[model_type]
+    if model_type == "gemma3_text":
+        glob = (getattr(cfg, "rope_parameters", None) or {}).get("full_attention", {})
+        layout.rope_theta = float(glob.get("rope_theta", 1_000_000.0))
+        kind = glob.get("rope_type", "default")
+        if kind == "linear":
+            layout.rope_linear_factor = float(glob["factor"])
+        elif kind != "default":
+            raise PrunerError(f"Gemma 3 rope scaling {kind!r} is not supported by this GGUF export (default and linear "
+                              "are)")
+    if model_type in SWA_PATTERN:
+        layout.sliding_window = int(cfg.sliding_window)
+    if model_type == "gemma2":
+        layout.attn_softcap = float(cfg.attn_logit_softcapping)
+        layout.final_softcap = float(cfg.final_logit_softcapping)
+    scalar = float(getattr(cfg, "query_pre_attn_scalar", None) or layout.head_dim)
+    wide = len(layout.heads) == SCALE_BY_WIDTH_AT.get(model_type)
+    llama_cpp = layout.hidden / layout.heads[0] if wide else float(layout.head_dim)
     if abs(scalar - llama_cpp) > 1e-6:
-        raise PrunerError(f"this Gemma 3 scales attention by 1/sqrt({scalar:g}) (query_pre_attn_scalar), but llama.cpp's "
-                          f"gemma3 graph would take 1/sqrt({llama_cpp:g}) for this shape: it cannot be exported "
-                          "faithfully; serve the pruner.save_pretrained folder")
+        raise PrunerError(f"this {name} scales attention by 1/sqrt({scalar:g}) (query_pre_attn_scalar), but llama.cpp's "
+                          f"{OWN_GRAPHS[model_type]} graph would take 1/sqrt({llama_cpp:g}) for this shape: it cannot be "
+                          "exported faithfully; serve the pruner.save_pretrained folder")
 
 
 def _rope(cfg, head_dim: int) -> tuple[float, list[float] | None]:
@@ -307,7 +338,7 @@ def gguf_tensors(model: nn.Module, layout: GGUFLayout, permute: bool = True):
     inner, layers = _decoder(model)
     halves = permute and layout.architecture not in OWN_GRAPHS.values()
     rotary = rotary_permutation if halves else (lambda weight, n_heads: weight)
-    gemma = layout.architecture == "gemma3"
+    gemma = layout.architecture in GEMMA_GRAPHS
     norm = (lambda w: w.detach().float() + 1) if gemma else (lambda w: w)  # Gemma's norms scale by 1 + weight
     yield "token_embd.weight", inner.embed_tokens.weight
     if layout.rope_factors is not None:
@@ -327,14 +358,14 @@ def gguf_tensors(model: nn.Module, layout: GGUFLayout, permute: bool = True):
                 yield f"blk.{i}.attn_q_norm.weight", norm(t["q_norm"])
                 yield f"blk.{i}.attn_k_norm.weight", norm(t["k_norm"])
             yield f"blk.{i}.attn_output.weight", t["o"]
-            if gemma:
+            if t["attn_post_norm"] is not None:  # Gemma 2 / 3
                 yield f"blk.{i}.post_attention_norm.weight", norm(t["attn_post_norm"])
         if layout.ff[i]:
             yield f"blk.{i}.ffn_norm.weight", norm(t["ffn_norm"])
             yield f"blk.{i}.ffn_gate.weight", t["gate"]
             yield f"blk.{i}.ffn_up.weight", t["up"]
             yield f"blk.{i}.ffn_down.weight", t["down"]
-            if gemma:
+            if t["ffn_post_norm"] is not None:
                 yield f"blk.{i}.post_ffw_norm.weight", norm(t["ffn_post_norm"])
     yield "output_norm.weight", norm(inner.norm.weight)
     if not layout.tied:

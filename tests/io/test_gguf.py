@@ -117,7 +117,7 @@ def test_f32_export_loads_back_in_transformers_bit_exact(tmp_path):
     torch.testing.assert_close(_hf_logits(back, ids), _hf_logits(model, ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["glm", "gemma"])
+@pytest.mark.parametrize("arch", ["glm", "olmo2"])
 def test_architectures_llama_cpp_graphs_cannot_express_are_refused_before_writing(tmp_path, arch):
     with pytest.raises(pruner.PrunerError, match="GGUF export supports"):
         export_gguf(tiny_causal_lm(arch), tmp_path / "m.gguf", tokenizer=tiny_bpe_tokenizer())
@@ -361,15 +361,19 @@ def test_uniform_refuses_what_cannot_be_uniform(kwargs, match):
         pruner.prune(_tiny(), _batches(), target_sparsity=0.2, uniform=True, **kwargs)
 
 
-# --- families beyond LLaMA: Qwen3 and Gemma 3 into llama.cpp's own graphs, Phi-3 into llama / deci
+# --- families beyond LLaMA: Qwen3 and Gemma 1-3 into llama.cpp's own graphs, Phi-3 into llama / deci
 
-def _family(arch: str, how: str):
-    """A tiny ``arch`` model of 6 layers (Gemma 3: five sliding, one global), dense, pruned to
-    equal layers (``uniform``) or pruned in two layers' heads only (``uneven``)."""
+def _family(arch: str, how: str, **overrides):
+    """A tiny ``arch`` model of 6 layers (Gemma 3: five sliding, one global; Gemma 2: alternating,
+    with soft-caps small enough to move its logits), dense, pruned to equal layers (``uniform``)
+    or pruned in two layers' heads only (``uneven``)."""
     kw = dict(vocab_size=300, head_dim=32, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
               num_attention_heads=4, num_key_value_heads=2)
-    if arch == "gemma3_text":  # llama.cpp scales attention by 1/sqrt(head_dim): so do Gemma 3 1B-12B
+    if arch in ("gemma2", "gemma3_text"):  # llama.cpp scales attention by 1/sqrt(head_dim): so do their 2B-12B
         kw.update(query_pre_attn_scalar=32, sliding_window=4)
+    if arch == "gemma2":  # (its defaults, 50 and 30, leave a tiny model's logits as they are)
+        kw.update(attn_logit_softcapping=2.0, final_logit_softcapping=1.5)
+    kw.update(overrides)
     model = tiny_causal_lm(arch, **kw)
     if how == "uniform":
         pruner.prune(model, _batches(), pruning_ratio=0.5, uniform=True, head_granularity="kv")
@@ -383,16 +387,18 @@ def _family(arch: str, how: str):
 @pytest.mark.parametrize("arch, how, graph", [
     ("qwen3", "dense", "qwen3"), ("qwen3", "uniform", "qwen3"),
     ("gemma3_text", "dense", "gemma3"), ("gemma3_text", "uniform", "gemma3"),
+    ("gemma", "dense", "gemma"), ("gemma", "uniform", "gemma"),
+    ("gemma2", "dense", "gemma2"), ("gemma2", "uniform", "gemma2"),
     ("phi3", "uniform", "llama"), ("phi3", "uneven", "deci"),
 ])
-def test_llama_cpp_runs_qwen3_gemma3_and_phi3_in_f32(tmp_path, arch, how, graph):
+def test_llama_cpp_runs_each_familys_own_graph_in_f32(tmp_path, arch, how, graph):
     model = _family(arch, how)
     layout = describe(model)
     assert layout.architecture == graph
     if how != "dense":
         assert min(layout.heads) == 2
     path = export_gguf(model, tmp_path / "m.gguf", dtype="f32", tokenizer=tiny_bpe_tokenizer())
-    ids = _ids(14)  # longer than Gemma 3's sliding window of 4: the local layers' mask matters
+    ids = _ids(14)  # longer than Gemma 2 / 3's sliding window of 4: the local layers' mask matters
     torch.testing.assert_close(_llama_cpp_logits(path, ids), _hf_logits(model, ids), rtol=2e-3, atol=2e-3)
     hf = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
     assert _llama_cpp_greedy(path, ids, 8) == hf
@@ -410,6 +416,15 @@ def test_what_qwen3_and_gemma3_graphs_cannot_hold_is_refused_before_writing(tmp_
     scaled.config.query_pre_attn_scalar = 256
     with pytest.raises(pruner.PrunerError, match=r"1/sqrt\(256\).*would take 1/sqrt\(32\)"):
         export_gguf(scaled, tmp_path / "c.gguf", tokenizer=tiny_bpe_tokenizer())
+    uncapped = _family("gemma2", "dense", attn_logit_softcapping=None)
+    with pytest.raises(pruner.PrunerError, match="sets no attn_logit_softcapping.*always soft-caps"):
+        export_gguf(uncapped, tmp_path / "d.gguf", tokenizer=tiny_bpe_tokenizer())
+    untied = _family("gemma", "dense", tie_word_embeddings=False)
+    with pytest.raises(pruner.PrunerError, match="output layer of its own.*gemma graph"):
+        export_gguf(untied, tmp_path / "e.gguf", tokenizer=tiny_bpe_tokenizer())
+    uneven = _family("gemma2", "uneven")
+    with pytest.raises(pruner.PrunerError, match="gemma2 graph builds every layer with layer 0's widths"):
+        export_gguf(uneven, tmp_path / "f.gguf", tokenizer=tiny_bpe_tokenizer())
     assert list(tmp_path.iterdir()) == []
 
 
