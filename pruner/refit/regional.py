@@ -7,8 +7,8 @@ learns the target ``y* = h_dense[l+1] - r[l]``: the dense stream after the layer
 during the refit's statistics pass) minus the pruned stream entering the MLP (``r`` = the
 layer's output minus what its MLP adds). So each MLP makes up not only for its own lost
 channels but for the drift the pruned layers before it left in the stream. What the MLP adds,
-``f(x)``, is its output as the layer passes it on: through a norm in Gemma 2/3, GLM-4 and OLMo 2
-(``post_feedforward_layernorm``), times Granite's ``residual_multiplier``; :func:`mlp_branch`
+``f(x)``, is its output as the layer passes it on: through a norm in Gemma 2/3, GLM-4 and OLMo 2/3
+(e.g. ``post_feedforward_layernorm``), times Granite's ``residual_multiplier``; :func:`mlp_branch`
 reads which from the layer before anything changes, and refuses a layer whose output is not the
 stream plus such a term. The error is relative: ``mean ||f(x) - y*||² / mean ||y*||²`` over the
 refit's tokens, minimised by AdamW in batches of :data:`BATCH_TOKENS` tokens on an fp32 copy of
