@@ -270,6 +270,11 @@ def _write(model: nn.Module, layout: GGUFLayout, fields: dict, path: Path, dtype
         writer.add_attn_logit_softcapping(layout.attn_softcap)
     if layout.final_softcap is not None:
         writer.add_final_logit_softcapping(layout.final_softcap)
+    if layout.multipliers is not None:  # Granite: inputs x embedding, blocks x residual, logits / logit
+        writer.add_embedding_scale(layout.multipliers["embedding"])
+        writer.add_residual_scale(layout.multipliers["residual"])
+        writer.add_attention_scale(layout.multipliers["attention"])
+        writer.add_logit_scale(layout.multipliers["logit"])
     writer.add_layer_norm_rms_eps(layout.rms_eps)
     writer.add_vocab_size(layout.vocab)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",

@@ -33,6 +33,9 @@ reasons (NEOX rotary, norms by ``1 + weight``, the embedding scaled by sqrt(hidd
 and with the same one-width rule; both compute the logits with the input embedding (an untied
 output is refused), and the gemma2 graph alternates sliding and global layers (every second
 global) and always soft-caps attention scores and logits (a config without both is refused).
+Granite goes into llama.cpp's ``granite`` graph: LLaMA's (rows permuted alike) with Hugging Face's
+four multipliers as its embedding, residual, attention and logit scales; one width for every
+layer there too.
 
 Layouts follow llama.cpp's own converter (``convert_hf_to_gguf.py``): tensors keep the Hugging
 Face ``(out, in)`` layout (ggml reads it as ``ne = (in, out)``), norms stay f32, and the rows of
@@ -59,10 +62,11 @@ from torch import nn
 from ..errors import PrunerError
 from ..recovery.lora import check_merged
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma", "gemma2", "gemma3_text", "granite")
 # families written into llama.cpp's own graph of that name: one width for every layer (its loader
 # creates each layer's tensors with layer 0's head counts and MLP width)
-OWN_GRAPHS = {"qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+OWN_GRAPHS = {"qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "granite": "granite"}
+NEOX_GRAPHS = ("qwen3", "gemma", "gemma2", "gemma3")  # rotate halves as Hugging Face does: q/k rows as they are
 GEMMA_GRAPHS = ("gemma", "gemma2", "gemma3")  # norms that scale by 1 + weight; the output is the embedding
 # llama.cpp's gemma2 / gemma3 graphs: layer il slides unless il % n == n - 1 (set_swa_pattern(n))
 SWA_PATTERN = {"gemma2": 2, "gemma3_text": 6}
@@ -90,6 +94,7 @@ class GGUFLayout:
     rope_linear_factor: float | None = None  # Gemma 3's global layers (4B and larger)
     attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of attention scores
     final_softcap: float | None = None  # ... and of the output logits
+    multipliers: dict[str, float] | None = None  # Granite: embedding, residual, attention, logit scales
 
     @property
     def uniform(self) -> bool:
@@ -165,6 +170,9 @@ def _check_family(cfg, model_type: str) -> None:
         raise PrunerError("this Qwen3 config has q/k/v biases, which llama.cpp's qwen3 graph does not read")
     if model_type in ("gemma", "gemma2", "gemma3_text"):
         _check_gemma(cfg, model_type)
+    if model_type == "granite" and (getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "attention_bias", False)):
+        raise PrunerError("this Granite's MLP activation or attention biases differ from llama.cpp's granite graph as "
+                          "tested here (SiLU, no biases)")
 
 
 def _check_gemma(cfg, model_type: str) -> None:
@@ -249,11 +257,16 @@ def describe(model: nn.Module) -> GGUFLayout:
             raise PrunerError(
                 f"this {model_type} has per-layer widths (query heads {sorted(set(heads))}, KV heads "
                 f"{sorted(set(kv_heads))}, MLP channels {sorted(set(ff))}), but llama.cpp's {graph} graph builds every "
-                "layer with layer 0's widths (and its deci graph, which takes per-layer widths, has no q/k norms): "
+                "layer with layer 0's widths (and its deci graph, which takes per-layer widths, lacks what this "
+                "family adds): "
                 "prune with uniform=True for GGUF, or serve the pruner.save_pretrained folder with transformers")
-        layout.architecture = graph  # its q_norm / k_norm; NEOX rotary (halves): rows as they are
+        layout.architecture = graph  # its q_norm / k_norm, norms, scales; its own rotary layout
         if graph in GEMMA_GRAPHS:
             _gemma_layout(cfg, layout, model_type)
+        if graph == "granite":  # Hugging Face's multipliers are the factors llama.cpp's granite graph applies
+            layout.multipliers = {"embedding": float(cfg.embedding_multiplier),
+                                  "residual": float(cfg.residual_multiplier),
+                                  "attention": float(cfg.attention_multiplier), "logit": float(cfg.logits_scaling)}
     elif not even:
         layout.architecture = "deci"  # per-layer widths (see the module docstring)
     return layout
@@ -336,7 +349,7 @@ def gguf_tensors(model: nn.Module, layout: GGUFLayout, permute: bool = True):
     skips the q/k row permutation (same shapes: for checks that only read shapes). The ``qwen3``
     graph rotates halves as Hugging Face does (NEOX): its rows stay as they are."""
     inner, layers = _decoder(model)
-    halves = permute and layout.architecture not in OWN_GRAPHS.values()
+    halves = permute and layout.architecture not in NEOX_GRAPHS
     rotary = rotary_permutation if halves else (lambda weight, n_heads: weight)
     gemma = layout.architecture in GEMMA_GRAPHS
     norm = (lambda w: w.detach().float() + 1) if gemma else (lambda w: w)  # Gemma's norms scale by 1 + weight
