@@ -34,8 +34,9 @@ and with the same one-width rule; both compute the logits with the input embeddi
 output is refused), and the gemma2 graph alternates sliding and global layers (every second
 global) and always soft-caps attention scores and logits (a config without both is refused).
 Granite goes into llama.cpp's ``granite`` graph: LLaMA's (rows permuted alike) with Hugging Face's
-four multipliers as its embedding, residual, attention and logit scales; one width for every
-layer there too.
+four multipliers as its embedding, residual, attention and logit scales; SmolLM3 into its
+``smollm3`` graph, LLaMA's without the rotary embedding in every fourth layer; one width for every
+layer in both.
 
 Layouts follow llama.cpp's own converter (``convert_hf_to_gguf.py``): tensors keep the Hugging
 Face ``(out, in)`` layout (ggml reads it as ``ne = (in, out)``), norms stay f32, and the rows of
@@ -62,16 +63,19 @@ from torch import nn
 from ..errors import PrunerError
 from ..recovery.lora import check_merged
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma", "gemma2", "gemma3_text", "granite")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
+                         "smollm3")
 # families written into llama.cpp's own graph of that name: one width for every layer (its loader
 # creates each layer's tensors with layer 0's head counts and MLP width)
-OWN_GRAPHS = {"qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "granite": "granite"}
+OWN_GRAPHS = {"qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "granite": "granite",
+              "smollm3": "smollm3"}
 NEOX_GRAPHS = ("qwen3", "gemma", "gemma2", "gemma3")  # rotate halves as Hugging Face does: q/k rows as they are
 GEMMA_GRAPHS = ("gemma", "gemma2", "gemma3")  # norms that scale by 1 + weight; the output is the embedding
 # llama.cpp's gemma2 / gemma3 graphs: layer il slides unless il % n == n - 1 (set_swa_pattern(n))
 SWA_PATTERN = {"gemma2": 2, "gemma3_text": 6}
 # ... and scale attention by 1/sqrt(hidden / heads) instead of 1/sqrt(head_dim) at this depth (their 27B)
 SCALE_BY_WIDTH_AT = {"gemma2": 46, "gemma3_text": 62}
+SMOLLM3_NO_ROPE_STEP = 4  # llama.cpp's smollm3 graph: no rotary embedding where (il + 1) % 4 == 0
 
 @dataclass
 class GGUFLayout:
@@ -170,9 +174,26 @@ def _check_family(cfg, model_type: str) -> None:
         raise PrunerError("this Qwen3 config has q/k/v biases, which llama.cpp's qwen3 graph does not read")
     if model_type in ("gemma", "gemma2", "gemma3_text"):
         _check_gemma(cfg, model_type)
+    if model_type == "smollm3":
+        _check_smollm3(cfg)
     if model_type == "granite" and (getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "attention_bias", False)):
         raise PrunerError("this Granite's MLP activation or attention biases differ from llama.cpp's granite graph as "
                           "tested here (SiLU, no biases)")
+
+
+def _check_smollm3(cfg) -> None:
+    """llama.cpp's smollm3 graph leaves out the rotary embedding in every fourth layer (its
+    ``n_no_rope_layer_step``, fixed at 4) and has no sliding window."""
+    n = cfg.num_hidden_layers
+    wanted = [int((i + 1) % SMOLLM3_NO_ROPE_STEP != 0) for i in range(n)]
+    if list(getattr(cfg, "no_rope_layers", wanted)) != wanted:
+        raise PrunerError(f"this SmolLM3's no_rope_layers {list(cfg.no_rope_layers)} are not llama.cpp's smollm3 "
+                          f"pattern (no rotary embedding in every {SMOLLM3_NO_ROPE_STEP}th layer), e.g. after whole "
+                          "layers were removed: it cannot be exported to GGUF faithfully; serve the "
+                          "pruner.save_pretrained folder")
+    if getattr(cfg, "use_sliding_window", False):
+        raise PrunerError("this SmolLM3 config uses sliding-window attention, which llama.cpp's smollm3 graph does not "
+                          "have; it cannot be exported faithfully")
 
 
 def _check_gemma(cfg, model_type: str) -> None:

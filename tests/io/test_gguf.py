@@ -361,7 +361,7 @@ def test_uniform_refuses_what_cannot_be_uniform(kwargs, match):
         pruner.prune(_tiny(), _batches(), target_sparsity=0.2, uniform=True, **kwargs)
 
 
-# --- families beyond LLaMA: Qwen3, Gemma 1-3 and Granite into llama.cpp's own graphs, Phi-3 into llama / deci
+# --- families beyond LLaMA: Qwen3, Gemma 1-3, Granite and SmolLM3 into llama.cpp's own graphs, Phi-3 into llama / deci
 
 def _family(arch: str, how: str, **overrides):
     """A tiny ``arch`` model of 6 layers (Gemma 3: five sliding, one global; Gemma 2: alternating,
@@ -390,6 +390,7 @@ def _family(arch: str, how: str, **overrides):
     ("gemma", "dense", "gemma"), ("gemma", "uniform", "gemma"),
     ("gemma2", "dense", "gemma2"), ("gemma2", "uniform", "gemma2"),
     ("granite", "dense", "granite"), ("granite", "uniform", "granite"),  # every multiplier off 1 (pruner.testing)
+    ("smollm3", "dense", "smollm3"), ("smollm3", "uniform", "smollm3"),  # layer 3 of 6 without rotary embedding
     ("phi3", "uniform", "llama"), ("phi3", "uneven", "deci"),
 ])
 def test_llama_cpp_runs_each_familys_own_graph_in_f32(tmp_path, arch, how, graph):
@@ -423,9 +424,12 @@ def test_what_qwen3_and_gemma3_graphs_cannot_hold_is_refused_before_writing(tmp_
     untied = _family("gemma", "dense", tie_word_embeddings=False)
     with pytest.raises(pruner.PrunerError, match="output layer of its own.*gemma graph"):
         export_gguf(untied, tmp_path / "e.gguf", tokenizer=tiny_bpe_tokenizer())
-    for arch in ("gemma2", "granite"):
+    for arch in ("gemma2", "granite", "smollm3"):
         with pytest.raises(pruner.PrunerError, match=f"{arch} graph builds every layer with layer 0's widths"):
             export_gguf(_family(arch, "uneven"), tmp_path / "f.gguf", tokenizer=tiny_bpe_tokenizer())
+    shortened = _family("smollm3", "dense", num_hidden_layers=4, no_rope_layers=[1, 1, 0, 1])
+    with pytest.raises(pruner.PrunerError, match="not llama.cpp's smollm3 pattern"):
+        export_gguf(shortened, tmp_path / "g.gguf", tokenizer=tiny_bpe_tokenizer())
     assert list(tmp_path.iterdir()) == []
 
 
