@@ -35,8 +35,10 @@ output is refused), and the gemma2 graph alternates sliding and global layers (e
 global) and always soft-caps attention scores and logits (a config without both is refused).
 Granite goes into llama.cpp's ``granite`` graph: LLaMA's (rows permuted alike) with Hugging Face's
 four multipliers as its embedding, residual, attention and logit scales; SmolLM3 into its
-``smollm3`` graph, LLaMA's without the rotary embedding in every fourth layer; one width for every
-layer in both.
+``smollm3`` graph, LLaMA's without the rotary embedding in every fourth layer; OLMo 2 into its
+``olmo2`` graph (NEOX rotary, norms after each block only, q/k norms over the whole projection, the
+query as wide as the hidden size, an output tensor even where tied); one width for every layer in
+each.
 
 Layouts follow llama.cpp's own converter (``convert_hf_to_gguf.py``): tensors keep the Hugging
 Face ``(out, in)`` layout (ggml reads it as ``ne = (in, out)``), norms stay f32, and the rows of
@@ -64,12 +66,12 @@ from ..errors import PrunerError
 from ..recovery.lora import check_merged
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
-                         "smollm3")
+                         "smollm3", "olmo2")
 # families written into llama.cpp's own graph of that name: one width for every layer (its loader
 # creates each layer's tensors with layer 0's head counts and MLP width)
 OWN_GRAPHS = {"qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "granite": "granite",
-              "smollm3": "smollm3"}
-NEOX_GRAPHS = ("qwen3", "gemma", "gemma2", "gemma3")  # rotate halves as Hugging Face does: q/k rows as they are
+              "smollm3": "smollm3", "olmo2": "olmo2"}
+NEOX_GRAPHS = ("qwen3", "gemma", "gemma2", "gemma3", "olmo2")  # rotate halves as Hugging Face does: q/k rows as they are
 GEMMA_GRAPHS = ("gemma", "gemma2", "gemma3")  # norms that scale by 1 + weight; the output is the embedding
 # llama.cpp's gemma2 / gemma3 graphs: layer il slides unless il % n == n - 1 (set_swa_pattern(n))
 SWA_PATTERN = {"gemma2": 2, "gemma3_text": 6}
@@ -124,10 +126,14 @@ def layer_tensors(layer: nn.Module, index: int) -> dict[str, torch.Tensor | None
     if getattr(attn.o_proj, "bias", None) is not None:
         raise PrunerError(f"layer {index} o_proj has a bias: not expressible in this export")
     out: dict[str, torch.Tensor | None] = {
-        "o": attn.o_proj.weight, "down": mlp.down_proj.weight, "attn_norm": layer.input_layernorm.weight,
-        "ffn_norm": layer.post_attention_layernorm.weight, "attn_post_norm": None, "ffn_post_norm": None,
+        "o": attn.o_proj.weight, "down": mlp.down_proj.weight, "attn_post_norm": None, "ffn_post_norm": None,
         "q_norm": getattr(getattr(attn, "q_norm", None), "weight", None),
         "k_norm": getattr(getattr(attn, "k_norm", None), "weight", None)}
+    if not hasattr(layer, "input_layernorm"):  # OLMo 2: a norm after each block only
+        out.update(attn_norm=None, attn_post_norm=layer.post_attention_layernorm.weight, ffn_norm=None,
+                   ffn_post_norm=layer.post_feedforward_layernorm.weight)
+    else:
+        out.update(attn_norm=layer.input_layernorm.weight, ffn_norm=layer.post_attention_layernorm.weight)
     if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2/3: a norm before and after each block
         out.update(attn_post_norm=layer.post_attention_layernorm.weight, ffn_norm=layer.pre_feedforward_layernorm.weight,
                    ffn_post_norm=layer.post_feedforward_layernorm.weight)
@@ -284,6 +290,10 @@ def describe(model: nn.Module) -> GGUFLayout:
         layout.architecture = graph  # its q_norm / k_norm, norms, scales; its own rotary layout
         if graph in GEMMA_GRAPHS:
             _gemma_layout(cfg, layout, model_type)
+        if graph == "olmo2" and heads[0] * head_dim != hidden:
+            raise PrunerError(f"this OLMo 2 has {heads[0]} query heads of {head_dim} in a hidden size of {hidden}, but "
+                              "llama.cpp's olmo2 graph takes the query as wide as the hidden size (head size = hidden / "
+                              "heads): it cannot be exported faithfully")
         if graph == "granite":  # Hugging Face's multipliers are the factors llama.cpp's granite graph applies
             layout.multipliers = {"embedding": float(cfg.embedding_multiplier),
                                   "residual": float(cfg.residual_multiplier),
@@ -380,7 +390,8 @@ def gguf_tensors(model: nn.Module, layout: GGUFLayout, permute: bool = True):
     for i, layer in enumerate(layers):
         t = layer_tensors(layer, i)
         if layout.heads[i]:
-            yield f"blk.{i}.attn_norm.weight", norm(t["attn_norm"])
+            if t["attn_norm"] is not None:  # (OLMo 2 has none before its blocks)
+                yield f"blk.{i}.attn_norm.weight", norm(t["attn_norm"])
             yield f"blk.{i}.attn_q.weight", rotary(t["q"], layout.heads[i])
             yield f"blk.{i}.attn_k.weight", rotary(t["k"], layout.kv_heads[i])
             yield f"blk.{i}.attn_v.weight", t["v"]
@@ -388,19 +399,20 @@ def gguf_tensors(model: nn.Module, layout: GGUFLayout, permute: bool = True):
                 yield f"blk.{i}.attn_q.bias", rotary(t["q_bias"], layout.heads[i])
                 yield f"blk.{i}.attn_k.bias", rotary(t["k_bias"], layout.kv_heads[i])
                 yield f"blk.{i}.attn_v.bias", t["v_bias"]
-            if t["q_norm"] is not None:  # qwen3 / gemma3: per-head RMSNorm of q and k, before the rotation
+            if t["q_norm"] is not None:  # qwen3 / gemma3 per head, OLMo 2 over the projection; before the rotation
                 yield f"blk.{i}.attn_q_norm.weight", norm(t["q_norm"])
                 yield f"blk.{i}.attn_k_norm.weight", norm(t["k_norm"])
             yield f"blk.{i}.attn_output.weight", t["o"]
-            if t["attn_post_norm"] is not None:  # Gemma 2 / 3
+            if t["attn_post_norm"] is not None:  # Gemma 2 / 3, OLMo 2
                 yield f"blk.{i}.post_attention_norm.weight", norm(t["attn_post_norm"])
         if layout.ff[i]:
-            yield f"blk.{i}.ffn_norm.weight", norm(t["ffn_norm"])
+            if t["ffn_norm"] is not None:
+                yield f"blk.{i}.ffn_norm.weight", norm(t["ffn_norm"])
             yield f"blk.{i}.ffn_gate.weight", t["gate"]
             yield f"blk.{i}.ffn_up.weight", t["up"]
             yield f"blk.{i}.ffn_down.weight", t["down"]
             if t["ffn_post_norm"] is not None:
                 yield f"blk.{i}.post_ffw_norm.weight", norm(t["ffn_post_norm"])
     yield "output_norm.weight", norm(inner.norm.weight)
-    if not layout.tied:
+    if not layout.tied or layout.architecture == "olmo2":  # (olmo2's loader requires an output tensor)
         yield "output.weight", model.get_output_embeddings().weight

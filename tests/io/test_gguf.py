@@ -117,7 +117,7 @@ def test_f32_export_loads_back_in_transformers_bit_exact(tmp_path):
     torch.testing.assert_close(_hf_logits(back, ids), _hf_logits(model, ids), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["glm", "olmo2"])
+@pytest.mark.parametrize("arch", ["glm", "gpt_neox"])
 def test_architectures_llama_cpp_graphs_cannot_express_are_refused_before_writing(tmp_path, arch):
     with pytest.raises(pruner.PrunerError, match="GGUF export supports"):
         export_gguf(tiny_causal_lm(arch), tmp_path / "m.gguf", tokenizer=tiny_bpe_tokenizer())
@@ -361,7 +361,7 @@ def test_uniform_refuses_what_cannot_be_uniform(kwargs, match):
         pruner.prune(_tiny(), _batches(), target_sparsity=0.2, uniform=True, **kwargs)
 
 
-# --- families beyond LLaMA: Qwen3, Gemma 1-3, Granite and SmolLM3 into llama.cpp's own graphs, Phi-3 into llama / deci
+# --- families beyond LLaMA: Qwen3, Gemma 1-3, Granite, SmolLM3 and OLMo 2 into llama.cpp's own graphs, Phi-3 into llama / deci
 
 def _family(arch: str, how: str, **overrides):
     """A tiny ``arch`` model of 6 layers (Gemma 3: five sliding, one global; Gemma 2: alternating,
@@ -373,10 +373,13 @@ def _family(arch: str, how: str, **overrides):
         kw.update(query_pre_attn_scalar=32, sliding_window=4)
     if arch == "gemma2":  # (its defaults, 50 and 30, leave a tiny model's logits as they are)
         kw.update(attn_logit_softcapping=2.0, final_logit_softcapping=1.5)
+    if arch == "olmo2":  # llama.cpp's olmo2 graph: head size = hidden / heads, as in OLMo 2's configs
+        kw.update(head_dim=16)
     kw.update(overrides)
     model = tiny_causal_lm(arch, **kw)
-    if how == "uniform":
-        pruner.prune(model, _batches(), pruning_ratio=0.5, uniform=True, head_granularity="kv")
+    if how == "uniform":  # (OLMo 2's heads are coupled: its MLP channels only)
+        pruner.prune(model, _batches(), pruning_ratio=0.5, uniform=True, head_granularity="kv",
+                     prune_attention=arch != "olmo2")
     elif how == "uneven":
         pruner.prune(model, _batches(), pruning_ratio=0.5, head_granularity="kv", attention_layers=(1, 3),
                      prune_mlp=False)
@@ -391,6 +394,7 @@ def _family(arch: str, how: str, **overrides):
     ("gemma2", "dense", "gemma2"), ("gemma2", "uniform", "gemma2"),
     ("granite", "dense", "granite"), ("granite", "uniform", "granite"),  # every multiplier off 1 (pruner.testing)
     ("smollm3", "dense", "smollm3"), ("smollm3", "uniform", "smollm3"),  # layer 3 of 6 without rotary embedding
+    ("olmo2", "dense", "olmo2"), ("olmo2", "uniform", "olmo2"),  # MLP channels only (its heads are coupled)
     ("phi3", "uniform", "llama"), ("phi3", "uneven", "deci"),
 ])
 def test_llama_cpp_runs_each_familys_own_graph_in_f32(tmp_path, arch, how, graph):
@@ -398,7 +402,7 @@ def test_llama_cpp_runs_each_familys_own_graph_in_f32(tmp_path, arch, how, graph
     layout = describe(model)
     assert layout.architecture == graph
     if how != "dense":
-        assert min(layout.heads) == 2
+        assert min(layout.heads) == 2 or (arch == "olmo2" and max(layout.ff) < 128)
     path = export_gguf(model, tmp_path / "m.gguf", dtype="f32", tokenizer=tiny_bpe_tokenizer())
     ids = _ids(14)  # longer than Gemma 2 / 3's sliding window of 4: the local layers' mask matters
     torch.testing.assert_close(_llama_cpp_logits(path, ids), _hf_logits(model, ids), rtol=2e-3, atol=2e-3)
@@ -427,6 +431,9 @@ def test_what_qwen3_and_gemma3_graphs_cannot_hold_is_refused_before_writing(tmp_
     for arch in ("gemma2", "granite", "smollm3"):
         with pytest.raises(pruner.PrunerError, match=f"{arch} graph builds every layer with layer 0's widths"):
             export_gguf(_family(arch, "uneven"), tmp_path / "f.gguf", tokenizer=tiny_bpe_tokenizer())
+    wide_heads = _family("olmo2", "dense", head_dim=32)  # 4 x 32 query rows for a hidden size of 64
+    with pytest.raises(pruner.PrunerError, match="olmo2 graph takes the query as wide as the hidden size"):
+        export_gguf(wide_heads, tmp_path / "h.gguf", tokenizer=tiny_bpe_tokenizer())
     shortened = _family("smollm3", "dense", num_hidden_layers=4, no_rope_layers=[1, 1, 0, 1])
     with pytest.raises(pruner.PrunerError, match="not llama.cpp's smollm3 pattern"):
         export_gguf(shortened, tmp_path / "g.gguf", tokenizer=tiny_bpe_tokenizer())
