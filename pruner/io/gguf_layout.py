@@ -72,7 +72,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma", 
 OWN_GRAPHS = {"qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "granite": "granite",
               "smollm3": "smollm3", "olmo2": "olmo2"}
 NEOX_GRAPHS = ("qwen3", "gemma", "gemma2", "gemma3", "olmo2")  # rotate halves as Hugging Face does: q/k rows as they are
-GEMMA_GRAPHS = ("gemma", "gemma2", "gemma3")  # norms that scale by 1 + weight; the output is the embedding
+GEMMA_GRAPHS = ("gemma", "gemma2", "gemma3")  # norms that scale by 1 + weight
 # llama.cpp's gemma2 / gemma3 graphs: layer il slides unless il % n == n - 1 (set_swa_pattern(n))
 SWA_PATTERN = {"gemma2": 2, "gemma3_text": 6}
 # ... and scale attention by 1/sqrt(hidden / heads) instead of 1/sqrt(head_dim) at this depth (their 27B)
@@ -377,8 +377,8 @@ def rotary_permutation(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def gguf_tensors(model: nn.Module, layout: GGUFLayout, permute: bool = True):
     """``(gguf name, tensor (out, in) or (n,))`` in llama.cpp's order and layouts; ``permute=False``
-    skips the q/k row permutation (same shapes: for checks that only read shapes). The ``qwen3``
-    graph rotates halves as Hugging Face does (NEOX): its rows stay as they are."""
+    skips the q/k row permutation (same shapes: for checks that only read shapes). The graphs of
+    :data:`NEOX_GRAPHS` rotate halves as Hugging Face does: their rows stay as they are."""
     inner, layers = _decoder(model)
     halves = permute and layout.architecture not in NEOX_GRAPHS
     rotary = rotary_permutation if halves else (lambda weight, n_heads: weight)
