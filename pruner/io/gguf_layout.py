@@ -71,12 +71,13 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3", "qwen3", "gemma", 
 # creates each layer's tensors with layer 0's head counts and MLP width)
 OWN_GRAPHS = {"qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2", "gemma3_text": "gemma3", "granite": "granite",
               "smollm3": "smollm3", "olmo2": "olmo2"}
-NEOX_GRAPHS = ("qwen3", "gemma", "gemma2", "gemma3", "olmo2")  # rotate halves as Hugging Face does: q/k rows as they are
+NEOX_GRAPHS = ("qwen3", "gemma", "gemma2", "gemma3", "olmo2")  # rotate halves as Hugging Face does: rows as they are
 GEMMA_GRAPHS = ("gemma", "gemma2", "gemma3")  # norms that scale by 1 + weight
 # llama.cpp's gemma2 / gemma3 graphs: layer il slides unless il % n == n - 1 (set_swa_pattern(n))
 SWA_PATTERN = {"gemma2": 2, "gemma3_text": 6}
 # ... and scale attention by 1/sqrt(hidden / heads) instead of 1/sqrt(head_dim) at this depth (their 27B)
 SCALE_BY_WIDTH_AT = {"gemma2": 46, "gemma3_text": 62}
+GEMMA_NAMES = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}  # model type -> how messages say it
 SMOLLM3_NO_ROPE_STEP = 4  # llama.cpp's smollm3 graph: no rotary embedding where (il + 1) % 4 == 0
 
 @dataclass
@@ -178,11 +179,12 @@ def _check_family(cfg, model_type: str) -> None:
                           "model cannot be exported faithfully")
     if model_type == "qwen3" and getattr(cfg, "attention_bias", False):
         raise PrunerError("this Qwen3 config has q/k/v biases, which llama.cpp's qwen3 graph does not read")
-    if model_type in ("gemma", "gemma2", "gemma3_text"):
+    if model_type in GEMMA_NAMES:
         _check_gemma(cfg, model_type)
     if model_type == "smollm3":
         _check_smollm3(cfg)
-    if model_type == "granite" and (getattr(cfg, "hidden_act", "silu") != "silu" or getattr(cfg, "attention_bias", False)):
+    if model_type == "granite" and (getattr(cfg, "hidden_act", "silu") != "silu"
+                                    or getattr(cfg, "attention_bias", False)):
         raise PrunerError("this Granite's MLP activation or attention biases differ from llama.cpp's granite graph as "
                           "tested here (SiLU, no biases)")
 
@@ -207,7 +209,7 @@ def _check_gemma(cfg, model_type: str) -> None:
     GELU (tanh) in the MLP, no q/k/v biases; Gemma 2 and 3: the pattern of sliding and global
     layers; Gemma 2: both soft-cappings (its graph always applies them); Gemma 3: none, and its
     local layers' rotary base (10000, unscaled)."""
-    name = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}[model_type]
+    name = GEMMA_NAMES[model_type]
     graph = OWN_GRAPHS[model_type]
     if getattr(cfg, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh" or getattr(cfg, "attention_bias",
                                                                                                False):
@@ -292,8 +294,8 @@ def describe(model: nn.Module) -> GGUFLayout:
             _gemma_layout(cfg, layout, model_type)
         if graph == "olmo2" and heads[0] * head_dim != hidden:
             raise PrunerError(f"this OLMo 2 has {heads[0]} query heads of {head_dim} in a hidden size of {hidden}, but "
-                              "llama.cpp's olmo2 graph takes the query as wide as the hidden size (head size = hidden / "
-                              "heads): it cannot be exported faithfully")
+                              "llama.cpp's olmo2 graph takes the query as wide as the hidden size (head size = "
+                              "hidden / heads): it cannot be exported faithfully")
         if graph == "granite":  # Hugging Face's multipliers are the factors llama.cpp's granite graph applies
             layout.multipliers = {"embedding": float(cfg.embedding_multiplier),
                                   "residual": float(cfg.residual_multiplier),
@@ -309,7 +311,7 @@ def _gemma_layout(cfg, layout: GGUFLayout, model_type: str) -> None:
     takes 1/sqrt(head_dim), or at the depth of the 27B models (46 layers for Gemma 2, 62 for
     Gemma 3) 1/sqrt(hidden / heads), where Hugging Face takes 1/sqrt(query_pre_attn_scalar)
     (Gemma 2 and 3) or 1/sqrt(head_dim) (Gemma)."""
-    name = {"gemma": "Gemma", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3"}[model_type]
+    name = GEMMA_NAMES[model_type]
     if model_type == "gemma3_text":
         glob = (getattr(cfg, "rope_parameters", None) or {}).get("full_attention", {})
         layout.rope_theta = float(glob.get("rope_theta", 1_000_000.0))
@@ -328,9 +330,9 @@ def _gemma_layout(cfg, layout: GGUFLayout, model_type: str) -> None:
     wide = len(layout.heads) == SCALE_BY_WIDTH_AT.get(model_type)
     llama_cpp = layout.hidden / layout.heads[0] if wide else float(layout.head_dim)
     if abs(scalar - llama_cpp) > 1e-6:
-        raise PrunerError(f"this {name} scales attention by 1/sqrt({scalar:g}) (query_pre_attn_scalar), but llama.cpp's "
-                          f"{OWN_GRAPHS[model_type]} graph would take 1/sqrt({llama_cpp:g}) for this shape: it cannot be "
-                          "exported faithfully; serve the pruner.save_pretrained folder")
+        raise PrunerError(f"this {name} scales attention by 1/sqrt({scalar:g}) (query_pre_attn_scalar), but "
+                          f"llama.cpp's {OWN_GRAPHS[model_type]} graph would take 1/sqrt({llama_cpp:g}) for this "
+                          "shape: it cannot be exported faithfully; serve the pruner.save_pretrained folder")
 
 
 def _rope(cfg, head_dim: int) -> tuple[float, list[float] | None]:

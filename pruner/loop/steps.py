@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -145,10 +146,10 @@ def check_regional(model: nn.Module, structure: ModelStructure, cfg: PruneConfig
         raise PrunerError("regional_epochs fits the pruned MLPs on the refit's text, but no text batches were given: "
                           "pass reconstruction_batches (or calibration batches), or set regional_epochs=0")
     layers = fitted_layers(structure, cfg)
-    if layers and window is not None:
-        with window.holding(layers[0]):
-            return mlp_branch(model, structure, layers[0], batches[0])
-    return mlp_branch(model, structure, layers[0], batches[0]) if layers else None
+    if not layers:
+        return None
+    with window.holding(layers[0]) if window is not None else nullcontext():
+        return mlp_branch(model, structure, layers[0], batches[0])
 
 
 def make_plan(structure: ModelStructure, vectors, cfg: PruneConfig, total_params: int) -> Plan:

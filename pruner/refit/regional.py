@@ -221,10 +221,10 @@ def mlp_branch(model: nn.Module, structure: ModelStructure, layer_index: int, ba
     error = float((change - scale * expected).norm() / change.norm().clamp_min(1e-30))
     if not (error < 1e-2 and math.isfinite(scale) and scale != 0.0):
         after = f" then {branch.post}" if branch.post else ""
-        raise PrunerError(f"regional_epochs needs decoder layers whose output is the residual stream plus a multiple of "
-                          f"their MLP's output (or of a norm of it); {info.path} is not (moving its MLP{after}'s output "
-                          f"moves the layer's output otherwise, relative error {error:.2g}: a norm after the residual "
-                          "sum?): set regional_epochs=0")
+        raise PrunerError(f"regional_epochs needs decoder layers whose output is the residual stream plus a "
+                          f"multiple of their MLP's output (or of a norm of it); {info.path} is not (moving its "
+                          f"MLP{after}'s output moves the layer's output otherwise, relative error {error:.2g}: a "
+                          "norm after the residual sum?): set regional_epochs=0")
     return MlpBranch(post=branch.post, scale=1.0 if abs(scale - 1.0) < 1e-4 else scale)
 
 
@@ -254,8 +254,8 @@ def fit_mlp(mlp: nn.Module, x: torch.Tensor, target: torch.Tensor, epochs: int, 
             branch: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
     """An fp32 copy of ``mlp`` trained so that ``copy(x) ≈ target`` (``x``: (N, d_in), ``target``:
     (N, d_out), this rank's tokens), or ``branch(copy(x)) ≈ target`` with ``branch`` (fixed, fp32:
-    what the layer does to its MLP's output, :class:`MlpBranch`): AdamW on the error relative to the target's mean energy,
-    ``epochs`` passes in shuffled batches of :data:`BATCH_TOKENS` tokens. With ``all_reduce``
+    what the layer does to its MLP's output, :class:`MlpBranch`): AdamW on the error relative to
+    the target's mean energy, ``epochs`` passes in shuffled batches of :data:`BATCH_TOKENS` tokens. With ``all_reduce``
     every step's gradients are averaged over ranks (each rank steps through its own tokens; the
     step count, from all ranks' tokens, is the same on every rank), so every rank ends with the
     same weights.
@@ -397,7 +397,7 @@ def fit_layer(model: nn.Module, structure: ModelStructure, cfg: PruneConfig, ind
         return branch.apply(fixed, out)
 
     fitted = fit_mlp(mlp, fit_x, fit_target, cfg.regional_epochs, cfg.regional_lr, cfg.seed + index, all_reduce,
-                     branch=through if branch != MlpBranch() else None)
+                     branch=through)
     del fit_x, fit_target
     with torch.no_grad():
         new = torch.cat([through(fitted(part.float())) for part in x.split(4096)]).to(y.dtype)  # (N, d)

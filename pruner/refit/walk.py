@@ -90,8 +90,8 @@ def refit_layer_by_layer(model: nn.Module, structure: ModelStructure, plan: Plan
     stream (None: ``text``'s). ``window``: ``model`` is a :class:`Window`'s copy of a sharded model,
     each layer gathered while the walk is on it and handed back after (the dense model is the
     undo: nothing of the copy is kept for a rollback). ``branch``: what the layers add to the stream
-    from their MLP's output (:func:`pruner.refit.regional.mlp_branch`; None: that output). Returns the plan as re-chosen and the
-    regional report (None without)."""
+    from their MLP's output (:func:`pruner.refit.regional.mlp_branch`; None: that output). Returns
+    the plan as re-chosen and the regional report (None without)."""
     if not text:
         raise PrunerError("reconstruct=True refits on the inputs of the pruned layers, but there is no text: pass "
                           "reconstruction_batches (or calibration batches)")
